@@ -1,0 +1,1 @@
+"""Training scripts for ToCom banks (installed as ``tocom_hub.training``)."""
