@@ -23,3 +23,23 @@ __all__ = [
     "get_size",
     "__version__",
 ]
+
+# ToCom bank and its weight arithmetic (issue 3)
+from . import compensate  # noqa: E402
+from .bank import ToComBank, ToComConfig  # noqa: E402
+from .compensate import apply, remove, set_target_r  # noqa: E402
+from .convert import convert_official  # noqa: E402
+from .tune import tune_scale  # noqa: E402
+
+__all__ += ["ToComBank", "ToComConfig", "apply", "set_target_r", "remove", "compensate", "convert_official", "tune_scale"]
+
+# Hugging Face Hub: download / push banks, bank=None resolution through the registry (issue 4)
+from . import hub  # noqa: E402
+from .hub import register_bank, registered_banks, unregister_bank  # noqa: E402
+
+__all__ += ["hub", "register_bank", "unregister_bank", "registered_banks"]
+
+# Tools: hold a latency budget by switching r with the server's load (issue 7)
+from .latency import LatencyController  # noqa: E402
+
+__all__ += ["LatencyController"]

@@ -1,0 +1,157 @@
+"""Throughput of plain timm vs tocom_hub-patched ViTs (ToMe and EViT) at several r.
+
+    python benchmarks/throughput.py                       # DeiT-B/224, batch 1 and 8, fp32, 2 threads
+    python benchmarks/throughput.py --batch-sizes 8 --rounds 3 --json out.json
+
+CPU timings are noisy, so every configuration is timed in paired, interleaved runs on the *same*
+model object (patched/unpatched in place, so the weights sit at the same addresses): in each round
+the configurations come in a fresh random order, and each one alternates forwards with plain timm
+(``--iters`` each); the round's ratio is ``median(plain) / median(config)``. A configuration's
+speed-up is the median of its per-round ratios.
+``--check`` exits non-zero unless the acceptance targets hold (r=16 ≥ 1.90× at batch 8, ≥ 1.75× at
+batch 1, patched r=0 ≤ 1.02× plain time).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import statistics
+import time
+from pathlib import Path
+
+import timm
+import torch
+
+import tocom_hub
+
+
+def _time_forward(model, x, iters):
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        model(x)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _configure(model, cfg):
+    method, r = cfg
+    if method == "plain":
+        tocom_hub.unpatch(model)
+    else:
+        tocom_hub.patch(model, method=method)
+        tocom_hub.set_r(model, r)
+
+
+def run(model, batch_size, configs, rounds, iters, img_size, seed=0):
+    """Paired A/B timing: every measurement of a configuration sits next to one of plain timm.
+
+    Each round visits the configurations in a fresh random order; for each it alternates
+    ``plain, config, plain, config, …`` (``iters`` forwards each) and records the ratio of the two
+    medians. Slow drifts of machine load hit both sides of a pair alike.
+    """
+    x = torch.randn(batch_size, 3, img_size, img_size)
+    rng = random.Random(seed)
+    plain_cfg = ("plain", 0)
+    others = [cfg for cfg in configs if cfg != plain_cfg]
+    times = {cfg: [] for cfg in configs}
+    ratios = {cfg: [] for cfg in others}
+    with torch.inference_mode():
+        for cfg in configs:  # warm-up
+            _configure(model, cfg)
+            model(x)
+        for _ in range(rounds):
+            order = list(others)
+            rng.shuffle(order)
+            for cfg in order:
+                t_plain, t_cfg = [], []
+                for i in range(iters):
+                    for which in ((plain_cfg, cfg) if i % 2 == 0 else (cfg, plain_cfg)):
+                        _configure(model, which)
+                        (t_plain if which == plain_cfg else t_cfg).append(_time_forward(model, x, 1))
+                times[plain_cfg] += t_plain
+                times[cfg].append(statistics.median(t_cfg))
+                ratios[cfg].append(statistics.median(t_plain) / statistics.median(t_cfg))
+    rows = []
+    for cfg in configs:
+        r = ratios.get(cfg, [1.0])
+        rows.append({
+            "batch_size": batch_size,
+            "method": cfg[0],
+            "r": cfg[1],
+            "ms_per_batch": 1e3 * statistics.median(times[cfg]),
+            "images_per_s": batch_size / statistics.median(times[cfg]),
+            "speedup": statistics.median(r),
+            "speedup_min": min(r),
+            "speedup_max": max(r),
+            "time_ratio_vs_plain": statistics.median([1.0 / v for v in r]),
+        })
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="deit_base_patch16_224")
+    parser.add_argument("--batch-sizes", default="1,8")
+    parser.add_argument("--r", default="0,4,8,12,16")
+    parser.add_argument("--methods", default="tome,evit")
+    parser.add_argument("--rounds", type=int, default=None, help="default: 7 at batch 1, 3 otherwise")
+    parser.add_argument("--iters", type=int, default=None, help="forwards per side of a pair (default: 4 at batch 1, 2 otherwise)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", default="benchmarks/results/throughput.json")
+    parser.add_argument("--check", action="store_true", help="fail unless the acceptance targets hold")
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    model = timm.create_model(args.model, pretrained=False).eval()
+    img_size = model.patch_embed.img_size[0]
+    rs = [int(v) for v in args.r.split(",")]
+    configs = [("plain", 0)] + [(m, r) for m in args.methods.split(",") for r in rs]
+
+    rows = []
+    for bs in [int(v) for v in args.batch_sizes.split(",")]:
+        rounds = args.rounds or (7 if bs == 1 else 3)
+        iters = args.iters or (4 if bs == 1 else 2)
+        start = time.perf_counter()
+        rows += run(model, bs, configs, rounds, iters, img_size)
+        print(f"batch {bs}: {rounds} rounds x {iters} iters in {time.perf_counter() - start:.0f} s", flush=True)
+
+    print(f"\n{args.model}, fp32, {args.threads} threads, torch {torch.__version__}, timm {timm.__version__}")
+    print(f"| batch | method | r | ms / batch | images/s | speed-up vs plain (median) | range over rounds |")
+    print(f"|---:|---|---:|---:|---:|---:|---|")
+    for row in rows:
+        print(f"| {row['batch_size']} | {row['method']} | {row['r']} | {row['ms_per_batch']:.1f} | "
+              f"{row['images_per_s']:.2f} | {row['speedup']:.3f}x | {row['speedup_min']:.2f}-{row['speedup_max']:.2f} |")
+
+    result = {
+        "model": args.model,
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "machine": platform.machine(),
+        "processor": platform.processor(),
+        "rows": rows,
+    }
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2))
+        print(f"\nwrote {args.json}")
+
+    if args.check:
+        failures = []
+        for row in rows:
+            if row["method"] == "tome" and row["r"] == 16:
+                need = 1.90 if row["batch_size"] >= 8 else 1.75
+                if row["speedup"] < need:
+                    failures.append(f"tome r=16 batch {row['batch_size']}: {row['speedup']:.3f}x < {need}x")
+            if row["method"] != "plain" and row["r"] == 0 and row["time_ratio_vs_plain"] > 1.02:
+                failures.append(f"{row['method']} r=0 batch {row['batch_size']}: {row['time_ratio_vs_plain']:.3f}x plain time")
+        if failures:
+            raise SystemExit("targets missed:\n  " + "\n  ".join(failures))
+        print("all targets met")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,199 @@
+"""Latency and throughput of a timm ViT at several ``r`` next to plain timm (``tocom-hub bench``).
+
+CPU and shared-GPU timings drift with machine load, so the configurations are measured
+*interleaved* on the same model object (patched / unpatched in place, weights at the same
+addresses): every iteration visits plain timm and each ``r`` once, in a fresh random order, and a
+configuration's statistics come from its own forwards across all iterations. Slow drifts therefore
+hit every configuration alike. Example::
+
+    from tocom_hub.benchmark import benchmark, format_table
+    result = benchmark(model, r_values=[0, 8, 16], batch_size=8, iters=20)
+    print(format_table(result))
+"""
+from __future__ import annotations
+
+import math
+import random
+import statistics
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+from ._progress import progress_bar
+
+from .patch import get_method, get_r, is_patched, patch, set_r, unpatch
+
+__all__ = ["time_forward", "percentile", "tokens_left", "benchmark", "format_table"]
+
+Clock = Callable[[], float]
+
+
+def _sync(x: torch.Tensor) -> None:
+    if x.device.type == "cuda":
+        torch.cuda.synchronize(x.device)
+
+
+@torch.inference_mode()
+def time_forward(model: nn.Module, x: torch.Tensor, clock: Clock = time.perf_counter) -> float:
+    """Wall time of one ``model(x)`` in milliseconds (CUDA is synchronised before and after)."""
+    _sync(x)
+    start = clock()
+    model(x)
+    _sync(x)
+    return (clock() - start) * 1000.0
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Linear-interpolated ``q``-th percentile (``q`` in [0, 100]) of a non-empty sequence."""
+    data = sorted(values)
+    if not data:
+        raise ValueError("percentile of an empty sequence")
+    pos = (len(data) - 1) * q / 100.0
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return data[lo] + (data[hi] - data[lo]) * (pos - lo)
+
+
+@torch.inference_mode()
+def tokens_left(model: nn.Module, x: torch.Tensor) -> int:
+    """Tokens (prefix included) leaving the last block for input ``x`` (one forward of ``x[:1]``)."""
+    seen: List[int] = []
+    handle = model.blocks[-1].register_forward_hook(lambda m, a, out: seen.append(int(out.shape[1])))
+    try:
+        model(x[:1])
+    finally:
+        handle.remove()
+    return seen[-1]
+
+
+def benchmark(
+    model: nn.Module,
+    r_values: Sequence[int],
+    batch_size: int = 8,
+    *,
+    method: str = "tome",
+    iters: int = 20,
+    warmup: int = 3,
+    seed: int = 0,
+    progress: bool = True,
+    input_size: Optional[Sequence[int]] = None,
+) -> Dict[str, Any]:
+    """Interleaved latency / throughput of plain timm and of ``model`` patched at each ``r``.
+
+    Every ``r`` is validated first (``ValueError`` from :func:`tocom_hub.set_r`, model untouched).
+    The model is left as found (unpatched, or patched at its previous ``r``). Returns a dict with
+    the setup and ``rows``: one per configuration (``config`` ``"timm"`` or the method, ``r``,
+    ``tokens`` left after the last block, ``median_ms``, ``p90_ms``, ``mean_ms``, ``images_per_s``
+    = ``batch / median``, ``speedup`` = timm median / this median, ``samples``).
+    """
+    from .models import model_img_size
+
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int; got {batch_size!r}")
+    if iters < 1 or warmup < 0:
+        raise ValueError(f"iters must be >= 1 and warmup >= 0; got iters={iters}, warmup={warmup}")
+    r_values = list(r_values)
+    if not r_values:
+        raise ValueError("r_values must not be empty")
+
+    was_patched = is_patched(model)
+    prev_method, prev_r = (get_method(model), get_r(model)) if was_patched else (None, 0)
+    patch(model, method=method)
+    try:
+        for r in r_values:  # validate every r before timing anything
+            set_r(model, r)
+    except BaseException:
+        _restore(model, was_patched, prev_method, prev_r)
+        raise
+
+    param = next(model.parameters())
+    size = tuple(input_size) if input_size is not None else model_img_size(model)
+    x = torch.randn(batch_size, 3, *size, generator=torch.Generator().manual_seed(seed)).to(param.device, param.dtype)
+    configs: List[Any] = [None] + r_values  # None: plain timm
+
+    def configure(cfg):
+        if cfg is None:
+            unpatch(model)
+        else:
+            patch(model, method=method)
+            set_r(model, cfg)
+
+    samples: Dict[Any, List[float]] = {cfg: [] for cfg in configs}
+    tokens: Dict[Any, int] = {}
+    rng = random.Random(seed)
+    was_training = model.training
+    model.eval()
+    try:
+        for cfg in configs:
+            configure(cfg)
+            tokens[cfg] = tokens_left(model, x)
+            for _ in range(warmup):
+                time_forward(model, x)
+        bar = progress_bar(total=iters * len(configs), desc="bench", unit="fwd", progress=progress)
+        for _ in range(iters):
+            order = list(configs)
+            rng.shuffle(order)
+            for cfg in order:
+                configure(cfg)
+                samples[cfg].append(time_forward(model, x))
+                bar.update(1)
+        bar.close()
+    finally:
+        model.train(was_training)
+        _restore(model, was_patched, prev_method, prev_r)
+
+    base = statistics.median(samples[None])
+    rows = []
+    for cfg in configs:
+        med = statistics.median(samples[cfg])
+        rows.append({
+            "config": "timm" if cfg is None else method,
+            "r": cfg,
+            "tokens": tokens[cfg],
+            "median_ms": med,
+            "p90_ms": percentile(samples[cfg], 90),
+            "mean_ms": statistics.fmean(samples[cfg]),
+            "images_per_s": batch_size * 1000.0 / med,
+            "speedup": base / med,
+            "samples": samples[cfg],
+        })
+    return {
+        "batch_size": batch_size,
+        "input_size": list(size),
+        "method": method,
+        "iters": iters,
+        "warmup": warmup,
+        "device": str(param.device),
+        "dtype": str(param.dtype).replace("torch.", ""),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "rows": rows,
+    }
+
+
+def _restore(model: nn.Module, was_patched: bool, method: Optional[str], r: Any) -> None:
+    if was_patched:
+        patch(model, method=method)
+        set_r(model, r)
+    else:
+        unpatch(model)
+
+
+def format_table(result: Dict[str, Any], title: Optional[str] = None) -> str:
+    """The rows of :func:`benchmark` as an aligned text table."""
+    head = title or ""
+    setup = (f"batch {result['batch_size']}, {result['input_size'][0]}x{result['input_size'][1]}, "
+             f"{result['device']} {result['dtype']}, {result['threads']} threads, "
+             f"{result['iters']} interleaved iterations")
+    lines = [f"{head}{' — ' if head else ''}{setup}"]
+    cols = ("config", "r", "tokens", "median ms", "p90 ms", "images/s", "speed-up")
+    body = [(row["config"], "-" if row["r"] is None else str(row["r"]), str(row["tokens"]),
+             f"{row['median_ms']:.2f}", f"{row['p90_ms']:.2f}", f"{row['images_per_s']:.1f}",
+             f"{row['speedup']:.2f}x") for row in result["rows"]]
+    widths = [max(len(c), *(len(b[i]) for b in body)) for i, c in enumerate(cols)]
+    fmt = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+    lines.append(fmt(cols))
+    lines.append("  ".join("-" * w for w in widths))
+    lines += [fmt(b) for b in body]
+    return "\n".join(lines)

@@ -1,0 +1,350 @@
+"""Top-1 accuracy and images/s per target ``r``, without and with a ToCom bank (``tocom-hub eval``).
+
+"Without" is plain ToMe / EViT at that ``r`` (:func:`tocom_hub.set_r`); "with" is the bank merged
+into the weights for ``source_r → r`` (:func:`tocom_hub.apply` once, then
+:func:`tocom_hub.set_target_r` — the inference path users run). Every batch is decoded once and run
+through every configuration, so the data pipeline costs the same as a single evaluation and the
+timings of the configurations are interleaved. Example::
+
+    from tocom_hub.evaluation import build_eval_dataset, evaluate
+    loader = torch.utils.data.DataLoader(build_eval_dataset(model, "data/imagenet"), batch_size=64)
+    rows = evaluate(model, loader, target_rs=[0, 4, 8, 16], bank="out/bank", source_r=0)
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset, Subset
+
+from ._progress import progress_bar
+from .bank import ToComBank
+from .compensate import apply, disabled, get_state, remove, set_target_r
+from .patch import METHODS, get_method, get_r, is_patched, patch, set_r, unpatch
+
+__all__ = ["build_eval_dataset", "evaluate", "format_table", "plot_accuracy", "label_warning"]
+
+
+class _Transformed(Dataset):
+    def __init__(self, dataset: Dataset, transform) -> None:
+        self.dataset, self.transform = dataset, transform
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        img, label = self.dataset[i][:2]
+        return self.transform(img), label
+
+
+def build_eval_dataset(
+    model: nn.Module,
+    data: str,
+    *,
+    split: str = "validation",
+    limit: Optional[int] = None,
+    class_map: Optional[str] = None,
+) -> Dataset:
+    """Images and labels for ``model`` with timm's evaluation transform (``resolve_data_config`` +
+    ``create_transform`` at the size the model was built for).
+
+    ``data``: an ImageFolder root (one sub-folder per class; a ``val/`` / ``validation/`` sub-folder
+    is used when present, see ``timm.data.create_dataset``), or an embedded dataset name from
+    :func:`tocom_hub.data.list_datasets` (offline, no files). ``limit``: the first N images. The
+    dataset has ``num_classes`` (or ``None``) set.
+    """
+    from .models import eval_transform, model_img_size
+
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit must be a positive int; got {limit!r}")
+    embedded: List[str] = []
+    try:
+        from . import data as embedded_data
+
+        embedded = embedded_data.list_datasets()
+    except ImportError:  # pragma: no cover - optional module
+        embedded_data = None
+    if data in embedded and not os.path.isdir(data):
+        h, w = model_img_size(model)
+        if h != w:
+            raise ValueError(f"embedded datasets are square; the model takes {h}x{w} images")
+        split = "val" if split in ("validation", "val", "eval") else split
+        raw = embedded_data.build_dataset(data, split, img_size=h, length=limit)
+        tf, _ = eval_transform(model, crop_pct=1.0)  # already at the model's size: no resize/crop
+        ds = _Transformed(raw, tf)
+        ds.num_classes = getattr(raw, "num_classes", None)
+        return ds
+    if not os.path.isdir(data):
+        raise FileNotFoundError(
+            f"--data {data}: no such directory (expected an ImageFolder root with one sub-folder per class"
+            + (f", or an embedded dataset: {', '.join(embedded)}" if embedded else "") + ")")
+    from timm.data import create_dataset
+
+    if class_map is not None and not os.path.isfile(class_map):
+        raise FileNotFoundError(f"--class-map {class_map}: no such file")
+    tf, _ = eval_transform(model)
+    try:
+        ds = create_dataset("", root=data, split=split, class_map=class_map or "", transform=tf)
+    except (RuntimeError, FileNotFoundError) as e:
+        raise FileNotFoundError(f"{data}: no images found ({' '.join(str(e).split())}); expected "
+                                f"DIR/<class>/<image>.jpg|png") from None
+    if len(ds) == 0:
+        raise FileNotFoundError(f"{data}: no images found; expected DIR/<class>/<image>.jpg|png")
+    class_to_idx = getattr(getattr(ds, "reader", None), "class_to_idx", None) or {}
+    num_classes = len(class_to_idx) or None
+    if limit is not None and limit < len(ds):
+        ds = Subset(ds, range(limit))
+    ds.num_classes = num_classes
+    return ds
+
+
+def _check_rs(target_rs: Sequence[int]) -> List[int]:
+    rs = list(target_rs)
+    if not rs:
+        raise ValueError("target_rs must not be empty")
+    for r in rs:
+        if isinstance(r, bool) or not isinstance(r, int) or r < 0:
+            raise ValueError(f"target r values must be non-negative ints; got {r!r}")
+    return rs
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader: Iterable,
+    target_rs: Sequence[int],
+    bank: Union[ToComBank, str, os.PathLike, None] = None,
+    source_r: int = 0,
+    scale: Optional[float] = None,
+    *,
+    method: Optional[str] = None,
+    device: Union[str, torch.device, None] = None,
+    progress: bool = True,
+    **hub_kwargs: Any,
+) -> List[Dict[str, Any]]:
+    """Top-1 (and top-5) accuracy and images/s of ``model`` at every target ``r``.
+
+    Args:
+        model: a timm ViT (patched or not; it is left as found — patched at its previous ``r``, or
+            unpatched). It must not carry a bank already (:func:`tocom_hub.remove` it first).
+        loader: yields ``(images, labels)`` batches.
+        target_rs: ``r`` values to evaluate, e.g. ``[0, 4, 8, 16]``.
+        bank: a :class:`ToComBank`, a local bank path or a Hub id; ``None`` evaluates plain ToMe/EViT only.
+        source_r: the ``r`` the model was fine-tuned at (the bank's ``m``).
+        scale: ToCom ``s`` (default: the bank's).
+        method: ``"tome"`` / ``"evit"`` (default: the bank's, else the model's patch method, else ToMe).
+        device: where to run (default: the model's device).
+        progress: show a tqdm bar over the batches.
+
+    Everything (bank vs model, ``r`` within the bank's range and the model's token count) is
+    validated before the first forward. Images/s excludes the first batch (warm-up) when there are
+    more. Returns one row per (``r``, with/without bank): ``target_r``, ``tocom`` (bool), ``top1``,
+    ``top5`` (``None`` for < 5 classes), ``tokens`` (left after the last block), ``images``,
+    ``images_per_s``. Example::
+
+        rows = evaluate(model, loader, [0, 8, 16], bank="out/bank", source_r=0, scale=0.1)
+        for row in rows: print(row["target_r"], row["tocom"], row["top1"])
+    """
+    rs = _check_rs(target_rs)
+    if get_state(model) is not None:
+        raise ValueError("the model already carries a ToCom bank; call tocom_hub.remove(model) first and pass "
+                         "the bank to evaluate(bank=...)")
+    if bank is not None and not isinstance(bank, ToComBank):
+        bank = ToComBank.from_pretrained(bank, **hub_kwargs)
+    if method is not None and method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}; got {method!r}")
+    if bank is not None:
+        if method is not None and method != bank.method:
+            raise ValueError(f"the bank was trained for {bank.method!r} but method={method!r} was requested; "
+                             f"drop --method or pick a bank for {method!r}")
+        method = bank.method
+        for name, r in [("source r", source_r)] + [("target r", r) for r in rs]:
+            if isinstance(r, bool) or not isinstance(r, int) or not 0 <= r <= bank.r_max:
+                raise ValueError(f"{name}={r!r} is outside the bank's range 0…{bank.r_max}; pick r values "
+                                 f"in 0…{bank.r_max} or a bank trained for larger r")
+    method = method or get_method(model) or "tome"
+
+    was_patched = is_patched(model)
+    prev_method, prev_r = (get_method(model), get_r(model)) if was_patched else (None, 0)
+    was_training = model.training
+    patch(model, method=method)
+    try:
+        for r in rs:  # validate every r (the patcher's token-count limit) before any forward
+            set_r(model, r)
+        if bank is not None:
+            apply(model, source_r, rs[0], bank=bank, scale=scale, merge=True)
+        return _run(model, loader, rs, bank is not None, device, progress)
+    finally:
+        remove(model)
+        if was_patched:
+            patch(model, method=prev_method)
+            set_r(model, prev_r)
+        else:
+            unpatch(model)
+        model.train(was_training)
+
+
+def _run(model, loader, rs, with_bank, device, progress) -> List[Dict[str, Any]]:
+    model.eval()
+    param = next(model.parameters())
+    device = torch.device(device) if device is not None else param.device
+    if device != param.device:
+        model.to(device)
+        param = next(model.parameters())
+    configs = [(r, False) for r in rs] + ([(r, True) for r in rs] if with_bank else [])
+    stats = {c: {"correct1": 0, "correct5": 0, "seen": 0, "timed_images": 0, "seconds": 0.0, "tokens": None}
+             for c in configs}
+    try:
+        total = len(loader)
+    except TypeError:
+        total = None
+    num_classes = None
+    bar = progress_bar(loader, total=total, desc="eval", unit="batch", progress=progress)
+    for i, (x, y) in enumerate(bar):
+        x = x.to(device=device, dtype=param.dtype if param.dtype.is_floating_point else None)
+        y = y.to(device)
+        timed = i > 0 or total == 1
+        groups = (False, True) if with_bank else (False,)
+        for group_bank in (groups if i % 2 == 0 else groups[::-1]):  # alternate which group runs first
+            ctx = disabled(model) if (with_bank and not group_bank) else contextlib.nullcontext()
+            with ctx:
+                for r in rs:
+                    if group_bank:
+                        set_target_r(model, r)
+                    else:
+                        set_r(model, r)
+                    st = stats[(r, group_bank)]
+                    hook = None
+                    if st["tokens"] is None:
+                        seen: List[int] = []
+                        hook = model.blocks[-1].register_forward_hook(
+                            lambda m, a, out, _s=seen: _s.append(int(out.shape[1])))
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
+                    start = time.perf_counter()
+                    logits = model(x)
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
+                    elapsed = time.perf_counter() - start
+                    if hook is not None:
+                        hook.remove()
+                        st["tokens"] = seen[-1]
+                    num_classes = logits.shape[-1]
+                    k = min(5, num_classes)
+                    top = logits.topk(k, dim=-1).indices
+                    hit = top == y[:, None]
+                    st["correct1"] += int(hit[:, 0].sum())
+                    st["correct5"] += int(hit.any(dim=-1).sum())
+                    st["seen"] += int(y.numel())
+                    if timed:
+                        st["seconds"] += elapsed
+                        st["timed_images"] += int(y.numel())
+        if total:
+            first = stats[configs[-1]]
+            bar.set_postfix(top1=f"{100.0 * first['correct1'] / max(first['seen'], 1):.1f}")
+    bar.close()
+    if stats[configs[0]]["seen"] == 0:
+        raise ValueError("the loader yielded no images")
+    rows = []
+    for (r, with_tocom), st in stats.items():
+        n = st["seen"]
+        rows.append({
+            "target_r": r,
+            "tocom": with_tocom,
+            "top1": 100.0 * st["correct1"] / n,
+            "top5": 100.0 * st["correct5"] / n if num_classes and num_classes >= 5 else None,
+            "tokens": st["tokens"],
+            "images": n,
+            "images_per_s": st["timed_images"] / st["seconds"] if st["seconds"] > 0 else None,
+        })
+    rows.sort(key=lambda row: (row["target_r"], row["tocom"]))
+    return rows
+
+
+def format_table(rows: Sequence[Dict[str, Any]], source_r: Optional[int] = None) -> str:
+    """Rows of :func:`evaluate` as a table: one line per ``r``, plain vs ToCom side by side."""
+    by_r: Dict[int, Dict[bool, Dict[str, Any]]] = {}
+    for row in rows:
+        by_r.setdefault(row["target_r"], {})[row["tocom"]] = row
+    with_bank = any(row["tocom"] for row in rows)
+    cols = ["target r", "tokens", "top-1 plain", "img/s plain"]
+    if with_bank:
+        cols += ["top-1 +ToCom", "delta", "img/s +ToCom"]
+    body = []
+
+    def ips(row):
+        return "-" if row.get("images_per_s") is None else f"{row['images_per_s']:.1f}"
+
+    for r in sorted(by_r):
+        plain = by_r[r].get(False)
+        mark = "*" if source_r is not None and r == source_r else ""
+        cells = [f"{r}{mark}", str(plain["tokens"]), f"{plain['top1']:.2f}", ips(plain)]
+        if with_bank:
+            tc = by_r[r].get(True)
+            cells += [f"{tc['top1']:.2f}", f"{tc['top1'] - plain['top1']:+.2f}", ips(tc)]
+        body.append(cells)
+    widths = [max(len(c), *(len(b[i]) for b in body)) for i, c in enumerate(cols)]
+    fmt = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
+    lines = [fmt(cols), "  ".join("-" * w for w in widths)] + [fmt(b) for b in body]
+    if source_r is not None and source_r in by_r:
+        lines.append(f"* source r = {source_r} (the r the model was fine-tuned at)")
+    return "\n".join(lines)
+
+
+def plot_accuracy(result: Dict[str, Any], path: Union[str, os.PathLike], *, title: Optional[str] = None) -> None:
+    """Top-1 vs target ``r`` (Fig. 5 of the ToCom paper): plain ToMe/EViT and +ToCom, as a PNG (dpi 150).
+
+    ``result`` needs ``rows`` (from :func:`evaluate`), ``source_r``, ``method`` and optionally
+    ``scale``, ``model``, ``data``.
+    """
+    try:
+        import matplotlib
+    except ImportError:
+        raise ImportError("plotting needs matplotlib: pip install matplotlib (or tocom-hub[dev])") from None
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    method = result.get("method", "tome")
+    name = {"tome": "ToMe", "evit": "EViT"}.get(method, method)
+    plain = sorted((r["target_r"], r["top1"]) for r in rows if not r["tocom"])
+    tocom = sorted((r["target_r"], r["top1"]) for r in rows if r["tocom"])
+    verb = "merged" if method == "tome" else "pruned"
+    with plt.rc_context({"font.size": 12, "axes.titlesize": 12, "legend.fontsize": 11}):
+        fig, ax = plt.subplots(figsize=(6.4, 4.4))
+        ax.plot([p[0] for p in plain], [p[1] for p in plain], "o--", color="0.35", lw=2, ms=7,
+                label=f"{name} (no ToCom)")
+        if tocom:
+            s = result.get("scale")
+            label = f"{name} + ToCom" + (f" (s = {s:g})" if isinstance(s, (int, float)) else "")
+            ax.plot([p[0] for p in tocom], [p[1] for p in tocom], "s-", color="tab:red", lw=2, ms=7, label=label)
+        src = result.get("source_r")
+        if src is not None:
+            ax.axvline(src, color="0.6", ls=":", lw=1.5, label=f"source r = {src}")
+        ax.set_xlabel(f"target r (tokens {verb} per block)")
+        ax.set_ylabel("top-1 accuracy (%)")
+        xs = sorted({p[0] for p in plain})
+        if len(xs) <= 20:
+            ax.set_xticks(xs)
+        ax.set_title(title or " · ".join(str(v) for v in (result.get("model"), result.get("data_name")) if v))
+        ax.grid(alpha=0.3)
+        ax.legend(loc="best", frameon=False)
+        fig.tight_layout()
+        fig.savefig(os.fspath(path), dpi=150)
+        plt.close(fig)
+
+
+def label_warning(ds: Dataset, model: nn.Module) -> Optional[str]:
+    """A warning when the data has more classes than the model predicts (``None`` when fine)."""
+    k = getattr(ds, "num_classes", None)
+    n = getattr(model, "num_classes", None)
+    if k and n and k > n:
+        return (f"the data has {k} classes but the model predicts {n}: labels above {n - 1} can never be right; "
+                f"is this the model's dataset?")
+    return None
+

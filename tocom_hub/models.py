@@ -1,0 +1,338 @@
+"""Build the model a tool runs on from one ``NAME_OR_PATH`` string (``tocom-hub eval/bench/visualize``).
+
+``NAME_OR_PATH`` is resolved in this order (first match wins):
+
+1. **an alias** registered in :data:`MODEL_ALIASES` — ``demo`` is the embedded tiny ViT (a
+   ``vit_tiny_patch16_224`` at 32 px, 6 blocks, 96 dims, 3 heads, trained on the embedded
+   ``photo-crops`` task), weights in ``tocom_hub/assets/vit_tiny_photo_crops.safetensors`` (an install
+   without them gets a clear error). Add more with :func:`register_model_alias`.
+2. **a saved model directory**:
+
+   * timm's own export layout — ``config.json`` (``architecture``, ``num_classes``, ``model_args`` =
+     the ``timm.create_model`` keyword arguments, ``pretrained_cfg`` = preprocessing) next to
+     ``model.safetensors`` (or ``pytorch_model.bin``). Write one with
+     ``timm.models.save_for_hf(model, "my-model", safe_serialization=True)`` (``timm.models.push_to_hf_hub``
+     uploads the same files); it is rebuilt with ``timm.create_model("local-dir:my-model", pretrained=True)``.
+   * an output directory of ``training/finetune.py`` — ``finetune.json`` (``model``, ``model_kwargs``,
+     ``num_classes``, ``method``, ``source_r``) next to ``model.safetensors`` (and
+     ``adaptformer.safetensors`` for AdaptFormer models, attached with their hooks).
+3. **a weights file** (``.safetensors``) that describes itself: one written by ``finetune.py``
+   (its metadata holds the recipe) or one lying next to a timm ``config.json``.
+4. **a timm model name** (``timm.list_models()``) or ``hf-hub:org/name``, built with
+   ``pretrained=False`` unless ``pretrained=True`` (which needs the network or a filled Hugging Face
+   cache); ``checkpoint=FILE`` then loads a state dict (``.safetensors``, or a torch file read with
+   ``weights_only=True``; ``model`` / ``state_dict`` nesting and ``module.`` prefixes are unwrapped).
+
+``model_kwargs`` (e.g. ``{"img_size": 64, "depth": 2}``) go to ``timm.create_model`` in every case;
+``num_classes`` defaults to the classifier size found in the weights.
+Example::
+
+    from tocom_hub.models import load_model
+    model, info = load_model("vit_tiny_patch16_224", model_kwargs={"img_size": 64, "depth": 2})
+    model, info = load_model("out/my-model")          # config.json + model.safetensors
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional, Tuple, Union
+
+import torch
+from torch import nn
+
+__all__ = [
+    "ModelAlias",
+    "MODEL_ALIASES",
+    "register_model_alias",
+    "load_model",
+    "model_img_size",
+    "eval_transform",
+    "DEMO_MODEL",
+    "DEMO_MODEL_KWARGS",
+    "DEMO_WEIGHTS",
+]
+
+PathLike = Union[str, os.PathLike]
+
+# The embedded demo model (same facts as training/common.py's EMBEDDED_* constants).
+DEMO_MODEL = "vit_tiny_patch16_224"
+DEMO_MODEL_KWARGS: Dict[str, Any] = dict(img_size=32, patch_size=4, depth=6, embed_dim=96, num_heads=3)
+DEMO_WEIGHTS = Path(__file__).resolve().parent / "assets" / "vit_tiny_photo_crops.safetensors"
+
+
+@dataclass
+class ModelAlias:
+    """A short name for a timm model + keyword arguments + a weights file (e.g. ``demo``).
+
+    ``weights`` is a path (or a callable returning one, resolved when the alias is used, e.g. a
+    ``hf_hub_download``); ``missing_hint`` completes the error when the file does not exist.
+    """
+
+    model: str
+    model_kwargs: Dict[str, Any] = field(default_factory=dict)
+    weights: Union[PathLike, Callable[[], PathLike], None] = None
+    description: str = ""
+    missing_hint: str = ""
+
+
+MODEL_ALIASES: Dict[str, ModelAlias] = {}
+
+
+def register_model_alias(name: str, alias: ModelAlias, *, overwrite: bool = False) -> None:
+    """Make ``name`` usable wherever a model name is, e.g. ``tocom-hub eval --model name``. Example::
+
+        register_model_alias("my-vit", ModelAlias("vit_small_patch16_224", {"num_classes": 10}, "w.safetensors"))
+        model, info = load_model("my-vit")
+    """
+    if not overwrite and name in MODEL_ALIASES:
+        raise ValueError(f"model alias {name!r} is already registered (pass overwrite=True to replace it)")
+    MODEL_ALIASES[name] = alias
+
+
+register_model_alias("demo", ModelAlias(
+    DEMO_MODEL, DEMO_MODEL_KWARGS, DEMO_WEIGHTS,
+    description="embedded tiny ViT (32 px, 6 blocks) trained on the embedded photo-crops task",
+    missing_hint="this install lacks the embedded demo weights (reinstall tocom-hub); pass a timm model name "
+                 "(with --model-kwargs / --checkpoint) or a saved model directory",
+))
+
+
+# ---------------------------------------------------------------------------------------------------
+# helpers
+
+
+def _looks_like_path(s: str) -> bool:
+    return (os.sep in s or (os.altsep or "\0") in s or s.startswith(".") or s.startswith("~")
+            or s.endswith((".safetensors", ".pth", ".pt", ".bin", ".json"))) and not s.startswith("hf-hub:")
+
+
+def _read_state_dict(path: PathLike) -> Dict[str, torch.Tensor]:
+    from timm.models import load_state_dict
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no weights file at {path} (expected a .safetensors or torch state_dict file)")
+    try:
+        sd = load_state_dict(path, use_ema=False, weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path}: cannot read a state dict ({type(e).__name__}: {' '.join(str(e).split())}); "
+                         f"expected a .safetensors file or a torch.save(model.state_dict()) file") from None
+    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
+
+
+def _head_classes(sd: Dict[str, torch.Tensor], kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    """``kwargs`` with ``num_classes`` taken from the state dict's classifier when not given."""
+    head = sd.get("head.weight")
+    if "num_classes" not in kwargs and head is not None and head.ndim == 2:
+        kwargs = dict(kwargs, num_classes=int(head.shape[0]))
+    return kwargs
+
+
+def _load_weights(model: nn.Module, path: PathLike, name: str,
+                  sd: Optional[Dict[str, torch.Tensor]] = None) -> None:
+    from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+
+    sd = _read_state_dict(path) if sd is None else sd
+    if isinstance(model, VisionTransformer):
+        sd = checkpoint_filter_fn(sd, model)  # timm's remapping (pos-embed resize, …)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        def few(keys):
+            return f"{list(keys)[:4]}{' …' if len(keys) > 4 else ''}"
+        raise ValueError(f"{path} does not fit {name}: missing keys {few(missing)}, unexpected keys "
+                         f"{few(unexpected)}; pass the matching model name / --model-kwargs")
+
+
+def _create(name: str, pretrained: bool, kwargs: Dict[str, Any]) -> nn.Module:
+    import timm
+
+    try:
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
+    except TypeError as e:
+        raise TypeError(f"timm.create_model({name!r}) rejected the model kwargs {kwargs}: {e}") from None
+    except (OSError, RuntimeError) as e:
+        if pretrained:
+            raise RuntimeError(f"cannot load timm's pretrained weights for {name!r} ({type(e).__name__}: {e}); "
+                               f"offline, set HF_HUB_OFFLINE=1 to use the cache only, or drop --pretrained and pass --checkpoint FILE") from None
+        raise
+
+
+def _finetune_safetensors_recipe(path: Path) -> Optional[Dict[str, Any]]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable .safetensors file ({e})") from None
+    text = meta.get("tocom_finetune")
+    return json.loads(text) if text else None
+
+
+def _from_finetune(recipe: Dict[str, Any], weights: Path, kwargs: Dict[str, Any], source: str):
+    create = dict(recipe.get("model_kwargs") or {})
+    create.update(kwargs)
+    if recipe.get("num_classes") is not None:
+        create.setdefault("num_classes", int(recipe["num_classes"]))
+    model = _create(recipe["model"], False, create)
+    _load_weights(model, weights, recipe["model"])
+    info = {"model": recipe["model"], "model_kwargs": create, "source": source, "weights": str(weights),
+            "method": recipe.get("method"), "source_r": recipe.get("source_r")}
+    adapters = weights.parent / "adaptformer.safetensors"
+    if recipe.get("mode") == "adaptformer" and adapters.is_file():
+        from safetensors.torch import load_file
+
+        from .adaptformer import AdaptFormer
+
+        af = AdaptFormer.for_model(model, bottleneck=recipe["adapter_bottleneck"], scale=recipe["adapter_scale"])
+        af.load_state_dict(load_file(str(adapters)))
+        af.attach(model)
+        model._tocom_adaptformer = af  # keep the adapters alive with the model
+        info["adaptformer"] = str(adapters)
+    return model, info
+
+
+def _from_timm_dir(path: Path, kwargs: Dict[str, Any], checkpoint: Optional[PathLike]):
+    cfg = json.loads((path / "config.json").read_text())
+    name = cfg.get("architecture")
+    if not name:
+        raise ValueError(f"{path / 'config.json'} has no 'architecture'; expected timm's export layout "
+                         f"(timm.models.save_for_hf)")
+    has_weights = any((path / f).is_file() for f in ("model.safetensors", "pytorch_model.bin", "open_clip_model.safetensors"))
+    if not has_weights and checkpoint is None:
+        raise FileNotFoundError(f"{path}: config.json but no model.safetensors / pytorch_model.bin next to it")
+    model = _create(f"local-dir:{path}", checkpoint is None, kwargs)
+    if checkpoint is not None:
+        _load_weights(model, checkpoint, name)
+    info = {"model": name, "model_kwargs": dict(cfg.get("model_args") or {}, **kwargs), "source": str(path),
+            "weights": str(checkpoint) if checkpoint else str(path)}
+    return model, info
+
+
+# ---------------------------------------------------------------------------------------------------
+# public
+
+
+def load_model(
+    name_or_path: str,
+    *,
+    model_kwargs: Optional[Dict[str, Any]] = None,
+    pretrained: bool = False,
+    checkpoint: Optional[PathLike] = None,
+) -> Tuple[nn.Module, Dict[str, Any]]:
+    """Build the model ``name_or_path`` names (see the module docstring) in eval mode, on the CPU.
+
+    Returns ``(model, info)``; ``info`` records ``name`` (as given), ``model`` (timm architecture),
+    ``model_kwargs``, ``source`` and ``weights`` (``"random-init"`` for a bare timm name), plus
+    ``method`` / ``source_r`` when the directory records them (finetune.py). Raises
+    ``FileNotFoundError`` for a missing path / weights file and ``ValueError`` for an unknown name.
+    Example::
+
+        model, info = load_model("vit_tiny_patch16_224", model_kwargs={"img_size": 64, "depth": 2})
+        model, info = load_model("vit_base_patch16_224", checkpoint="weights.safetensors")
+        model, info = load_model("out/finetune-r0")
+    """
+    model, info = _load_model(name_or_path, model_kwargs=model_kwargs, pretrained=pretrained, checkpoint=checkpoint)
+    return model, {"name": name_or_path, **info}
+
+
+def _load_model(
+    name_or_path: str,
+    *,
+    model_kwargs: Optional[Dict[str, Any]] = None,
+    pretrained: bool = False,
+    checkpoint: Optional[PathLike] = None,
+) -> Tuple[nn.Module, Dict[str, Any]]:
+    import timm
+
+    kwargs = dict(model_kwargs or {})
+    if not isinstance(name_or_path, str) or not name_or_path:
+        raise ValueError(f"expected a timm model name, a model alias or a path; got {name_or_path!r}")
+    if checkpoint is not None and not os.path.isfile(checkpoint):
+        raise FileNotFoundError(f"--checkpoint {checkpoint}: no such file (expected .safetensors or a torch state dict)")
+    if pretrained and checkpoint is not None:
+        raise ValueError("pretrained=True and checkpoint= are exclusive: pick timm's weights or your own file")
+
+    alias = MODEL_ALIASES.get(name_or_path)
+    if alias is not None and not os.path.exists(name_or_path):
+        weights = alias.weights() if callable(alias.weights) else alias.weights
+        if checkpoint is None and weights is not None and not os.path.isfile(weights):
+            raise FileNotFoundError(f"model {name_or_path!r}: weights file {weights} is missing; {alias.missing_hint}")
+        create = dict(alias.model_kwargs, **kwargs)
+        w = checkpoint or weights
+        sd = _read_state_dict(w) if w is not None and not pretrained else None
+        if sd is not None:
+            create = _head_classes(sd, create)
+        model = _create(alias.model, pretrained, create)
+        if sd is not None:
+            _load_weights(model, w, alias.model, sd)
+        info = {"model": alias.model, "model_kwargs": create, "source": f"alias:{name_or_path}",
+                "weights": str(w) if w and not pretrained else ("timm-pretrained" if pretrained else "random-init")}
+        return model.eval(), info
+
+    path = Path(os.path.expanduser(name_or_path))
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            model, info = _from_timm_dir(path, kwargs, checkpoint)
+            return model.eval(), info
+        if (path / "finetune.json").is_file() and (path / "model.safetensors").is_file():
+            recipe = json.loads((path / "finetune.json").read_text())
+            model, info = _from_finetune(recipe, path / "model.safetensors", kwargs, str(path))
+            return model.eval(), info
+        raise FileNotFoundError(
+            f"{path}: not a saved model directory (expected config.json + model.safetensors, as written by "
+            f"timm.models.save_for_hf(model, DIR, safe_serialization=True), or a training/finetune.py output)")
+    if path.is_file():
+        if (path.parent / "config.json").is_file() and path.suffix in (".safetensors", ".bin", ".pth"):
+            model, info = _from_timm_dir(path.parent, kwargs, checkpoint or path)
+            return model.eval(), info
+        recipe = _finetune_safetensors_recipe(path) if path.suffix == ".safetensors" else None
+        if recipe is not None and "model" in recipe:
+            model, info = _from_finetune(recipe, path, kwargs, str(path))
+            return model.eval(), info
+        raise ValueError(f"{path}: a weights file alone does not say which architecture it holds; pass "
+                         f"--model <timm name> --checkpoint {path} (with --model-kwargs if needed)")
+    if _looks_like_path(name_or_path):
+        raise FileNotFoundError(f"{name_or_path}: no such file or directory (expected a timm model name, a model "
+                                f"alias ({', '.join(sorted(MODEL_ALIASES))}) or a saved model directory)")
+
+    bare = name_or_path.split(":", 1)[1] if name_or_path.startswith("hf-hub:") else None
+    if bare is None and not timm.is_model(name_or_path):
+        close = timm.list_models(f"*{name_or_path.split('.')[0][:12]}*")[:5]
+        raise ValueError(f"unknown model {name_or_path!r}: not a timm model name, a model alias "
+                         f"({', '.join(sorted(MODEL_ALIASES))}) or an existing path"
+                         + (f"; similar timm names: {', '.join(close)}" if close else ""))
+    sd = _read_state_dict(checkpoint) if checkpoint is not None else None
+    if sd is not None:
+        kwargs = _head_classes(sd, kwargs)
+    model = _create(name_or_path, pretrained, kwargs)
+    if sd is not None:
+        _load_weights(model, checkpoint, name_or_path, sd)
+    info = {"model": name_or_path, "model_kwargs": kwargs, "source": "timm",
+            "weights": str(checkpoint) if checkpoint else ("timm-pretrained" if pretrained else "random-init")}
+    return model.eval(), info
+
+
+def model_img_size(model: nn.Module) -> Tuple[int, int]:
+    """``(H, W)`` the model's patch embedding was built for."""
+    size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if size is None:
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        size = tuple(cfg.get("input_size", (3, 224, 224))[1:])
+    if isinstance(size, int):
+        return size, size
+    return int(size[0]), int(size[1])
+
+
+def eval_transform(model: nn.Module, *, crop_pct: Optional[float] = None):
+    """timm's evaluation transform for ``model`` (``resolve_data_config`` + ``create_transform``) at the
+    size the model was built for (``model_kwargs`` may have changed it from the pretrained config)."""
+    from timm.data import create_transform, resolve_data_config
+
+    cfg = resolve_data_config({}, model=model)
+    cfg["input_size"] = (cfg["input_size"][0], *model_img_size(model))
+    if crop_pct is not None:
+        cfg["crop_pct"] = crop_pct
+    return create_transform(**cfg, is_training=False), cfg
