@@ -1,0 +1,580 @@
+"""Pieces the training scripts share: backbone, data, deterministic sampling, checkpoints.
+
+Everything here is a plain function or a tiny class that a script calls top to bottom; the scripts
+themselves (``distill.py``, ``finetune.py``, ``evaluate.py``) stay the readable part. Imports are
+absolute (``tocom_hub.training.common``) so that ``python training/distill.py`` works as well as
+``python -m tocom_hub.training.distill`` and ``accelerate launch``.
+
+Determinism (what makes ``--resume`` exact and multi-process runs equal to one process):
+
+* :class:`EpochSampler` yields *global keys* ``epoch · N + i`` in a permutation that depends only on
+  ``(seed, epoch)`` — not on the number of processes, the number of workers or the history.
+  ``accelerate`` then hands process ``p`` the batches ``p, p + P, …`` of that stream, so the global
+  batch of every step is the same set of samples whatever ``P`` is.
+* :class:`SeededTransform` runs the (random) augmentation of key ``k`` under RNGs seeded with
+  ``(seed, k)`` and restores the previous RNG states afterwards: a sample's augmentation does not
+  depend on which worker made it or on what ran before.
+* :func:`derive_seed` gives per-step seeds (the ``(m, n)`` pair, mixup/cutmix, drop path), so a run
+  resumed at step ``K`` draws exactly what the uninterrupted run drew at step ``K``.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, IterableDataset, Sampler
+
+import tocom_hub
+from tocom_hub import data as embedded_data
+
+__all__ = [
+    "EMBEDDED_MODEL",
+    "EMBEDDED_MODEL_KWARGS",
+    "EMBEDDED_CHECKPOINT",
+    "EMBEDDED_R_MAX",
+    "derive_seed",
+    "seed_everything",
+    "seeded_rngs",
+    "sample_pair",
+    "heldout_pairs",
+    "EpochSampler",
+    "SeededTransform",
+    "add_model_args",
+    "add_data_args",
+    "add_accelerate_args",
+    "check_common_args",
+    "build_backbone",
+    "build_datasets",
+    "build_transforms",
+    "resolve_report_to",
+    "use_cpu",
+    "TrainState",
+    "save_checkpoint",
+    "find_checkpoint",
+    "sha256_file",
+    "write_json",
+]
+
+# ---------------------------------------------------------------------------------------------------
+# the embedded default backbone: a 6-block, 96-dim, 3-head timm ViT on 32 px images (64 patches of
+# 4 px + class token), pre-trained on the embedded "photo-crops" task. Its weights ship with the
+# package (1.4 MB, fp16); `training/finetune.py --data photo-crops --from-scratch ...` rebuilds them
+# (the exact command is in the file's metadata and in README.md).
+
+EMBEDDED_MODEL = "vit_tiny_patch16_224"
+EMBEDDED_MODEL_KWARGS: Dict[str, Any] = dict(img_size=32, patch_size=4, depth=6, embed_dim=96, num_heads=3)
+EMBEDDED_DATA = "photo-crops"
+EMBEDDED_DOWNSTREAM_DATA = "photo-orientation"
+EMBEDDED_CHECKPOINT = Path(tocom_hub.__file__).resolve().parent / "assets" / "vit_tiny_photo_crops.safetensors"
+# R such that >= ~90 % of the 64 patch tokens are merged by the last of the 6 blocks
+# (65 → 55 → 45 → 35 → 25 → 15 → 8 tokens with ToMe; DeiT-B at r = 16 merges 192 of 196).
+EMBEDDED_R_MAX = 10
+
+
+# ---------------------------------------------------------------------------------------------------
+# seeds
+
+
+def derive_seed(*parts: object) -> int:
+    """A 31-bit seed that is a stable function of ``parts`` (no Python hash salt, no global state)."""
+    digest = hashlib.sha256("|".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's ``random``, NumPy's legacy global RNG (timm's Mixup uses it) and torch."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def seeded_rngs(seed: int) -> Iterator[None]:
+    """Run a block under ``random`` / NumPy / torch (CPU) RNGs seeded with ``seed``; restore them after."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+
+def sample_pair(seed: int, step: int, r_max: int) -> Tuple[int, int]:
+    """The ``(m, n)`` pair of optimizer step ``step``: uniform over ordered pairs ``m != n`` in ``[0, R]``.
+
+    A pure function of ``(seed, step)``, so every process and a resumed run draw the same pair.
+    """
+    rng = random.Random(derive_seed(seed, "pair", step))
+    m = rng.randint(0, r_max)
+    n = rng.randint(0, r_max - 1)
+    return m, (n + 1 if n >= m else n)
+
+
+def heldout_pairs(seed: int, r_max: int, k: int) -> List[Tuple[int, int]]:
+    """``k`` distinct ordered pairs ``m != n`` for the held-out KL, a fixed function of ``seed``."""
+    pairs = [(m, n) for m in range(r_max + 1) for n in range(r_max + 1) if m != n]
+    rng = random.Random(derive_seed(seed, "heldout-pairs"))
+    rng.shuffle(pairs)
+    return sorted(pairs[:min(k, len(pairs))])
+
+
+# ---------------------------------------------------------------------------------------------------
+# deterministic data order
+
+
+class EpochSampler(Sampler):
+    """A seeded shuffle that yields global keys ``epoch · N + i`` (decode with ``divmod(key, N)``).
+
+    The permutation of epoch ``e`` depends only on ``(seed, e)``; the epoch length is cut to a multiple
+    of ``multiple_of`` (the global batch times the accumulation steps) so that every optimizer step
+    sees full batches on every process and epochs end on step boundaries. Call :meth:`set_epoch`
+    before iterating (``accelerate``'s prepared loaders forward ``set_epoch`` too).
+    """
+
+    def __init__(self, num_items: int, seed: int, shuffle: bool = True, multiple_of: int = 1) -> None:
+        if num_items < multiple_of:
+            raise ValueError(
+                f"the dataset has {num_items} items, fewer than one optimizer step needs ({multiple_of} = "
+                f"batch size × processes × accumulation steps); use a smaller --batch-size or more data"
+            )
+        self.num_items, self.seed, self.shuffle = num_items, seed, shuffle
+        self.length = num_items - num_items % multiple_of
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self) -> Iterator[int]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(derive_seed(self.seed, "epoch", self.epoch))
+            order = torch.randperm(self.num_items, generator=g)[: self.length].tolist()
+        else:
+            order = range(self.length)
+        base = self.epoch * self.num_items
+        return iter([base + i for i in order])
+
+
+class SeededTransform(Dataset):
+    """``dataset`` with a transform whose randomness is a function of ``(seed, key)`` only.
+
+    Accepts the global keys of :class:`EpochSampler` (``epoch · N + i``; plain indices work too) and
+    returns ``(transform(image), label)``.
+    """
+
+    def __init__(self, dataset: Dataset, transform: Any, seed: int) -> None:
+        self.dataset, self.transform, self.seed = dataset, transform, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: int):
+        index = key % len(self.dataset)
+        img, label = self.dataset[index]
+        if self.transform is not None:
+            with seeded_rngs(derive_seed(self.seed, "sample", key)):
+                img = self.transform(img)
+        return img, label
+
+
+# ---------------------------------------------------------------------------------------------------
+# command line
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("backbone")
+    g.add_argument("--model", default=None,
+                   help=f"timm model name. Default: the embedded tiny ViT ({EMBEDDED_MODEL} with "
+                        f"{EMBEDDED_MODEL_KWARGS}, weights shipped with tocom-hub).")
+    g.add_argument("--model-kwargs", default=None, metavar="JSON",
+                   help="extra keyword arguments for timm.create_model as a JSON object, e.g. '{\"depth\": 6}'")
+    g.add_argument("--pretrained", action="store_true", help="load timm's pretrained weights for --model")
+    g.add_argument("--checkpoint", default=None, metavar="PATH",
+                   help="backbone weights: a state_dict file (.safetensors, or a torch file loaded with "
+                        "weights_only=True; 'model'/'state_dict' nesting is unwrapped)")
+    g.add_argument("--img-size", type=int, default=None,
+                   help="input resolution (default: the model's; 32 for the embedded model)")
+    g.add_argument("--method", default="tome", choices=tocom_hub.METHODS, help="token reduction (default: tome)")
+    g.add_argument("--drop-path", type=float, default=0.1, help="stochastic depth rate of the backbone (default 0.1)")
+
+
+def add_data_args(p: argparse.ArgumentParser, default_data: str) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default=None, metavar="DIR|NAME",
+                   help=f"an ImageFolder root in ImageNet layout (train/ and val/ sub-folders), an embedded "
+                        f"dataset name ({', '.join(embedded_data.list_datasets())}), or a timm dataset name "
+                        f"with prefix: hfds/<hf-dataset> (Hugging Face datasets, map-style), "
+                        f"hfids/<hf-dataset> (streamed), wds/<name> (webdataset; --data-dir gives the shards). "
+                        f"Default: {default_data} (embedded, offline).")
+    g.add_argument("--data-dir", default=None, help="root folder / cache dir passed to timm.data.create_dataset")
+    g.add_argument("--train-split", default="train")
+    g.add_argument("--val-split", default="validation")
+    g.add_argument("--num-workers", type=int, default=2, help="DataLoader workers per process (default 2)")
+    g.add_argument("--no-augment", action="store_true",
+                   help="no RandAugment / random erasing / mixup / cutmix (plain resize + normalise)")
+
+
+def add_accelerate_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("run")
+    g.add_argument("--output-dir", default="out", help="where checkpoints, metrics and exports go (default out/)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--epochs", type=int, default=None)
+    g.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
+    g.add_argument("--batch-size", type=int, default=None, help="images per process per micro-step")
+    g.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps (default 1)")
+    g.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
+    g.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
+                   help="accelerator.save_state every N optimizer steps (0: never)")
+    g.add_argument("--resume", default=None, metavar="DIR|latest",
+                   help="resume from a checkpoint dir, or 'latest' under OUTPUT_DIR/checkpoints")
+    g.add_argument("--stop-after", type=int, default=None, metavar="K",
+                   help="stop after optimizer step K without exporting (simulates a preemption; "
+                        "the schedule still runs to --max-steps / --epochs)")
+    g.add_argument("--report-to", default="none", choices=["none", "tensorboard", "wandb", "all"],
+                   help="experiment trackers (only those installed)")
+    g.add_argument("--log-every", type=int, default=10, help="log loss / lr every N steps")
+    g.add_argument("--cpu", action="store_true", help="run on CPU even if a GPU is present")
+
+
+def _positive(p: argparse.ArgumentParser, args: argparse.Namespace, names: Sequence[str], allow_zero=()) -> None:
+    for name in names:
+        v = getattr(args, name)
+        if v is None:
+            continue
+        low = 0 if name in allow_zero else 1
+        if v < low:
+            p.error(f"--{name.replace('_', '-')} must be >= {low}; got {v}")
+
+
+def check_common_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Validate the shared flags before anything heavy runs (``p.error`` exits with status 2)."""
+    _positive(p, args, ["max_steps", "epochs", "batch_size", "grad_accum", "img_size", "log_every"])
+    _positive(p, args, ["checkpoint_every", "num_workers"], allow_zero=("checkpoint_every", "num_workers"))
+    if args.stop_after is not None and args.stop_after < 1:
+        p.error(f"--stop-after must be >= 1; got {args.stop_after}")
+    if not 0.0 <= args.drop_path < 1.0:
+        p.error(f"--drop-path must be in [0, 1); got {args.drop_path}")
+    if args.model_kwargs is not None:
+        try:
+            kw = json.loads(args.model_kwargs)
+        except json.JSONDecodeError as e:
+            p.error(f"--model-kwargs is not valid JSON ({e}); example: --model-kwargs '{{\"depth\": 6}}'")
+        if not isinstance(kw, dict):
+            p.error(f"--model-kwargs must be a JSON object; got {args.model_kwargs!r}")
+        args.model_kwargs = kw
+    if args.pretrained and args.checkpoint:
+        p.error("--pretrained and --checkpoint are exclusive: pick timm's weights or your own file")
+    if args.model is None and args.pretrained:
+        p.error("--pretrained needs --model (the embedded tiny ViT has no timm weights; its own are loaded by default)")
+    if args.checkpoint is not None and not os.path.isfile(args.checkpoint):
+        p.error(f"--checkpoint {args.checkpoint}: no such file (expected a .safetensors or torch state_dict file)")
+    if args.data is not None and not (
+        os.path.isdir(args.data) or args.data in embedded_data.list_datasets() or "/" in args.data
+    ):
+        p.error(
+            f"--data {args.data!r} is neither a directory, an embedded dataset "
+            f"({', '.join(embedded_data.list_datasets())}) nor a timm dataset name like hfds/<name>"
+        )
+    if args.data is not None and "/" in args.data and not os.path.isdir(args.data):
+        prefix = args.data.split("/", 1)[0].lower()
+        if prefix not in ("hfds", "hfids", "wds", "tfds", "torch"):
+            p.error(f"--data {args.data!r}: no such directory, and {prefix!r} is not a timm dataset prefix "
+                    f"(hfds/, hfids/, wds/, tfds/, torch/)")
+    if args.resume not in (None, "latest") and not os.path.isdir(args.resume):
+        p.error(f"--resume {args.resume}: no such checkpoint directory (or use --resume latest)")
+    if args.report_to in ("tensorboard", "wandb"):
+        from accelerate.utils import is_tensorboard_available, is_wandb_available
+
+        ok = is_tensorboard_available() if args.report_to == "tensorboard" else is_wandb_available()
+        if not ok:
+            p.error(f"--report-to {args.report_to}: the package is not installed (pip install {args.report_to})")
+
+
+def use_cpu(args: argparse.Namespace) -> bool:
+    """``Accelerator(cpu=...)``: ``--cpu``, or a multi-process launch (torchrun / accelerate) on a machine
+    without CUDA — accelerate only sets up its gloo CPU backend when told the run is on CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    return bool(args.cpu) or (world > 1 and not torch.cuda.is_available())
+
+
+def resolve_report_to(value: str) -> Optional[List[str]]:
+    """``--report-to`` → ``Accelerator(log_with=...)`` (``all`` keeps the installed trackers)."""
+    if value == "none":
+        return None
+    if value == "all":
+        from accelerate.utils import is_tensorboard_available, is_wandb_available
+
+        found = [n for n, ok in (("tensorboard", is_tensorboard_available()), ("wandb", is_wandb_available())) if ok]
+        return found or None
+    return [value]
+
+
+# ---------------------------------------------------------------------------------------------------
+# backbone
+
+
+def _read_state_dict(path: str) -> Dict[str, torch.Tensor]:
+    from timm.models import load_state_dict
+
+    try:
+        sd = load_state_dict(path, use_ema=False, weights_only=True)
+    except Exception as e:
+        raise ValueError(
+            f"{path}: cannot read a state_dict ({type(e).__name__}: {e}); expected a .safetensors file or a "
+            f"torch file saved with torch.save(model.state_dict()) (loaded with weights_only=True)"
+        ) from None
+    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
+
+
+def build_backbone(args: argparse.Namespace, num_classes: Optional[int] = None,
+                   drop_path: Optional[float] = None) -> Tuple[torch.nn.Module, Dict[str, Any]]:
+    """The timm backbone described by ``--model / --model-kwargs / --pretrained / --checkpoint``.
+
+    ``num_classes=None`` keeps the checkpoint's (or timm's pretrained) classifier; an int replaces the
+    head when it differs (``reset_classifier``). Returns ``(model, info)``; ``info`` records what was
+    built and from which weights (for recipes and the bank config).
+    """
+    import timm
+    from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+
+    embedded = args.model is None
+    name = EMBEDDED_MODEL if embedded else args.model
+    kwargs: Dict[str, Any] = dict(EMBEDDED_MODEL_KWARGS) if embedded else {}
+    kwargs.update(args.model_kwargs or {})
+    if args.img_size is not None:
+        kwargs["img_size"] = args.img_size
+    checkpoint = args.checkpoint
+    if embedded and checkpoint is None and not getattr(args, "from_scratch", False):
+        checkpoint = str(EMBEDDED_CHECKPOINT)
+        if not EMBEDDED_CHECKPOINT.is_file():
+            raise FileNotFoundError(
+                f"the embedded backbone weights are missing ({EMBEDDED_CHECKPOINT}); rebuild them with the "
+                f"command in README.md ('Embedded default backbone') or pass --checkpoint"
+            )
+    state_dict = _read_state_dict(checkpoint) if checkpoint else None
+    ckpt_classes: Optional[int] = None
+    if state_dict is not None:
+        head = state_dict.get("head.weight")
+        ckpt_classes = int(head.shape[0]) if head is not None and head.ndim == 2 else 0
+    build_classes = ckpt_classes if ckpt_classes is not None else num_classes
+    create_kwargs = dict(kwargs)
+    if build_classes is not None:
+        create_kwargs["num_classes"] = build_classes
+    dp = args.drop_path if drop_path is None else drop_path
+    model = timm.create_model(name, pretrained=bool(args.pretrained), drop_path_rate=dp, **create_kwargs)
+    if state_dict is not None:
+        if isinstance(model, VisionTransformer):
+            state_dict = checkpoint_filter_fn(state_dict, model)
+        missing, unexpected = model.load_state_dict(state_dict, strict=False)
+        if missing or unexpected:
+            raise ValueError(
+                f"{checkpoint} does not fit {name} {kwargs}: missing keys {missing[:6]}"
+                f"{'…' if len(missing) > 6 else ''}, unexpected keys {unexpected[:6]}"
+                f"{'…' if len(unexpected) > 6 else ''}; pass the matching "
+                f"--model / --model-kwargs"
+            )
+    if num_classes is not None and model.num_classes != num_classes:
+        model.reset_classifier(num_classes)
+    info = {
+        "model": name,
+        "model_kwargs": kwargs,
+        "embedded": embedded,
+        "weights": ("timm-pretrained:" + str(model.pretrained_cfg.get("tag"))) if args.pretrained else
+                   (f"file:{os.path.basename(checkpoint)}" if checkpoint else "random-init"),
+        "checkpoint_sha256": sha256_file(checkpoint) if checkpoint else None,
+        "num_classes": int(model.num_classes),
+    }
+    return model, info
+
+
+# ---------------------------------------------------------------------------------------------------
+# data
+
+
+def build_datasets(args: argparse.Namespace, default_data: str, img_size: int, *, need_val: bool = True,
+                   seed: int = 0, val_length: Optional[int] = None):
+    """``(train, val, info)`` raw datasets (items ``(PIL image, label)``; transforms are added later).
+
+    ``val`` is ``None`` when ``need_val`` is false. ``info`` has ``data``, ``kind`` (``embedded`` /
+    ``folder`` / ``timm``), ``num_classes`` (or ``None`` when unknown) and ``iterable``.
+    """
+    from timm.data import create_dataset
+
+    data = args.data or default_data
+    if data in embedded_data.list_datasets():
+        spec = embedded_data.get_dataset_spec(data)
+        train = embedded_data.build_dataset(data, "train", img_size, seed=seed)
+        val = embedded_data.build_dataset(data, "val", img_size, seed=seed,
+                                          length=min(val_length, spec.lengths["val"]) if val_length else None
+                                          ) if need_val else None
+        return train, val, {"data": data, "kind": "embedded", "num_classes": spec.num_classes, "iterable": False,
+                            "license": spec.license}
+    if os.path.isdir(data):
+        train = create_dataset("", root=data, split=args.train_split, is_training=True)
+        val = create_dataset("", root=data, split=args.val_split) if need_val else None
+        if need_val and os.path.realpath(getattr(val.reader, "root", "")) == os.path.realpath(
+                getattr(train.reader, "root", "x")):
+            raise ValueError(f"{data}: no '{args.val_split}' (or val/) sub-folder next to '{args.train_split}'; "
+                             f"the held-out set must be separate images")
+        num_classes = len(getattr(train.reader, "class_to_idx", {}) or {}) or None
+        return train, val, {"data": data, "kind": "folder", "num_classes": num_classes, "iterable": False}
+    # timm dataset names: hfds/…, hfids/…, wds/…, tfds/…, torch/…
+    common = dict(root=args.data_dir, batch_size=args.batch_size or 1, seed=seed)
+    train = create_dataset(data, split=args.train_split, is_training=True, **common)
+    val = create_dataset(data, split=args.val_split, is_training=False, **common) if need_val else None
+    num_classes = None
+    reader = getattr(train, "reader", None)
+    if reader is not None and getattr(reader, "class_to_idx", None):
+        num_classes = len(reader.class_to_idx)
+    return train, val, {"data": data, "kind": "timm", "num_classes": num_classes,
+                        "iterable": isinstance(train, IterableDataset)}
+
+
+def build_transforms(model: torch.nn.Module, img_size: int, augment: bool, embedded: bool):
+    """``(train_transform, eval_transform, data_config)`` from timm's data pipeline.
+
+    Augmentation is DeiT's (as in the ToCom paper): ``RandomResizedCrop`` + flip, RandAugment
+    ``rand-m9-mstd0.5-inc1``, random erasing 0.25 (pixel mode); mixup/cutmix are batch-level and
+    applied in the training loop. Embedded datasets are already at ``img_size`` (no resize/centre crop).
+    """
+    from timm.data import create_transform, resolve_data_config
+
+    cfg = resolve_data_config({}, model=model)
+    cfg["input_size"] = (3, img_size, img_size)
+    if embedded:
+        cfg["crop_pct"] = 1.0
+    common = dict(input_size=cfg["input_size"], interpolation=cfg["interpolation"], mean=cfg["mean"],
+                  std=cfg["std"])
+    eval_tf = create_transform(**common, is_training=False, crop_pct=cfg["crop_pct"],
+                               crop_mode=cfg.get("crop_mode", "center"))
+    if augment:
+        train_tf = create_transform(**common, is_training=True, auto_augment="rand-m9-mstd0.5-inc1",
+                                    re_prob=0.25, re_mode="pixel", re_count=1)
+        _clamp_posterize(train_tf)
+    else:
+        train_tf = eval_tf
+    return train_tf, eval_tf, {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()}
+
+
+def _clamp_posterize(transform) -> None:
+    """Keep timm's RandAugment working with Pillow >= 12.
+
+    At magnitude 10 (reached by ``m9`` + ``mstd0.5`` in ~2 % of draws) timm's ``PosterizeIncreasing``
+    asks for 0 bits; old Pillow returned a black image, Pillow >= 12 raises ``ValueError``. Clamp to
+    1 bit (near-black), leaving every other op and level untouched.
+    """
+    from timm.data.auto_augment import RandAugment
+
+    for t in getattr(transform, "transforms", []):
+        if isinstance(t, RandAugment):
+            for op in t.ops:
+                if "Posterize" in op.name and op.level_fn is not None:
+                    level_fn = op.level_fn
+                    op.level_fn = lambda level, hparams, _f=level_fn: (max(1, _f(level, hparams)[0]),)
+
+
+def model_img_size(model: torch.nn.Module) -> int:
+    size = getattr(model.patch_embed, "img_size", None)
+    if isinstance(size, (tuple, list)):
+        return int(size[0])
+    return int(size or 224)
+
+
+# ---------------------------------------------------------------------------------------------------
+# checkpoints
+
+
+class TrainState:
+    """The loop position, saved with ``accelerator.save_state`` (``register_for_checkpointing``)."""
+
+    def __init__(self) -> None:
+        self.step = 0
+
+    def state_dict(self) -> Dict[str, int]:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: Dict[str, int]) -> None:
+        self.step = int(state["step"])
+
+
+def save_checkpoint(accelerator, output_dir: str, step: int, run_config: Dict[str, Any]) -> str:
+    """``accelerator.save_state`` into ``OUTPUT_DIR/checkpoints/step_XXXXXXXX``, atomically.
+
+    All processes write into a temporary folder, which the main process renames once everybody is
+    done: a run killed while saving never leaves a half-written checkpoint that ``--resume latest``
+    would pick. ``run_config.json`` records the flags that must match on resume.
+    """
+    root = Path(output_dir) / "checkpoints"
+    final = root / f"step_{step:08d}"
+    tmp = root / f".tmp_step_{step:08d}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        write_json(tmp / "run_config.json", run_config)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    accelerator.wait_for_everyone()
+    return str(final)
+
+
+def find_checkpoint(output_dir: str, resume: Optional[str]) -> Optional[str]:
+    """The checkpoint dir ``--resume`` names (``latest``: newest complete one, or ``None``)."""
+    if resume is None:
+        return None
+    if resume != "latest":
+        return resume
+    root = Path(output_dir) / "checkpoints"
+    if not root.is_dir():
+        return None
+    done = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_"))
+    return str(done[-1]) if done else None
+
+
+def check_resume_config(path: str, current: Dict[str, Any], must_match: Sequence[str]) -> None:
+    """Raise if the checkpoint was written by a run whose ``must_match`` flags differ from now."""
+    cfg_path = Path(path) / "run_config.json"
+    if not cfg_path.is_file():
+        raise ValueError(f"{path} has no run_config.json: not a checkpoint written by this script")
+    saved = json.loads(cfg_path.read_text())
+    diff = {k: (saved.get(k), current.get(k)) for k in must_match if saved.get(k) != current.get(k)}
+    if diff:
+        details = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
+        raise ValueError(f"cannot resume from {path}: the run was started with different settings ({details}); "
+                         f"resume with the same flags, or start a fresh --output-dir")
+
+
+def sha256_file(path: Optional[str]) -> Optional[str]:
+    if not path:
+        return None
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_json(path, obj: Any) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)

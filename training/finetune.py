@@ -1,0 +1,331 @@
+"""Fine-tune a backbone on a downstream task at a *source* r — how the paper makes off-the-shelf models.
+
+The model is patched with ToMe / EViT and trained with ``r = --source-r`` in every block; a ToCom bank
+later lets it run at any other target r (``training/evaluate.py``). Two modes:
+
+    --mode full          all parameters train (paper: CIFAR-100 / FGVC recipe)
+    --mode adaptformer   AdaptFormer PET (paper: VTAB-1k): a bottleneck adapter (d → 32 → d, ReLU,
+                         zero-initialised up projection, scaled by s) parallel to every block's MLP;
+                         the backbone is frozen, adapters + classifier head train
+                         (``tocom_hub.adaptformer``; hooks, so it works on patched ToMe blocks)
+
+Outputs in ``--output-dir``: ``model.safetensors`` (the timm model's state_dict, new head included;
+the recipe is in the file's metadata), ``adaptformer.safetensors`` (PET mode), ``finetune.json``
+(model name/kwargs, method, source r, data config, recipe, validation top-1) and checkpoints.
+``evaluate.py --finetuned OUTPUT_DIR`` rebuilds the model from these files.
+
+The same loop (seeded sampler, per-sample seeded augmentation, ``save_state`` / ``--resume``)
+as ``distill.py``. Without ``--data`` it fine-tunes the embedded tiny ViT on the embedded
+``photo-orientation`` task. With ``--from-scratch`` the backbone starts from random weights — the
+embedded backbone itself was made this way (see README.md, "Embedded default backbone").
+
+Examples::
+
+    python training/finetune.py --source-r 0 --max-steps 300 --output-dir out/ft-r0
+    accelerate launch training/finetune.py --model deit_base_patch16_224 --pretrained \\
+        --data /data/cifar100 --source-r 16 --lr 5e-5 --epochs 100 --warmup-steps 500 --output-dir out/c100-r16
+    python training/finetune.py --mode adaptformer --adapter-scale 0.1 --source-r 10 --output-dir out/pet-r10
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import time
+from typing import Any, Dict, Optional, Sequence
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+import tocom_hub
+from tocom_hub.adaptformer import AdaptFormer
+from tocom_hub.training import common
+
+logger = logging.getLogger("tocom_hub.training.finetune")
+
+RESUME_MUST_MATCH = ("model", "model_kwargs", "checkpoint_sha256", "data", "method", "source_r", "mode",
+                     "adapter_bottleneck", "adapter_scale", "seed", "global_batch_size", "grad_accum",
+                     "total_steps", "lr", "weight_decay", "augment", "num_classes", "img_size")
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="finetune.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    common.add_model_args(p)
+    p.add_argument("--from-scratch", action="store_true",
+                   help="start from random weights (for the embedded model: do not load its shipped weights)")
+    common.add_data_args(p, default_data=common.EMBEDDED_DOWNSTREAM_DATA)
+    g = p.add_argument_group("fine-tuning")
+    g.add_argument("--source-r", type=int, default=0, help="r the model is trained at (default 0)")
+    g.add_argument("--mode", default="full", choices=["full", "adaptformer"])
+    g.add_argument("--adapter-bottleneck", type=int, default=32, help="AdaptFormer width (default 32)")
+    g.add_argument("--adapter-scale", type=float, default=0.1, help="AdaptFormer s (default 0.1)")
+    g.add_argument("--num-classes", type=int, default=None, help="classifier size (default: the dataset's)")
+    g.add_argument("--lr", type=float, default=None, help="AdamW lr (default 1e-4 full, 1e-3 adaptformer)")
+    g.add_argument("--weight-decay", type=float, default=None, help="(default 0.05 full, 1e-4 adaptformer)")
+    g.add_argument("--min-lr", type=float, default=1e-6)
+    g.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up steps before the cosine decay")
+    g.add_argument("--smoothing", type=float, default=0.1, help="label smoothing (default 0.1)")
+    g.add_argument("--mixup", type=float, default=0.8, help="mixup alpha (default 0.8; 0 to disable)")
+    g.add_argument("--cutmix", type=float, default=1.0, help="cutmix alpha (default 1.0; 0 to disable)")
+    g.add_argument("--val-images", type=int, default=None, help="limit validation to the first N images")
+    g.add_argument("--eval-every", type=int, default=0, metavar="N", help="validate every N steps (0: at the end)")
+    g.add_argument("--save-dtype", default="fp32", choices=["fp32", "fp16", "bf16"],
+                   help="dtype of model.safetensors (default fp32)")
+    common.add_accelerate_args(p)
+    args = p.parse_args(argv)
+
+    common.check_common_args(p, args)
+    if args.from_scratch and (args.pretrained or args.checkpoint):
+        p.error("--from-scratch cannot be combined with --pretrained / --checkpoint")
+    if args.epochs is None and args.max_steps is None:
+        args.epochs = 10
+    if args.batch_size is None:
+        args.batch_size = 64
+    if args.source_r < 0:
+        p.error(f"--source-r must be >= 0; got {args.source_r}")
+    if args.mode == "adaptformer" and args.from_scratch:
+        p.error("--mode adaptformer freezes the backbone; it needs pre-trained weights, not --from-scratch")
+    if args.adapter_bottleneck < 1:
+        p.error(f"--adapter-bottleneck must be >= 1; got {args.adapter_bottleneck}")
+    if args.lr is None:
+        args.lr = 1e-3 if args.mode == "adaptformer" else 1e-4
+    if args.weight_decay is None:
+        args.weight_decay = 1e-4 if args.mode == "adaptformer" else 0.05
+    if args.lr <= 0 or args.weight_decay < 0 or args.warmup_steps < 0 or not 0 <= args.smoothing < 1:
+        p.error("--lr must be > 0, --weight-decay / --warmup-steps >= 0, --smoothing in [0, 1)")
+    if args.num_classes is not None and args.num_classes < 1:
+        p.error(f"--num-classes must be >= 1; got {args.num_classes}")
+    args.augment = not args.no_augment
+    args.use_mixup = args.augment and (args.mixup > 0 or args.cutmix > 0)
+    if args.use_mixup and args.batch_size % 2:
+        p.error(f"mixup/cutmix need an even --batch-size (got {args.batch_size}); or --mixup 0 --cutmix 0")
+    return args
+
+
+class Classifier(nn.Module):
+    """What ``accelerate`` prepares: the (patched) timm model plus, in PET mode, its AdaptFormer."""
+
+    def __init__(self, model: nn.Module, adapters: Optional[AdaptFormer] = None) -> None:
+        super().__init__()
+        self.model = model
+        self.adapters = adapters
+        if adapters is not None:
+            adapters.attach(model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+
+@torch.no_grad()
+def evaluate_top1(accelerator, model: nn.Module, loader) -> float:
+    was_training = model.training
+    model.eval()
+    correct = total = 0
+    for x, y in loader:
+        with accelerator.autocast():
+            pred = model(x).argmax(-1)
+        pred, y = accelerator.gather_for_metrics((pred, y))
+        correct += int((pred == y).sum())
+        total += int(y.numel())
+    model.train(was_training)
+    return 100.0 * correct / max(total, 1)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    args = parse_args(argv)
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from safetensors.torch import save_file
+    from timm.data import Mixup
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+    from timm.scheduler import CosineLRScheduler
+    from tqdm.auto import tqdm
+
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    accelerator = Accelerator(mixed_precision=args.mixed_precision, gradient_accumulation_steps=args.grad_accum,
+                              log_with=common.resolve_report_to(args.report_to), project_dir=args.output_dir,
+                              cpu=common.use_cpu(args))
+    if not accelerator.is_main_process:
+        logger.setLevel(logging.WARNING)
+    set_seed(args.seed)
+
+    # -- data first (the head size comes from it) -----------------------------------------------------
+    probe_size = args.img_size or (common.EMBEDDED_MODEL_KWARGS["img_size"] if args.model is None else None)
+    train_set, val_set, data_info = common.build_datasets(args, common.EMBEDDED_DOWNSTREAM_DATA,
+                                                          probe_size or 224, seed=args.seed,
+                                                          val_length=args.val_images)
+    num_classes = args.num_classes or data_info["num_classes"]
+    if num_classes is None:
+        raise SystemExit("error: cannot tell the number of classes of this dataset; pass --num-classes")
+
+    # -- model ----------------------------------------------------------------------------------------
+    model, model_info = common.build_backbone(args, num_classes=num_classes)
+    img_size = common.model_img_size(model)
+    if probe_size is None and data_info["kind"] == "embedded":
+        train_set, val_set, data_info = common.build_datasets(args, common.EMBEDDED_DOWNSTREAM_DATA, img_size,
+                                                              seed=args.seed, val_length=args.val_images)
+    tocom_hub.patch(model, method=args.method, prop_attn=True)
+    try:
+        tocom_hub.set_r(model, args.source_r)
+    except ValueError as e:
+        raise SystemExit(f"error: --source-r {args.source_r} does not fit this model: {e}") from None
+    adapters = None
+    if args.mode == "adaptformer":
+        model.requires_grad_(False)
+        model.get_classifier().requires_grad_(True)
+        adapters = AdaptFormer.for_model(model, bottleneck=args.adapter_bottleneck, scale=args.adapter_scale)
+    net = Classifier(model, adapters)
+    trainable = [p for p in net.parameters() if p.requires_grad]
+
+    train_tf, eval_tf, data_cfg = common.build_transforms(model, img_size, args.augment,
+                                                          data_info["kind"] == "embedded")
+    global_micro = args.batch_size * accelerator.num_processes
+    loader_kwargs = dict(num_workers=args.num_workers, pin_memory=accelerator.device.type == "cuda",
+                         persistent_workers=args.num_workers > 0)
+    if data_info["iterable"]:
+        raise SystemExit("error: finetune.py needs a map-style dataset (folder, embedded or hfds/); "
+                         "streamed datasets are supported by distill.py")
+    sampler = common.EpochSampler(len(train_set), seed=args.seed, multiple_of=global_micro * args.grad_accum)
+    train_loader = DataLoader(common.SeededTransform(train_set, train_tf, args.seed), sampler=sampler,
+                              batch_size=args.batch_size, drop_last=True,
+                              generator=torch.Generator().manual_seed(args.seed), **loader_kwargs)
+    n_val = min(len(val_set), args.val_images or len(val_set))
+    val_loader = DataLoader(common.SeededTransform(torch.utils.data.Subset(val_set, range(n_val)), eval_tf, args.seed),
+                            batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers)
+
+    optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay)
+    micro_per_epoch = len(sampler) // global_micro
+    steps_per_epoch = micro_per_epoch // args.grad_accum
+    total_steps = args.max_steps or args.epochs * steps_per_epoch
+    scheduler = CosineLRScheduler(optimizer, t_initial=max(total_steps - args.warmup_steps, 1), lr_min=args.min_lr,
+                                  warmup_t=args.warmup_steps, warmup_lr_init=args.lr * 1e-3, warmup_prefix=True,
+                                  t_in_epochs=False)
+    mixup = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, label_smoothing=args.smoothing,
+                  num_classes=num_classes) if args.use_mixup else None
+    criterion = SoftTargetCrossEntropy() if mixup is not None else (
+        LabelSmoothingCrossEntropy(args.smoothing) if args.smoothing > 0 else nn.CrossEntropyLoss())
+
+    net, optimizer, train_loader, val_loader = accelerator.prepare(net, optimizer, train_loader, val_loader)
+
+    run_config: Dict[str, Any] = {
+        "script": "training/finetune.py", "tocom_hub_version": tocom_hub.__version__,
+        **{k: model_info[k] for k in ("model", "model_kwargs", "weights", "checkpoint_sha256")},
+        "from_scratch": args.from_scratch, "num_classes": num_classes, "data": data_info["data"],
+        "img_size": img_size, "data_config": data_cfg, "method": args.method, "prop_attn": True,
+        "source_r": args.source_r, "mode": args.mode, "adapter_bottleneck": args.adapter_bottleneck,
+        "adapter_scale": args.adapter_scale, "seed": args.seed, "optimizer": "AdamW", "lr": args.lr,
+        "weight_decay": args.weight_decay, "min_lr": args.min_lr, "warmup_steps": args.warmup_steps,
+        "total_steps": total_steps, "batch_size_per_process": args.batch_size,
+        "num_processes": accelerator.num_processes, "grad_accum": args.grad_accum,
+        "global_batch_size": global_micro * args.grad_accum, "mixed_precision": args.mixed_precision,
+        "drop_path": args.drop_path, "augment": args.augment, "smoothing": args.smoothing,
+        "mixup": args.mixup if mixup else 0.0, "cutmix": args.cutmix if mixup else 0.0,
+    }
+    state = common.TrainState()
+    accelerator.register_for_checkpointing(state)
+    resume_dir = common.find_checkpoint(args.output_dir, args.resume)
+    resumed_from = None
+    if resume_dir is not None:
+        common.check_resume_config(resume_dir, run_config, RESUME_MUST_MATCH)
+        accelerator.load_state(resume_dir)
+        resumed_from = state.step
+        logger.info("resumed from %s at step %d", resume_dir, state.step)
+    if accelerator.log_with:
+        accelerator.init_trackers("tocom-finetune", config={k: (v if isinstance(v, (int, float, str, bool)) else str(v))
+                                                           for k, v in run_config.items()})
+    n_train = sum(p.numel() for p in trainable)
+    logger.info("%s fine-tuning of %s at source r=%d (%s): %d trainable parameters, %d steps of %d images",
+                args.mode, model_info["model"], args.source_r, args.method, n_train, total_steps,
+                global_micro * args.grad_accum)
+
+    step = state.step
+    epoch, skip = divmod(step * args.grad_accum, micro_per_epoch)
+    progress = tqdm(total=total_steps, initial=step, disable=not accelerator.is_local_main_process,
+                    desc=f"finetune r={args.source_r}", dynamic_ncols=True)
+    history = []
+    step_times = []
+    stopped_early = False
+    net.train()
+    t_last = time.perf_counter()
+    while step < total_steps and not stopped_early:
+        loader = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
+        loader.set_epoch(epoch)  # accelerate re-applies its own epoch counter on __iter__: keep it ours
+        sampler.set_epoch(epoch)
+        skip, micro = 0, 0
+        for x, y in loader:
+            common.seed_everything(common.derive_seed(args.seed, "micro", step, micro, accelerator.process_index))
+            if mixup is not None:
+                x, y = mixup(x, y)
+            with accelerator.accumulate(net):
+                loss = criterion(net(x).float(), y)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    scheduler.step_update(step)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            micro += 1
+            if not accelerator.sync_gradients:
+                continue
+            micro = 0
+            step += 1
+            state.step = step
+            now = time.perf_counter()
+            step_times.append(now - t_last)
+            t_last = now
+            progress.update(1)
+            if step % args.log_every == 0 or step == total_steps:
+                loss_val = accelerator.reduce(loss.detach(), "mean").item()
+                progress.set_postfix(loss=f"{loss_val:.4g}")
+                accelerator.log({"train/loss": loss_val, "train/lr": optimizer.param_groups[0]["lr"]}, step=step)
+            if args.eval_every and step % args.eval_every == 0 and step < total_steps:
+                acc = evaluate_top1(accelerator, net, val_loader)
+                history.append({"step": step, "val_top1": acc})
+                accelerator.log({"val/top1": acc}, step=step)
+                logger.info("step %d: val top-1 %.2f", step, acc)
+            if args.checkpoint_every and step % args.checkpoint_every == 0:
+                path = common.save_checkpoint(accelerator, args.output_dir, step, run_config)
+                logger.info("saved checkpoint %s", path)
+            if args.stop_after is not None and step >= args.stop_after:
+                stopped_early = True
+                break
+            if step >= total_steps:
+                break
+        epoch += 1
+    progress.close()
+    accelerator.wait_for_everyone()
+    if stopped_early and step < total_steps:
+        logger.info("--stop-after %d: stopping at step %d of %d without export", args.stop_after, step, total_steps)
+        accelerator.end_training()
+        return {"stopped_at": step}
+
+    acc = evaluate_top1(accelerator, net, val_loader)
+    history.append({"step": step, "val_top1": acc})
+    accelerator.log({"val/top1": acc}, step=step)
+    result = {**run_config, "steps": step, "resumed_from_step": resumed_from, "val_top1": acc,
+              "val_images": n_val, "history": history,
+              "median_step_seconds": statistics.median(step_times[1:] or step_times) if step_times else None}
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+        inner = accelerator.unwrap_model(net)
+        dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.save_dtype]
+        meta = {"format": "pt", "tocom_finetune": json.dumps({k: v for k, v in result.items() if k != "history"},
+                                                             sort_keys=True, default=str)}
+        save_file({k: v.detach().to("cpu", dtype).contiguous() for k, v in inner.model.state_dict().items()},
+                  os.path.join(args.output_dir, "model.safetensors"), metadata=meta)
+        os.chmod(os.path.join(args.output_dir, "model.safetensors"), 0o644)
+        if inner.adapters is not None:
+            save_file({k: v.detach().cpu().contiguous() for k, v in inner.adapters.state_dict().items()},
+                      os.path.join(args.output_dir, "adaptformer.safetensors"), metadata=meta)
+        common.write_json(os.path.join(args.output_dir, "finetune.json"), result)
+        logger.info("val top-1 at r=%d: %.2f; saved to %s", args.source_r, acc, args.output_dir)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return result
+
+
+if __name__ == "__main__":
+    main()
