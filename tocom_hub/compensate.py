@@ -468,7 +468,7 @@ def set_pair(model: nn.Module, source_r: int, target_r: int, *, r: Optional[int]
     Example::
 
         tocom_hub.apply(model, 0, 0, bank=bank, merge=False)
-        tocom_hub.compensate.set_pair(model, 3, 11, r=3)   # bank 3 → 11, model runs at r = 3
+        tocom_hub.compensate.set_pair(model, 3, 11)   # bank 3 → 11, model runs at r = 11
         loss = kd(model(x), teacher_logits); loss.backward()
     """
     st = _require_state(model)
