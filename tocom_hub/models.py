@@ -56,7 +56,7 @@ __all__ = [
 
 PathLike = Union[str, os.PathLike]
 
-# The embedded demo model (same facts as training/common.py's EMBEDDED_* constants).
+# The embedded demo model (training/common.py's EMBEDDED_* defaults point here).
 DEMO_MODEL = "vit_tiny_patch16_224"
 DEMO_MODEL_KWARGS: Dict[str, Any] = dict(img_size=32, patch_size=4, depth=6, embed_dim=96, num_heads=3)
 DEMO_WEIGHTS = Path(__file__).resolve().parent / "assets" / "vit_tiny_photo_crops.safetensors"

@@ -35,6 +35,7 @@ from torch.utils.data import Dataset, IterableDataset, Sampler
 
 import tocom_hub
 from tocom_hub import data as embedded_data
+from tocom_hub.models import DEMO_MODEL, DEMO_MODEL_KWARGS, DEMO_WEIGHTS
 
 __all__ = [
     "EMBEDDED_MODEL",
@@ -70,11 +71,11 @@ __all__ = [
 # package (1.4 MB, fp16); `training/finetune.py --data photo-crops --from-scratch ...` rebuilds them
 # (the exact command is in the file's metadata and in README.md).
 
-EMBEDDED_MODEL = "vit_tiny_patch16_224"
-EMBEDDED_MODEL_KWARGS: Dict[str, Any] = dict(img_size=32, patch_size=4, depth=6, embed_dim=96, num_heads=3)
+EMBEDDED_MODEL = DEMO_MODEL
+EMBEDDED_MODEL_KWARGS: Dict[str, Any] = DEMO_MODEL_KWARGS
 EMBEDDED_DATA = "photo-crops"
 EMBEDDED_DOWNSTREAM_DATA = "photo-orientation"
-EMBEDDED_CHECKPOINT = Path(tocom_hub.__file__).resolve().parent / "assets" / "vit_tiny_photo_crops.safetensors"
+EMBEDDED_CHECKPOINT = DEMO_WEIGHTS
 # R such that >= ~90 % of the 64 patch tokens are merged by the last of the 6 blocks
 # (65 → 55 → 45 → 35 → 25 → 15 → 8 tokens with ToMe; DeiT-B at r = 16 merges 192 of 196).
 EMBEDDED_R_MAX = 10
