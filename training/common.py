@@ -38,6 +38,7 @@ from tocom_hub import data as embedded_data
 from tocom_hub.models import DEMO_MODEL, DEMO_MODEL_KWARGS, DEMO_WEIGHTS
 
 __all__ = [
+    "evaluate_top1",
     "EMBEDDED_MODEL",
     "EMBEDDED_MODEL_KWARGS",
     "EMBEDDED_CHECKPOINT",
@@ -579,3 +580,19 @@ def write_json(path, obj: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)
+
+
+@torch.no_grad()
+def evaluate_top1(accelerator, model: torch.nn.Module, loader) -> float:
+    """Top-1 (%) of ``model`` over ``loader``, gathered across processes; the model's mode is kept."""
+    was_training = model.training
+    model.eval()
+    correct = total = 0
+    for x, y in loader:
+        with accelerator.autocast():
+            pred = model(x).argmax(-1)
+        pred, y = accelerator.gather_for_metrics((pred, y))
+        correct += int((pred == y).sum())
+        total += int(y.numel())
+    model.train(was_training)
+    return 100.0 * correct / max(total, 1)

@@ -122,18 +122,6 @@ def load_finetuned(path: Optional[str], device: torch.device):
     return model.to(device).eval(), recipe, adapters
 
 
-@torch.no_grad()
-def top1(accelerator, model, loader) -> float:
-    correct = total = 0
-    for x, y in loader:
-        with accelerator.autocast():
-            pred = model(x).argmax(-1)
-        pred, y = accelerator.gather_for_metrics((pred, y))
-        correct += int((pred == y).sum())
-        total += int(y.numel())
-    return 100.0 * correct / max(total, 1)
-
-
 def make_loader(args, recipe, model, accelerator):
     ns = argparse.Namespace(data=args.data or recipe["data"], data_dir=args.data_dir, train_split="train",
                             val_split=args.split, batch_size=args.batch_size)
@@ -211,7 +199,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                               "no_tocom": {}, "tocom": {}, "matched": {}}
     for t in targets:
         tocom_hub.set_r(model, t)
-        result["no_tocom"][str(t)] = top1(accelerator, model, loader)
+        result["no_tocom"][str(t)] = common.evaluate_top1(accelerator, model, loader)
         logger.info("target r=%d: no ToCom %.2f", t, result["no_tocom"][str(t)])
     for s in scales:
         key = f"{s:g}"
@@ -219,7 +207,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         tocom_hub.apply(model, source_r, targets[0], bank=bank, scale=s, merge=True)
         for t in targets:
             tocom_hub.set_target_r(model, t)
-            result["tocom"][key][str(t)] = top1(accelerator, model, loader)
+            result["tocom"][key][str(t)] = common.evaluate_top1(accelerator, model, loader)
             logger.info("target r=%d: +ToCom (s=%s) %.2f", t, key, result["tocom"][key][str(t)])
         tocom_hub.remove(model)
     if result["tocom"]:
@@ -230,7 +218,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         m_model, m_recipe, _ = load_finetuned(d, accelerator.device)
         tocom_hub.patch(m_model, method=m_recipe.get("method", "tome"), prop_attn=m_recipe.get("prop_attn", True))
         tocom_hub.set_r(m_model, m_recipe["source_r"])
-        result["matched"][str(m_recipe["source_r"])] = top1(accelerator, m_model, loader)
+        result["matched"][str(m_recipe["source_r"])] = common.evaluate_top1(accelerator, m_model, loader)
         r = m_recipe["source_r"]
         logger.info("matched source=target r=%d: %.2f", r, result["matched"][str(r)])
 

@@ -120,21 +120,6 @@ class Classifier(nn.Module):
         return self.model(x)
 
 
-@torch.no_grad()
-def evaluate_top1(accelerator, model: nn.Module, loader) -> float:
-    was_training = model.training
-    model.eval()
-    correct = total = 0
-    for x, y in loader:
-        with accelerator.autocast():
-            pred = model(x).argmax(-1)
-        pred, y = accelerator.gather_for_metrics((pred, y))
-        correct += int((pred == y).sum())
-        total += int(y.numel())
-    model.train(was_training)
-    return 100.0 * correct / max(total, 1)
-
-
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     args = parse_args(argv)
     from accelerate import Accelerator
@@ -282,7 +267,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                 progress.set_postfix(loss=f"{loss_val:.4g}")
                 accelerator.log({"train/loss": loss_val, "train/lr": optimizer.param_groups[0]["lr"]}, step=step)
             if args.eval_every and step % args.eval_every == 0 and step < total_steps:
-                acc = evaluate_top1(accelerator, net, val_loader)
+                acc = common.evaluate_top1(accelerator, net, val_loader)
                 history.append({"step": step, "val_top1": acc})
                 accelerator.log({"val/top1": acc}, step=step)
                 logger.info("step %d: val top-1 %.2f", step, acc)
@@ -302,7 +287,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         accelerator.end_training()
         return {"stopped_at": step}
 
-    acc = evaluate_top1(accelerator, net, val_loader)
+    acc = common.evaluate_top1(accelerator, net, val_loader)
     history.append({"step": step, "val_top1": acc})
     accelerator.log({"val/top1": acc}, step=step)
     result = {**run_config, "steps": step, "resumed_from_step": resumed_from, "val_top1": acc,
