@@ -1,47 +1,95 @@
-"""Quickstart: token merging on a real (tiny) timm ViT, offline, in under a minute on a CPU.
+"""Quickstart: ToCom on a real (tiny) timm ViT, offline, in about a minute on a CPU.
 
-    python examples/quickstart.py                 # embedded demo model + embedded test images
-    python examples/quickstart.py --r 0,2,4,6,8,10 --limit 1024 --method evit
+    python examples/quickstart.py                      # the embedded study demo, full test split
+    python examples/quickstart.py --json out.json      # also write the headline numbers as JSON
+    python examples/quickstart.py --limit 256 --targets 0,5,10
 
-Loads the embedded demo backbone that ships with tocom-hub (a 6-block, 96-dim timm ViT on 32 px
-images, trained on the embedded ``photo-crops`` task: scikit-image's public-domain photographs),
-makes it merge ``r`` tokens per block with ``tocom_hub.patch`` / ``tocom_hub.set_r`` and prints, per
-``r``: tokens left after the last block, top-1 accuracy on held-out images, and images/s.
+What it runs is the CPU-scale study (``benchmarks/study/``) in miniature, on files that ship with
+tocom-hub (``tocom_hub/assets/study``): a tiny timm ViT pre-trained on an embedded corpus, one
+downstream model fine-tuned from it at source ``r = 0`` and one at source ``r = R`` (AdaptFormer, as
+the paper does on VTAB-1k), and the ToCom bank trained for that backbone. For every target ``r`` it
+prints tokens left after the last block, top-1 on the task's embedded test split and images/s —
+plain ToMe, and ToMe with the bank merged into the weights (``tocom_hub.apply``: the same call, the
+same bank loader, as for a bank on the Hugging Face Hub).
 
-The same three lines work on any timm ViT::
+The same lines on a real model and a Hub bank::
 
-    model = timm.create_model("deit_base_patch16_224", pretrained=True)
-    tocom_hub.apply(model, source_r=0, target_r=16, bank="org/name")   # a ToCom bank from the Hub
-    tocom_hub.set_target_r(model, 8)                                    # switch r at run time
+    import timm, tocom_hub
+    model = timm.create_model("deit_base_patch16_224", pretrained=True)      # your fine-tune at r = 0
+    tocom_hub.apply(model, source_r=0, target_r=16, bank="org/tocom-deit-base")
+    tocom_hub.set_target_r(model, 8)                                       # switch r at run time
 """
 import argparse
+import json
 
 import torch
 
 import tocom_hub
-from tocom_hub.evaluation import build_eval_dataset, evaluate, format_table
-from tocom_hub.models import load_model
+from tocom_hub.demo import demo_bank_path, demo_info, load_demo_model
+from tocom_hub.evaluation import build_eval_dataset, evaluate
+
+
+def parse_targets(text: str, R: int):
+    out = sorted({int(v) for v in text.split(",")}) if text else list(range(R + 1))
+    if any(not 0 <= t <= R for t in out):
+        raise SystemExit(f"--targets must lie in 0…{R} (the bank's range); got {text!r}")
+    return out
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--method", default="tome", choices=tocom_hub.METHODS)
-    parser.add_argument("--r", default="0,2,4,6,8,10", help="comma-separated r values (tokens removed per block)")
-    parser.add_argument("--limit", type=int, default=512, help="held-out images to evaluate")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--targets", default="", help="comma-separated target r values (default 0…R)")
+    parser.add_argument("--limit", type=int, default=None, help="evaluate the first N test images (default all)")
+    parser.add_argument("--batch-size", type=int, default=250)
+    parser.add_argument("--json", metavar="FILE", help="write src0_tgtR / srcR_tgt0 (and the full table) to FILE")
     args = parser.parse_args()
 
-    model, info = load_model("demo")
-    tocom_hub.patch(model, method=args.method)
-    data = build_eval_dataset(model, "photo-crops", split="test", limit=args.limit)
-    loader = torch.utils.data.DataLoader(data, batch_size=args.batch_size)
-    rs = [int(v) for v in args.r.split(",")]
-    print(f"demo model: {info['model']} {info['model_kwargs']}, {args.method}, "
-          f"{len(data)} held-out images, {torch.get_num_threads()} threads")
-    rows = evaluate(model, loader, rs, method=args.method, progress=False)
-    print(format_table(rows))
-    print("\nNext: `tocom-hub visualize --model demo --image IMG --r 8 -o merged.png` shows which patches merge;"
-          "\n`accelerate launch training/distill.py --max-steps 50 --output-dir out/` trains a ToCom bank for it.")
+    info = demo_info()
+    R, scales, task = info["R"], info["scale"], info["task"]
+    targets = parse_targets(args.targets, R)
+    bank = demo_bank_path()  # a bank folder; bank="org/name" would fetch the same files from the Hub
+    print(f"demo: {info['model']} {info['model_kwargs']} pre-trained on '{info['corpus']}', fine-tuned on "
+          f"'{task}' (AdaptFormer) at source r = 0 and r = {R}; ToCom bank {bank}, s = "
+          f"{scales['0']:g} / {scales[str(R)]:g} (chosen on the validation split); "
+          f"{torch.get_num_threads()} threads\n")
+    results = {}
+    data = None
+    for src in (0, R):
+        model, _ = load_demo_model(src)
+        if data is None:
+            data = build_eval_dataset(model, task, split="test", limit=args.limit)
+        loader = torch.utils.data.DataLoader(data, batch_size=args.batch_size)
+        rows = evaluate(model, loader, sorted(set(targets) | {0, R}), bank=bank, source_r=src,
+                        scale=scales[str(src)], progress=False)
+        results[src] = {(r["target_r"], r["tocom"]): r for r in rows}
+
+    print(f"{len(data)} test images of '{task}'; top-1 (%) and images/s per target r")
+    print(f"{'target r':>8} {'tokens':>6} | {'src 0':>6} {'+ToCom':>7} | {f'src {R}':>6} {'+ToCom':>7} | "
+          f"{'img/s':>7} {'+ToCom':>7}")
+    for t in targets:
+        a, b = results[0][(t, False)], results[0][(t, True)]
+        c, d = results[R][(t, False)], results[R][(t, True)]
+        print(f"{t:>8} {a['tokens']:>6} | {a['top1']:6.2f} {b['top1']:7.2f} | {c['top1']:6.2f} {d['top1']:7.2f} | "
+              f"{a['images_per_s']:7.0f} {b['images_per_s']:7.0f}")
+    top = lambda src, t, tc: round(results[src][(t, tc)]["top1"], 2)  # noqa: E731
+    summary = {
+        "task": task, "R": R, "scale": scales, "images": len(data),
+        "src0_tgt0": top(0, 0, False),
+        "src0_tgtR": {"no_tocom": top(0, R, False), "tocom": top(0, R, True)},
+        "srcR_tgtR": top(R, R, False),
+        "srcR_tgt0": {"no_tocom": top(R, 0, False), "tocom": top(R, 0, True)},
+    }
+    print(f"\nsource 0 → target {R}: {summary['src0_tgtR']['no_tocom']:.2f} → {summary['src0_tgtR']['tocom']:.2f} "
+          f"with ToCom (a model trained at r = {R}: {summary['srcR_tgtR']:.2f});  source {R} → target 0: "
+          f"{summary['srcR_tgt0']['no_tocom']:.2f} → {summary['srcR_tgt0']['tocom']:.2f}")
+    if args.json:
+        summary["rows"] = {str(src): [{k: v for k, v in r.items()} for r in rows.values()]
+                           for src, rows in results.items()}
+        with open(args.json, "w") as f:
+            json.dump(summary, f, indent=2)
+        print(f"wrote {args.json}")
+    print("\nSame on a real model: tocom_hub.apply(timm_model, source_r=0, target_r=16, bank='org/name') — see "
+          "README.md; the study behind this demo: benchmarks/study/README.md.")
 
 
 if __name__ == "__main__":

@@ -168,6 +168,35 @@ def test_finetune_then_evaluate(tmp_path, mode):
     assert (ev / "eval.png").stat().st_size > 1000
 
 
+def test_in_memory_images_change_nothing(tmp_path):
+    """--no-augment fine-tuning and evaluation keep decoded images in memory (--cache-mb): the same
+    weights and accuracies as decoding every epoch / every target r."""
+    from safetensors.torch import load_file
+
+    outs = {}
+    for cache in ("0", "1024"):
+        ft = tmp_path / f"ft{cache}"
+        run([FINETUNE, "--mode", "adaptformer", "--max-steps", "4", "--batch-size", "8", "--no-augment",
+             "--val-images", "16", "--num-workers", "0", "--cache-mb", cache, "--output-dir", ft])
+        ev = tmp_path / f"ev{cache}"
+        run([EVALUATE, "--finetuned", ft, "--val-images", "40", "--batch-size", "16", "--targets", "0,3",
+             "--num-workers", "0", "--cache-mb", cache, "--output-dir", ev])
+        outs[cache] = (load_file(str(ft / "adaptformer.safetensors")), json.loads((ev / "eval.json").read_text()))
+    (w0, e0), (w1, e1) = outs["0"], outs["1024"]
+    assert all(torch.equal(w0[k], w1[k]) for k in w0)
+    assert e0["no_tocom"] == e1["no_tocom"] and e0["images"] == e1["images"] == 40
+
+
+def test_in_memory_dataset_reads_sampler_keys_modulo_length():
+    from tocom_hub.training.common import InMemory
+
+    data = [(torch.full((3, 2, 2), float(i)), i) for i in range(5)]
+    cached = InMemory(data, batch_size=2)
+    assert len(cached) == 5
+    x, y = cached[7]  # EpochSampler key: epoch 1, index 2
+    assert int(y) == 2 and torch.equal(x, data[2][0])
+
+
 # ---------------------------------------------------------------------------------------------------
 # (e) argument errors
 

@@ -31,7 +31,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, IterableDataset, Sampler
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
 import tocom_hub
 from tocom_hub import data as embedded_data
@@ -192,6 +192,34 @@ class SeededTransform(Dataset):
             with seeded_rngs(derive_seed(self.seed, "sample", key)):
                 img = self.transform(img)
         return img, label
+
+
+class InMemory(Dataset):
+    """``dataset`` (items ``(image tensor, label)`` from a deterministic transform) decoded once.
+
+    Indexing takes the global keys of :class:`EpochSampler` like :class:`SeededTransform` does. Use it
+    only when the transform has no randomness (evaluation, ``--no-augment``): every epoch / every
+    target r then reads the same tensors instead of decoding or rendering the images again.
+    """
+
+    def __init__(self, dataset: Dataset, batch_size: int = 256, num_workers: int = 0) -> None:
+        xs, ys = [], []
+        for x, y in DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers):
+            xs.append(x)
+            ys.append(torch.as_tensor(y))
+        self.images, self.labels = torch.cat(xs), torch.cat(ys)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, key: int):
+        index = key % len(self.labels)
+        return self.images[index], self.labels[index]
+
+
+def fits_in_memory(num_images: int, img_size: int, limit_mb: int) -> bool:
+    """Whether ``num_images`` fp32 RGB images of side ``img_size`` take at most ``limit_mb`` MiB."""
+    return num_images * 3 * img_size * img_size * 4 <= limit_mb * 2**20
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -421,8 +449,10 @@ def build_datasets(args: argparse.Namespace, default_data: str, img_size: int, *
     if data in embedded_data.list_datasets():
         spec = embedded_data.get_dataset_spec(data)
         train = embedded_data.build_dataset(data, "train", img_size, seed=seed)
-        val = embedded_data.build_dataset(data, "val", img_size, seed=seed,
-                                          length=min(val_length, spec.lengths["val"]) if val_length else None
+        # the held-out split asked for (--val-split / evaluate.py --split: validation or test)
+        split = embedded_data.canonical_split(getattr(args, "val_split", None) or "val")
+        val = embedded_data.build_dataset(data, split, img_size, seed=seed,
+                                          length=min(val_length, spec.lengths[split]) if val_length else None
                                           ) if need_val else None
         return train, val, {"data": data, "kind": "embedded", "num_classes": spec.num_classes, "iterable": False,
                             "license": spec.license}

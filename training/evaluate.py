@@ -70,6 +70,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--val-images", type=int, default=None, help="evaluate on the first N images")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--num-workers", type=int, default=2)
+    p.add_argument("--cache-mb", type=int, default=1024,
+                   help="decode the evaluation images once and keep them in memory when they fit in this many "
+                        "MiB (every target r and scale re-reads the split; 0: never cache)")
     p.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
     p.add_argument("--output-dir", default="out/eval")
     p.add_argument("--cpu", action="store_true")
@@ -91,6 +94,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         p.error("--scales must be finite numbers")
     if args.scales and args.bank is None:
         p.error("--scales needs --bank")
+    if args.cache_mb < 0:
+        p.error(f"--cache-mb must be >= 0; got {args.cache_mb}")
     if args.batch_size < 1 or (args.val_images is not None and args.val_images < 1):
         p.error("--batch-size and --val-images must be >= 1")
     if args.source_r is not None and args.source_r < 0:
@@ -131,6 +136,10 @@ def make_loader(args, recipe, model, accelerator):
     _, eval_tf, _ = common.build_transforms(model, img_size, False, info["kind"] == "embedded")
     n = min(len(val_set), args.val_images or len(val_set))
     ds = common.SeededTransform(torch.utils.data.Subset(val_set, range(n)), eval_tf, 0)
+    if n * 3 * img_size * img_size * 4 <= args.cache_mb * 2**20:
+        # the evaluation transform is deterministic: decode once, then every pass (one per target r and
+        # scale) reads tensors instead of re-decoding / re-rendering the images
+        ds = common.InMemory(ds, args.batch_size, args.num_workers)
     loader = DataLoader(ds, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers)
     return accelerator.prepare(loader), n
 

@@ -58,6 +58,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--from-scratch", action="store_true",
                    help="start from random weights (for the embedded model: do not load its shipped weights)")
     common.add_data_args(p, default_data=common.EMBEDDED_DOWNSTREAM_DATA)
+    p.add_argument("--cache-mb", type=int, default=1024,
+                   help="with --no-augment, keep the decoded train/val images in memory when they fit in this "
+                        "many MiB (0: never)")
     g = p.add_argument_group("fine-tuning")
     g.add_argument("--source-r", type=int, default=0, help="r the model is trained at (default 0)")
     g.add_argument("--mode", default="full", choices=["full", "adaptformer"])
@@ -99,6 +102,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         p.error("--lr must be > 0, --weight-decay / --warmup-steps >= 0, --smoothing in [0, 1)")
     if args.num_classes is not None and args.num_classes < 1:
         p.error(f"--num-classes must be >= 1; got {args.num_classes}")
+    if args.cache_mb < 0:
+        p.error(f"--cache-mb must be >= 0; got {args.cache_mb}")
     args.augment = not args.no_augment
     args.use_mixup = args.augment and (args.mixup > 0 or args.cutmix > 0)
     if args.use_mixup and args.batch_size % 2:
@@ -174,13 +179,18 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     if data_info["iterable"]:
         raise SystemExit("error: finetune.py needs a map-style dataset (folder, embedded or hfds/); "
                          "streamed datasets are supported by distill.py")
+    n_val = min(len(val_set), args.val_images or len(val_set))
     sampler = common.EpochSampler(len(train_set), seed=args.seed, multiple_of=global_micro * args.grad_accum)
-    train_loader = DataLoader(common.SeededTransform(train_set, train_tf, args.seed), sampler=sampler,
+    train_data = common.SeededTransform(train_set, train_tf, args.seed)
+    val_data = common.SeededTransform(torch.utils.data.Subset(val_set, range(n_val)), eval_tf, args.seed)
+    if not args.augment and common.fits_in_memory(len(train_set) + n_val, img_size, args.cache_mb):
+        # no random transform: decode / render every image once instead of once per epoch
+        train_data = common.InMemory(train_data, args.batch_size, args.num_workers)
+        val_data = common.InMemory(val_data, args.batch_size, args.num_workers)
+    train_loader = DataLoader(train_data, sampler=sampler,
                               batch_size=args.batch_size, drop_last=True,
                               generator=torch.Generator().manual_seed(args.seed), **loader_kwargs)
-    n_val = min(len(val_set), args.val_images or len(val_set))
-    val_loader = DataLoader(common.SeededTransform(torch.utils.data.Subset(val_set, range(n_val)), eval_tf, args.seed),
-                            batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers)
+    val_loader = DataLoader(val_data, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers)
 
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay)
     micro_per_epoch = len(sampler) // global_micro
