@@ -5,10 +5,11 @@
     python examples/quickstart.py --limit 256 --targets 0,5,10
 
 What it runs is the CPU-scale study (``benchmarks/study/``) in miniature, on files that ship with
-tocom-hub (``tocom_hub/assets/study``): a tiny timm ViT pre-trained on an embedded corpus, one
-downstream model fine-tuned from it at source ``r = 0`` and one at source ``r = R`` (AdaptFormer, as
-the paper does on VTAB-1k), and the ToCom bank trained for that backbone. For every target ``r`` it
-prints tokens left after the last block, top-1 on the task's embedded test split and images/s —
+tocom-hub (``tocom_hub/assets/study``): a tiny timm ViT pre-trained on an embedded corpus, downstream
+models fine-tuned from it at source ``r = 0`` and at source ``r = R`` (AdaptFormer, as the paper does
+on VTAB-1k; one per fine-tuning seed of the study), and the ToCom bank trained for that backbone. For
+every target ``r`` it prints tokens left after the last block, top-1 on the task's embedded test split
+(mean over the seeds, as the study reports it) and images/s —
 plain ToMe, and ToMe with the bank merged into the weights (``tocom_hub.apply``: the same call, the
 same bank loader, as for a bank on the Hugging Face Hub).
 
@@ -52,28 +53,36 @@ def main():
           f"'{task}' (AdaptFormer) at source r = 0 and r = {R}; ToCom bank {bank}, s = "
           f"{scales['0']:g} / {scales[str(R)]:g} (chosen on the validation split); "
           f"{torch.get_num_threads()} threads\n")
-    results = {}
+    seeds = info["seeds"]
+    results = {}  # (source r, target r, with ToCom) -> rows of every shipped seed
     data = None
     for src in (0, R):
-        model, _ = load_demo_model(src)
-        if data is None:
-            data = build_eval_dataset(model, task, split="test", limit=args.limit)
-        loader = torch.utils.data.DataLoader(data, batch_size=args.batch_size)
-        rows = evaluate(model, loader, sorted(set(targets) | {0, R}), bank=bank, source_r=src,
-                        scale=scales[str(src)], progress=False)
-        results[src] = {(r["target_r"], r["tocom"]): r for r in rows}
+        for seed in seeds:
+            model, _ = load_demo_model(src, seed=seed)
+            if data is None:
+                data = build_eval_dataset(model, task, split="test", limit=args.limit)
+            loader = torch.utils.data.DataLoader(data, batch_size=args.batch_size)
+            rows = evaluate(model, loader, sorted(set(targets) | {0, R}), bank=bank, source_r=src,
+                            scale=scales[str(src)], progress=False)
+            for r in rows:
+                results.setdefault((src, r["target_r"], r["tocom"]), []).append({**r, "seed": seed})
 
-    print(f"{len(data)} test images of '{task}'; top-1 (%) and images/s per target r")
+    def mean(src, t, tc, key="top1"):
+        vals = [r[key] for r in results[(src, t, tc)]]
+        return sum(vals) / len(vals)
+
+    print(f"{len(data)} test images of '{task}'; top-1 (%, mean over fine-tuning seeds {seeds}) and images/s "
+          f"per target r")
     print(f"{'target r':>8} {'tokens':>6} | {'src 0':>6} {'+ToCom':>7} | {f'src {R}':>6} {'+ToCom':>7} | "
           f"{'img/s':>7} {'+ToCom':>7}")
     for t in targets:
-        a, b = results[0][(t, False)], results[0][(t, True)]
-        c, d = results[R][(t, False)], results[R][(t, True)]
-        print(f"{t:>8} {a['tokens']:>6} | {a['top1']:6.2f} {b['top1']:7.2f} | {c['top1']:6.2f} {d['top1']:7.2f} | "
-              f"{a['images_per_s']:7.0f} {b['images_per_s']:7.0f}")
-    top = lambda src, t, tc: round(results[src][(t, tc)]["top1"], 2)  # noqa: E731
+        tokens = results[(0, t, False)][0]["tokens"]
+        print(f"{t:>8} {tokens:>6} | {mean(0, t, False):6.2f} {mean(0, t, True):7.2f} | {mean(R, t, False):6.2f} "
+              f"{mean(R, t, True):7.2f} | {mean(0, t, False, 'images_per_s'):7.0f} "
+              f"{mean(0, t, True, 'images_per_s'):7.0f}")
+    top = lambda src, t, tc: round(mean(src, t, tc), 2)  # noqa: E731
     summary = {
-        "task": task, "R": R, "scale": scales, "images": len(data),
+        "task": task, "R": R, "seeds": seeds, "scale": scales, "images": len(data),
         "src0_tgt0": top(0, 0, False),
         "src0_tgtR": {"no_tocom": top(0, R, False), "tocom": top(0, R, True)},
         "srcR_tgtR": top(R, R, False),
@@ -83,8 +92,7 @@ def main():
           f"with ToCom (a model trained at r = {R}: {summary['srcR_tgtR']:.2f});  source {R} → target 0: "
           f"{summary['srcR_tgt0']['no_tocom']:.2f} → {summary['srcR_tgt0']['tocom']:.2f}")
     if args.json:
-        summary["rows"] = {str(src): [{k: v for k, v in r.items()} for r in rows.values()]
-                           for src, rows in results.items()}
+        summary["rows"] = [r for rows in results.values() for r in rows]
         with open(args.json, "w") as f:
             json.dump(summary, f, indent=2)
         print(f"wrote {args.json}")

@@ -22,15 +22,28 @@ def test_demo_files_and_info():
     assert sorted(info["models"], key=int) == ["0", str(R)]
     bank = tocom_hub.ToComBank.from_pretrained(demo_bank_path())
     assert bank.r_max == R and bank.method == "tome"
-    for name in [info["backbone"], *(m["file"] for m in info["models"].values())]:
+    files = [e["file"] for entries in info["models"].values() for e in entries]
+    assert all(sorted(e["seed"] for e in entries) == sorted(info["seeds"]) for entries in info["models"].values())
+    for name in [info["backbone"], *files]:
         assert (DEMO_DIR / name).stat().st_size < 2_000_000
     study = json.loads((ROOT / "benchmarks" / "results" / "study.json").read_text())
-    assert study["demo_task"] == info["task"] and study["R"] == R
+    assert study["demo_task"] == info["task"] and study["R"] == R and study["seeds"] == info["seeds"]
 
 
-def test_load_demo_model_rejects_unknown_source():
+def test_committed_demo_numbers_are_the_study_numbers_of_the_demo_task():
+    """The shipped fp16 files (every seed) give the study's seed-mean numbers for the demo task."""
+    info = demo_info()
+    task = json.loads((ROOT / "benchmarks" / "results" / "study.json").read_text())["tasks"][info["task"]]
+    for key in ("src0_tgtR", "srcR_tgt0"):
+        for kind in ("no_tocom", "tocom"):
+            assert abs(info["committed"][key][kind] - task[key][kind]) <= 0.5, (key, kind)
+
+
+def test_load_demo_model_rejects_unknown_source_and_seed():
     with pytest.raises(ValueError, match="source r"):
         load_demo_model(source_r=3)
+    with pytest.raises(ValueError, match="seeds"):
+        load_demo_model(source_r=0, seed=99)
 
 
 def test_demo_model_runs_with_and_without_bank_and_unmerges_exactly():

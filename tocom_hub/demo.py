@@ -6,7 +6,7 @@ safetensors (``tocom_hub/assets/study/``), so that ``examples/quickstart.py`` ca
 effect offline::
 
     from tocom_hub.demo import load_demo_model, demo_bank_path, demo_info
-    info = demo_info()                                    # task, R, s per source r, recipe, committed numbers
+    info = demo_info()                                    # task, R, seeds, s per source r, committed numbers
     model, _ = load_demo_model(source_r=0)                # fine-tuned at r = 0 (AdaptFormer PET)
     tocom_hub.apply(model, source_r=0, target_r=info["R"], bank=demo_bank_path(), scale=info["scale"]["0"])
 
@@ -15,15 +15,15 @@ Hub serves; ``bank="org/name"`` goes through the same :meth:`ToComBank.from_pret
 
 Files (``assets/study/``): ``demo.json`` (what is where, the recipe and the study's numbers for these
 exact files), ``backbone.safetensors`` (the pre-trained backbone, classifier of the pre-training corpus
-included), ``<task>-src<r>.safetensors`` (one downstream model: its classifier + AdaptFormer adapters;
-the backbone stays frozen in AdaptFormer fine-tuning, so only these differ from ``backbone``) and
-``bank/`` (the ToCom bank).
+included), ``<task>-src<r>-seed<k>.safetensors`` (the downstream models of every fine-tuning seed of
+the study: classifier + AdaptFormer adapters; the backbone stays frozen in AdaptFormer fine-tuning, so
+only these differ from ``backbone``) and ``bank/`` (the ToCom bank).
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from torch import nn
@@ -53,10 +53,11 @@ def _load(path: Path) -> Dict[str, torch.Tensor]:
     return {k: v.float() for k, v in load_file(str(path)).items()}
 
 
-def load_demo_model(source_r: int = 0) -> Tuple[nn.Module, Dict[str, Any]]:
+def load_demo_model(source_r: int = 0, seed: Optional[int] = None) -> Tuple[nn.Module, Dict[str, Any]]:
     """``(model, info)``: the demo task's model fine-tuned at ``source_r`` (fp32, eval mode, not patched).
 
-    ``source_r`` must be one the demo ships (``demo_info()["models"]``: ``0`` and ``R``).
+    ``source_r`` must be one the demo ships (``demo_info()["models"]``: ``0`` and ``R``); ``seed`` one of
+    ``demo_info()["seeds"]`` (default: the first). The study's numbers are means over these seeds.
     """
     import timm
 
@@ -67,7 +68,12 @@ def load_demo_model(source_r: int = 0) -> Tuple[nn.Module, Dict[str, Any]]:
     if str(source_r) not in models:
         raise ValueError(f"the demo ships models fine-tuned at source r in {sorted(int(k) for k in models)}; "
                          f"got source_r={source_r!r}")
-    entry = models[str(source_r)]
+    entries = {e["seed"]: e for e in models[str(source_r)]}
+    if seed is None:
+        seed = info["seeds"][0]
+    if seed not in entries:
+        raise ValueError(f"the demo ships fine-tuning seeds {sorted(entries)}; got seed={seed!r}")
+    entry = entries[seed]
     backbone = _load(DEMO_DIR / info["backbone"])
     down = _load(DEMO_DIR / entry["file"])
     head = {k[len("head."):]: v for k, v in down.items() if k.startswith("head.")}
@@ -81,4 +87,4 @@ def load_demo_model(source_r: int = 0) -> Tuple[nn.Module, Dict[str, Any]]:
     af.load_state_dict(adapters)
     af.attach(model)
     model.eval()
-    return model, {**info, "source_r": int(source_r), "adapters": af}
+    return model, {**info, "source_r": int(source_r), "seed": seed, "adapters": af}

@@ -451,7 +451,9 @@ def build_datasets(args: argparse.Namespace, default_data: str, img_size: int, *
         train = embedded_data.build_dataset(data, "train", img_size, seed=seed)
         # the held-out split asked for (--val-split / evaluate.py --split: validation or test)
         split = embedded_data.canonical_split(getattr(args, "val_split", None) or "val")
-        val = embedded_data.build_dataset(data, split, img_size, seed=seed,
+        # ``seed`` redraws the training images only: the held-out images are the same for every seed
+        # (dataset seed 0), so that runs with different seeds are measured on the same test set
+        val = embedded_data.build_dataset(data, split, img_size, seed=0,
                                           length=min(val_length, spec.lengths[split]) if val_length else None
                                           ) if need_val else None
         return train, val, {"data": data, "kind": "embedded", "num_classes": spec.num_classes, "iterable": False,

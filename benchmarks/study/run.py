@@ -206,7 +206,7 @@ def main(argv: Sequence[str] | None = None) -> Dict[str, Any]:
         "command": "python benchmarks/study/run.py " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
     if a.demo_task in per_task and a.export_demo:
-        result["demo"] = export_demo(wd, pre, bank, a.demo_task, R, scales[a.demo_task], seeds[0],
+        result["demo"] = export_demo(wd, pre, bank, a.demo_task, R, scales[a.demo_task], seeds,
                                      Path(a.export_demo), log)
     result["wall_s_this_invocation"] = round(time.time() - t_start, 1)
     from report import write_reports  # benchmarks/study/report.py
@@ -215,17 +215,20 @@ def main(argv: Sequence[str] | None = None) -> Dict[str, Any]:
     return result
 
 
-def export_demo(wd: Path, pre: Path, bank: Path, task: str, R: int, scale: Dict[str, str], seed: int, out: Path,
-                log: Path) -> Dict[str, Any]:
+def export_demo(wd: Path, pre: Path, bank: Path, task: str, R: int, scale: Dict[str, str], seeds: List[int],
+                out: Path, log: Path) -> Dict[str, Any]:
     """Ship the study's outcome for ``task`` as fp16 safetensors in ``out`` (``tocom_hub/assets/study``):
-    the backbone, the two downstream models of ``seed`` (classifier + AdaptFormer adapters) and the bank;
-    then measure them afresh through ``examples/quickstart.py --json`` — the path users run."""
+    the backbone, the downstream models of every seed at source 0 and R (classifier + AdaptFormer
+    adapters) and the bank; then measure them afresh through ``examples/quickstart.py --json`` — the
+    path users run, which averages over the shipped seeds as ``study.json`` does."""
     import torch
     from safetensors.torch import load_file, save_file
 
     from tocom_hub import ToComBank
 
     out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob(f"{task}-src*.safetensors"):
+        old.unlink()
     half = lambda sd: {k: v.to(torch.float16).contiguous() for k, v in sd.items()}  # noqa: E731
     meta = {"format": "pt", "source": "benchmarks/study/run.py"}
     save_file(half(load_file(str(pre / "model.safetensors"))), str(out / "backbone.safetensors"), metadata=meta)
@@ -233,19 +236,21 @@ def export_demo(wd: Path, pre: Path, bank: Path, task: str, R: int, scale: Dict[
     model_kwargs: Dict[str, Any] = {}
     model_name = ""
     for src in (0, R):
-        ft = wd / "downstream" / task / f"src{src}-seed{seed}"
-        recipe = json.loads((ft / "finetune.json").read_text())
-        model_name, model_kwargs = recipe["model"], recipe["model_kwargs"]
-        sd = {k: v for k, v in load_file(str(ft / "model.safetensors")).items() if k.startswith("head.")}
-        sd.update({f"adapters.{k}": v for k, v in load_file(str(ft / "adaptformer.safetensors")).items()})
-        name = f"{task}-src{src}.safetensors"
-        save_file(half(sd), str(out / name), metadata=meta)
-        models[str(src)] = {"file": name, "adapter_bottleneck": recipe["adapter_bottleneck"],
-                            "adapter_scale": recipe["adapter_scale"], "seed": seed, "steps": recipe.get("total_steps")}
+        models[str(src)] = []
+        for seed in seeds:
+            ft = wd / "downstream" / task / f"src{src}-seed{seed}"
+            recipe = json.loads((ft / "finetune.json").read_text())
+            model_name, model_kwargs = recipe["model"], recipe["model_kwargs"]
+            sd = {k: v for k, v in load_file(str(ft / "model.safetensors")).items() if k.startswith("head.")}
+            sd.update({f"adapters.{k}": v for k, v in load_file(str(ft / "adaptformer.safetensors")).items()})
+            name = f"{task}-src{src}-seed{seed}.safetensors"
+            save_file(half(sd), str(out / name), metadata=meta)
+            models[str(src)].append({"file": name, "seed": seed, "adapter_bottleneck": recipe["adapter_bottleneck"],
+                                     "adapter_scale": recipe["adapter_scale"], "steps": recipe.get("total_steps")})
     ToComBank.from_pretrained(str(bank)).save_pretrained(out / "bank", dtype=torch.float16)
-    info = {"task": task, "R": R, "scale": {k: float(v) for k, v in scale.items()}, "model": model_name, "model_kwargs": model_kwargs,
-            "backbone": "backbone.safetensors", "bank": "bank", "models": models, "corpus": CORPUS,
-            "made_by": "python benchmarks/study/run.py"}
+    info = {"task": task, "R": R, "seeds": list(seeds), "scale": {k: float(v) for k, v in scale.items()},
+            "model": model_name, "model_kwargs": model_kwargs, "backbone": "backbone.safetensors", "bank": "bank",
+            "models": models, "corpus": CORPUS, "made_by": "python benchmarks/study/run.py"}
     (out / "demo.json").write_text(json.dumps(info, indent=2) + "\n")
     measured = wd / "demo-quickstart.json"
     cmd = [sys.executable, str(ROOT / "examples" / "quickstart.py"), "--json", str(measured)]
@@ -254,7 +259,7 @@ def export_demo(wd: Path, pre: Path, bank: Path, task: str, R: int, scale: Dict[
     numbers = json.loads(measured.read_text())
     info["committed"] = {k: numbers[k] for k in ("src0_tgtR", "srcR_tgt0", "src0_tgt0", "srcR_tgtR") if k in numbers}
     (out / "demo.json").write_text(json.dumps(info, indent=2) + "\n")
-    return {"task": task, "seed": seed, **info["committed"]}
+    return {"task": task, "seeds": list(seeds), **info["committed"]}
 
 
 def stage_times(wd: Path, stages: Sequence[Path]) -> Dict[str, float]:
