@@ -136,7 +136,7 @@ def make_loader(args, recipe, model, accelerator):
     _, eval_tf, _ = common.build_transforms(model, img_size, False, info["kind"] == "embedded")
     n = min(len(val_set), args.val_images or len(val_set))
     ds = common.SeededTransform(torch.utils.data.Subset(val_set, range(n)), eval_tf, 0)
-    if n * 3 * img_size * img_size * 4 <= args.cache_mb * 2**20:
+    if common.fits_in_memory(n, img_size, args.cache_mb):
         # the evaluation transform is deterministic: decode once, then every pass (one per target r and
         # scale) reads tensors instead of re-decoding / re-rendering the images
         ds = common.InMemory(ds, args.batch_size, args.num_workers)

@@ -7,12 +7,18 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 
 def _pm(a: float, b: float, s=None) -> str:
     d = b - a
     return f"{b:.2f} ({'+' if d >= 0 else '−'}{abs(d):.2f}{'' if s is None else f', s={s:g}'})"
+
+
+def gap_closed(v: Dict[str, Any]) -> Optional[float]:
+    """Share of the "source 0 → target R" vs matched gap that ToCom closes (``None`` without a gap)."""
+    gap = v["srcR_tgtR"] - v["src0_tgtR"]["no_tocom"]
+    return (v["src0_tgtR"]["tocom"] - v["src0_tgtR"]["no_tocom"]) / gap if gap > 0 else None
 
 
 def table(result: Dict[str, Any]) -> str:
@@ -25,8 +31,7 @@ def table(result: Dict[str, Any]) -> str:
         rows.append(("**average**", {**result["average"], "kind": ""}))
     for name, v in rows:
         kind = v.get("kind", result.get("kinds", {}).get(name, ""))
-        gap = v["srcR_tgtR"] - v["src0_tgtR"]["no_tocom"]
-        closed = (v["src0_tgtR"]["tocom"] - v["src0_tgtR"]["no_tocom"]) / gap if gap > 0 else None
+        closed = gap_closed(v)
         lines.append(
             f"| {name} | {kind} | {v['src0_tgt0']:.2f} | {v['src0_tgtR']['no_tocom']:.2f} "
             f"| {_pm(v['src0_tgtR']['no_tocom'], v['src0_tgtR']['tocom'], v.get('scale', {}).get('0'))} "

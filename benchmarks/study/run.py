@@ -34,6 +34,9 @@ from pathlib import Path
 from typing import Any, Dict, List, Sequence
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import report  # noqa: E402  (benchmarks/study/report.py)
+
 CORPUS = os.environ.get("STUDY_CORPUS", "photo-regions")
 TASKS = ("shape-count", "textures", "photo-orientation", "photo-crops")
 KINDS = {"shape-count": "structured", "shape-location": "structured", "textures": "texture",
@@ -209,9 +212,7 @@ def main(argv: Sequence[str] | None = None) -> Dict[str, Any]:
         result["demo"] = export_demo(wd, pre, bank, a.demo_task, R, scales[a.demo_task], seeds,
                                      Path(a.export_demo), log)
     result["wall_s_this_invocation"] = round(time.time() - t_start, 1)
-    from report import write_reports  # benchmarks/study/report.py
-
-    write_reports(result, Path(a.results_dir))
+    report.write_reports(result, Path(a.results_dir))
     return result
 
 
@@ -310,11 +311,10 @@ def average(per_task: Dict[str, Any]) -> Dict[str, Any]:
         "srcR_tgtR": m(lambda v: v["srcR_tgtR"]),
         "srcR_tgt0": {"no_tocom": m(lambda v: v["srcR_tgt0"]["no_tocom"]), "tocom": m(lambda v: v["srcR_tgt0"]["tocom"])},
     }
-    gap = out["srcR_tgtR"] - out["src0_tgtR"]["no_tocom"]
-    out["gap_closed"] = round((out["src0_tgtR"]["tocom"] - out["src0_tgtR"]["no_tocom"]) / gap, 3) if gap > 0 else None
+    closed = report.gap_closed(out)
+    out["gap_closed"] = None if closed is None else round(closed, 3)
     return out
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     main()
