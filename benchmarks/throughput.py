@@ -10,10 +10,16 @@ the configurations come in a fresh random order, and each one alternates forward
 speed-up is the median of its per-round ratios.
 ``--check`` exits non-zero unless the acceptance targets hold (r=16 ≥ 1.90× at batch 8, ≥ 1.75× at
 batch 1, patched r=0 ≤ 1.02× plain time).
+
+``--ceiling`` adds a diagnostic row per ToMe ``r > 0``, method ``tome-ceiling``: the same patched
+model with bipartite matching and merging replaced by truncation to the same token counts. Its
+outputs are meaningless; its time is what any ToMe implementation would cost here if the merge step
+itself were free, so ``tome`` vs ``tome-ceiling`` is the merge step's whole cost in the forward.
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import platform
 import random
@@ -36,12 +42,29 @@ def _time_forward(model, x, iters):
     return statistics.median(times)
 
 
+_PATCH = importlib.import_module("tocom_hub.patch")  # the module (``tocom_hub.patch`` is the function)
+_MERGE_STEP = (_PATCH.bipartite_soft_matching, _PATCH.merge_wavg)
+
+
+def _truncate_plan(metric, r, num_prefix=0):
+    num_tokens = metric.shape[1]
+    r = min(r, tocom_hub.merge.max_merge(num_tokens, num_prefix))
+    return num_tokens - r if r > 0 else None
+
+
+def _truncate(num_out, x, size=None):
+    size = x.new_ones(x.shape[0], num_out, 1) if size is None else size[:, :num_out]
+    return x[:, :num_out].contiguous(), size
+
+
 def _configure(model, cfg):
     method, r = cfg
+    ceiling = method == "tome-ceiling"
+    _PATCH.bipartite_soft_matching, _PATCH.merge_wavg = (_truncate_plan, _truncate) if ceiling else _MERGE_STEP
     if method == "plain":
         tocom_hub.unpatch(model)
     else:
-        tocom_hub.patch(model, method=method)
+        tocom_hub.patch(model, method="tome" if ceiling else method)
         tocom_hub.set_r(model, r)
 
 
@@ -74,6 +97,7 @@ def run(model, batch_size, configs, rounds, iters, img_size, seed=0):
                 times[plain_cfg] += t_plain
                 times[cfg].append(statistics.median(t_cfg))
                 ratios[cfg].append(statistics.median(t_plain) / statistics.median(t_cfg))
+        _configure(model, plain_cfg)  # also puts the real merge step back after a ceiling row
     rows = []
     for cfg in configs:
         r = ratios.get(cfg, [1.0])
@@ -102,6 +126,8 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", default="benchmarks/results/throughput.json")
     parser.add_argument("--check", action="store_true", help="fail unless the acceptance targets hold")
+    parser.add_argument("--ceiling", action="store_true",
+                        help="add 'tome-ceiling' rows: ToMe's token counts with a free merge step (timing only)")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -109,6 +135,8 @@ def main(argv=None):
     img_size = model.patch_embed.img_size[0]
     rs = [int(v) for v in args.r.split(",")]
     configs = [("plain", 0)] + [(m, r) for m in args.methods.split(",") for r in rs]
+    if args.ceiling:
+        configs += [("tome-ceiling", r) for r in rs if r > 0]
 
     rows = []
     for bs in [int(v) for v in args.batch_sizes.split(",")]:
@@ -146,7 +174,7 @@ def main(argv=None):
                 need = 1.90 if row["batch_size"] >= 8 else 1.75
                 if row["speedup"] < need:
                     failures.append(f"tome r=16 batch {row['batch_size']}: {row['speedup']:.3f}x < {need}x")
-            if row["method"] != "plain" and row["r"] == 0 and row["time_ratio_vs_plain"] > 1.02:
+            if row["method"] in ("tome", "evit") and row["r"] == 0 and row["time_ratio_vs_plain"] > 1.02:
                 failures.append(f"{row['method']} r=0 batch {row['batch_size']}: {row['time_ratio_vs_plain']:.3f}x plain time")
         if failures:
             raise SystemExit("targets missed:\n  " + "\n  ".join(failures))

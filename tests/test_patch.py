@@ -121,6 +121,25 @@ def test_evit_matches_reference_and_counts(variant, fuse, r):
         assert sorted(map(tuple, source[b].tolist())) == sorted(map(tuple, ref_sources[b].tolist()))
 
 
+@pytest.mark.parametrize("variant", ["cls_token", "gap", "registers"])
+@pytest.mark.parametrize("r", [5, 16])
+def test_tome_batch_of_one_matches_batched_run_and_reference(variant, r):
+    # batch size 1 takes its own (cheaper) path through the matching
+    model = make_vit(variant)
+    patched = tocom_hub.patch(copy.deepcopy(model), trace_source=True)
+    tocom_hub.set_r(patched, r)
+    with torch.no_grad():
+        batched = patched(X)
+        batched_source = tocom_hub.get_source(patched)
+        for b in range(X.shape[0]):
+            single = patched(X[b : b + 1])
+            assert (single - batched[b : b + 1]).abs().max() <= 1e-5
+            assert torch.equal(tocom_hub.get_source(patched)[0], batched_source[b])
+        ref, ref_sources, _ = reference_forward(model, X[:1], r, "tome")
+        assert (patched(X[:1]) - ref).abs().max() <= 1e-4
+        assert torch.equal(tocom_hub.get_source(patched)[0], ref_sources[0])
+
+
 def test_proportional_attention_off_matches_reference():
     model = make_vit("cls_token")
     patched = tocom_hub.patch(copy.deepcopy(model), prop_attn=False)

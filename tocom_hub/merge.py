@@ -10,11 +10,17 @@ and a set B (odd positions); the ``r`` A tokens with the most similar B partner 
 The output is ``[prefix tokens in their original order, unmerged A tokens, B tokens]``. Unmerged A
 tokens keep their original relative order when the sequence has prefix tokens (class / distillation /
 register tokens), and stay in descending-similarity order when it has none, as in the reference.
+
+Speed: at batch size 1 a merge step is a few dozen tiny tensor operations between large matrix
+products, and each one costs far more than its arithmetic (the GEMMs before it evict the caches).
+So the plan is built from as few operations as possible: prefix tokens are sliced out of the
+similarity matrix instead of masked, and the parts of the slot layout that depend only on the token
+count (:func:`_layout`) are computed once per shape and reused.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Dict, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -41,6 +47,45 @@ def max_merge(num_tokens: int, num_prefix: int = 0) -> int:
     return max((num_tokens - num_prefix) // 2, 0)
 
 
+class _Layout(NamedTuple):
+    """What a merge plan's slot layout owes to the shape alone (not to the similarities)."""
+
+    dest: torch.Tensor  # [B, N]: slots of prefix and B tokens; free A entries are overwritten
+    unm_slots: torch.Tensor  # [B, Na_free - r]: slots of the unmerged free A tokens, in order
+    batch_offset: Optional[torch.Tensor]  # [B, 1]: b * num_out, None for B == 1
+
+
+_LAYOUTS: Dict[tuple, _Layout] = {}
+_MAX_LAYOUTS = 512
+
+
+def _layout(batch: int, num_tokens: int, r: int, num_prefix: int, device: torch.device) -> _Layout:
+    key = (batch, num_tokens, r, num_prefix, device)
+    layout = _LAYOUTS.get(key)
+    if layout is not None:
+        return layout
+    # Plain (non-inference) tensors, so that plans built under inference_mode also work in training.
+    with torch.inference_mode(False), torch.no_grad():
+        prefix_a, prefix_b = (num_prefix + 1) // 2, num_prefix // 2
+        num_free_a = (num_tokens + 1) // 2 - prefix_a
+        num_free_b = num_tokens // 2 - prefix_b
+        num_unm = num_free_a - r
+        num_out = num_tokens - r
+        # Output: [prefix tokens (original order), unmerged free A tokens, free B tokens].
+        dest = torch.full((num_tokens,), -1, dtype=torch.long, device=device)
+        dest[:num_prefix] = torch.arange(num_prefix, device=device)
+        dest[2 * prefix_b + 1 :: 2] = torch.arange(num_free_b, device=device) + num_prefix + num_unm
+        unm_slots = torch.arange(num_prefix, num_prefix + num_unm, device=device)
+        offset = None
+        if batch > 1:
+            offset = torch.arange(0, batch * num_out, num_out, device=device)[:, None]
+        layout = _Layout(dest.expand(batch, -1), unm_slots.expand(batch, -1), offset)
+    if len(_LAYOUTS) >= _MAX_LAYOUTS:
+        _LAYOUTS.clear()
+    _LAYOUTS[key] = layout
+    return layout
+
+
 def bipartite_soft_matching(
     metric: torch.Tensor,
     r: int,
@@ -50,7 +95,8 @@ def bipartite_soft_matching(
     """Plan the merge of ``r`` tokens by bipartite soft matching.
 
     Args:
-        metric: ``[B, N, C]`` similarity features (ToMe uses the attention keys averaged over heads).
+        metric: ``[B, N, C]`` similarity features (ToMe uses the attention keys averaged over heads;
+            only their direction matters, so a sum over heads gives the same plan).
         r: tokens to remove; clamped to ``(N - num_prefix) // 2``.
         num_prefix: the first ``num_prefix`` tokens are never merged and keep positions ``0 .. P-1``.
         keep_order: keep unmerged A tokens in their original order. Defaults to ``num_prefix > 0``
@@ -64,44 +110,28 @@ def bipartite_soft_matching(
     if r <= 0:
         return None
     keep_order = bool(num_prefix) or bool(keep_order)
+    layout = _layout(batch, num_tokens, r, num_prefix, metric.device)
+    first_a, first_b = 2 * ((num_prefix + 1) // 2), 2 * (num_prefix // 2) + 1  # first free A / B position
 
     with torch.no_grad():
-        metric = metric / metric.norm(dim=-1, keepdim=True)
-        scores = metric[:, 0::2] @ metric[:, 1::2].transpose(-1, -2)  # [B, Na, Nb]
-        prefix_a, prefix_b = (num_prefix + 1) // 2, num_prefix // 2
-        if prefix_a:
-            scores[:, :prefix_a, :] = -torch.inf
-        if prefix_b:
-            scores[:, :, :prefix_b] = -torch.inf
-
+        metric = metric / torch.linalg.vector_norm(metric, dim=-1, keepdim=True)
+        # Cosine similarity of every free A token to every free B token; prefix tokens take no part.
+        if batch == 1:  # a plain matrix product is cheaper to launch than a batched one
+            scores = torch.mm(metric[0, first_a::2], metric[0, first_b::2].t()).unsqueeze(0)
+        else:
+            scores = metric[:, first_a::2] @ metric[:, first_b::2].transpose(-1, -2)
         node_max, node_idx = scores.max(dim=-1)
-        order = node_max.argsort(dim=-1, descending=True)
-        src_idx = order[:, :r]
-        unm_idx = order[:, r:]
+        unm_idx = node_max.argsort(dim=-1, descending=True)[:, r:]  # the r most similar A tokens merge
         if keep_order:
             unm_idx = unm_idx.sort(dim=-1).values
-        dst_idx = node_idx.gather(-1, src_idx)
 
-        num_a, num_b = scores.shape[1], scores.shape[2]
-        num_unm = num_a - r
-        num_out = num_tokens - r
-        device = metric.device
-        # Output slots. Protected tokens keep their original position (A: 0, 2, ..; B: 1, 3, ..);
-        # free unmerged A tokens follow the prefix; free B tokens come last.
-        slot_b = torch.arange(num_unm, num_unm + num_b, device=device)
-        slot_unm = torch.arange(num_prefix - prefix_a, num_prefix - prefix_a + num_unm, device=device)
-        if prefix_a:
-            slot_unm[:prefix_a] = torch.arange(0, 2 * prefix_a, 2, device=device)
-        if prefix_b:
-            slot_b[:prefix_b] = torch.arange(1, 2 * prefix_b, 2, device=device)
-
-        dest = torch.empty(batch, num_tokens, dtype=torch.long, device=device)
-        dest_a = dest[:, 0::2]
-        dest_a.scatter_(1, unm_idx, slot_unm.expand(batch, -1))
-        dest_a.scatter_(1, src_idx, slot_b[dst_idx])
-        dest[:, 1::2] = slot_b
-        index = (dest + torch.arange(0, batch * num_out, num_out, device=device)[:, None]).view(-1)
-    return Merge(dest=dest, index=index, num_out=num_out)
+        dest = layout.dest.clone()
+        dest_a = dest[:, first_a::2]
+        # Every free A token first points at its best B partner, then the unmerged ones get their own slot.
+        torch.add(node_idx, num_prefix + unm_idx.shape[1], out=dest_a)
+        dest_a.scatter_(1, unm_idx, layout.unm_slots)
+        index = dest.view(-1) if layout.batch_offset is None else (dest + layout.batch_offset).view(-1)
+    return Merge(dest=dest, index=index, num_out=num_tokens - r)
 
 
 def _scatter_sum(m: Merge, x: torch.Tensor) -> torch.Tensor:

@@ -90,7 +90,7 @@ def _attention(attn: Attention, x: torch.Tensor, bias: Optional[torch.Tensor], s
     out = attn.proj_drop(attn.proj(out))
 
     if state.method == "tome":
-        info = k.mean(dim=1)
+        info = k.sum(dim=1)  # direction of the head-averaged keys: all bipartite matching needs
     else:
         with torch.no_grad():
             info = cls_attention(q, k, attn.scale, state.has_class_token)
@@ -125,7 +125,7 @@ class ToComBlock(Block):
                 if state.trace_source:
                     state.source = merge_source(plan, state.source)
                 if state.prop_attn:
-                    state.attn_bias = state.size.log().transpose(1, 2)[:, None]
+                    state.attn_bias = state.size.view(x.shape[0], 1, 1, -1).log()  # [B, 1, 1, N]
         else:
             plan = select_attentive(info, r, state.num_prefix, fuse=state.fuse_token)
             if plan is not None:
