@@ -50,6 +50,9 @@ def max_merge(num_tokens: int, num_prefix: int = 0) -> int:
 class _Layout(NamedTuple):
     """What a merge plan's slot layout owes to the shape alone (not to the similarities)."""
 
+    first_a: int  # position of the first free (non-prefix) A token; free A tokens are first_a::2
+    first_b: int  # same for B
+    dst_offset: int  # slot of the first free B token (after the prefix and the unmerged A tokens)
     dest: torch.Tensor  # [B, N]: slots of prefix and B tokens; free A entries are overwritten
     unm_slots: torch.Tensor  # [B, Na_free - r]: slots of the unmerged free A tokens, in order
     batch_offset: Optional[torch.Tensor]  # [B, 1]: b * num_out, None for B == 1
@@ -79,7 +82,14 @@ def _layout(batch: int, num_tokens: int, r: int, num_prefix: int, device: torch.
         offset = None
         if batch > 1:
             offset = torch.arange(0, batch * num_out, num_out, device=device)[:, None]
-        layout = _Layout(dest.expand(batch, -1), unm_slots.expand(batch, -1), offset)
+        layout = _Layout(
+            first_a=2 * prefix_a,
+            first_b=2 * prefix_b + 1,
+            dst_offset=num_prefix + num_unm,
+            dest=dest.expand(batch, -1),
+            unm_slots=unm_slots.expand(batch, -1),
+            batch_offset=offset,
+        )
     if len(_LAYOUTS) >= _MAX_LAYOUTS:
         _LAYOUTS.clear()
     _LAYOUTS[key] = layout
@@ -111,7 +121,7 @@ def bipartite_soft_matching(
         return None
     keep_order = bool(num_prefix) or bool(keep_order)
     layout = _layout(batch, num_tokens, r, num_prefix, metric.device)
-    first_a, first_b = 2 * ((num_prefix + 1) // 2), 2 * (num_prefix // 2) + 1  # first free A / B position
+    first_a, first_b = layout.first_a, layout.first_b
 
     with torch.no_grad():
         metric = metric / torch.linalg.vector_norm(metric, dim=-1, keepdim=True)
@@ -128,7 +138,7 @@ def bipartite_soft_matching(
         dest = layout.dest.clone()
         dest_a = dest[:, first_a::2]
         # Every free A token first points at its best B partner, then the unmerged ones get their own slot.
-        torch.add(node_idx, num_prefix + unm_idx.shape[1], out=dest_a)
+        torch.add(node_idx, layout.dst_offset, out=dest_a)
         dest_a.scatter_(1, unm_idx, layout.unm_slots)
         index = dest.view(-1) if layout.batch_offset is None else (dest + layout.batch_offset).view(-1)
     return Merge(dest=dest, index=index, num_out=num_tokens - r)
