@@ -387,3 +387,64 @@ def test_deepcopy_of_a_compensated_model_is_independent():
     assert compensate.get_state(model) is not None and len(model.blocks[0].attn.qkv._forward_hooks) == 1
     with torch.no_grad():
         torch.testing.assert_close(twin(X), fresh()(X), rtol=0, atol=0)
+
+
+# -- switching from several threads ----------------------------------------------------------------
+
+
+def test_concurrent_switches_keep_the_closed_form(one_thread, monkeypatch):
+    """4 threads switch one merged model at random; the weights always end at W₀ + Δ(source → target)
+    of the last switch, the patcher's r agrees, and remove() still restores the original bit-exact.
+
+    The periodic exact re-derivation is switched off so that a lost or doubled update cannot be
+    healed by a later resync: what remains is the rounding of ~1,600 in-place updates (≈1e-5)."""
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+
+    monkeypatch.setattr(compensate, "RESYNC_EVERY", 10**9)
+    model = fresh(depth=2)
+    original = clone_state(model)
+    bank, groups = bank_for(model, r_max=8)
+    source = 3
+    tocom_hub.apply(model, source, 0, bank=bank)
+    old_interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # hand the GIL over as often as possible
+
+    def hammer(seed):
+        rng = random.Random(seed)
+        for _ in range(400):
+            tocom_hub.set_target_r(model, rng.choice([0, 1, 2, 4, 5, 6, 7, 8]))  # never the source
+
+    try:
+        for trial in range(2):
+            with ThreadPoolExecutor(max_workers=4) as pool:
+                for future in [pool.submit(hammer, 10 * trial + k) for k in range(4)]:
+                    future.result()  # re-raises what a thread raised
+            st = compensate.get_state(model)
+            assert tocom_hub.get_r(model) == st.target_r
+            assert_closed_form(model, original, groups, bank, source, st.target_r, tol=1e-4)
+    finally:
+        sys.setswitchinterval(old_interval)
+    tocom_hub.remove(model)
+    assert all(torch.equal(v, original[k]) for k, v in model.state_dict().items())
+
+
+def test_switch_lock_serialises_a_forward_with_a_switch():
+    """A forward holding switch_lock(model) sees one consistent r; a switch from another thread waits."""
+    import threading
+
+    model = fresh(depth=2)
+    bank, _ = bank_for(model)
+    tocom_hub.apply(model, 0, 2, bank=bank)
+    lock = compensate.switch_lock(model)
+    assert lock is compensate.switch_lock(model)
+    done = threading.Event()
+    with lock:
+        th = threading.Thread(target=lambda: (tocom_hub.set_target_r(model, 5), done.set()))
+        th.start()
+        assert not done.wait(0.2)  # blocked while we hold the lock
+        assert compensate.get_state(model).target_r == 2
+    th.join()
+    assert done.is_set() and compensate.get_state(model).target_r == 5
+    clone = copy.deepcopy(model)  # the lock is not shared with (nor copied into) a deepcopy
+    assert compensate.switch_lock(clone) is not lock

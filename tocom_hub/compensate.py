@@ -16,6 +16,13 @@ on its attention weights (paper Eq. 6/7). Two modes share the same maths and the
   forward (inactive groups get zero gradient, which keeps DDP happy), the backbone weights are never
   touched, and :func:`set_pair` switches ``(source, target)`` in O(1) (it picks a precomputed mask).
 
+Switching is serialised per model: :func:`apply`, :func:`set_target_r`, :func:`set_pair`, :func:`remove`
+and :func:`disabled` hold the model's switch lock (:func:`switch_lock`), so concurrent switches from
+several threads always leave the weights at the closed form of the last one. A forward is not
+locked: a forward that runs while another thread switches may compute some blocks with the old and
+some with the new weights (and token count). Switch between batches in the thread that runs the
+forwards, hold ``switch_lock(model)`` around the forward too, or give each worker its own model copy.
+
 A model carries at most one bank; :func:`apply` on a model that already carries one replaces it (the
 weights are first restored from the pristine copy, so the result equals applying to a fresh model).
 The bank stays a separate module: it is not registered as a submodule, so ``model.state_dict()``
@@ -26,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import threading
 from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
@@ -35,9 +43,14 @@ from torch import nn
 from .bank import ToComBank, _looks_local, model_dims
 from .patch import get_method, is_patched, patch, set_r, unpatch
 
-__all__ = ["apply", "set_target_r", "set_pair", "remove", "get_state", "disabled", "Compensation"]
+__all__ = ["apply", "set_target_r", "set_pair", "remove", "get_state", "disabled", "switch_lock", "Compensation",
+           "MAX_SCALE"]
 
 _ATTR = "_tocom_compensation"
+_LOCK_ATTR = "_tocom_switch_lock"
+_LOCK_CREATION = threading.Lock()
+# |s| beyond this is no compensation but a different model (the paper searches s in 0.01 … 0.15)
+MAX_SCALE = 100.0
 # merged mode: at most this many in-place difference updates between two exact re-derivations. Each
 # update rounds once (≤ ½ ulp), so the distance to the closed form stays ≤ RESYNC_EVERY · 2⁻²⁴ ≈ 4.8e-7
 # of the largest weight (measured: 10,000 random switches, never back to the source: 2.8e-7 with 8,
@@ -286,6 +299,38 @@ class Compensation:
         self.source_r, self.target_r = m, n
 
 
+class _SwitchLock:
+    """A re-entrant lock stored on the model; copies and pickles of the model get a fresh one."""
+
+    __slots__ = ("lock",)
+
+    def __init__(self) -> None:
+        self.lock = threading.RLock()
+
+    def __reduce__(self):
+        return (_SwitchLock, ())
+
+    def __deepcopy__(self, memo: Any) -> _SwitchLock:
+        return _SwitchLock()
+
+
+def switch_lock(model: nn.Module) -> threading.RLock:
+    """The re-entrant lock that serialises switching on ``model`` (:func:`apply`, :func:`set_target_r`,
+    :func:`set_pair`, :func:`remove`, :func:`disabled` take it). Hold it around a forward that must not
+    overlap a switch from another thread. Example::
+
+        with tocom_hub.compensate.switch_lock(model), torch.no_grad():
+            logits = model(x)      # a control thread's set_target_r waits for this batch
+    """
+    holder = model.__dict__.get(_LOCK_ATTR)
+    if holder is None:
+        with _LOCK_CREATION:
+            holder = model.__dict__.get(_LOCK_ATTR)
+            if holder is None:
+                holder = model.__dict__[_LOCK_ATTR] = _SwitchLock()
+    return holder.lock
+
+
 # ---------------------------------------------------------------------------------------------------
 # public API
 
@@ -424,6 +469,12 @@ def apply(
         tocom_hub.set_target_r(model, 8)
     """
     bank = _resolve_bank(bank, model, method, hub_kwargs)
+    with switch_lock(model):
+        return _apply_locked(model, source_r, target_r, bank, scale, method, merge)
+
+
+def _apply_locked(model: nn.Module, source_r: int, target_r: int, bank: ToComBank, scale: Optional[float],
+                  method: Optional[str], merge: bool) -> nn.Module:
     _check_compatible(model, bank, method)
     s = _check_scale(bank, scale)
     _check_int_r("source_r", source_r, bank.r_max)
@@ -471,12 +522,13 @@ def set_pair(model: nn.Module, source_r: int, target_r: int, *, r: Optional[int]
         tocom_hub.compensate.set_pair(model, 3, 11)   # bank 3 → 11, model runs at r = 11
         loss = kd(model(x), teacher_logits); loss.backward()
     """
-    st = _require_state(model)
-    r_max = st.bank.r_max
-    _check_int_r("source_r", source_r, r_max)
-    _check_int_r("target_r", target_r, r_max)
-    set_r(model, target_r if r is None else r)
-    st._set(source_r, target_r)
+    with switch_lock(model):
+        st = _require_state(model)
+        r_max = st.bank.r_max
+        _check_int_r("source_r", source_r, r_max)
+        _check_int_r("target_r", target_r, r_max)
+        set_r(model, target_r if r is None else r)
+        st._set(source_r, target_r)
 
 
 def set_target_r(model: nn.Module, r: int) -> nn.Module:
@@ -492,8 +544,9 @@ def set_target_r(model: nn.Module, r: int) -> nn.Module:
         tocom_hub.set_target_r(model, 4)      # lighter load: fewer tokens merged
         tocom_hub.set_target_r(model, 16)
     """
-    st = _require_state(model)
-    set_pair(model, st.source_r, r)
+    with switch_lock(model):
+        st = _require_state(model)
+        set_pair(model, st.source_r, r)
     return model
 
 
@@ -510,13 +563,14 @@ def remove(model: nn.Module) -> nn.Module:
         tocom_hub.remove(model)
         assert not tocom_hub.compensate.get_state(model)
     """
-    st = get_state(model)
-    if st is None:
-        return model
-    st._detach()
-    model.__dict__.pop(_ATTR, None)
-    if st.patched_here and is_patched(model):
-        unpatch(model)
+    with switch_lock(model):
+        st = get_state(model)
+        if st is None:
+            return model
+        st._detach()
+        model.__dict__.pop(_ATTR, None)
+        if st.patched_here and is_patched(model):
+            unpatch(model)
     return model
 
 
@@ -530,16 +584,21 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
             teacher_logits = model(x)
         student_logits = model(x)
     """
-    st = _require_state(model)
-    if not st.enabled:
+    with switch_lock(model):
+        st = _require_state(model)
+        if not st.enabled:
+            st = None
+        else:
+            st.enabled = False
+            if st.merge:
+                st._write_exact(0, 0)
+    if st is None:
         yield model
         return
-    st.enabled = False
-    if st.merge:
-        st._write_exact(0, 0)
     try:
         yield model
     finally:
-        st.enabled = True
-        if st.merge:
-            st._write(st.source_r, st.target_r)
+        with switch_lock(model):
+            st.enabled = True
+            if st.merge and get_state(model) is st:
+                st._write(st.source_r, st.target_r)
