@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from bank_helpers import naive_delta, random_groups
 from tiny_models import make_timm, make_vit
 from tocom_hub import ToComBank, ToComConfig
-from tocom_hub.bank import CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME
+from tocom_hub.bank import CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME, _tensors_sha256
 
 
 @pytest.fixture(scope="module")
@@ -225,7 +225,8 @@ def _rewrite(path, tensors=None, metadata=None):
         tens = {k: f.get_tensor(k) for k in f.keys()}
     tens = tensors(tens) if tensors else tens
     meta = metadata(meta) if metadata else meta
-    meta.pop("tocom_sha256", None)  # as if edited by a tool that does not know our checksum
+    # a consistent file (checksum recomputed), so that the check under test is the one that fires
+    meta["tocom_sha256"] = _tensors_sha256(tens, meta.get("tocom_config"))
     save_file(tens, str(path), metadata=meta)
 
 
@@ -277,3 +278,113 @@ def test_missing_local_path(tmp_path):
         ToComBank.from_pretrained("./not/here.safetensors")
     with pytest.raises(FileNotFoundError, match=WEIGHTS_NAME):
         ToComBank.from_pretrained(tmp_path)  # a directory without a bank
+
+
+# -- every field read from the files is checked --------------------------------------------------
+
+
+def _edit_config_json(saved, **changes):
+    cfg = json.loads((saved / CONFIG_NAME).read_text())
+    cfg.update(changes)
+    (saved / CONFIG_NAME).write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize("scale", [1e30, 0.2])
+def test_scale_in_config_json_must_match_the_embedded_config(saved, scale):
+    _edit_config_json(saved, scale=scale)
+    with pytest.raises(ValueError, match=rf"{CONFIG_NAME}.*(disagrees with the config embedded.*|)scale"):
+        ToComBank.from_pretrained(saved)
+
+
+@pytest.mark.parametrize("field, value", [("base_model", "deit_small_patch16_224"), ("pretrained_tag", "x"),
+                                          ("training_recipe", {"lr": 1.0})])
+def test_every_config_json_field_must_match_the_embedded_config(saved, field, value):
+    _edit_config_json(saved, **{field: value})
+    with pytest.raises(ValueError, match=rf"disagrees.*{field}"):
+        ToComBank.from_pretrained(saved)
+
+
+@pytest.mark.parametrize("scale", [1e30, -1.0, 101.0])
+def test_scale_out_of_bounds_is_refused(saved, scale):
+    with pytest.raises(ValueError, match=r"scale must be a finite number in \[0, 100\]"):
+        ToComConfig(embed_dim=64, depth=2, num_heads=2, scale=scale)
+
+    def set_scale(meta):  # both files agree and the checksum is recomputed: only the bound can catch it
+        cfg = json.loads(meta["tocom_config"])
+        cfg["scale"] = scale
+        return dict(meta, tocom_config=json.dumps(cfg, sort_keys=True))
+    _rewrite(saved / WEIGHTS_NAME, metadata=set_scale)
+    _edit_config_json(saved, scale=scale)
+    with pytest.raises(ValueError, match=rf"{CONFIG_NAME}.*scale must be a finite number in \[0, 100\]"):
+        ToComBank.from_pretrained(saved)
+    (saved / CONFIG_NAME).unlink()  # the weights file alone: its embedded config is checked the same way
+    with pytest.raises(ValueError, match=rf"{WEIGHTS_NAME}.*scale must be a finite number in \[0, 100\]"):
+        ToComBank.from_pretrained(saved)
+
+
+def test_embedded_config_is_covered_by_the_checksum(saved):
+    path = saved / WEIGHTS_NAME
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata())
+    tens = load_file(str(path))
+    cfg = json.loads(meta["tocom_config"])
+    cfg["scale"] = 0.5  # in bounds, but not what was saved; the checksum is left as it was
+    save_file(tens, str(path), metadata=dict(meta, tocom_config=json.dumps(cfg, sort_keys=True)))
+    (saved / CONFIG_NAME).unlink()
+    with pytest.raises(ValueError, match=rf"{WEIGHTS_NAME}.*checksum"):
+        ToComBank.from_pretrained(saved)
+
+
+def test_file_without_checksum_is_refused_unless_trusted(saved, bank):
+    path = saved / WEIGHTS_NAME
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata())
+    tens = load_file(str(path))
+    meta.pop("tocom_sha256")
+    save_file(tens, str(path), metadata=meta)
+    with pytest.raises(ValueError, match=r"no 'tocom_sha256' checksum.*trust_unverified=True"):
+        ToComBank.from_pretrained(saved)
+    with pytest.raises(ValueError, match="tocom_sha256"):
+        ToComBank.from_pretrained(path)
+    loaded = ToComBank.from_pretrained(saved, trust_unverified=True)
+    for k, v in bank.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v)
+
+
+def test_banks_the_project_ships_carry_checksums():
+    from pathlib import Path
+
+    import tocom_hub
+
+    files = sorted(Path(tocom_hub.__file__).parent.joinpath("assets").rglob(WEIGHTS_NAME))
+    assert files, "the package ships at least the demo bank"
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            assert "tocom_sha256" in (f.metadata() or {}), path
+        ToComBank.from_pretrained(path.parent)  # no trust flag needed
+
+
+@pytest.mark.parametrize("content, match", [
+    (b"\xff\xfe{\x00}\x00", "not UTF-8"),
+    (b"[" * 100_000 + b"]" * 100_000, "nested"),
+    (json.dumps({"embed_dim": 64, "depth": 3, "num_heads": 2, "base_model": 5}).encode(), "base_model"),
+    (json.dumps({"embed_dim": 64, "depth": 3, "num_heads": 2, "targets": 5}).encode(), "invalid ToCom config"),
+    (json.dumps({"embed_dim": 64, "depth": 3, "num_heads": 2, "targets": [["q"]]}).encode(), "targets"),
+    (json.dumps({"embed_dim": 64, "depth": 3, "num_heads": 2, "training_recipe": "x"}).encode(), "training_recipe"),
+    (json.dumps({"embed_dim": 64, "depth": 3, "num_heads": 2, "format_version": True}).encode(), "format version"),
+    (json.dumps({"embed_dim": "64", "depth": 3, "num_heads": 2}).encode(), "embed_dim"),
+])
+def test_bad_config_json_names_the_file(saved, content, match):
+    (saved / CONFIG_NAME).write_bytes(content)
+    with pytest.raises(ValueError, match=match) as info:
+        ToComBank.from_pretrained(saved)
+    assert CONFIG_NAME in str(info.value)
+
+
+def test_bad_embedded_config_names_the_file(saved):
+    def nest(meta):
+        return dict(meta, tocom_config="[" * 100_000 + "]" * 100_000)
+    _rewrite(saved / WEIGHTS_NAME, metadata=nest)
+    (saved / CONFIG_NAME).unlink()
+    with pytest.raises(ValueError, match=rf"{WEIGHTS_NAME}.*nested"):
+        ToComBank.from_pretrained(saved)

@@ -466,3 +466,32 @@ def test_python_dash_m_entry_point(monkeypatch, capsys):
     with pytest.raises(SystemExit) as info:
         runpy.run_module("tocom_hub", run_name="__main__")
     assert info.value.code == 0 and tocom_hub.__version__ in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------------
+# malformed registry files
+
+
+@pytest.mark.parametrize("content, match", [
+    (b"\xff\xfe{\x00}\x00", "not UTF-8"),
+    (b"[" * 100_000 + b"]" * 100_000, "nested"),
+    (json.dumps({"banks": {TIMM_NAME: {"repo_id": "org/reg", "revision": 5}}}).encode(), r"revision 5 \(int\)"),
+    (json.dumps({"banks": {TIMM_NAME: {"repo_id": "org/reg", "method": ["tome"]}}}).encode(), "method"),
+    (json.dumps({"banks": {TIMM_NAME: {"repo_id": 7}}}).encode(), "repo_id"),
+    (json.dumps({"banks": []}).encode(), "'banks' must map"),
+])
+def test_malformed_registry_file_is_named_and_does_not_hide_register_bank(tmp_path, clean_registry, monkeypatch,
+                                                                         content, match):
+    from tocom_hub.hub import resolve_bank
+
+    registry = tmp_path / "my-registry.json"
+    registry.write_bytes(content)
+    monkeypatch.setenv(REGISTRY_ENV, str(registry))
+    model = tiny_vit()
+    with pytest.raises(ValueError, match=match) as info:
+        registered_banks()
+    assert str(registry) in str(info.value) and REGISTRY_ENV in str(info.value)
+    with pytest.raises(ValueError, match=match):
+        resolve_bank(model)  # nothing registered in-process: the file is needed and is broken
+    entry = tocom_hub.register_bank(TIMM_NAME, "org/mine", revision="v2")
+    assert resolve_bank(model) == entry  # a valid in-process entry is not blocked by the file

@@ -13,8 +13,11 @@ single product ``A[t][b][:, m·h:n·h] @ B[t][b][m·h:n·h]``, and an inner-dime
 the bank into one adapter of inner dim ``R·h`` (the official formulation, used by the training path).
 
 On disk (:meth:`ToComBank.save_pretrained`): ``tocom.safetensors`` (tensors ``A.q``, ``B.q``, … in the
-layout above, plus string metadata: format version, the config as JSON and a SHA-256 of the tensor
-bytes) and ``tocom_config.json`` (:class:`ToComConfig`). No pickle anywhere.
+layout above, plus string metadata: format version, the config as JSON and a SHA-256 over the tensor
+bytes and that config) and ``tocom_config.json`` (:class:`ToComConfig`). No pickle anywhere. Loading
+checks everything read from the files: the checksum (a file without one is refused unless the caller
+passes ``trust_unverified=True``), every config field's type and range, the tensors' shapes and
+finiteness, and that ``tocom_config.json`` says exactly what the embedded config says.
 """
 from __future__ import annotations
 
@@ -39,6 +42,7 @@ __all__ = [
     "WEIGHTS_NAME",
     "FORMAT_VERSION",
     "TARGETS",
+    "MAX_SCALE",
 ]
 
 CONFIG_NAME = "tocom_config.json"
@@ -46,10 +50,11 @@ WEIGHTS_NAME = "tocom.safetensors"
 FORMAT_VERSION = 1
 TARGETS = ("q", "k", "v", "proj")
 METHODS = ("tome", "evit")
-
-# fields that define the tensors / the maths; they must agree between tocom_config.json and the
-# config embedded in tocom.safetensors
-_STRUCTURAL = ("embed_dim", "attn_dim", "depth", "num_heads", "r_max", "rank", "targets", "method", "format_version")
+# largest ToCom scale a bank or apply() accepts: the paper searches s in {0.01 … 0.15}; far beyond
+# that the "compensation" replaces the weights rather than correcting them (1e30 overflows fp32)
+MAX_SCALE = 100.0
+# JSON files we read (configs, registries) are a few KB; nesting deeper than this is not a config
+_MAX_JSON_DEPTH = 64
 
 PathLike = Union[str, os.PathLike]
 
@@ -121,11 +126,23 @@ class ToComConfig:
             )
         if self.method not in METHODS:
             raise ValueError(f"ToComConfig.method must be one of {METHODS}; got {self.method!r}")
-        if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)) or not math.isfinite(self.scale):
-            raise ValueError(f"ToComConfig.scale must be a finite number; got {self.scale!r}")
+        if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)) or not math.isfinite(self.scale) \
+                or not 0.0 <= self.scale <= MAX_SCALE:
+            raise ValueError(f"ToComConfig.scale must be a finite number in [0, {MAX_SCALE:g}]; got {self.scale!r}")
         self.scale = float(self.scale)
-        if self.format_version != FORMAT_VERSION:
-            if isinstance(self.format_version, int) and self.format_version > FORMAT_VERSION:
+        for name in ("base_model", "pretrained_tag"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value or len(value) > 256):
+                raise ValueError(f"ToComConfig.{name} must be a timm name (a non-empty string) or None; got {value!r}")
+        if self.training_recipe is not None and not isinstance(self.training_recipe, dict):
+            raise ValueError(f"ToComConfig.training_recipe must be a JSON object or None; "
+                             f"got {type(self.training_recipe).__name__}")
+        if self.eval_results is not None and not isinstance(self.eval_results, (dict, list)):
+            raise ValueError(f"ToComConfig.eval_results must be a JSON object, a list or None; "
+                             f"got {type(self.eval_results).__name__}")
+        if isinstance(self.format_version, bool) or self.format_version != FORMAT_VERSION:
+            if isinstance(self.format_version, int) and not isinstance(self.format_version, bool) \
+                    and self.format_version > FORMAT_VERSION:
                 raise ValueError(
                     f"bank format version {self.format_version} is newer than this tocom-hub supports "
                     f"({FORMAT_VERSION}); upgrade tocom-hub"
@@ -181,11 +198,7 @@ class ToComConfig:
 
     @classmethod
     def from_json_file(cls, path: PathLike) -> "ToComConfig":
-        try:
-            with open(path, "r", encoding="utf-8") as f:
-                data = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        data = _read_json_file(path, what="ToCom config")
         try:
             return cls.from_dict(data)
         except (TypeError, ValueError) as e:
@@ -359,13 +372,14 @@ class ToComBank(nn.Module):
             k: v.detach().to(device="cpu", dtype=dtype or v.dtype).contiguous()
             for k, v in self.state_dict().items()
         }
+        config_json = json.dumps(self.config.to_dict(), sort_keys=True)
         metadata = {
             "format": "pt",
             "library": "tocom-hub",
             "library_version": str(__version__),
             "tocom_format_version": str(FORMAT_VERSION),
-            "tocom_config": json.dumps(self.config.to_dict(), sort_keys=True),
-            "tocom_sha256": _tensors_sha256(tensors),
+            "tocom_config": config_json,
+            "tocom_sha256": _tensors_sha256(tensors, config_json),
         }
         target = save_directory / WEIGHTS_NAME
         fd, tmp = tempfile.mkstemp(prefix=f".{WEIGHTS_NAME}.", suffix=".tmp", dir=save_directory)
@@ -391,14 +405,18 @@ class ToComBank(nn.Module):
         local_files_only: bool = False,
         dtype: Optional[torch.dtype] = None,
         device: Union[str, torch.device, None] = None,
+        trust_unverified: bool = False,
     ) -> "ToComBank":
         """Load a bank from a directory, a ``.safetensors`` file, or a Hub repo id.
 
         Local paths are read directly; any other string is handed to
         ``tocom_hub.hub.download_bank`` (``revision``, ``cache_dir``, ``token``, ``local_files_only``
         apply there). Tensors keep the file's dtype unless ``dtype`` is given. A truncated or
-        modified file, missing tensors or shapes that disagree with the config raise ``ValueError``
-        naming the file. Example::
+        modified file, missing tensors, shapes that disagree with the config, a config field of the
+        wrong type or out of range (``scale`` in ``[0, MAX_SCALE]``), or a ``tocom_config.json`` that
+        disagrees with the config embedded in ``tocom.safetensors`` raise ``ValueError`` naming the
+        file. A file without the ``tocom_sha256`` checksum (not written by ``save_pretrained``) is
+        refused unless ``trust_unverified=True``: its tensors and config cannot be checked. Example::
 
             bank = ToComBank.from_pretrained("out/bank")
             bank = ToComBank.from_pretrained("out/bank/tocom.safetensors", dtype=torch.float32)
@@ -417,11 +435,11 @@ class ToComBank(nn.Module):
                 ) from e
             path = Path(download_bank(str(pretrained), revision=revision, cache_dir=cache_dir, token=token,
                                       local_files_only=local_files_only))
-        return cls._from_local(path, dtype=dtype, device=device)
+        return cls._from_local(path, dtype=dtype, device=device, trust_unverified=trust_unverified)
 
     @classmethod
     def _from_local(cls, path: Path, *, dtype: Optional[torch.dtype] = None,
-                    device: Union[str, torch.device, None] = None) -> "ToComBank":
+                    device: Union[str, torch.device, None] = None, trust_unverified: bool = False) -> "ToComBank":
         json_config: Optional[ToComConfig] = None
         if path.is_dir():
             weights = path / WEIGHTS_NAME
@@ -431,11 +449,11 @@ class ToComBank(nn.Module):
                 json_config = ToComConfig.from_json_file(path / CONFIG_NAME)
         else:
             weights = path
-        tensors, file_config = _read_bank_file(weights)
-        config = json_config or file_config
+        tensors, file_config = _read_bank_file(weights, trust_unverified=trust_unverified)
+        config = file_config  # the checksummed one; tocom_config.json must say the same
         if json_config is not None:
             a, b = json_config.to_dict(), file_config.to_dict()
-            diff = [k for k in _STRUCTURAL if a[k] != b[k]]
+            diff = [k for k in a if a[k] != b[k]]
             if diff:
                 raise ValueError(
                     f"{path / CONFIG_NAME} disagrees with the config embedded in {weights} on {diff}; "
@@ -511,18 +529,66 @@ def _looks_local(s: str) -> bool:
     return s.count("/") > 1
 
 
-def _tensors_sha256(tensors: Dict[str, torch.Tensor]) -> str:
-    """SHA-256 over names, dtypes, shapes and raw bytes of ``tensors`` (sorted by name)."""
+def _tensors_sha256(tensors: Dict[str, torch.Tensor], config_json: Optional[str] = None) -> str:
+    """SHA-256 over names, dtypes, shapes and raw bytes of ``tensors`` (sorted by name), then over the
+    embedded config JSON when given (what ``save_pretrained`` writes; files written before the config
+    was covered hold the tensor-only digest)."""
     h = hashlib.sha256()
     for k in sorted(tensors):
         t = tensors[k].detach().to("cpu").contiguous()
         h.update(f"{k}|{str(t.dtype)}|{tuple(t.shape)}|".encode())
         if t.numel():
             h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+    if config_json is not None:
+        h.update(b"tocom_config|" + config_json.encode("utf-8"))
     return h.hexdigest()
 
 
-def _read_bank_file(path: Path) -> Tuple[Dict[str, torch.Tensor], ToComConfig]:
+def _json_depth_ok(obj: Any, limit: int) -> bool:
+    stack = [(obj, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > limit:
+            return False
+        if isinstance(value, dict):
+            stack.extend((v, depth + 1) for v in value.values())
+        elif isinstance(value, list):
+            stack.extend((v, depth + 1) for v in value)
+    return True
+
+
+def _parse_json_text(text: Union[str, bytes], where: str, what: str) -> Any:
+    """``json.loads`` with errors that name ``where``: not UTF-8, not JSON, nested deeper than a config."""
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{where}: the {what} is not UTF-8 text ({e.reason} at byte {e.start}); "
+                             f"expected a JSON file") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: the {what} is not valid JSON ({e})") from None
+    except RecursionError:
+        raise ValueError(f"{where}: the {what} is nested too deeply; not a valid {what}") from None
+    if not _json_depth_ok(data, _MAX_JSON_DEPTH):
+        raise ValueError(f"{where}: the {what} is nested deeper than {_MAX_JSON_DEPTH} levels; not a valid {what}")
+    return data
+
+
+def _read_json_file(path: PathLike, *, what: str, max_bytes: int = 16 << 20) -> Any:
+    """Read a small JSON file (a config or a registry) with errors that name the file."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(max_bytes + 1)
+    except OSError as e:
+        raise ValueError(f"cannot read the {what} {path}: {e.strerror or e}") from None
+    if len(raw) > max_bytes:
+        raise ValueError(f"{path}: the {what} is larger than {max_bytes >> 20} MB; not a valid {what}")
+    return _parse_json_text(raw, str(path), what)
+
+
+def _read_bank_file(path: Path, *, trust_unverified: bool = False) -> Tuple[Dict[str, torch.Tensor], ToComConfig]:
     """Read a ``tocom.safetensors`` file: tensors + embedded config, with integrity checks."""
     from safetensors import safe_open
 
@@ -551,16 +617,25 @@ def _read_bank_file(path: Path) -> Tuple[Dict[str, torch.Tensor], ToComConfig]:
         )
     if version_int != FORMAT_VERSION:
         raise ValueError(f"{path}: unknown bank format version {version_int}; expected {FORMAT_VERSION}")
-    try:
-        config = ToComConfig.from_dict(json.loads(metadata.get("tocom_config", "")))
-    except (json.JSONDecodeError, TypeError, ValueError) as e:
-        raise ValueError(f"{path}: invalid 'tocom_config' in the safetensors metadata: {e}") from None
+    config_json = metadata.get("tocom_config", "")
     expected_sha = metadata.get("tocom_sha256")
-    if expected_sha is not None and _tensors_sha256(tensors) != expected_sha:
+    if expected_sha is None:
+        if not trust_unverified:
+            raise ValueError(
+                f"{path}: no 'tocom_sha256' checksum in the safetensors metadata, so neither the tensors nor "
+                f"the config can be verified (every bank ToComBank.save_pretrained writes has one; this file "
+                f"was written or edited by another tool). Re-save it with ToComBank.save_pretrained, or pass "
+                f"trust_unverified=True if you trust where it comes from"
+            )
+    elif expected_sha not in (_tensors_sha256(tensors, config_json), _tensors_sha256(tensors)):
         raise ValueError(
-            f"{path}: tensor checksum mismatch — the file was modified or corrupted after it was "
-            f"written; download or save it again"
+            f"{path}: checksum mismatch — the tensors or the embedded config were modified or corrupted "
+            f"after the file was written; download or save it again"
         )
+    try:
+        config = ToComConfig.from_dict(_parse_json_text(config_json, str(path), "embedded 'tocom_config'"))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: invalid 'tocom_config' in the safetensors metadata: {e}") from None
     return tensors, config
 
 

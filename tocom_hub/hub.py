@@ -29,7 +29,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
-from .bank import CONFIG_NAME, METHODS, WEIGHTS_NAME, ToComBank, _looks_local
+from .bank import CONFIG_NAME, METHODS, WEIGHTS_NAME, ToComBank, _looks_local, _read_json_file
 
 __all__ = [
     "download_bank",
@@ -350,11 +350,7 @@ def unregister_bank(timm_name: str, method: Optional[str] = None) -> None:
 def _read_registry_file(path: PathLike, source: str) -> Dict[str, List[BankEntry]]:
     """Parse a registry JSON file: ``{"banks": {name: entry | [entry, ...]}}`` (or the mapping alone),
     each entry ``{"repo_id": ..., "revision": ... (optional), "method": "tome" | "evit" (optional)}``."""
-    try:
-        with open(path, "r", encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"cannot read the ToCom bank registry {path}: {e}") from e
+    data = _read_json_file(path, what="ToCom bank registry")
     if not isinstance(data, dict):
         raise ValueError(f"ToCom bank registry {path}: expected a JSON object, got {type(data).__name__}")
     banks = data.get("banks", {k: v for k, v in data.items() if not k.startswith("_") and k != "format_version"})
@@ -363,11 +359,17 @@ def _read_registry_file(path: PathLike, source: str) -> Dict[str, List[BankEntry
     out: Dict[str, List[BankEntry]] = {}
     for name, value in banks.items():
         items = value if isinstance(value, list) else [value]
+        if not name:
+            raise ValueError(f"ToCom bank registry {path}: an entry has an empty timm name")
         for item in items:
-            if not isinstance(item, dict) or not isinstance(item.get("repo_id"), str):
+            if not isinstance(item, dict) or not isinstance(item.get("repo_id"), str) or not item["repo_id"]:
                 raise ValueError(f"ToCom bank registry {path}: entry for {name!r} needs a 'repo_id' string; "
-                                 f"got {item!r}")
-            method = item.get("method", "tome")
+                                 f"got {_short(item)}")
+            for key, example in (("revision", "'v1.0' or a commit sha"), ("method", repr(METHODS[0]))):
+                if item.get(key) is not None and not isinstance(item[key], str):
+                    raise ValueError(f"ToCom bank registry {path}: entry for {name!r} has {key} {_short(item[key])} "
+                                     f"({type(item[key]).__name__}); expected a string such as {example}")
+            method = item.get("method") or "tome"
             if method not in METHODS:
                 raise ValueError(f"ToCom bank registry {path}: entry for {name!r} has method {method!r}; "
                                  f"expected one of {METHODS}")
@@ -375,16 +377,29 @@ def _read_registry_file(path: PathLike, source: str) -> Dict[str, List[BankEntry
     return out
 
 
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def _registry_layers():
+    """The registry layers, highest priority first, each read only when asked for (a generator): a
+    malformed ``$TOCOM_HUB_REGISTRY`` file cannot hide an entry :func:`register_bank` added."""
+    yield {name: list(entries) for name, entries in _USER_REGISTRY.items()}
+    user_file = os.environ.get(REGISTRY_ENV)
+    if user_file:
+        try:
+            yield _read_registry_file(user_file, source=user_file)
+        except ValueError as e:
+            raise ValueError(f"{e} (the file is named by ${REGISTRY_ENV}: fix it, or unset ${REGISTRY_ENV})") from None
+    yield _read_registry_file(PACKAGE_REGISTRY, source="tocom-hub")
+
+
 def registered_banks() -> Dict[str, List[BankEntry]]:
     """Every known bank, by timm name, highest priority first: :func:`register_bank`, then the file
     named by ``$TOCOM_HUB_REGISTRY``, then the packaged ``registry.json``."""
     merged: Dict[str, List[BankEntry]] = {}
-    layers = [dict(_USER_REGISTRY)]
-    user_file = os.environ.get(REGISTRY_ENV)
-    if user_file:
-        layers.append(_read_registry_file(user_file, source=user_file))
-    layers.append(_read_registry_file(PACKAGE_REGISTRY, source="tocom-hub"))
-    for layer in layers:
+    for layer in _registry_layers():
         for name, entries in layer.items():
             merged.setdefault(name, []).extend(entries)
     return merged
@@ -412,11 +427,12 @@ def resolve_bank(model: Any, method: Optional[str] = None) -> BankEntry:
     if method is None and is_patched(model):
         method = get_method(model)
     names = _timm_names(model)
+    for layer in _registry_layers():  # a register_bank entry is found before any file is read
+        for name in names:
+            for entry in layer.get(name, []):
+                if method is None or entry.method == method:
+                    return entry
     known = registered_banks()
-    for name in names:
-        for entry in known.get(name, []):
-            if method is None or entry.method == method:
-                return entry
     listing = "; ".join(str(e) for entries in known.values() for e in entries)
     listing = (f"known banks: {listing}" if listing
                else "no banks are registered yet (tocom-hub does not ship official banks yet)")
@@ -442,11 +458,13 @@ def load_bank(
     local_files_only: bool = False,
     force_download: bool = False,
     method: Optional[str] = None,
+    trust_unverified: bool = False,
 ) -> ToComBank:
     """A :class:`ToComBank` from a Hub repo id, a local path, or (``bank=None``) the registry entry for ``model``.
 
     This is what :func:`tocom_hub.apply` calls when it gets a repo id or ``bank=None``. ``revision``
-    overrides the revision a registry entry pins. Example::
+    overrides the revision a registry entry pins; ``trust_unverified=True`` accepts a bank file
+    without checksum (see :meth:`ToComBank.from_pretrained`). Example::
 
         bank = tocom_hub.hub.load_bank("org/tocom-deit-base", revision="v1.0")
         bank = tocom_hub.hub.load_bank(None, model=model)      # via tocom_hub.register_bank / registry.json
@@ -461,11 +479,11 @@ def load_bank(
     else:
         repo_id = os.fspath(bank)
         if os.path.exists(repo_id) or _looks_local(repo_id):
-            return ToComBank.from_pretrained(repo_id)
+            return ToComBank.from_pretrained(repo_id, trust_unverified=trust_unverified)
     folder = download_bank(repo_id, revision=revision, cache_dir=cache_dir, token=token,
                            local_files_only=local_files_only, force_download=force_download)
     try:
-        return ToComBank.from_pretrained(folder)
+        return ToComBank.from_pretrained(folder, trust_unverified=trust_unverified)
     except ValueError as e:
         raise ValueError(f"ToCom bank {repo_id!r} (revision {_rev(revision)!r}) cannot be loaded: {e}") from e
 
