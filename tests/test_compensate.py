@@ -448,3 +448,89 @@ def test_switch_lock_serialises_a_forward_with_a_switch():
     assert done.is_set() and compensate.get_state(model).target_r == 5
     clone = copy.deepcopy(model)  # the lock is not shared with (nor copied into) a deepcopy
     assert compensate.switch_lock(clone) is not lock
+
+
+# -- bad banks are refused before anything changes --------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("merge", [True, False])
+def test_apply_refuses_an_in_memory_bank_with_non_finite_values(bad, merge):
+    model = fresh()
+    bank, _ = bank_for(model)
+    with torch.no_grad():
+        bank.B["v"][1, 3, 5] = bad
+    before = state_hash(model)
+    with pytest.raises(ValueError, match=r"B\.v contains NaN or inf"):
+        tocom_hub.apply(model, 0, 4, bank=bank, merge=merge)
+    assert state_hash(model) == before and not tocom_hub.is_patched(model)
+    assert compensate.get_state(model) is None
+
+
+@pytest.mark.parametrize("scale", [1e30, 101.0, -0.1])
+def test_apply_refuses_a_scale_out_of_bounds(scale):
+    model = fresh()
+    bank, _ = bank_for(model)
+    before = state_hash(model)
+    with pytest.raises(ValueError, match=r"scale must be a finite number in \[0, 100\]"):
+        tocom_hub.apply(model, 0, 4, bank=bank, scale=scale)
+    assert state_hash(model) == before and not tocom_hub.is_patched(model)
+
+
+@pytest.mark.parametrize("merge", [True, False])
+def test_patch_for_another_method_refused_while_a_bank_is_applied(merge):
+    model = fresh()
+    bank, groups = bank_for(model, method="tome")
+    original = clone_state(model)
+    tocom_hub.apply(model, 0, 4, bank=bank, merge=merge)
+    before = state_hash(model)
+    with pytest.raises(ValueError, match=r"bank trained for 'tome'.*'evit'.*tocom_hub.remove"):
+        tocom_hub.patch(model, method="evit")
+    assert state_hash(model) == before and tocom_hub.get_method(model) == "tome"
+    tocom_hub.patch(model, method="tome")  # same method: settings update, still allowed
+    if merge:
+        assert_closed_form(model, original, groups, bank, 0, 4)
+    tocom_hub.remove(model)
+    tocom_hub.patch(model, method="evit")  # without the bank: fine
+    assert all(torch.equal(v, original[k]) for k, v in model.state_dict().items())
+
+
+def test_bank_for_another_backbone_of_the_same_shape_is_refused():
+    from tiny_models import make_timm
+
+    vit = make_timm("vit_tiny_patch16_224", depth=2)
+    deit = make_timm("deit_tiny_patch16_224", depth=2)  # same dims, other weights
+    bank, groups = bank_for(vit)
+    assert bank.config.base_model == "vit_tiny_patch16_224"
+    before = state_hash(deit)
+    with pytest.raises(ValueError, match=r"trained for vit_tiny_patch16_224.*model is deit_tiny_patch16_224.*"
+                                         r"ignore_base_model=True"):
+        tocom_hub.apply(deit, 0, 4, bank=bank)
+    assert state_hash(deit) == before and not tocom_hub.is_patched(deit)
+    original = clone_state(deit)
+    tocom_hub.apply(deit, 0, 4, bank=bank, ignore_base_model=True)  # the explicit override
+    assert_closed_form(deit, original, groups, bank, 0, 4)
+    tocom_hub.apply(vit, 0, 4, bank=bank)  # the right backbone
+    anonymous = fresh(depth=2)  # built from the class: no timm name, only the shapes are checked
+    tocom_hub.apply(anonymous, 0, 4, bank=bank)
+
+
+def test_apply_refuses_a_bank_file_without_checksum_unless_trusted(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    model = fresh()
+    bank, groups = bank_for(model)
+    bank.save_pretrained(tmp_path)
+    path = tmp_path / WEIGHTS_NAME
+    with safe_open(str(path), framework="pt") as f:
+        meta = {k: v for k, v in f.metadata().items() if k != "tocom_sha256"}
+    tensors = load_file(str(path))
+    save_file(tensors, str(path), metadata=meta)
+    original = clone_state(model)
+    before = state_hash(model)
+    with pytest.raises(ValueError, match="tocom_sha256.*trust_unverified=True"):
+        tocom_hub.apply(model, 0, 4, bank=str(tmp_path))
+    assert state_hash(model) == before and not tocom_hub.is_patched(model)
+    tocom_hub.apply(model, 0, 4, bank=str(tmp_path), trust_unverified=True)
+    assert_closed_form(model, original, groups, bank, 0, 4)

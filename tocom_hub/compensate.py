@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .bank import ToComBank, _looks_local, model_dims
+from .bank import MAX_SCALE, ToComBank, _looks_local, model_dims
 from .patch import get_method, is_patched, patch, set_r, unpatch
 
 __all__ = ["apply", "set_target_r", "set_pair", "remove", "get_state", "disabled", "switch_lock", "Compensation",
@@ -49,8 +49,6 @@ __all__ = ["apply", "set_target_r", "set_pair", "remove", "get_state", "disabled
 _ATTR = "_tocom_compensation"
 _LOCK_ATTR = "_tocom_switch_lock"
 _LOCK_CREATION = threading.Lock()
-# |s| beyond this is no compensation but a different model (the paper searches s in 0.01 … 0.15)
-MAX_SCALE = 100.0
 # merged mode: at most this many in-place difference updates between two exact re-derivations. Each
 # update rounds once (≤ ½ ulp), so the distance to the closed form stays ≤ RESYNC_EVERY · 2⁻²⁴ ≈ 4.8e-7
 # of the largest weight (measured: 10,000 random switches, never back to the source: 2.8e-7 with 8,
@@ -358,6 +356,7 @@ def _check_int_r(name: str, r: Any, r_max: int) -> None:
 
 
 def _resolve_bank(bank: BankLike, model: nn.Module, method: Optional[str], hub_kwargs: Dict[str, Any]) -> ToComBank:
+    trust = hub_kwargs.pop("trust_unverified", False)
     if isinstance(bank, ToComBank):
         if hub_kwargs:
             raise TypeError(f"{sorted(hub_kwargs)} only apply when `bank` is a Hub repo id")
@@ -370,7 +369,7 @@ def _resolve_bank(bank: BankLike, model: nn.Module, method: Optional[str], hub_k
     if bank is not None and (os.path.exists(bank) or _looks_local(os.fspath(bank))):
         if hub_kwargs:
             raise TypeError(f"{sorted(hub_kwargs)} only apply when `bank` is a Hub repo id")
-        return ToComBank.from_pretrained(bank)
+        return ToComBank.from_pretrained(bank, trust_unverified=trust)
     try:
         from .hub import load_bank
     except ImportError as e:
@@ -381,18 +380,26 @@ def _resolve_bank(bank: BankLike, model: nn.Module, method: Optional[str], hub_k
         ) from e
     if bank is None and method is not None:
         hub_kwargs = dict(hub_kwargs, method=method)
-    loaded = load_bank(bank, model=model, **hub_kwargs)
+    loaded = load_bank(bank, model=model, trust_unverified=trust, **hub_kwargs)
     if not isinstance(loaded, ToComBank):
         raise TypeError(f"tocom_hub.hub.load_bank returned {type(loaded).__name__}, expected a ToComBank")
     return loaded
 
 
-def _check_compatible(model: nn.Module, bank: ToComBank, method: Optional[str]) -> None:
+def _model_architecture(model: nn.Module) -> Optional[str]:
+    """timm's architecture name of ``model`` (``model.pretrained_cfg["architecture"]``), if it has one."""
+    cfg = getattr(model, "pretrained_cfg", None)
+    arch = cfg.get("architecture") if isinstance(cfg, dict) else getattr(cfg, "architecture", None)
+    return arch if isinstance(arch, str) and arch else None
+
+
+def _check_compatible(model: nn.Module, bank: ToComBank, method: Optional[str], ignore_base_model: bool) -> None:
     """Raise if ``bank`` cannot serve ``model`` (no side effects)."""
     dims = model_dims(model)
     cfg = bank.config
     trained_for = f" ({cfg.base_model_id})" if cfg.base_model_id else ""
-    model_name = (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or type(model).__name__
+    arch = _model_architecture(model)
+    model_name = arch or type(model).__name__
     for key, want, have in (
         ("embed_dim", cfg.embed_dim, dims["embed_dim"]),
         ("depth", cfg.depth, dims["depth"]),
@@ -422,12 +429,27 @@ def _check_compatible(model: nn.Module, bank: ToComBank, method: Optional[str]) 
     weight = model.blocks[0].attn.qkv.weight
     if not weight.dtype.is_floating_point:
         raise TypeError(f"model weights are {weight.dtype}; ToCom needs floating point weights")
+    for name, p in bank.named_parameters():
+        if not p.dtype.is_floating_point:
+            raise TypeError(f"bank tensor {name} is {p.dtype}; a ToCom bank holds floating point factors")
+        if p.device.type != "meta" and not bool(torch.isfinite(p.detach()).all()):
+            raise ValueError(
+                f"bank tensor {name} contains NaN or inf: merging it would make the model's outputs "
+                f"non-finite. Check how the bank was trained or edited (nothing was changed)"
+            )
+    if not ignore_base_model and arch is not None and cfg.base_model is not None and arch != cfg.base_model:
+        raise ValueError(
+            f"bank was trained for {cfg.base_model_id}, but the model is {arch} (model.pretrained_cfg); "
+            f"a bank fits only the backbone it was trained on, even when the shapes agree: pick a bank "
+            f"for {arch}, or pass ignore_base_model=True if this model really is a {cfg.base_model}"
+        )
 
 
 def _check_scale(bank: ToComBank, scale: Optional[float]) -> float:
     s = bank.scale if scale is None else scale
-    if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s):
-        raise ValueError(f"scale must be a finite number; got {scale!r}")
+    if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s) or not 0 <= s <= MAX_SCALE:
+        raise ValueError(f"scale must be a finite number in [0, {MAX_SCALE:g}] (the paper uses 0.01 … 0.15); "
+                         f"got {s!r}")
     return float(s)
 
 
@@ -440,6 +462,7 @@ def apply(
     scale: Optional[float] = None,
     method: Optional[str] = None,
     merge: bool = True,
+    ignore_base_model: bool = False,
     **hub_kwargs: Any,
 ) -> nn.Module:
     """Run a model fine-tuned at ``r = source_r`` at ``r = target_r``, compensated by a ToCom bank.
@@ -458,7 +481,11 @@ def apply(
         scale: ``s``; ``None`` uses ``bank.config.scale``.
         method: ``"tome"`` / ``"evit"`` to insist on; ``None`` uses the bank's.
         merge: merged (inference) or unmerged (training) mode.
-        **hub_kwargs: ``revision``, ``cache_dir``, ``token``, ``local_files_only`` for Hub ids.
+        ignore_base_model: apply even when the bank's config names another timm architecture than
+            ``model.pretrained_cfg`` (by default that is refused; when either name is unknown, only
+            the shapes are checked).
+        **hub_kwargs: ``revision``, ``cache_dir``, ``token``, ``local_files_only`` for Hub ids;
+            ``trust_unverified=True`` accepts a bank file without checksum (local path or Hub).
 
     A model carries one bank: applying again replaces the current one (same result as applying to
     the untouched model). Merged mode keeps a copy of the original adapted rows (see
@@ -470,12 +497,12 @@ def apply(
     """
     bank = _resolve_bank(bank, model, method, hub_kwargs)
     with switch_lock(model):
-        return _apply_locked(model, source_r, target_r, bank, scale, method, merge)
+        return _apply_locked(model, source_r, target_r, bank, scale, method, merge, ignore_base_model)
 
 
 def _apply_locked(model: nn.Module, source_r: int, target_r: int, bank: ToComBank, scale: Optional[float],
-                  method: Optional[str], merge: bool) -> nn.Module:
-    _check_compatible(model, bank, method)
+                  method: Optional[str], merge: bool, ignore_base_model: bool) -> nn.Module:
+    _check_compatible(model, bank, method, ignore_base_model)
     s = _check_scale(bank, scale)
     _check_int_r("source_r", source_r, bank.r_max)
     _check_int_r("target_r", target_r, bank.r_max)

@@ -303,6 +303,13 @@ def patch(
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}; got {method!r}")
     _check_supported(model)
+    comp = model.__dict__.get("_tocom_compensation")  # set by tocom_hub.apply (compensate.py)
+    if comp is not None and comp.bank.method != method:
+        raise ValueError(
+            f"model carries a ToCom bank trained for {comp.bank.method!r}; switching the patch to {method!r} "
+            f"would run it with the wrong token reduction: call tocom_hub.remove(model) first, or apply a bank "
+            f"trained for {method!r}"
+        )
     if is_patched(model):
         state = model._tocom_state
         r = _resolve_r(model, state.r_spec, method)  # a method switch may change the r limit
