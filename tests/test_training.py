@@ -309,3 +309,96 @@ def test_pair_sampling_is_uniform_and_stable():
     assert min(counts.values()) > 0.7 * 6000 / 12
     pairs = heldout_pairs(0, 10, 8)
     assert len(set(pairs)) == 8 and all(m != n for m, n in pairs) and pairs == heldout_pairs(0, 10, 8)
+
+
+# ---------------------------------------------------------------------------------------------------
+# (f) faults: planted pickles, unwritable output dirs, a full disk
+
+
+class _Payload:
+    """Unpickling this creates the directory ``marker`` (what an attacker's code would do)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+@pytest.fixture(scope="module")
+def stopped_run(tmp_path_factory):
+    """A run stopped after its checkpoint at step 2 (default data, tiny settings)."""
+    out = tmp_path_factory.mktemp("stopped") / "out"
+    run([DISTILL, "--max-steps", "4", "--checkpoint-every", "2", "--stop-after", "2", "--batch-size", "8",
+         "--heldout-pairs", "0", "--num-workers", "0", "--output-dir", out])
+    return out
+
+
+@pytest.mark.parametrize("planted", ["custom_checkpoint_0.pkl", "random_states_0.pkl", "optimizer.bin"])
+def test_resume_never_unpickles_code_from_the_output_dir(stopped_run, tmp_path, planted):
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(stopped_run, out)
+    ckpt = out / "checkpoints" / "step_00000002"
+    assert ckpt.is_dir() and not list(ckpt.glob("custom_checkpoint_*.pkl"))  # the step is kept as JSON
+    marker = tmp_path / "code-ran"
+    torch.save({"step": 2, "state": _Payload(marker)}, ckpt / planted)
+    proc = run([DISTILL, "--max-steps", "4", "--checkpoint-every", "2", "--batch-size", "8", "--heldout-pairs", "0",
+                "--num-workers", "0", "--output-dir", out, "--resume", "latest"], check=False)
+    assert not marker.exists(), f"resume executed code from {planted}"
+    assert proc.returncode != 0, proc.stderr[-2000:]
+    assert planted in proc.stderr and "step_00000002" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (out / "tocom.safetensors").exists()
+
+
+def test_resume_reads_the_step_from_json(stopped_run, tmp_path):
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(stopped_run, out)
+    state = json.loads((out / "checkpoints" / "step_00000002" / "train_state.json").read_text())
+    assert state == {"step": 2}
+    proc = run([DISTILL, "--max-steps", "4", "--checkpoint-every", "2", "--batch-size", "8", "--heldout-pairs", "0",
+                "--num-workers", "0", "--output-dir", out, "--resume", "latest"])
+    assert "at step 2" in proc.stderr
+    assert json.loads((out / "metrics.json").read_text())["resumed_from_step"] == 2
+
+
+def test_unwritable_output_dir_is_refused_before_training(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    for out in (blocker / "out", blocker):
+        proc = run([DISTILL, "--max-steps", "30", "--batch-size", "16", "--output-dir", out, *FAST], check=False)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert f"--output-dir {out}" in proc.stderr and "Traceback" not in proc.stderr
+        assert "distill:" not in proc.stderr  # no training step ran
+    if os.geteuid() != 0:  # root writes through permission bits
+        ro = tmp_path / "read-only"
+        ro.mkdir()
+        ro.chmod(0o555)
+        try:
+            proc = run([DISTILL, "--max-steps", "30", "--output-dir", ro / "out", *FAST], check=False)
+            assert proc.returncode == 2 and "cannot write" in proc.stderr
+        finally:
+            ro.chmod(0o755)
+
+
+def test_disk_full_during_a_checkpoint_write_is_clear_and_leaves_no_partial_folder(tmp_path):
+    import resource
+
+    out = tmp_path / "out"
+
+    def small_files():  # every file this process writes is capped at 100 kB: writes beyond fail (EFBIG)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+
+    cmd = [sys.executable, DISTILL, "--max-steps", "4", "--checkpoint-every", "2", "--batch-size", "8",
+           "--heldout-pairs", "0", "--num-workers", "0", "--output-dir", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=str(ROOT), timeout=300,
+                          preexec_fn=small_files, check=False)
+    assert proc.returncode != 0
+    err = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert err and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "could not write checkpoint" in err[-1] and "step_00000002" in err[-1] and "full" in err[-1], err
+    assert not list((out / "checkpoints").glob(".tmp_step_*")), list((out / "checkpoints").iterdir())
+    assert not (out / "checkpoints" / "step_00000002").exists()

@@ -21,11 +21,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import hashlib
 import json
 import os
+import pickle
 import random
+import re
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -60,7 +64,9 @@ __all__ = [
     "resolve_report_to",
     "use_cpu",
     "TrainState",
+    "CheckpointError",
     "save_checkpoint",
+    "load_checkpoint",
     "find_checkpoint",
     "sha256_file",
     "write_json",
@@ -327,12 +333,46 @@ def check_common_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> N
                     f"(hfds/, hfids/, wds/, tfds/, torch/)")
     if args.resume not in (None, "latest") and not os.path.isdir(args.resume):
         p.error(f"--resume {args.resume}: no such checkpoint directory (or use --resume latest)")
+    problem = output_dir_problem(args.output_dir)
+    if problem:
+        p.error(f"--output-dir {args.output_dir}: {problem}; pick a directory you can write to")
     if args.report_to in ("tensorboard", "wandb"):
         from accelerate.utils import is_tensorboard_available, is_wandb_available
 
         ok = is_tensorboard_available() if args.report_to == "tensorboard" else is_wandb_available()
         if not ok:
             p.error(f"--report-to {args.report_to}: the package is not installed (pip install {args.report_to})")
+
+
+def output_dir_problem(path: str) -> Optional[str]:
+    """Why checkpoints and exports could not be written under ``path`` (``None``: they can).
+
+    Checked before any training, by writing and removing a small file in ``path`` — or, when it does
+    not exist yet, in the nearest existing parent (nothing is created: the run makes the folder).
+    """
+    target = Path(path).expanduser()
+    probe_dirs = []
+    if target.exists():
+        if not target.is_dir():
+            return "exists and is not a directory"
+        probe_dirs.append(target)
+        if (target / "checkpoints").exists():
+            probe_dirs.append(target / "checkpoints")
+    else:
+        parent = target.absolute().parent
+        while not parent.exists():
+            parent = parent.parent
+        if not parent.is_dir():
+            return f"{parent} is a file, not a directory"
+        probe_dirs.append(parent)
+    for d in probe_dirs:
+        try:
+            fd, probe = tempfile.mkstemp(prefix=".tocom-write-test-", dir=d)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as e:
+            return f"cannot write into {d} ({e.strerror or e})"
+    return None
 
 
 def use_cpu(args: argparse.Namespace) -> bool:
@@ -533,8 +573,14 @@ def model_img_size(model: torch.nn.Module) -> int:
 # checkpoints
 
 
+TRAIN_STATE_NAME = "train_state.json"
+# what accelerate.save_state writes next to the model/optimizer: RNG states (pickles of plain numbers
+# and arrays, read back with weights_only=True). Any other *.pkl in a checkpoint was not written here.
+_ACCELERATE_PICKLES = re.compile(r"random_states_\d+\.pkl")
+
+
 class TrainState:
-    """The loop position, saved with ``accelerator.save_state`` (``register_for_checkpointing``)."""
+    """The loop position. Saved as ``train_state.json`` in each checkpoint (JSON, never a pickle)."""
 
     def __init__(self) -> None:
         self.step = 0
@@ -546,28 +592,101 @@ class TrainState:
         self.step = int(state["step"])
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written, or a checkpoint directory is not one this script can resume."""
+
+
+def _write_failure(tmp: Path, e: BaseException) -> CheckpointError:
+    shutil.rmtree(tmp, ignore_errors=True)
+    err = getattr(e, "errno", None)
+    full_words = ("No space left", "File too large", "Disk quota", "unexpected pos", "file write failed")
+    if err in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) or any(w in str(e) for w in full_words):
+        why = "the disk (or your quota / file size limit) is full"
+    elif err in (errno.EACCES, errno.EPERM, errno.EROFS):
+        why = "the directory is not writable"
+    else:
+        why = "the write failed"
+    free = ""
+    try:
+        free = f"; {shutil.disk_usage(tmp.parent).free / 1e6:.1f} MB free there"
+    except OSError:
+        pass
+    return CheckpointError(
+        f"could not write checkpoint {tmp.parent / tmp.name.replace('.tmp_', '')}: {why} "
+        f"({type(e).__name__}: {e}){free}. The partial files were removed; earlier checkpoints are intact. "
+        f"Free some space (or pass another --output-dir) and resume with --resume latest"
+    )
+
+
 def save_checkpoint(accelerator, output_dir: str, step: int, run_config: Dict[str, Any]) -> str:
     """``accelerator.save_state`` into ``OUTPUT_DIR/checkpoints/step_XXXXXXXX``, atomically.
 
     All processes write into a temporary folder, which the main process renames once everybody is
     done: a run killed while saving never leaves a half-written checkpoint that ``--resume latest``
-    would pick. ``run_config.json`` records the flags that must match on resume.
+    would pick. ``run_config.json`` records the flags that must match on resume, ``train_state.json``
+    the step. A failed write (disk full, quota, permissions) removes the temporary folder and raises
+    :class:`CheckpointError` naming the checkpoint.
     """
     root = Path(output_dir) / "checkpoints"
     final = root / f"step_{step:08d}"
     tmp = root / f".tmp_step_{step:08d}"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True, exist_ok=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        write_json(tmp / "run_config.json", run_config)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+    try:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True, exist_ok=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            write_json(tmp / "run_config.json", run_config)
+            write_json(tmp / TRAIN_STATE_NAME, {"step": int(step)})
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+    except Exception as e:  # OSError, torch's RuntimeError, safetensors' SafetensorError
+        raise _write_failure(tmp, e) from e
     accelerator.wait_for_everyone()
     return str(final)
+
+
+def load_checkpoint(accelerator, path: str, state: TrainState) -> None:
+    """Resume from checkpoint ``path`` without unpickling anything that could run code.
+
+    The step comes from ``train_state.json``; model weights are safetensors; the optimizer, scheduler
+    and RNG states go through ``accelerator.load_state`` with ``weights_only=True`` (tensors, numbers
+    and arrays only). A ``*.pkl`` that accelerate's ``save_state`` did not write (e.g. a planted
+    ``custom_checkpoint_0.pkl``, which accelerate would unpickle in full) is refused, as is any file
+    that does not load under ``weights_only=True``: :class:`CheckpointError` naming the file.
+    """
+    from accelerate.utils import load as accelerate_load
+
+    root = Path(path)
+    foreign = sorted(f.name for f in root.iterdir() if f.suffix == ".pkl" and not _ACCELERATE_PICKLES.fullmatch(f.name))
+    if foreign:
+        raise CheckpointError(
+            f"refusing to resume from {root}: it holds {', '.join(foreign)}, a pickle this script never "
+            f"writes (it keeps the loop state in {TRAIN_STATE_NAME}); unpickling it could run arbitrary code. "
+            f"Remove the file if you wrote it yourself, or resume from a checkpoint you trust"
+        )
+    state_file = root / TRAIN_STATE_NAME
+    try:
+        saved = json.loads(state_file.read_text(encoding="utf-8"))
+        step = saved["step"] if isinstance(saved, dict) else None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, RecursionError) as e:
+        raise CheckpointError(f"cannot resume from {root}: {state_file.name} is missing or unreadable ({e}); "
+                              f"not a complete checkpoint written by this script") from None
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise CheckpointError(f"cannot resume from {root}: {state_file} has step {step!r}; expected an int >= 0")
+    for f in sorted(root.glob("random_states_*.pkl")) + sorted(root.glob("*.bin")):
+        try:  # what load_state will read, checked first under the same restriction
+            accelerate_load(str(f), map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, AttributeError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointError(
+                f"cannot resume from {root}: {f.name} does not load with weights_only=True ({first}); it holds "
+                f"objects other than tensors and numbers, so it was modified or not written by this script"
+            ) from None
+    accelerator.load_state(str(root), load_kwargs={"weights_only": True})
+    state.step = step
 
 
 def find_checkpoint(output_dir: str, resume: Optional[str]) -> Optional[str]:
@@ -588,7 +707,13 @@ def check_resume_config(path: str, current: Dict[str, Any], must_match: Sequence
     cfg_path = Path(path) / "run_config.json"
     if not cfg_path.is_file():
         raise ValueError(f"{path} has no run_config.json: not a checkpoint written by this script")
-    saved = json.loads(cfg_path.read_text())
+    try:
+        saved = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise ValueError(f"{cfg_path} is unreadable ({type(e).__name__}: {e}); not a checkpoint written by this "
+                         f"script") from None
+    if not isinstance(saved, dict):
+        raise ValueError(f"{cfg_path} is not a JSON object; not a checkpoint written by this script")
     diff = {k: (saved.get(k), current.get(k)) for k in must_match if saved.get(k) != current.get(k)}
     if diff:
         details = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
@@ -610,8 +735,12 @@ def write_json(path, obj: Any) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 @torch.no_grad()

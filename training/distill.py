@@ -394,12 +394,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         "mixup": args.mixup if args.use_mixup else 0.0, "cutmix": args.cutmix if args.use_mixup else 0.0,
     }
     state = common.TrainState()
-    accelerator.register_for_checkpointing(state)
     resume_dir = common.find_checkpoint(args.output_dir, args.resume)
     resumed_from = None
     if resume_dir is not None:
         common.check_resume_config(resume_dir, run_config, RESUME_MUST_MATCH)
-        accelerator.load_state(resume_dir)
+        common.load_checkpoint(accelerator, resume_dir, state)  # JSON step + weights_only loads, no pickle
         resumed_from = state.step
         logger.info("resumed from %s at step %d", resume_dir, state.step)
     elif args.resume == "latest":
@@ -510,8 +509,14 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         out_bank = unwrapped.bank
         out_bank.config.training_recipe = run_config
         out_bank.config.eval_results = {k: v for k, v in metrics.items() if k.startswith("heldout_")}
-        out_bank.save_pretrained(args.output_dir)
-        common.write_json(os.path.join(args.output_dir, "metrics.json"), metrics)
+        try:
+            out_bank.save_pretrained(args.output_dir)
+            common.write_json(os.path.join(args.output_dir, "metrics.json"), metrics)
+        except Exception as e:  # OSError, torch's RuntimeError, safetensors' SafetensorError
+            raise common.CheckpointError(
+                f"could not write the trained bank to {args.output_dir} ({type(e).__name__}: {e}); no partial "
+                f"file was left. Free some space and rerun with --resume latest (from the last checkpoint)"
+            ) from e
         name = "l1" if args.kd == "features" else "kl"
         if f"heldout_{name}_no_bank" in metrics:
             a, b = metrics[f"heldout_{name}_no_bank"], metrics[f"heldout_{name}_with_bank"]
@@ -541,4 +546,7 @@ def _fast_forward(loader, skip: int):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except common.CheckpointError as e:  # a clear one-paragraph message, no traceback
+        raise SystemExit(f"distill: error: {e}") from None

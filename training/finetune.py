@@ -221,12 +221,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         "mixup": args.mixup if mixup else 0.0, "cutmix": args.cutmix if mixup else 0.0,
     }
     state = common.TrainState()
-    accelerator.register_for_checkpointing(state)
     resume_dir = common.find_checkpoint(args.output_dir, args.resume)
     resumed_from = None
     if resume_dir is not None:
         common.check_resume_config(resume_dir, run_config, RESUME_MUST_MATCH)
-        accelerator.load_state(resume_dir)
+        common.load_checkpoint(accelerator, resume_dir, state)  # JSON step + weights_only loads, no pickle
         resumed_from = state.step
         logger.info("resumed from %s at step %d", resume_dir, state.step)
     if accelerator.log_with:
