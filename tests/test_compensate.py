@@ -534,3 +534,46 @@ def test_apply_refuses_a_bank_file_without_checksum_unless_trusted(tmp_path):
     assert state_hash(model) == before and not tocom_hub.is_patched(model)
     tocom_hub.apply(model, 0, 4, bank=str(tmp_path), trust_unverified=True)
     assert_closed_form(model, original, groups, bank, 0, 4)
+
+
+def test_concurrent_apply_switch_and_remove_keep_the_model_consistent(one_thread):
+    """Threads apply (two banks, various pairs), switch and remove at random: whatever state the
+    model ends in is exact — the closed form of the bank it carries, or the original weights."""
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+
+    model = fresh(depth=2)
+    original = clone_state(model)
+    banks = [bank_for(model, r_max=6, seed=s) for s in (1, 2)]
+    old_interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+
+    def worker(seed):
+        rng = random.Random(seed)
+        for _ in range(150):
+            op = rng.random()
+            try:
+                if op < 0.2:
+                    bank, _ = banks[rng.randrange(2)]
+                    tocom_hub.apply(model, rng.randint(0, 6), rng.randint(0, 6), bank=bank)
+                elif op < 0.3:
+                    tocom_hub.remove(model)
+                else:
+                    tocom_hub.set_target_r(model, rng.randint(0, 6))
+            except ValueError as e:  # set_target_r on a model whose bank another thread just removed
+                assert "carries no ToCom bank" in str(e)
+
+    try:
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            for future in [pool.submit(worker, k) for k in range(4)]:
+                future.result()
+    finally:
+        sys.setswitchinterval(old_interval)
+    st = compensate.get_state(model)
+    if st is not None:
+        bank, groups = next(bg for bg in banks if bg[0] is st.bank)
+        assert tocom_hub.get_r(model) == st.target_r
+        assert_closed_form(model, original, groups, bank, st.source_r, st.target_r)
+    tocom_hub.remove(model)
+    assert not tocom_hub.is_patched(model)
+    assert all(torch.equal(v, original[k]) for k, v in model.state_dict().items())
