@@ -593,7 +593,8 @@ class TrainState:
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint could not be written, or a checkpoint directory is not one this script can resume."""
+    """A checkpoint could not be written, or a checkpoint directory is not one this script can resume
+    (the training scripts print its message, without a traceback, and exit 1)."""
 
 
 def _write_failure(tmp: Path, e: BaseException) -> CheckpointError:
@@ -706,19 +707,19 @@ def check_resume_config(path: str, current: Dict[str, Any], must_match: Sequence
     """Raise if the checkpoint was written by a run whose ``must_match`` flags differ from now."""
     cfg_path = Path(path) / "run_config.json"
     if not cfg_path.is_file():
-        raise ValueError(f"{path} has no run_config.json: not a checkpoint written by this script")
+        raise CheckpointError(f"{path} has no run_config.json: not a checkpoint written by this script")
     try:
         saved = json.loads(cfg_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise ValueError(f"{cfg_path} is unreadable ({type(e).__name__}: {e}); not a checkpoint written by this "
-                         f"script") from None
+        raise CheckpointError(f"{cfg_path} is unreadable ({type(e).__name__}: {e}); not a checkpoint written "
+                              f"by this script") from None
     if not isinstance(saved, dict):
-        raise ValueError(f"{cfg_path} is not a JSON object; not a checkpoint written by this script")
+        raise CheckpointError(f"{cfg_path} is not a JSON object; not a checkpoint written by this script")
     diff = {k: (saved.get(k), current.get(k)) for k in must_match if saved.get(k) != current.get(k)}
     if diff:
         details = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
-        raise ValueError(f"cannot resume from {path}: the run was started with different settings ({details}); "
-                         f"resume with the same flags, or start a fresh --output-dir")
+        raise CheckpointError(f"cannot resume from {path}: the run was started with different settings "
+                              f"({details}); resume with the same flags, or start a fresh --output-dir")
 
 
 def sha256_file(path: Optional[str]) -> Optional[str]:

@@ -322,4 +322,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except common.CheckpointError as e:  # a clear one-paragraph message, no traceback
+        raise SystemExit(f"finetune: error: {e}") from None
