@@ -402,3 +402,34 @@ def test_disk_full_during_a_checkpoint_write_is_clear_and_leaves_no_partial_fold
     assert "could not write checkpoint" in err[-1] and "step_00000002" in err[-1] and "full" in err[-1], err
     assert not list((out / "checkpoints").glob(".tmp_step_*")), list((out / "checkpoints").iterdir())
     assert not (out / "checkpoints" / "step_00000002").exists()
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("no_model", "model.safetensors"),
+    ("truncated_optimizer", "optimizer.bin"),
+    ("step_edited", "train_state.json says step 99"),
+    ("state_not_json", "train_state.json is missing or unreadable"),
+    ("run_config_not_utf8", "run_config.json is unreadable"),
+])
+def test_damaged_checkpoint_is_a_clear_error(stopped_run, tmp_path, damage, message):
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(stopped_run, out)
+    ckpt = out / "checkpoints" / "step_00000002"
+    if damage == "no_model":
+        (ckpt / "model.safetensors").unlink()
+    elif damage == "truncated_optimizer":
+        data = (ckpt / "optimizer.bin").read_bytes()
+        (ckpt / "optimizer.bin").write_bytes(data[: len(data) // 2])
+    elif damage == "step_edited":
+        (ckpt / "train_state.json").write_text('{"step": 99}')
+    elif damage == "state_not_json":
+        (ckpt / "train_state.json").write_text("{" * 10)
+    else:
+        (ckpt / "run_config.json").write_bytes(b"\xff\xfe\x00")
+    proc = run([DISTILL, "--max-steps", "4", "--checkpoint-every", "2", "--batch-size", "8", "--heldout-pairs", "0",
+                "--num-workers", "0", "--output-dir", out, "--resume", ckpt], check=False)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and message in proc.stderr and str(ckpt) in proc.stderr, proc.stderr[-2000:]
+    assert not (out / "tocom.safetensors").exists()

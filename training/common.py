@@ -668,6 +668,9 @@ def load_checkpoint(accelerator, path: str, state: TrainState) -> None:
             f"writes (it keeps the loop state in {TRAIN_STATE_NAME}); unpickling it could run arbitrary code. "
             f"Remove the file if you wrote it yourself, or resume from a checkpoint you trust"
         )
+    if not (root / "model.safetensors").is_file():
+        raise CheckpointError(f"cannot resume from {root}: model.safetensors is missing; not a complete checkpoint "
+                              f"written by this script")
     state_file = root / TRAIN_STATE_NAME
     try:
         saved = json.loads(state_file.read_text(encoding="utf-8"))
@@ -677,6 +680,10 @@ def load_checkpoint(accelerator, path: str, state: TrainState) -> None:
                               f"not a complete checkpoint written by this script") from None
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise CheckpointError(f"cannot resume from {root}: {state_file} has step {step!r}; expected an int >= 0")
+    named = re.fullmatch(r"step_(\d+)", root.name)
+    if named and int(named.group(1)) != step:
+        raise CheckpointError(f"cannot resume from {root}: {state_file.name} says step {step}, the folder name says "
+                              f"{int(named.group(1))}; the checkpoint was modified")
     for f in sorted(root.glob("random_states_*.pkl")) + sorted(root.glob("*.bin")):
         try:  # what load_state will read, checked first under the same restriction
             accelerate_load(str(f), map_location="cpu", weights_only=True)
@@ -686,7 +693,12 @@ def load_checkpoint(accelerator, path: str, state: TrainState) -> None:
                 f"cannot resume from {root}: {f.name} does not load with weights_only=True ({first}); it holds "
                 f"objects other than tensors and numbers, so it was modified or not written by this script"
             ) from None
-    accelerator.load_state(str(root), load_kwargs={"weights_only": True})
+    try:
+        accelerator.load_state(str(root), load_kwargs={"weights_only": True})
+    except Exception as e:  # missing / truncated files: FileNotFoundError, SafetensorError, RuntimeError, …
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise CheckpointError(f"cannot resume from {root}: {type(e).__name__}: {first} — the checkpoint is "
+                              f"incomplete or was modified; resume from another one or start afresh") from e
     state.step = step
 
 
