@@ -360,8 +360,24 @@ def test_banks_the_project_ships_carry_checksums():
     assert files, "the package ships at least the demo bank"
     for path in files:
         with safe_open(str(path), framework="pt") as f:
-            assert "tocom_sha256" in (f.metadata() or {}), path
+            meta = f.metadata() or {}
+        assert meta.get("tocom_sha256") == _tensors_sha256(load_file(str(path)), meta["tocom_config"]), path
         ToComBank.from_pretrained(path.parent)  # no trust flag needed
+
+
+def test_files_whose_checksum_covers_only_the_tensors_still_load(saved, bank):
+    """Files written before the checksum covered the embedded config: the tensors are still verified."""
+    path = saved / WEIGHTS_NAME
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata())
+    tens = load_file(str(path))
+    save_file(tens, str(path), metadata=dict(meta, tocom_sha256=_tensors_sha256(tens)))
+    loaded = ToComBank.from_pretrained(saved)
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in bank.state_dict().items())
+    tens["A.q"][0, 0, 0] += 1.0
+    save_file(tens, str(path), metadata=dict(meta, tocom_sha256=_tensors_sha256(load_file(str(path)))))
+    with pytest.raises(ValueError, match="checksum"):
+        ToComBank.from_pretrained(saved)
 
 
 @pytest.mark.parametrize("content, match", [
