@@ -511,6 +511,8 @@ def test_bank_for_another_backbone_of_the_same_shape_is_refused():
     tocom_hub.apply(deit, 0, 4, bank=bank, ignore_base_model=True)  # the explicit override
     assert_closed_form(deit, original, groups, bank, 0, 4)
     tocom_hub.apply(vit, 0, 4, bank=bank)  # the right backbone
+    tagged, _ = bank_for(vit, base_model="vit_tiny_patch16_224.augreg_in21k")  # "arch.tag" names the same arch
+    tocom_hub.apply(make_timm("vit_tiny_patch16_224", depth=2), 0, 4, bank=tagged)
     anonymous = fresh(depth=2)  # built from the class: no timm name, only the shapes are checked
     tocom_hub.apply(anonymous, 0, 4, bank=bank)
 

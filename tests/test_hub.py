@@ -495,3 +495,10 @@ def test_malformed_registry_file_is_named_and_does_not_hide_register_bank(tmp_pa
         resolve_bank(model)  # nothing registered in-process: the file is needed and is broken
     entry = tocom_hub.register_bank(TIMM_NAME, "org/mine", revision="v2")
     assert resolve_bank(model) == entry  # a valid in-process entry is not blocked by the file
+
+
+def test_register_bank_validates_the_revision(clean_registry):
+    for bad in (5, "", ["v1"]):
+        with pytest.raises(ValueError, match="revision must be"):
+            tocom_hub.register_bank(TIMM_NAME, "org/reg", revision=bad)
+    assert TIMM_NAME not in registered_banks()

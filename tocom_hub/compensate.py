@@ -437,7 +437,8 @@ def _check_compatible(model: nn.Module, bank: ToComBank, method: Optional[str], 
                 f"bank tensor {name} contains NaN or inf: merging it would make the model's outputs "
                 f"non-finite. Check how the bank was trained or edited (nothing was changed)"
             )
-    if not ignore_base_model and arch is not None and cfg.base_model is not None and arch != cfg.base_model:
+    bank_arch = cfg.base_model.split(".", 1)[0] if cfg.base_model else None  # "arch" of an "arch.tag" name
+    if not ignore_base_model and arch is not None and bank_arch is not None and arch.split(".", 1)[0] != bank_arch:
         raise ValueError(
             f"bank was trained for {cfg.base_model_id}, but the model is {arch} (model.pretrained_cfg); "
             f"a bank fits only the backbone it was trained on, even when the shapes agree: pick a bank "

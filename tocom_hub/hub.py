@@ -333,6 +333,8 @@ def register_bank(timm_name: str, repo_id: str, revision: Optional[str] = None, 
                          f"got {timm_name!r}")
     if not isinstance(repo_id, str) or not repo_id:
         raise ValueError(f"repo_id must be a Hub repo id such as 'org/name'; got {repo_id!r}")
+    if revision is not None and (not isinstance(revision, str) or not revision):
+        raise ValueError(f"revision must be a branch, tag or commit sha (a string) or None; got {revision!r}")
     _check_method(method)
     entry = BankEntry(timm_name, repo_id, revision, method, source="register_bank")
     entries = [e for e in _USER_REGISTRY.get(timm_name, []) if e.method != method]
