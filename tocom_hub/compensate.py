@@ -566,7 +566,10 @@ def set_target_r(model: nn.Module, r: int) -> nn.Module:
     (one fp32 ``addmm_`` per block and target over ``|r - r_old|·h`` inner dims) and re-derives
     ``W₀ + Δ(source → r)`` exactly from the pristine rows when ``r`` returns to the source (a copy)
     or after ``RESYNC_EVERY`` difference updates, so switches never drift from the closed form
-    (≤ 5e-7 relative); fp16/bf16 models always re-derive. Unmerged mode swaps the mask. Example::
+    (≤ 5e-7 relative); fp16/bf16 models always re-derive. Unmerged mode swaps the mask. Thread-safe:
+    switches from several threads are serialised by :func:`switch_lock`; a forward running in another
+    thread during a switch is not (hold ``switch_lock(model)`` around it, or switch between batches).
+    Example::
 
         tocom_hub.apply(model, 0, 16, bank=bank)
         tocom_hub.set_target_r(model, 4)      # lighter load: fewer tokens merged
