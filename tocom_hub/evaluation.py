@@ -486,8 +486,9 @@ def plot_accuracy(result: Dict[str, Any], path: Union[str, os.PathLike], *, titl
             ax.set_xticks(xs_all)
         model = result.get("model_label") or result.get("model")
         data = result.get("data_name")
-        ax.set_title(title or (" · ".join(str(v) for v in (model, data) if v)
-                               + f"\n{n:,} images; bars: 95 % interval of each point"))
+        ax.set_title(title or (f"{model or ''}\n"
+                               + " · ".join(v for v in (str(data) if data else "", f"{n:,} images") if v)
+                               + " · bars: 95 % interval per point"), fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(loc="best", frameon=False)
         fig.tight_layout()
