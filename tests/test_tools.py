@@ -264,6 +264,28 @@ def test_info_prints_recipe_and_results_on_several_lines(files, tmp_path, capsys
     assert max(len(line) for line in lines) < 120
 
 
+def test_unreachable_hub_is_one_line_without_retries(hub_server, tmp_path, capfd, caplog):
+    """Hub down and the bank not cached: one clear line at once, none of huggingface_hub's retry lines
+    (it retries such a connection 5 times with back-off) and no traceback; --debug raises the error."""
+    from tocom_hub.hub import BankNotFoundError
+
+    import logging
+
+    caplog.set_level(logging.INFO, logger="huggingface_hub")
+    hub_server.stop()
+    argv = ["info", "org/never-cached", "--cache-dir", str(tmp_path / "cache")]
+    assert cli.main(argv) == 1
+    err = capfd.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("tocom-hub info: error: "), err
+    assert "could not be reached" in err and "HF_HUB_OFFLINE=1" in err
+    assert "Retrying" not in err and "Traceback" not in err
+    assert not [r for r in caplog.records if "Retrying" in r.getMessage()]
+    with pytest.raises(BankNotFoundError, match="could not be reached") as info:
+        cli.main([*argv, "--debug"])
+    assert info.value.__cause__ is None and info.value.__suppress_context__
+    assert "Retrying" not in capfd.readouterr().err
+
+
 # ---------------------------------------------------------------------------------------------------
 # visualize
 
