@@ -67,6 +67,12 @@ def test_load_demo_model_returns_a_named_tuple_that_still_unpacks():
     model, info = loaded
     assert loaded.model is model and loaded.info is info and info["source_r"] == 0
     assert isinstance(model, torch.nn.Module) and not model.training
+    from tocom_hub.models import DEMO_WEIGHTS, load_model
+
+    if DEMO_WEIGHTS.is_file():  # the embedded default backbone, the same way
+        demo = load_model("demo")
+        model, info = demo
+        assert demo.model is model and demo.info["name"] == "demo" and model(torch.randn(1, 3, 32, 32)).shape[0] == 1
 
 
 def test_evaluate_demo_reproduces_the_committed_demo_numbers():
