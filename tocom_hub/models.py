@@ -234,8 +234,8 @@ def load_model(
     """Build the model ``name_or_path`` names (see the module docstring) in eval mode, on the CPU.
 
     Returns ``(model, info)`` as a :class:`LoadedModel` (``.model``, ``.info``); ``info`` records ``name``
-    (as given), ``model`` (timm architecture), ``model_kwargs``, ``source`` and ``weights`` (``"random-init"`` for a bare timm name), plus
-    ``method`` / ``source_r`` when the directory records them (finetune.py). Raises
+    (as given), ``model`` (timm architecture), ``model_kwargs``, ``source`` and ``weights``
+    (``"random-init"`` for a bare timm name), plus ``method`` / ``source_r`` when the directory records them (finetune.py). Raises
     ``FileNotFoundError`` for a missing path / weights file and ``ValueError`` for an unknown name.
     Example::
 
