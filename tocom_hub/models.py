@@ -235,8 +235,9 @@ def load_model(
 
     Returns ``(model, info)`` as a :class:`LoadedModel` (``.model``, ``.info``); ``info`` records ``name``
     (as given), ``model`` (timm architecture), ``model_kwargs``, ``source`` and ``weights``
-    (``"random-init"`` for a bare timm name), plus ``method`` / ``source_r`` when the directory records them (finetune.py). Raises
-    ``FileNotFoundError`` for a missing path / weights file and ``ValueError`` for an unknown name.
+    (``"random-init"`` for a bare timm name), plus ``method`` / ``source_r`` when the directory records
+    them (finetune.py). Raises ``FileNotFoundError`` for a missing path / weights file and ``ValueError``
+    for an unknown name.
     Example::
 
         model, info = load_model("vit_tiny_patch16_224", model_kwargs={"img_size": 64, "depth": 2})
