@@ -562,6 +562,32 @@ def test_latency_controller_follows_load_fake_clock():
     assert not tocom_hub.is_patched(model) and get_state(model) is None
 
 
+def test_latency_calibration_reports_spread_and_warns_when_rounds_disagree():
+    model = tiny_model()
+    clock = FakeClock()
+    attach_cost(model, clock)
+    bank = ToComBank.for_model(model, r_max=8, rank=2)
+    ctl = tocom_hub.LatencyController(model, bank, 0, 100.0, batch_size=2, r_values=[0, 8], clock=clock,
+                                      warmup=0, iters=4, progress=False)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # steady rounds: no warning
+        ctl.calibrate()
+    assert not ctl.noisy and all(hi == pytest.approx(lo) for lo, hi in ctl.spread.values())
+    loads = iter([1.0, 1.0, 3.0, 3.0, 1.0, 1.0, 3.0, 3.0])  # every other round 3x slower, for both r alike
+
+    def forward_pre(module, args):
+        clock.load = next(loads, 1.0)
+
+    handle = model.register_forward_pre_hook(forward_pre)
+    with pytest.warns(RuntimeWarning, match="noisy — rerun"):
+        ctl.calibrate()
+    handle.remove()
+    assert ctl.noisy and all(hi == pytest.approx(3 * lo) for lo, hi in ctl.spread.values())
+    ctl.remove()
+
+
 def test_latency_controller_step_hysteresis():
     model = tiny_model()
     curve = {0: 10.0, 2: 8.0, 4: 6.0, 6: 4.0, 8: 3.0}
