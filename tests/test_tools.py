@@ -148,6 +148,23 @@ def test_eval_with_and_without_bank_writes_json_and_png(files, tmp_path, capsys)
     assert result["model_label"] == f"model ({NAME}, tome, 64 px, depth 2, embed dim 64)"
 
 
+def test_evaluate_runs_the_source_r_forward_once_for_both_rows(files):
+    """At target r = source r the bank's update is zero: one forward serves the plain and the +ToCom row."""
+    from tocom_hub.evaluation import build_eval_dataset, evaluate
+
+    model = load_model(str(files / "model")).model
+    loader = torch.utils.data.DataLoader(build_eval_dataset(model, str(files / "data")), batch_size=3)
+    calls = []
+    handle = model.register_forward_pre_hook(lambda m, a: calls.append(1))
+    rows = evaluate(model, loader, [0, 4], bank=str(files / "bank"), source_r=4, progress=False, keep_correct=True)
+    handle.remove()
+    assert len(calls) == len(loader) * 3  # (0, plain), (0, +ToCom), (4, one forward for both)
+    by = {(r["target_r"], r["tocom"]): r for r in rows}
+    assert torch.equal(by[(4, True)]["correct"], by[(4, False)]["correct"])
+    want = reference_top1(load_model(str(files / "model")).model, files / "data", r=4)
+    assert by[(4, True)]["top1"] == pytest.approx(want) and by[(4, True)]["tokens"] == by[(4, False)]["tokens"]
+
+
 def test_eval_timm_name_with_model_kwargs(files, tmp_path, capsys):
     out_json = tmp_path / "e.json"
     code, out, err = run(["eval", "--model", NAME, "--model-kwargs", KW, "--data", files / "data", "--target-r", "0-2",

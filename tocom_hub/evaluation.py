@@ -147,8 +147,10 @@ def evaluate(
 
     Everything (bank vs model, ``r`` within the bank's range and the model's token count) is
     validated before the first forward. Images/s excludes the first batch (warm-up) when there are
-    more. Returns one row per (``r``, with/without bank): ``target_r``, ``tocom`` (bool), ``top1``,
-    ``top5`` (``None`` for < 5 classes), ``tokens`` (left after the last block), ``images``,
+    more. At ``target r == source_r`` the bank's update is zero, so the +ToCom row reuses the plain
+    forward (the same logits, and the same time) instead of running it again. Returns one row per
+    (``r``, with/without bank): ``target_r``, ``tocom`` (bool), ``top1``, ``top5`` (``None`` for < 5
+    classes), ``tokens`` (left after the last block), ``images``,
     ``images_per_s`` (median over the timed batches of images / s) and ``images_per_s_range`` (the 10th and
     90th percentile over those batches: how much the machine's load moved it). Example::
 
@@ -183,7 +185,7 @@ def evaluate(
             set_r(model, r)
         if bank is not None:
             apply(model, source_r, rs[0], bank=bank, scale=scale, merge=True)
-        return _run(model, loader, rs, bank is not None, device, progress, keep_correct)
+        return _run(model, loader, rs, bank is not None, device, progress, keep_correct, source_r)
     finally:
         remove(model)
         if was_patched:
@@ -194,7 +196,22 @@ def evaluate(
         model.train(was_training)
 
 
-def _run(model, loader, rs, with_bank, device, progress, keep_correct=False) -> List[Dict[str, Any]]:
+def _count(st: Dict[str, Any], logits: torch.Tensor, y: torch.Tensor, elapsed: Optional[float],
+           keep_correct: bool) -> None:
+    """Add one batch's top-1 / top-5 hits (and its images/s when ``elapsed`` is given) to ``st``."""
+    top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+    hit = top == y[:, None]
+    st["correct1"] += int(hit[:, 0].sum())
+    st["correct5"] += int(hit.any(dim=-1).sum())
+    st["seen"] += int(y.numel())
+    if keep_correct:
+        st["hits"].append(hit[:, 0].cpu())
+    if elapsed is not None and elapsed > 0:
+        st["rates"].append(int(y.numel()) / elapsed)
+
+
+def _run(model, loader, rs, with_bank, device, progress, keep_correct=False,
+         source_r=None) -> List[Dict[str, Any]]:
     model.eval()
     param = next(model.parameters())
     device = torch.device(device) if device is not None else param.device
@@ -214,6 +231,7 @@ def _run(model, loader, rs, with_bank, device, progress, keep_correct=False) -> 
         x = x.to(device=device, dtype=param.dtype if param.dtype.is_floating_point else None)
         y = y.to(device)
         timed = i > 0 or total == 1
+        same: Dict[int, Any] = {}  # at target r = source r the bank adds nothing: one forward serves both
         groups = (False, True) if with_bank else (False,)
         for group_bank in (groups if i % 2 == 0 else groups[::-1]):  # alternate which group runs first
             ctx = disabled(model) if (with_bank and not group_bank) else contextlib.nullcontext()
@@ -224,6 +242,11 @@ def _run(model, loader, rs, with_bank, device, progress, keep_correct=False) -> 
                     else:
                         set_r(model, r)
                     st = stats[(r, group_bank)]
+                    if with_bank and r == source_r and r in same:  # Δ(m → m) = 0: the plain model's forward
+                        logits, elapsed = same[r]
+                        st["tokens"] = st["tokens"] or stats[(r, not group_bank)]["tokens"]
+                        _count(st, logits, y, elapsed if timed else None, keep_correct)
+                        continue
                     hook = None
                     if st["tokens"] is None:
                         seen: List[int] = []
@@ -239,17 +262,10 @@ def _run(model, loader, rs, with_bank, device, progress, keep_correct=False) -> 
                     if hook is not None:
                         hook.remove()
                         st["tokens"] = seen[-1]
+                    if with_bank and r == source_r:
+                        same[r] = (logits, elapsed)
                     num_classes = logits.shape[-1]
-                    k = min(5, num_classes)
-                    top = logits.topk(k, dim=-1).indices
-                    hit = top == y[:, None]
-                    st["correct1"] += int(hit[:, 0].sum())
-                    st["correct5"] += int(hit.any(dim=-1).sum())
-                    st["seen"] += int(y.numel())
-                    if keep_correct:
-                        st["hits"].append(hit[:, 0].cpu())
-                    if timed and elapsed > 0:
-                        st["rates"].append(int(y.numel()) / elapsed)
+                    _count(st, logits, y, elapsed if timed else None, keep_correct)
         if total:
             first = stats[configs[-1]]
             bar.set_postfix(top1=f"{100.0 * first['correct1'] / max(first['seen'], 1):.1f}")
