@@ -1,7 +1,7 @@
 """Quickstart: ToCom on a real (tiny) timm ViT, offline, in under a minute on a 2-core CPU.
 
     python examples/quickstart.py                      # target r = 0 and 16: the headline numbers
-    python examples/quickstart.py --full               # every target r = 0…16 (about 5 times longer)
+    python examples/quickstart.py --full               # every target r = 0…16 (about 10x the evaluation work)
     python examples/quickstart.py --json out.json      # also write the numbers (and their intervals) as JSON
     python examples/quickstart.py --limit 200 --targets 0,8,16
 
