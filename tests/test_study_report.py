@@ -53,7 +53,8 @@ def test_reports_render(tmp_path):
               "machine": {"cpus": 2}, "command": "python benchmarks/study/run.py"}
     report.write_reports(result, tmp_path)
     md = (tmp_path / "study.md").read_text()
-    assert "| count | structured | 80.00 | 70.00 | 74.00 (+4.00, s=0.1) | 77.00 | 57 % | 75.00 | 78.00 (+3.00, s=0.1) |" in md
+    assert ("| count | structured | 80.00 | 70.00 | 74.00 (+4.00, s=0.1; seeds +4.00) | 77.00 | 57 % | 75.00 "
+            "| 78.00 (+3.00, s=0.1; seeds +3.00) |") in md
     assert "(-50.0 %)" in md
     assert json.loads((tmp_path / "study.json").read_text())["R"] == R
     assert (tmp_path / "study.png").stat().st_size > 1000
@@ -72,3 +73,44 @@ def test_a_finished_stage_is_reused_only_with_the_same_arguments(tmp_path):
     (stage / "command.json").unlink()  # a stage of unknown origin is not trusted either
     with pytest.raises(SystemExit, match="another recipe"):
         study.run("evaluate.py", ["--split", "test"], tmp_path / "log", stage, done="eval.json")
+
+
+def test_table_shows_per_seed_changes_and_the_demo_row_with_its_interval():
+    R = 2
+    runs = {"0": [_eval([80, 78, 70], [80, 79, 74]), _eval([82, 80, 72], [82, 81, 73])],
+            "2": [_eval([75, 76, 77], [78, 77, 77]), _eval([77, 78, 79], [76, 79, 79])]}
+    per_task = {"count": {**study.summarise(runs, R, {"0": "0.1", "2": "0.1"}), "scale": {"0": 0.1, "2": 0.2}}}
+    demo = {"task": "count", "src0_tgt0": 80.5, "src0_tgtR": {"no_tocom": 71.0, "tocom": 73.5, "ci95": [-0.4, 5.1]},
+            "srcR_tgtR": 78.0, "srcR_tgt0": {"no_tocom": 76.0, "tocom": 77.0, "ci95": [0.2, 1.9]}}
+    result = {"R": R, "tasks": per_task, "kinds": {"count": "structured"}, "demo": demo,
+              "average": study.average(per_task)}
+    lines = report.table(result).splitlines()
+    # seeds: 74-70 = +4 and 73-72 = +1 (mean +2.5); 78-75 = +3 and 76-77 = -1 (mean +1)
+    assert lines[2] == ("| count | structured | 81.00 | 71.00 | 73.50 (+2.50, s=0.1; seeds +4.00, +1.00) | 78.00 "
+                        "| 36 % | 76.00 | 77.00 (+1.00, s=0.2; seeds +3.00, −1.00) |")
+    assert lines[3] == ("| count, shipped files | quickstart | 80.50 | 71.00 | 73.50 (+2.50 [−0.40, +5.10], s=0.1) "
+                        "| 78.00 | 36 % | 76.00 | 77.00 (+1.00 [+0.20, +1.90], s=0.2) |")
+    assert lines[4].startswith("| **average** |")
+    note = report.intervals_note(result)
+    assert "one of them contains 0" in note and "5.5 and 1.7 points" in note
+
+
+def test_readme_tables_are_the_committed_json(tmp_path):
+    """README.md's result tables are rendered from the committed JSON (benchmarks/render_readme.py); a
+    hand-edited number is caught."""
+    sys.path.insert(0, str(STUDY.parent))
+    import render_readme
+
+    assert [render_readme.stale(f) for f in render_readme.FILES] == [[], []], \
+        "run python benchmarks/render_readme.py"
+    readme = (STUDY.parents[1] / "README.md").read_text()
+    demo = json.loads((STUDY.parents[1] / "tocom_hub" / "assets" / "study" / "demo.json").read_text())
+    got = demo["committed"]["src0_tgtR"]
+    row = f"| r = 0 | r = {demo['R']} | {got['no_tocom']:.2f} | {got['tocom']:.2f} |"
+    assert row in readme
+    edited = tmp_path / "README.md"
+    edited.write_text(readme.replace(row, row.replace(f"{got['tocom']:.2f}", f"{got['tocom'] + 0.1:.2f}")))
+    assert render_readme.stale(edited) == ["quickstart-table"]
+    assert render_readme.main(["--check", "--readme", str(edited)]) == 1
+    assert render_readme.main(["--readme", str(edited)]) == 0 and render_readme.stale(edited) == []
+    assert edited.read_text() == readme

@@ -137,6 +137,32 @@ def test_eval_with_and_without_bank_writes_json_and_png(files, tmp_path, capsys)
         assert row["top1"] == pytest.approx(want), (r, with_bank)
     with Image.open(out_png) as img:
         assert img.format == "PNG" and img.size[0] >= 800
+    # the difference of every +ToCom row comes with its paired-bootstrap interval; img/s with its spread
+    assert "delta [95 % CI]" in out and "paired bootstrap" in out
+    for r in (0, 4, 8):
+        tc, plain = rows[(r, True)], rows[(r, False)]
+        assert tc["delta"] == pytest.approx(tc["top1"] - plain["top1"])
+        lo, hi = tc["delta_ci95"]
+        assert lo <= tc["delta"] <= hi and "correct" not in tc
+        assert tc["images_per_s_range"][0] <= tc["images_per_s"] <= tc["images_per_s_range"][1]
+    assert result["model_label"] == f"model ({NAME}, tome, 64 px, depth 2, embed dim 64)"
+
+
+def test_evaluate_runs_the_source_r_forward_once_for_both_rows(files):
+    """At target r = source r the bank's update is zero: one forward serves the plain and the +ToCom row."""
+    from tocom_hub.evaluation import build_eval_dataset, evaluate
+
+    model = load_model(str(files / "model")).model
+    loader = torch.utils.data.DataLoader(build_eval_dataset(model, str(files / "data")), batch_size=3)
+    calls = []
+    handle = model.register_forward_pre_hook(lambda m, a: calls.append(1))
+    rows = evaluate(model, loader, [0, 4], bank=str(files / "bank"), source_r=4, progress=False, keep_correct=True)
+    handle.remove()
+    assert len(calls) == len(loader) * 3  # (0, plain), (0, +ToCom), (4, one forward for both)
+    by = {(r["target_r"], r["tocom"]): r for r in rows}
+    assert torch.equal(by[(4, True)]["correct"], by[(4, False)]["correct"])
+    want = reference_top1(load_model(str(files / "model")).model, files / "data", r=4)
+    assert by[(4, True)]["top1"] == pytest.approx(want) and by[(4, True)]["tokens"] == by[(4, False)]["tokens"]
 
 
 def test_eval_timm_name_with_model_kwargs(files, tmp_path, capsys):
@@ -169,9 +195,147 @@ def test_bench_prints_table_and_json(files, tmp_path, capsys):
     result = json.loads(out_json.read_text())
     assert [len(r["samples"]) for r in result["rows"]] == [3] * 4
     assert result["rows"][0]["speedup"] == 1.0
+    timm_ms = result["rows"][0]["samples"]
     for row in result["rows"]:
-        assert row["p90_ms"] >= row["median_ms"] > 0
+        assert row["p90_ms"] >= row["median_ms"] >= row["p10_ms"] > 0
         assert row["images_per_s"] == pytest.approx(2000.0 / row["median_ms"])
+        # the speed-up pairs the timm and patched forwards of the same iteration (naive recomputation)
+        ratios = sorted(t / c for t, c in zip(timm_ms, row["samples"]))
+        assert row["speedup"] == pytest.approx(ratios[1])
+        assert row["speedup_range"][0] <= row["speedup"] <= row["speedup_range"][1]
+    assert result["noisy"] == any(row["noisy"] for row in result["rows"])
+    assert ("noisy — rerun" in out) == result["noisy"]
+
+
+def test_bench_table_says_noisy_rerun_when_iterations_disagree():
+    from tocom_hub.benchmark import format_table
+
+    def result(spread):
+        row = {"config": "tome", "r": 8, "tokens": 49, "median_ms": 10.0, "p90_ms": 12.0, "images_per_s": 200.0,
+               "speedup": 1.4, "speedup_range": [1.4 - spread, 1.4 + spread], "noisy": 2 * spread > 0.25 * 1.4}
+        base = {"config": "timm", "r": None, "tokens": 65, "median_ms": 14.0, "p90_ms": 15.0, "images_per_s": 140.0,
+                "speedup": 1.0}
+        return {"batch_size": 2, "input_size": [64, 64], "device": "cpu", "dtype": "float32", "threads": 1,
+                "iters": 9, "rows": [base, row], "noisy": row["noisy"]}
+
+    assert "noisy — rerun" not in format_table(result(0.05))
+    noisy = format_table(result(0.4))
+    assert "noisy — rerun" in noisy and "1.40x (1.00-1.80) noisy" in noisy
+
+
+# ---------------------------------------------------------------------------------------------------
+# honest intervals
+
+
+def test_paired_bootstrap_matches_a_naive_bootstrap_and_closed_forms():
+    from tocom_hub.evaluation import paired_bootstrap
+
+    rng = np.random.default_rng(3)
+    a = rng.random(400) < 0.6
+    b = a.copy()
+    flip = rng.random(400) < 0.15
+    b[flip] = ~b[flip]
+    got = paired_bootstrap(a, b, n_boot=20000)
+    d = b.astype(int) - a.astype(int)
+    naive = [100 * d[rng.integers(0, 400, 400)].mean() for _ in range(4000)]  # the textbook loop
+    lo, hi = np.quantile(naive, [0.025, 0.975])
+    assert got["delta"] == pytest.approx(100 * d.mean())
+    assert abs(got["low"] - lo) < 0.6 and abs(got["high"] - hi) < 0.6
+    # closed forms: no change at all; every image flips to right
+    same = paired_bootstrap(a, a)
+    assert (same["delta"], same["low"], same["high"]) == (0.0, 0.0, 0.0)
+    all_right = paired_bootstrap(np.zeros(50), np.ones(50))
+    assert (all_right["delta"], all_right["low"], all_right["high"]) == (100.0, 100.0, 100.0)
+    # two seeds, one gains on every image, one on none: resampling seeds gives 0, 50 or 100 points
+    two = paired_bootstrap(np.zeros((2, 50)), np.stack([np.ones(50), np.zeros(50)]))
+    assert two["delta"] == 50.0 and two["low"] == 0.0 and two["high"] == 100.0 and two["seeds"] == 2
+    with pytest.raises(ValueError, match="same non-empty shape"):
+        paired_bootstrap(np.zeros(3), np.zeros(4))
+
+
+def test_help_imports_neither_torch_nor_timm():
+    """`tocom-hub --help` must answer at once: nothing heavy is imported to build the parser."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from tocom_hub.cli import build_parser; build_parser().format_help(); "
+            "assert 'torch' not in sys.modules and 'timm' not in sys.modules, sorted(sys.modules); "
+            "import tocom_hub, tocom_hub.patch; assert callable(tocom_hub.patch) and tocom_hub.patch.__module__ "
+            "== 'tocom_hub.patch'; assert tocom_hub.ToComBank.__name__ == 'ToComBank'")
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_info_prints_recipe_and_results_on_several_lines(files, tmp_path, capsys):
+    bank = ToComBank.from_pretrained(files / "bank")
+    bank.config.training_recipe = {"lr": 0.001, "steps": 10, "model_kwargs": {"img_size": 64, "depth": 2}}
+    bank.config.eval_results = {"heldout_kl_no_bank": 0.0537794553, "pairs": [[1, 2], [3, 4]]}
+    bank.save_pretrained(tmp_path / "b")
+    code, out, err = run(["info", tmp_path / "b"], capsys)
+    assert code == 0, err
+    lines = out.splitlines()
+    assert "training recipe:" in lines and "eval results:" in lines
+    assert any(line.split() == ["lr:", "0.001"] for line in lines)
+    assert any(line.split() == ["heldout_kl_no_bank:", "0.05378"] for line in lines)
+    assert max(len(line) for line in lines) < 120
+
+
+def test_unreachable_hub_is_one_line_without_retries(hub_server, tmp_path, capfd, caplog):
+    """Hub down and the bank not cached: one clear line at once, none of huggingface_hub's retry lines
+    (it retries such a connection 5 times with back-off) and no traceback; --debug raises the error."""
+    from tocom_hub.hub import BankNotFoundError
+
+    import logging
+
+    caplog.set_level(logging.INFO, logger="huggingface_hub")
+    hub_server.stop()
+    argv = ["info", "org/never-cached", "--cache-dir", str(tmp_path / "cache")]
+    assert cli.main(argv) == 1
+    err = capfd.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("tocom-hub info: error: "), err
+    assert "could not be reached" in err and "HF_HUB_OFFLINE=1" in err
+    assert "Retrying" not in err and "Traceback" not in err
+    assert not [r for r in caplog.records if "Retrying" in r.getMessage()]
+    with pytest.raises(BankNotFoundError, match="could not be reached") as info:
+        cli.main([*argv, "--debug"])
+    assert info.value.__cause__ is None and info.value.__suppress_context__
+    assert "Retrying" not in capfd.readouterr().err
+
+
+def test_training_threads_under_accelerate_launch(monkeypatch):
+    """accelerate launch exports OMP_NUM_THREADS=1 on a CPU machine: the training scripts take the cores back
+    (split between the local processes), TOCOM_HUB_CPU_THREADS overrides, anything else is left alone."""
+    from tocom_hub._threads import available_cpus, setup_cpu_threads
+
+    old = torch.get_num_threads()
+    said = []
+    try:
+        names = [v for v in os.environ if v.startswith("ACCELERATE_")] + ["LOCAL_WORLD_SIZE", "TOCOM_HUB_CPU_THREADS"]
+        for var in names:
+            monkeypatch.delenv(var, raising=False)
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        torch.set_num_threads(1)
+        assert setup_cpu_threads("cpu", log=said.append) is None and torch.get_num_threads() == 1  # plain python
+        monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")  # what accelerate launch exports
+        assert setup_cpu_threads("cuda", log=said.append) is None and torch.get_num_threads() == 1
+        monkeypatch.setattr(os, "getloadavg", lambda: (0.2, 0.2, 0.2))  # an idle machine: every core
+        assert setup_cpu_threads("cpu", log=said.append) == available_cpus() == torch.get_num_threads()
+        assert (len(said) == 1 and "OMP_NUM_THREADS=1" in said[0]) or available_cpus() == 1
+        torch.set_num_threads(1)
+        said.clear()
+        monkeypatch.setattr(os, "getloadavg", lambda: (float(available_cpus()), 0.0, 0.0))  # busy: keep 1
+        assert setup_cpu_threads("cpu", log=said.append) == 1 == torch.get_num_threads()
+        assert (len(said) == 1 and "busy" in said[0]) or available_cpus() == 1
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", str(available_cpus()))  # one core per process: nothing to gain
+        assert setup_cpu_threads("cpu", log=said.append) == 1
+        monkeypatch.setenv("TOCOM_HUB_CPU_THREADS", "3")
+        assert setup_cpu_threads("cpu", log=said.append) == 3 == torch.get_num_threads()
+        monkeypatch.setenv("TOCOM_HUB_CPU_THREADS", "zero")
+        with pytest.raises(ValueError, match="TOCOM_HUB_CPU_THREADS must be a positive integer"):
+            setup_cpu_threads("cpu")
+    finally:
+        torch.set_num_threads(old)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -212,6 +376,7 @@ def test_visualize_colour_groups_equal_tokens_left(files, tmp_path, capsys, meth
     assert len(colours - {PRUNED_COLOR}) == left
     assert pruned == (DEPTH * r if method == "evit" else 0)
     assert f"-> {left} tokens" in out
+    assert "RANDOM weights" in err  # a timm name without --pretrained / --checkpoint: said loudly
 
 
 def test_visualize_groups_are_the_source_trace(files, tmp_path):
@@ -418,6 +583,32 @@ def test_latency_controller_follows_load_fake_clock():
     assert all(h["ms"] <= budget for h in ctl.history[23:40])
     ctl.remove()
     assert not tocom_hub.is_patched(model) and get_state(model) is None
+
+
+def test_latency_calibration_reports_spread_and_warns_when_rounds_disagree():
+    model = tiny_model()
+    clock = FakeClock()
+    attach_cost(model, clock)
+    bank = ToComBank.for_model(model, r_max=8, rank=2)
+    ctl = tocom_hub.LatencyController(model, bank, 0, 100.0, batch_size=2, r_values=[0, 8], clock=clock,
+                                      warmup=0, iters=4, progress=False)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # steady rounds: no warning
+        ctl.calibrate()
+    assert not ctl.noisy and all(hi == pytest.approx(lo) for lo, hi in ctl.spread.values())
+    loads = iter([1.0, 1.0, 3.0, 3.0, 1.0, 1.0, 3.0, 3.0])  # every other round 3x slower, for both r alike
+
+    def forward_pre(module, args):
+        clock.load = next(loads, 1.0)
+
+    handle = model.register_forward_pre_hook(forward_pre)
+    with pytest.warns(RuntimeWarning, match="noisy — rerun"):
+        ctl.calibrate()
+    handle.remove()
+    assert ctl.noisy and all(hi == pytest.approx(3 * lo) for lo, hi in ctl.spread.values())
+    ctl.remove()
 
 
 def test_latency_controller_step_hysteresis():

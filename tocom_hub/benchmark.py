@@ -4,7 +4,10 @@ CPU and shared-GPU timings drift with machine load, so the configurations are me
 *interleaved* on the same model object (patched / unpatched in place, weights at the same
 addresses): every iteration visits plain timm and each ``r`` once, in a fresh random order, and a
 configuration's statistics come from its own forwards across all iterations. Slow drifts therefore
-hit every configuration alike. Example::
+hit every configuration alike. A speed-up is the median over iterations of the *paired* ratio
+(plain timm's time / this configuration's time, within one iteration), reported with its 10th-90th
+percentile; when those ratios move by more than :data:`NOISY_SPREAD` of the median, the result is
+flagged ``noisy`` and the table says "noisy — rerun". Example::
 
     from tocom_hub.benchmark import benchmark, format_table
     result = benchmark(model, r_values=[0, 8, 16], batch_size=8, iters=20)
@@ -25,7 +28,9 @@ from ._progress import progress_bar
 
 from .patch import get_method, get_r, is_patched, patch, set_r, unpatch
 
-__all__ = ["time_forward", "percentile", "tokens_left", "benchmark", "format_table"]
+__all__ = ["time_forward", "percentile", "tokens_left", "benchmark", "format_table", "NOISY_SPREAD"]
+
+NOISY_SPREAD = 0.25  # (p90 - p10) / median of a configuration's per-iteration speed-ups above this: "noisy"
 
 Clock = Callable[[], float]
 
@@ -84,8 +89,10 @@ def benchmark(
     Every ``r`` is validated first (``ValueError`` from :func:`tocom_hub.set_r`, model untouched).
     The model is left as found (unpatched, or patched at its previous ``r``). Returns a dict with
     the setup and ``rows``: one per configuration (``config`` ``"timm"`` or the method, ``r``,
-    ``tokens`` left after the last block, ``median_ms``, ``p90_ms``, ``mean_ms``, ``images_per_s``
-    = ``batch / median``, ``speedup`` = timm median / this median, ``samples``).
+    ``tokens`` left after the last block, ``median_ms``, ``p10_ms``, ``p90_ms``, ``mean_ms``,
+    ``images_per_s`` = ``batch / median``, ``speedup`` = median over iterations of timm's time / this
+    time in the same iteration, ``speedup_range`` = its 10th and 90th percentile, ``noisy``, ``samples``)
+    and ``noisy`` (any row noisy: rerun before trusting the speed-ups).
     """
     from .models import model_img_size
 
@@ -143,19 +150,24 @@ def benchmark(
         model.train(was_training)
         _restore(model, was_patched, prev_method, prev_r)
 
-    base = statistics.median(samples[None])
     rows = []
     for cfg in configs:
         med = statistics.median(samples[cfg])
+        ratios = [t / c for t, c in zip(samples[None], samples[cfg])]  # paired within each iteration
+        speedup = statistics.median(ratios)
+        lo, hi = percentile(ratios, 10), percentile(ratios, 90)
         rows.append({
             "config": "timm" if cfg is None else method,
             "r": cfg,
             "tokens": tokens[cfg],
             "median_ms": med,
+            "p10_ms": percentile(samples[cfg], 10),
             "p90_ms": percentile(samples[cfg], 90),
             "mean_ms": statistics.fmean(samples[cfg]),
             "images_per_s": batch_size * 1000.0 / med,
-            "speedup": base / med,
+            "speedup": speedup,
+            "speedup_range": [lo, hi],
+            "noisy": cfg is not None and (hi - lo) > NOISY_SPREAD * speedup,
             "samples": samples[cfg],
         })
     return {
@@ -168,6 +180,7 @@ def benchmark(
         "dtype": str(param.dtype).replace("torch.", ""),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
+        "noisy": any(row["noisy"] for row in rows),
         "rows": rows,
     }
 
@@ -187,13 +200,26 @@ def format_table(result: Dict[str, Any], title: Optional[str] = None) -> str:
              f"{result['device']} {result['dtype']}, {result['threads']} threads, "
              f"{result['iters']} interleaved iterations")
     lines = [f"{head}{' — ' if head else ''}{setup}"]
-    cols = ("config", "r", "tokens", "median ms", "p90 ms", "images/s", "speed-up")
+    cols = ("config", "r", "tokens", "median ms", "p90 ms", "images/s", "speed-up (p10-p90)")
+
+    def speed(row):
+        rng = row.get("speedup_range")
+        if row["r"] is None or not rng:
+            return f"{row['speedup']:.2f}x"
+        return f"{row['speedup']:.2f}x ({rng[0]:.2f}-{rng[1]:.2f}){' noisy' if row.get('noisy') else ''}"
+
     body = [(row["config"], "-" if row["r"] is None else str(row["r"]), str(row["tokens"]),
              f"{row['median_ms']:.2f}", f"{row['p90_ms']:.2f}", f"{row['images_per_s']:.1f}",
-             f"{row['speedup']:.2f}x") for row in result["rows"]]
+             speed(row)) for row in result["rows"]]
     widths = [max(len(c), *(len(b[i]) for b in body)) for i, c in enumerate(cols)]
     fmt = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
     lines.append(fmt(cols))
     lines.append("  ".join("-" * w for w in widths))
     lines += [fmt(b) for b in body]
+    lines.append("speed-up: median over iterations of plain timm's time / this time in the same iteration "
+                 "(10th-90th percentile in brackets)")
+    if result.get("noisy"):
+        lines.append(f"noisy — rerun: the per-iteration speed-ups of the rows marked 'noisy' spread by more than "
+                     f"{100 * NOISY_SPREAD:.0f} % of their median (a busy machine?); rerun on an idle machine, "
+                     f"with more --iters, or --threads 1")
     return "\n".join(lines)

@@ -104,12 +104,42 @@ def _print_info(d: Dict[str, Any]) -> None:
         ("backbone", f"embed_dim {d['embed_dim']}, depth {d['depth']}, {d['num_heads']} heads"),
         ("format version", str(d["format_version"])),
     ]
-    for key, label in (("training_recipe", "training recipe"), ("eval_results", "eval results")):
-        if d.get(key):
-            rows.append((label, json.dumps(d[key], default=str)))
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
+    for key, label in (("training_recipe", "training recipe"), ("eval_results", "eval results")):
+        if d.get(key):
+            print(f"{label}:")
+            for line in _nested_lines(d[key], indent="  "):
+                print(line)
+
+
+def _short_floats(value: Any) -> Any:
+    """Floats to 4 significant digits, inside lists and dicts too (for reading, not for the JSON output)."""
+    if isinstance(value, float):
+        return float(f"{value:.4g}")
+    if isinstance(value, list):
+        return [_short_floats(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _short_floats(v) for k, v in value.items()}
+    return value
+
+
+def _nested_lines(value: Any, indent: str, width: int = 100) -> List[str]:
+    """A JSON-like value as indented ``key: value`` lines; small lists / dicts stay on one line."""
+    value = _short_floats(value)
+    if not isinstance(value, dict):
+        return [f"{indent}{json.dumps(value, default=str)}"]
+    lines: List[str] = []
+    pad = max((len(str(k)) for k in value), default=0)
+    for k, v in value.items():
+        flat = json.dumps(v, default=str) if not isinstance(v, str) else v
+        if isinstance(v, dict) and len(indent) + pad + 2 + len(flat) > width:
+            lines.append(f"{indent}{k}:")
+            lines += _nested_lines(v, indent + "  ", width)
+        else:
+            lines.append(f"{indent}{str(k) + ':':<{pad + 1}} {flat}")
+    return lines
 
 
 def info_command(args: argparse.Namespace) -> int:
@@ -297,10 +327,21 @@ def _load_model(args: argparse.Namespace):
     return model.to(device), info, device
 
 
-def _model_label(info: Dict[str, Any], method: str) -> str:
-    """``demo (vit_tiny_patch16_224, tome)`` for aliases and paths, ``deit_small_patch16_224 (tome)`` for names."""
+def _model_label(info: Dict[str, Any], method: str, *, detail: bool = False) -> str:
+    """``demo (vit_tiny_patch16_224, tome)`` for aliases and paths, ``deit_small_patch16_224 (tome)`` for names;
+    ``detail`` adds the size-changing ``model_kwargs`` (``32 px, depth 6``) so a plot names the model really run."""
     name, arch = str(info.get("name", info["model"])), info["model"]
-    return f"{arch} ({method})" if name == arch else f"{name} ({arch}, {method})"
+    extra = ""
+    if detail:
+        kw = info.get("model_kwargs") or {}
+        size = kw.get("img_size")
+        if isinstance(size, (list, tuple)):
+            size = size[0] if len(set(size)) == 1 else "x".join(str(v) for v in size)
+        parts = [f"{size} px" if size else ""]
+        parts += [f"{key.replace('_', ' ')} {kw[key]}" for key in ("depth", "embed_dim") if key in kw]
+        extra = "".join(f", {p}" for p in parts if p)
+        name = os.path.basename(os.path.normpath(name)) if os.path.isdir(name) else name
+    return f"{arch} ({method}{extra})" if name == arch else f"{name} ({arch}, {method}{extra})"
 
 
 def _add_bank_options(parser: argparse.ArgumentParser) -> None:
@@ -337,7 +378,7 @@ def _write_json(path: str, obj: Any) -> None:
 def eval_command(args: argparse.Namespace) -> int:
     from torch.utils.data import DataLoader
 
-    from .evaluation import build_eval_dataset, evaluate, format_table, label_warning, plot_accuracy
+    from .evaluation import add_intervals, build_eval_dataset, evaluate, format_table, label_warning, plot_accuracy
 
     for path in (args.json, args.plot):
         if path and os.path.isdir(path):
@@ -353,10 +394,12 @@ def eval_command(args: argparse.Namespace) -> int:
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.workers,
                         pin_memory=device.type == "cuda")
     rows = evaluate(model, loader, args.target_r, bank=bank, source_r=source_r, scale=args.scale, method=method,
-                    device=device)
+                    device=device, keep_correct=bank is not None)
+    add_intervals(rows)  # +ToCom − plain with its 95 % paired-bootstrap interval over the images
     scale = None if bank is None else (args.scale if args.scale is not None else bank.scale)
     result = {
         "model": info["model"],
+        "model_label": _model_label(info, method, detail=True),
         "model_info": info,
         "data": os.path.abspath(args.data) if os.path.isdir(args.data) else args.data,
         "data_name": os.path.basename(os.path.normpath(args.data)),
@@ -372,7 +415,8 @@ def eval_command(args: argparse.Namespace) -> int:
         "rows": rows,
     }
     bank_text = f", bank {args.bank} (s={scale:g})" if bank is not None else ""
-    print(f"{_model_label(info, method)} on {result['data_name']}: {result['images']} images, source r={source_r}{bank_text}")
+    print(f"{_model_label(info, method)} on {result['data_name']}: {result['images']} images, source r={source_r}"
+          f"{bank_text}")
     print(format_table(rows, source_r=source_r))
     if args.json:
         _write_json(args.json, result)
@@ -388,8 +432,10 @@ def add_eval_parser(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "eval", parents=[COMMON], formatter_class=_ExamplesFormatter, help="accuracy and images/s per target r, with/without a bank",
         description="Top-1 accuracy and images/s of a model at every target r: plain ToMe/EViT ('no ToCom') and, with "
-                    "--bank, the bank merged for source r -> target r. Prints a table; --json / --plot write the "
-                    "results and an accuracy-vs-r figure (PNG).",
+                    "--bank, the bank merged for source r -> target r, with the 95 % interval of the difference "
+                    "(paired bootstrap over the images). Images/s is the median over batches with its 10th-90th "
+                    "percentile. Prints a table; --json / --plot write the results and an accuracy-vs-r figure "
+                    "(PNG, 95 % interval per point).",
         epilog="examples:\n"
                "  tocom-hub eval --model out/finetune-r0 --data imagenet/val --target-r 0,4,8,16 --bank org/tocom-deit-b \\\n"
                "      --json eval.json --plot eval.png\n"
@@ -472,6 +518,10 @@ def visualize_command(args: argparse.Namespace) -> int:
     if os.path.isdir(args.output):
         raise IsADirectoryError(f"-o {args.output} is a directory; pass a file name such as merged.png")
     model, info, _ = _load_model(args)
+    if info.get("weights") == "random-init":
+        print(f"tocom-hub visualize: WARNING: {args.model} has RANDOM weights (no --pretrained, no --checkpoint): its "
+              f"merge groups say nothing about a trained model.\n    For a meaningful picture pass --pretrained "
+              f"(timm's weights), --checkpoint FILE, a saved model directory, or --model demo.", file=sys.stderr)
     bank = _load_bank(args)
     source_r = args.source_r if args.source_r is not None else int(info.get("source_r") or 0)
     out = visualize(model, args.image, args.r, args.output, method=args.method, bank=bank, source_r=source_r,

@@ -13,9 +13,10 @@ timings of the configurations are interleaved. Example::
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import time
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -26,7 +27,8 @@ from .bank import ToComBank
 from .compensate import apply, disabled, get_state, remove, set_target_r
 from .patch import METHODS, get_method, get_r, is_patched, patch, set_r, unpatch
 
-__all__ = ["build_eval_dataset", "evaluate", "format_table", "plot_accuracy", "label_warning"]
+__all__ = ["build_eval_dataset", "evaluate", "paired_bootstrap", "add_intervals", "format_table", "plot_accuracy",
+           "label_warning"]
 
 
 class _Transformed(Dataset):
@@ -124,6 +126,7 @@ def evaluate(
     method: Optional[str] = None,
     device: Union[str, torch.device, None] = None,
     progress: bool = True,
+    keep_correct: bool = False,
     **hub_kwargs: Any,
 ) -> List[Dict[str, Any]]:
     """Top-1 (and top-5) accuracy and images/s of ``model`` at every target ``r``.
@@ -139,12 +142,17 @@ def evaluate(
         method: ``"tome"`` / ``"evit"`` (default: the bank's, else the model's patch method, else ToMe).
         device: where to run (default: the model's device).
         progress: show a tqdm bar over the batches.
+        keep_correct: also return, per row, ``correct``: a bool tensor with one entry per image (top-1 hit),
+            in loader order — what :func:`paired_bootstrap` / :func:`add_intervals` need.
 
     Everything (bank vs model, ``r`` within the bank's range and the model's token count) is
     validated before the first forward. Images/s excludes the first batch (warm-up) when there are
-    more. Returns one row per (``r``, with/without bank): ``target_r``, ``tocom`` (bool), ``top1``,
-    ``top5`` (``None`` for < 5 classes), ``tokens`` (left after the last block), ``images``,
-    ``images_per_s``. Example::
+    more. At ``target r == source_r`` the bank's update is zero, so the +ToCom row reuses the plain
+    forward (the same logits, and the same time) instead of running it again. Returns one row per
+    (``r``, with/without bank): ``target_r``, ``tocom`` (bool), ``top1``, ``top5`` (``None`` for < 5
+    classes), ``tokens`` (left after the last block), ``images``,
+    ``images_per_s`` (median over the timed batches of images / s) and ``images_per_s_range`` (the 10th and
+    90th percentile over those batches: how much the machine's load moved it). Example::
 
         rows = evaluate(model, loader, [0, 8, 16], bank="out/bank", source_r=0, scale=0.1)
         for row in rows: print(row["target_r"], row["tocom"], row["top1"])
@@ -177,7 +185,7 @@ def evaluate(
             set_r(model, r)
         if bank is not None:
             apply(model, source_r, rs[0], bank=bank, scale=scale, merge=True)
-        return _run(model, loader, rs, bank is not None, device, progress)
+        return _run(model, loader, rs, bank is not None, device, progress, keep_correct, source_r)
     finally:
         remove(model)
         if was_patched:
@@ -188,7 +196,22 @@ def evaluate(
         model.train(was_training)
 
 
-def _run(model, loader, rs, with_bank, device, progress) -> List[Dict[str, Any]]:
+def _count(st: Dict[str, Any], logits: torch.Tensor, y: torch.Tensor, elapsed: Optional[float],
+           keep_correct: bool) -> None:
+    """Add one batch's top-1 / top-5 hits (and its images/s when ``elapsed`` is given) to ``st``."""
+    top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+    hit = top == y[:, None]
+    st["correct1"] += int(hit[:, 0].sum())
+    st["correct5"] += int(hit.any(dim=-1).sum())
+    st["seen"] += int(y.numel())
+    if keep_correct:
+        st["hits"].append(hit[:, 0].cpu())
+    if elapsed is not None and elapsed > 0:
+        st["rates"].append(int(y.numel()) / elapsed)
+
+
+def _run(model, loader, rs, with_bank, device, progress, keep_correct=False,
+         source_r=None) -> List[Dict[str, Any]]:
     model.eval()
     param = next(model.parameters())
     device = torch.device(device) if device is not None else param.device
@@ -196,7 +219,7 @@ def _run(model, loader, rs, with_bank, device, progress) -> List[Dict[str, Any]]
         model.to(device)
         param = next(model.parameters())
     configs = [(r, False) for r in rs] + ([(r, True) for r in rs] if with_bank else [])
-    stats = {c: {"correct1": 0, "correct5": 0, "seen": 0, "timed_images": 0, "seconds": 0.0, "tokens": None}
+    stats = {c: {"correct1": 0, "correct5": 0, "seen": 0, "rates": [], "hits": [], "tokens": None}
              for c in configs}
     try:
         total = len(loader)
@@ -208,6 +231,7 @@ def _run(model, loader, rs, with_bank, device, progress) -> List[Dict[str, Any]]
         x = x.to(device=device, dtype=param.dtype if param.dtype.is_floating_point else None)
         y = y.to(device)
         timed = i > 0 or total == 1
+        same: Dict[int, Any] = {}  # at target r = source r the bank adds nothing: one forward serves both
         groups = (False, True) if with_bank else (False,)
         for group_bank in (groups if i % 2 == 0 else groups[::-1]):  # alternate which group runs first
             ctx = disabled(model) if (with_bank and not group_bank) else contextlib.nullcontext()
@@ -218,6 +242,11 @@ def _run(model, loader, rs, with_bank, device, progress) -> List[Dict[str, Any]]
                     else:
                         set_r(model, r)
                     st = stats[(r, group_bank)]
+                    if with_bank and r == source_r and r in same:  # Δ(m → m) = 0: the plain model's forward
+                        logits, elapsed = same[r]
+                        st["tokens"] = st["tokens"] or stats[(r, not group_bank)]["tokens"]
+                        _count(st, logits, y, elapsed if timed else None, keep_correct)
+                        continue
                     hook = None
                     if st["tokens"] is None:
                         seen: List[int] = []
@@ -233,16 +262,10 @@ def _run(model, loader, rs, with_bank, device, progress) -> List[Dict[str, Any]]
                     if hook is not None:
                         hook.remove()
                         st["tokens"] = seen[-1]
+                    if with_bank and r == source_r:
+                        same[r] = (logits, elapsed)
                     num_classes = logits.shape[-1]
-                    k = min(5, num_classes)
-                    top = logits.topk(k, dim=-1).indices
-                    hit = top == y[:, None]
-                    st["correct1"] += int(hit[:, 0].sum())
-                    st["correct5"] += int(hit.any(dim=-1).sum())
-                    st["seen"] += int(y.numel())
-                    if timed:
-                        st["seconds"] += elapsed
-                        st["timed_images"] += int(y.numel())
+                    _count(st, logits, y, elapsed if timed else None, keep_correct)
         if total:
             first = stats[configs[-1]]
             bar.set_postfix(top1=f"{100.0 * first['correct1'] / max(first['seen'], 1):.1f}")
@@ -252,54 +275,178 @@ def _run(model, loader, rs, with_bank, device, progress) -> List[Dict[str, Any]]
     rows = []
     for (r, with_tocom), st in stats.items():
         n = st["seen"]
-        rows.append({
+        rates = st["rates"]
+        row = {
             "target_r": r,
             "tocom": with_tocom,
             "top1": 100.0 * st["correct1"] / n,
             "top5": 100.0 * st["correct5"] / n if num_classes and num_classes >= 5 else None,
             "tokens": st["tokens"],
             "images": n,
-            "images_per_s": st["timed_images"] / st["seconds"] if st["seconds"] > 0 else None,
-        })
+            "images_per_s": _quantile(rates, 0.5) if rates else None,
+            "images_per_s_range": [_quantile(rates, 0.1), _quantile(rates, 0.9)] if rates else None,
+        }
+        if keep_correct:
+            row["correct"] = torch.cat(st["hits"])
+        rows.append(row)
     rows.sort(key=lambda row: (row["target_r"], row["tocom"]))
     return rows
 
 
+def _quantile(values: Sequence[float], q: float) -> float:
+    """Linear-interpolated ``q``-quantile (``q`` in [0, 1]) of a non-empty sequence."""
+    data = sorted(values)
+    pos = (len(data) - 1) * q
+    lo = int(pos)
+    hi = min(lo + 1, len(data) - 1)
+    return data[lo] + (data[hi] - data[lo]) * (pos - lo)
+
+
+def paired_bootstrap(
+    base: Any,
+    other: Any,
+    *,
+    n_boot: int = 10000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> Dict[str, Any]:
+    """Difference in top-1 (points) between two evaluations of the **same images**, with a bootstrap interval.
+
+    ``base`` / ``other``: per-image top-1 hits (bool or 0/1), shape ``(images,)``, or ``(seeds, images)``
+    when several models (e.g. fine-tuning seeds) were evaluated on the same images — row ``k`` of both
+    comes from seed ``k``. Every resample draws the images with replacement (the same draw for every
+    seed: the comparison stays paired) and, with several seeds, the seeds with replacement too; the
+    interval is the percentile interval of the resampled mean difference. With few seeds the seed part
+    of the interval is crude (two seeds cannot say much about seed-to-seed spread). Example::
+
+        ci = paired_bootstrap(plain_row["correct"], tocom_row["correct"])
+        print(f"{ci['delta']:+.2f} [{ci['low']:+.2f}, {ci['high']:+.2f}]")
+
+    Returns ``delta`` (mean of other − base, in points), ``low`` / ``high`` (the interval), ``level``,
+    ``images``, ``seeds``, ``resamples``. Deterministic for a given ``seed``.
+    """
+    import numpy as np
+
+    a = np.atleast_2d(np.asarray(base, dtype=np.int8))
+    b = np.atleast_2d(np.asarray(other, dtype=np.int8))
+    if a.shape != b.shape or a.ndim != 2 or a.shape[1] == 0:
+        raise ValueError(f"base and other must be per-image hits of the same non-empty shape (images,) or "
+                         f"(seeds, images); got {a.shape} and {b.shape}")
+    if not 0 < level < 1 or n_boot < 1:
+        raise ValueError(f"level must lie in (0, 1) and n_boot be >= 1; got level={level}, n_boot={n_boot}")
+    d = (b - a).astype(np.int64)  # (seeds, images) in {-1, 0, 1}
+    seeds, n = d.shape
+    rng = np.random.default_rng(seed)
+    # resampling images with replacement only changes how often each per-image pattern (one value per seed)
+    # occurs, so draw the pattern counts from a multinomial: exact, and cheap for any number of images
+    patterns, counts = np.unique(d.T, axis=0, return_counts=True)  # (k, seeds), (k,)
+    drawn = rng.multinomial(n, counts / n, size=n_boot)  # (n_boot, k)
+    per_seed = drawn @ patterns / n  # (n_boot, seeds)
+    if seeds > 1:
+        pick = rng.integers(seeds, size=(n_boot, seeds))
+        per_seed = np.take_along_axis(per_seed, pick, axis=1)
+    boot = 100.0 * per_seed.mean(axis=1)
+    alpha = (1.0 - level) / 2.0
+    low, high = np.quantile(boot, [alpha, 1.0 - alpha])
+    return {"delta": 100.0 * float(d.mean()), "low": float(low), "high": float(high), "level": level,
+            "images": int(n), "seeds": int(seeds), "resamples": int(n_boot)}
+
+
+def add_intervals(rows: List[Dict[str, Any]], *, drop_correct: bool = True, **kwargs: Any) -> List[Dict[str, Any]]:
+    """Add ``delta`` and ``delta_ci95`` (+ToCom − plain, points, :func:`paired_bootstrap`) to every +ToCom row.
+
+    ``rows`` come from ``evaluate(..., keep_correct=True)``; the per-image ``correct`` tensors are removed
+    afterwards unless ``drop_correct=False`` (they are large and not JSON). Returns ``rows``.
+    """
+    plain = {row["target_r"]: row for row in rows if not row["tocom"]}
+    for row in rows:
+        base = plain.get(row["target_r"])
+        if row["tocom"] and base is not None and "correct" in row and "correct" in base:
+            ci = paired_bootstrap(base["correct"], row["correct"], **kwargs)
+            row["delta"] = ci["delta"]
+            row["delta_ci95"] = [ci["low"], ci["high"]]
+    if drop_correct:
+        for row in rows:
+            row.pop("correct", None)
+    return rows
+
+
+def _ips(row: Dict[str, Any]) -> str:
+    if row.get("images_per_s") is None:
+        return "-"
+    rng = row.get("images_per_s_range")
+    return f"{row['images_per_s']:.1f}" + (f" ({rng[0]:.0f}-{rng[1]:.0f})" if rng else "")
+
+
+def _noisy(rows: Sequence[Dict[str, Any]], spread: float = 0.3) -> bool:
+    """True when some row's images/s moved by more than ``spread`` (10th-90th percentile / median)."""
+    for row in rows:
+        rng, mid = row.get("images_per_s_range"), row.get("images_per_s")
+        if rng and mid and (rng[1] - rng[0]) / mid > spread:
+            return True
+    return False
+
+
 def format_table(rows: Sequence[Dict[str, Any]], source_r: Optional[int] = None) -> str:
-    """Rows of :func:`evaluate` as a table: one line per ``r``, plain vs ToCom side by side."""
+    """Rows of :func:`evaluate` as a table: one line per ``r``, plain vs ToCom side by side (with the 95 %
+    interval of the difference when :func:`add_intervals` added it) and a legend under it."""
     by_r: Dict[int, Dict[bool, Dict[str, Any]]] = {}
     for row in rows:
         by_r.setdefault(row["target_r"], {})[row["tocom"]] = row
     with_bank = any(row["tocom"] for row in rows)
+    with_ci = any("delta_ci95" in row for row in rows)
     cols = ["target r", "tokens", "top-1 plain", "img/s plain"]
     if with_bank:
-        cols += ["top-1 +ToCom", "delta", "img/s +ToCom"]
+        cols += ["top-1 +ToCom", "delta [95 % CI]" if with_ci else "delta", "img/s +ToCom"]
     body = []
-
-    def ips(row):
-        return "-" if row.get("images_per_s") is None else f"{row['images_per_s']:.1f}"
-
     for r in sorted(by_r):
         plain = by_r[r].get(False)
         mark = "*" if source_r is not None and r == source_r else ""
-        cells = [f"{r}{mark}", str(plain["tokens"]), f"{plain['top1']:.2f}", ips(plain)]
+        cells = [f"{r}{mark}", str(plain["tokens"]), f"{plain['top1']:.2f}", _ips(plain)]
         if with_bank:
             tc = by_r[r].get(True)
-            cells += [f"{tc['top1']:.2f}", f"{tc['top1'] - plain['top1']:+.2f}", ips(tc)]
+            delta = f"{tc['top1'] - plain['top1']:+.2f}"
+            if "delta_ci95" in tc:
+                lo, hi = tc["delta_ci95"]
+                delta += f" [{lo:+.2f}, {hi:+.2f}]"
+            cells += [f"{tc['top1']:.2f}", delta, _ips(tc)]
         body.append(cells)
     widths = [max(len(c), *(len(b[i]) for b in body)) for i, c in enumerate(cols)]
     fmt = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
     lines = [fmt(cols), "  ".join("-" * w for w in widths)] + [fmt(b) for b in body]
     if source_r is not None and source_r in by_r:
         lines.append(f"* source r = {source_r} (the r the model was fine-tuned at)")
+    n = rows[0].get("images") if rows else None
+    lines.append(f"top-1 in % of {n} images; target r = tokens removed per block, tokens = tokens left after the "
+                 f"last block; img/s = median over batches (10th-90th percentile)")
+    if with_ci:
+        lines.append("delta = +ToCom minus plain in points; [95 % CI]: paired bootstrap over the images — an "
+                     "interval that contains 0 means no detectable difference on these images")
+    if _noisy(rows):
+        lines.append("img/s: noisy — batches differ by more than 30 % (a busy machine?); rerun, or use "
+                     "`tocom-hub bench`, before comparing speeds")
     return "\n".join(lines)
+
+
+def _wilson(hits: float, n: int, z: float = 1.96) -> Tuple[float, float]:
+    """95 % Wilson score interval (in %) of ``hits`` successes out of ``n``."""
+    if n <= 0:
+        return 0.0, 100.0
+    p = hits / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return 100.0 * max(0.0, centre - half), 100.0 * min(1.0, centre + half)
 
 
 def plot_accuracy(result: Dict[str, Any], path: Union[str, os.PathLike], *, title: Optional[str] = None) -> None:
     """Top-1 vs target ``r`` (Fig. 5 of the ToCom paper): plain ToMe/EViT and +ToCom, as a PNG (dpi 150).
 
-    ``result`` needs ``rows`` (from :func:`evaluate`), ``source_r``, ``method`` and optionally
-    ``scale``, ``model``, ``data``.
+    Every point carries its 95 % interval (Wilson, from the image count); the y-axis spans at least 5
+    points so that a difference of a few images does not look like a cliff; the title names the model
+    (``result["model_label"]``, else ``model``), the data and the image count. ``result`` needs ``rows``
+    (from :func:`evaluate`), ``source_r``, ``method`` and optionally ``scale``, ``model_label``, ``model``,
+    ``data_name``, ``images``.
     """
     try:
         import matplotlib
@@ -312,26 +459,52 @@ def plot_accuracy(result: Dict[str, Any], path: Union[str, os.PathLike], *, titl
     rows = result["rows"]
     method = result.get("method", "tome")
     name = {"tome": "ToMe", "evit": "EViT"}.get(method, method)
-    plain = sorted((r["target_r"], r["top1"]) for r in rows if not r["tocom"])
-    tocom = sorted((r["target_r"], r["top1"]) for r in rows if r["tocom"])
     verb = "merged" if method == "tome" else "pruned"
-    with plt.rc_context({"font.size": 12, "axes.titlesize": 12, "legend.fontsize": 11}):
-        fig, ax = plt.subplots(figsize=(6.4, 4.4))
-        ax.plot([p[0] for p in plain], [p[1] for p in plain], "o--", color="0.35", lw=2, ms=7,
-                label=f"{name} (no ToCom)")
-        if tocom:
+    n = int(result.get("images") or rows[0]["images"])
+
+    def series(tocom: bool):
+        pts = sorted((r["target_r"], r["top1"]) for r in rows if r["tocom"] == tocom)
+        xs = [p[0] for p in pts]
+        ys = [p[1] for p in pts]
+        cis = [_wilson(y * n / 100.0, n) for y in ys]
+        err = [[y - lo for y, (lo, _) in zip(ys, cis)], [hi - y for y, (_, hi) in zip(ys, cis)]]
+        return xs, ys, err, cis
+
+    lows: List[float] = []
+    highs: List[float] = []
+    with plt.rc_context({"font.size": 12, "axes.titlesize": 11, "legend.fontsize": 10}):
+        fig, ax = plt.subplots(figsize=(6.4, 4.6))
+        xs, ys, err, cis = series(False)
+        lows += [c[0] for c in cis]
+        highs += [c[1] for c in cis]
+        ax.errorbar(xs, ys, yerr=err, fmt="o--", color="0.35", lw=2, ms=6, capsize=3, label=f"{name} (no ToCom)")
+        if any(r["tocom"] for r in rows):
+            xt, yt, errt, cist = series(True)
+            lows += [c[0] for c in cist]
+            highs += [c[1] for c in cist]
             s = result.get("scale")
             label = f"{name} + ToCom" + (f" (s = {s:g})" if isinstance(s, (int, float)) else "")
-            ax.plot([p[0] for p in tocom], [p[1] for p in tocom], "s-", color="tab:red", lw=2, ms=7, label=label)
+            ax.errorbar([x + 0.12 for x in xt], yt, yerr=errt, fmt="s-", color="tab:red", lw=2, ms=6, capsize=3,
+                        label=label)
         src = result.get("source_r")
         if src is not None:
             ax.axvline(src, color="0.6", ls=":", lw=1.5, label=f"source r = {src}")
+        lo, hi = min(lows), max(highs)
+        if hi - lo < 5.0:  # at least 5 points: a few images must not look like a cliff
+            mid = (hi + lo) / 2
+            lo, hi = mid - 2.5, mid + 2.5
+        pad = 0.08 * (hi - lo)
+        ax.set_ylim(max(0.0, lo - pad), min(100.0, hi + pad))
         ax.set_xlabel(f"target r (tokens {verb} per block)")
         ax.set_ylabel("top-1 accuracy (%)")
-        xs = sorted({p[0] for p in plain})
-        if len(xs) <= 20:
-            ax.set_xticks(xs)
-        ax.set_title(title or " · ".join(str(v) for v in (result.get("model"), result.get("data_name")) if v))
+        xs_all = sorted({r["target_r"] for r in rows})
+        if len(xs_all) <= 20:
+            ax.set_xticks(xs_all)
+        model = result.get("model_label") or result.get("model")
+        data = result.get("data_name")
+        ax.set_title(title or (f"{model or ''}\n"
+                               + " · ".join(v for v in (str(data) if data else "", f"{n:,} images") if v)
+                               + " · bars: 95 % interval per point"), fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(loc="best", frameon=False)
         fig.tight_layout()

@@ -184,11 +184,50 @@ def _explain(err: BaseException, repo_id: str, filename: str, revision: Optional
     return err
 
 
+def _unreachable(repo_id: str, filename: str, *, revision: Optional[str], cache_dir: Optional[PathLike],
+                 token: Union[str, bool, None], force_download: bool) -> Optional[BaseException]:
+    """The connection error when the Hub cannot be reached for a file the cache does not hold, else ``None``.
+
+    For such a file huggingface_hub retries a failed connection five times with back-off (about 25 s of
+    "Retrying in …" lines) before it gives up; one HEAD request without retries (``get_hf_file_metadata``,
+    timeout ``HF_HUB_ETAG_TIMEOUT``) tells an unreachable Hub at once. A cached file needs no probe:
+    huggingface_hub falls back to it immediately.
+    """
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError, HfHubHTTPError
+
+    if constants.HF_HUB_OFFLINE:
+        return None
+    try:
+        cached = try_to_load_from_cache(repo_id, filename, cache_dir=cache_dir, revision=revision)
+        if isinstance(cached, str) and not force_download:
+            return None
+        get_hf_file_metadata(hf_hub_url(repo_id, filename, revision=revision), token=token,
+                             timeout=constants.HF_HUB_ETAG_TIMEOUT)
+    except (HfHubHTTPError, HFValidationError, ValueError):
+        return None  # the Hub answered (404, 401, …) or a bad id: hf_hub_download raises the precise error
+    except Exception as e:  # no answer at all: DNS, refused connection, timeout
+        return e
+    return None
+
+
 def _download_file(repo_id: str, filename: str, *, revision: Optional[str], cache_dir: Optional[PathLike],
                    token: Union[str, bool, None], local_files_only: bool, force_download: bool) -> str:
-    from huggingface_hub import hf_hub_download
+    from huggingface_hub import constants, hf_hub_download
 
     from . import __version__
+
+    if not local_files_only:
+        err = _unreachable(repo_id, filename, revision=revision, cache_dir=cache_dir, token=token,
+                           force_download=force_download)
+        if err is not None:
+            reason = " ".join(str(err).split())[:200] or type(err).__name__
+            raise BankNotFoundError(
+                f"{filename} of ToCom bank {repo_id!r} (revision {_rev(revision)!r}) is not in the cache "
+                f"({cache_dir or constants.HF_HUB_CACHE}) and the Hub ({constants.ENDPOINT}) could not be reached "
+                f"({reason}): check your connection and retry, or fill the cache once with network access "
+                f"(`tocom-hub download {repo_id}`) and set HF_HUB_OFFLINE=1",
+                repo_id=repo_id, revision=_rev(revision), filename=filename) from None
 
     try:
         return hf_hub_download(

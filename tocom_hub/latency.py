@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
+import warnings
 from collections import deque
 from typing import Any, Callable, Deque, Dict, List, Mapping, Optional, Sequence, Union
 
@@ -28,6 +29,8 @@ import torch
 from torch import nn
 
 from ._progress import progress_bar
+from .benchmark import NOISY_SPREAD
+from .benchmark import percentile as _percentile
 
 from .bank import ToComBank
 from .compensate import apply, get_state, remove, set_target_r
@@ -71,8 +74,10 @@ class LatencyController:
         clock: seconds as a float (default ``time.perf_counter``); inject a fake one for tests.
         progress: tqdm bar during calibration.
 
-    Attributes: ``r`` (current), ``curve`` (calibrated ms per ``r``), ``factor`` (current median
-    slowdown), ``history`` (one dict per request: ``request``, ``ms``, ``r``, ``factor``, ``next_r``).
+    Attributes: ``r`` (current), ``curve`` (calibrated ms per ``r``), ``spread`` (10th and 90th percentile
+    ms per ``r`` of the calibration rounds), ``noisy`` (rounds disagreed: calibration warned, rerun it on a
+    quieter machine or with more ``iters``), ``factor`` (current median slowdown), ``history`` (one dict
+    per request: ``request``, ``ms``, ``r``, ``factor``, ``next_r``).
     """
 
     def __init__(
@@ -146,6 +151,8 @@ class LatencyController:
         self.window, self.patience_down, self.warmup, self.iters = window, patience_down, warmup, iters
         self.clock, self.progress = clock, progress
         self.curve: Optional[Dict[int, float]] = None
+        self.spread: Dict[int, Any] = {}
+        self.noisy = False
         self._expected: Dict[int, float] = {}
         self._factors: Deque[float] = deque(maxlen=window)
         self._down_streak = 0
@@ -246,6 +253,13 @@ class LatencyController:
                 bar.close()
                 self.model.train(was_training)
             curve = {r: statistics.median(v) for r, v in samples.items()}
+            self.spread = {r: (_percentile(v, 10), _percentile(v, 90)) for r, v in samples.items()}
+            self.noisy = any((hi - lo) > NOISY_SPREAD * curve[r] for r, (lo, hi) in self.spread.items())
+            if self.noisy:
+                warnings.warn(f"LatencyController.calibrate: noisy — rerun: the {self.iters} rounds of some r differ "
+                              f"by more than {100 * NOISY_SPREAD:.0f} % of their median ({self._spread_text()}); "
+                              f"calibrate again on a quieter machine or with more iters", RuntimeWarning,
+                              stacklevel=2)
         self.curve = curve
         # the expected latency never increases with r (merging more cannot cost more): a running
         # minimum over increasing r irons out measurement noise
@@ -259,6 +273,9 @@ class LatencyController:
         self._requests = 0
         self._switch(self.pick(1.0))
         return dict(curve)
+
+    def _spread_text(self) -> str:
+        return ", ".join(f"r={r}: {lo:.1f}-{hi:.1f} ms" for r, (lo, hi) in self.spread.items())
 
     @property
     def calibrated(self) -> bool:

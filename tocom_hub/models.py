@@ -37,12 +37,13 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Tuple, Union
+from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
 __all__ = [
+    "LoadedModel",
     "ModelAlias",
     "MODEL_ALIASES",
     "register_model_alias",
@@ -60,6 +61,14 @@ PathLike = Union[str, os.PathLike]
 DEMO_MODEL = "vit_tiny_patch16_224"
 DEMO_MODEL_KWARGS: Dict[str, Any] = dict(img_size=32, patch_size=4, depth=6, embed_dim=96, num_heads=3)
 DEMO_WEIGHTS = Path(__file__).resolve().parent / "assets" / "vit_tiny_photo_crops.safetensors"
+
+
+class LoadedModel(NamedTuple):
+    """What :func:`load_model` returns: unpacks as ``model, info = load_model(...)`` and reads as
+    ``load_model(...).model`` / ``.info``."""
+
+    model: nn.Module
+    info: Dict[str, Any]
 
 
 @dataclass
@@ -221,21 +230,23 @@ def load_model(
     model_kwargs: Optional[Dict[str, Any]] = None,
     pretrained: bool = False,
     checkpoint: Optional[PathLike] = None,
-) -> Tuple[nn.Module, Dict[str, Any]]:
+) -> LoadedModel:
     """Build the model ``name_or_path`` names (see the module docstring) in eval mode, on the CPU.
 
-    Returns ``(model, info)``; ``info`` records ``name`` (as given), ``model`` (timm architecture),
-    ``model_kwargs``, ``source`` and ``weights`` (``"random-init"`` for a bare timm name), plus
-    ``method`` / ``source_r`` when the directory records them (finetune.py). Raises
-    ``FileNotFoundError`` for a missing path / weights file and ``ValueError`` for an unknown name.
+    Returns ``(model, info)`` as a :class:`LoadedModel` (``.model``, ``.info``); ``info`` records ``name``
+    (as given), ``model`` (timm architecture), ``model_kwargs``, ``source`` and ``weights``
+    (``"random-init"`` for a bare timm name), plus ``method`` / ``source_r`` when the directory records
+    them (finetune.py). Raises ``FileNotFoundError`` for a missing path / weights file and ``ValueError``
+    for an unknown name.
     Example::
 
         model, info = load_model("vit_tiny_patch16_224", model_kwargs={"img_size": 64, "depth": 2})
         model, info = load_model("vit_base_patch16_224", checkpoint="weights.safetensors")
         model, info = load_model("out/finetune-r0")
+        model = load_model("demo").model                # the embedded tiny ViT (photo-crops), offline
     """
     model, info = _load_model(name_or_path, model_kwargs=model_kwargs, pretrained=pretrained, checkpoint=checkpoint)
-    return model, {"name": name_or_path, **info}
+    return LoadedModel(model, {"name": name_or_path, **info})
 
 
 def _load_model(

@@ -762,7 +762,10 @@ def evaluate_top1(accelerator, model: torch.nn.Module, loader) -> float:
     was_training = model.training
     model.eval()
     correct = total = 0
-    for x, y in loader:
+    from tqdm.auto import tqdm
+
+    for x, y in tqdm(loader, desc="validation", unit="batch", leave=False,
+                     disable=not accelerator.is_local_main_process):
         with accelerator.autocast():
             pred = model(x).argmax(-1)
         pred, y = accelerator.gather_for_metrics((pred, y))

@@ -61,6 +61,7 @@ from torch.utils.data import DataLoader
 
 import tocom_hub
 from tocom_hub import compensate
+from tocom_hub._threads import setup_cpu_threads
 from tocom_hub.bank import TARGETS, ToComBank
 from tocom_hub.training import common
 
@@ -239,7 +240,10 @@ def heldout_eval(accelerator, distiller: Distiller, loader, pairs: List[Tuple[in
     k = len(pairs)
     sums = torch.zeros(2, k, dtype=torch.float64)
     count = 0
-    for x, _ in loader:
+    from tqdm.auto import tqdm
+
+    for x, _ in tqdm(loader, desc=f"held-out eval ({k} pairs)", unit="batch", leave=False,
+                     disable=not accelerator.is_local_main_process):
         x = x.to(accelerator.device)
         vals = torch.empty(x.shape[0], 2, k, device=x.device)
         for j, (m, n) in enumerate(pairs):  # fp32 even under --mixed-precision: the KL is ~1e-3, bf16 noise is not
@@ -295,6 +299,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         project_dir=args.output_dir,
         cpu=common.use_cpu(args),
     )
+    setup_cpu_threads(accelerator.device.type, log=logger.info)  # accelerate launch sets OMP_NUM_THREADS=1
     if not accelerator.is_main_process:
         logger.setLevel(logging.WARNING)
     set_seed(args.seed)  # identical bank initialisation on every process

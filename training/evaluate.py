@@ -31,6 +31,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import tocom_hub
+from tocom_hub._threads import setup_cpu_threads
 from tocom_hub.adaptformer import AdaptFormer
 from tocom_hub.training import common
 
@@ -180,6 +181,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=args.cpu)
+    setup_cpu_threads(accelerator.device.type, log=logger.info)  # accelerate launch sets OMP_NUM_THREADS=1
 
     model, recipe, _ = load_finetuned(args.finetuned, accelerator.device)
     source_r = recipe["source_r"] if args.source_r is None else args.source_r

@@ -41,6 +41,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import tocom_hub
+from tocom_hub._threads import setup_cpu_threads
 from tocom_hub.adaptformer import AdaptFormer
 from tocom_hub.training import common
 
@@ -139,6 +140,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     accelerator = Accelerator(mixed_precision=args.mixed_precision, gradient_accumulation_steps=args.grad_accum,
                               log_with=common.resolve_report_to(args.report_to), project_dir=args.output_dir,
                               cpu=common.use_cpu(args))
+    setup_cpu_threads(accelerator.device.type, log=logger.info)  # accelerate launch sets OMP_NUM_THREADS=1
     if not accelerator.is_main_process:
         logger.setLevel(logging.WARNING)
     set_seed(args.seed)

@@ -1,0 +1,137 @@
+"""Render README.md's result tables from the committed results JSON (one script for all of them).
+
+    python benchmarks/render_readme.py            # rewrite the tables in README.md
+    python benchmarks/render_readme.py --check    # exit 1 (and name the tables) when README.md is stale
+
+Files: ``README.md`` (every table) and ``benchmarks/study/README.md`` (the study table). A table lives
+right under its marker comment; the rows (the ``|`` lines directly under the marker) are
+replaced, everything else — the prose around them — is left alone:
+
+=========================== ============================================ ===============================
+marker                      JSON                                         rendered by
+=========================== ============================================ ===============================
+``<!-- quickstart-table -->`` ``tocom_hub/assets/study/demo.json``         :func:`quickstart_table`
+``<!-- throughput-table -->`` ``benchmarks/results/throughput.json``       :func:`throughput_table`
+``<!-- study-table -->``      ``benchmarks/results/study.json``            ``benchmarks/study/report.py``
+=========================== ============================================ ===============================
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable, Dict, List
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks" / "study"))
+
+import report  # noqa: E402
+
+
+def _load(rel: str) -> Dict[str, Any]:
+    return json.loads((ROOT / rel).read_text())
+
+
+def _signed(d: float) -> str:
+    return f"{'+' if d >= 0 else '−'}{abs(d):.2f}"
+
+
+def quickstart_table(demo: Dict[str, Any]) -> str:
+    """What ``python examples/quickstart.py`` prints as its headline (demo.json's ``committed``)."""
+    c, R = demo["committed"], demo["R"]
+    lines = ["| model fine-tuned at | run at | top-1 | + ToCom | change [95 % CI] | fine-tuned at the target r |",
+             "|---|---|---:|---:|---|---:|"]
+    for src, tgt, key, matched in ((0, R, "src0_tgtR", c["srcR_tgtR"]), (R, 0, "srcR_tgt0", c["src0_tgt0"])):
+        v = c[key]
+        lo, hi = v["ci95"]
+        lines.append(f"| r = {src} | r = {tgt} | {v['no_tocom']:.2f} | {v['tocom']:.2f} | "
+                     f"{_signed(v['tocom'] - v['no_tocom'])} [{_signed(lo)}, {_signed(hi)}] | {matched:.2f} |")
+    return "\n".join(lines)
+
+
+def throughput_table(result: Dict[str, Any]) -> str:
+    """``benchmarks/throughput.py``'s results: images/s and paired speed-up (range over rounds) per batch and r."""
+    rows = result["rows"]
+    cell: Dict[Any, Dict[str, Any]] = {(r["batch_size"], r["method"], r["r"]): r for r in rows}
+
+    def speed(row):
+        return f"{row['speedup']:.2f}× ({row['speedup_min']:.2f}–{row['speedup_max']:.2f})"
+
+    lines = ["| batch | r | ToMe images/s | ToMe speed-up | EViT images/s | EViT speed-up "
+             "| ToMe ceiling (merge step free) |",
+             "|---:|---:|---:|---:|---:|---:|---:|"]
+    for batch in sorted({r["batch_size"] for r in rows}):
+        plain = cell[(batch, "plain", 0)]
+        lines.append(f"| {batch} | plain timm | {plain['images_per_s']:.2f} | 1.00× | | | |")
+        for r in sorted({r["r"] for r in rows if r["batch_size"] == batch and r["method"] == "tome"}):
+            tome, evit, ceil = (cell.get((batch, m, r)) for m in ("tome", "evit", "tome-ceiling"))
+            evit_ips = "" if evit is None else f"{evit['images_per_s']:.2f}"
+            lines.append(f"| {batch} | {r} | {tome['images_per_s']:.2f} | {speed(tome)} | {evit_ips} | "
+                         f"{'' if evit is None else speed(evit)} | {'' if ceil is None else speed(ceil)} |")
+    return "\n".join(line.replace("|  |", "| |").replace("|  |", "| |") for line in lines)
+
+
+TABLES: Dict[str, Callable[[], str]] = {
+    "quickstart-table": lambda: quickstart_table(_load("tocom_hub/assets/study/demo.json")),
+    "throughput-table": lambda: throughput_table(_load("benchmarks/results/throughput.json")),
+    "study-table": lambda: report.table(_load("benchmarks/results/study.json")),
+}
+
+
+def render(text: str, names=None) -> str:
+    """``text`` (README.md) with the rows under every known marker (or those in ``names``) replaced by the
+    rendered table."""
+    lines = text.split("\n")
+    out: List[str] = []
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        out.append(line)
+        i += 1
+        name = line.strip()[len("<!-- "):-len(" -->")] if line.strip().startswith("<!-- ") else ""
+        if name in TABLES and (names is None or name in names):
+            while i < len(lines) and lines[i].startswith("|"):
+                i += 1  # the old rows
+            out.extend(TABLES[name]().split("\n"))
+    return "\n".join(out)
+
+
+# every file with tables; README.md must hold every marker
+FILES = [ROOT / "README.md", ROOT / "benchmarks" / "study" / "README.md"]
+
+
+def stale(path: Path = ROOT / "README.md") -> List[str]:
+    """Markers whose table in ``path`` differs from the JSON (empty when the file is up to date)."""
+    text = path.read_text()
+    missing = [n for n in TABLES if f"<!-- {n} -->" not in text]
+    if missing and path.name == "README.md" and path.parent == ROOT:
+        raise SystemExit(f"{path}: no marker for {missing}")
+    return [n for n in TABLES if render(text, [n]) != text]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true", help="only check; exit 1 when a table is stale")
+    parser.add_argument("--readme", action="append", default=None,
+                        help="file to render (repeatable; default: README.md and benchmarks/study/README.md)")
+    args = parser.parse_args(argv)
+    status = 0
+    for path in [Path(p) for p in args.readme] if args.readme else FILES:
+        if args.check:
+            bad = stale(path)
+            if bad:
+                print(f"{path}: stale tables {bad}; run python benchmarks/render_readme.py", file=sys.stderr)
+                status = 1
+            else:
+                print(f"{path}: tables match the JSON")
+            continue
+        text = path.read_text()
+        new = render(text)
+        path.write_text(new)
+        print(f"{path}: {'updated' if new != text else 'already up to date'}")
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
