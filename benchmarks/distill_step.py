@@ -22,6 +22,8 @@ backward, optimizer) with a synchronisation after each.
 :func:`end_to_end` — runs ``training/distill.py`` for a fixed number of steps (subprocess, no held-out
 evaluation) and reports its wall-clock images/s (all steps but the first, device synchronised) and, given
 the raw step rate of :func:`step_rates`, the fraction of it the whole loop delivers (target ≥ 0.8).
+:func:`loader_rate` — the training input pipeline alone (same loader as the script, batches moved to
+the device and normalised there): if it is not well above the step rate, the data is the bottleneck.
 
 Why the step can be cheap: the backbone is frozen, so the backward computes activation gradients only
 (no weight gradients, about half of a normal backward) and AdamW touches 1 % of the parameters; the
@@ -213,6 +215,50 @@ def _distill_parts(distiller, opt, x, seed, r_max, rounds, autocast, dev) -> Dic
     return {k: statistics.median(v) for k, v in parts.items()}
 
 
+def loader_rate(data: str = "photo-crops", *, img_size: int = 224, batch_size: int = 128, num_workers: int = 2,
+                augment: bool = True, batches: int = 20, device: Optional[str] = None, seed: int = 0,
+                model: str = "deit_tiny_patch16_224") -> Dict[str, Any]:
+    """Images/s of ``training/distill.py``'s training input pipeline alone, batches ready on the device.
+
+    Builds the loader exactly as the script does (``common.build_train_loader``: seeded per-sample
+    augmentation, uint8 batches, pinned on CUDA), moves each batch to ``device`` and normalises it there
+    (``common.device_batch``). ``model`` only supplies timm's data config (mean/std, interpolation). The
+    first batch (worker start-up) is not timed. Returns ``img_per_s``, ``ms_per_batch``, the settings,
+    ``cpu_count`` and the number of CPUs this process may use (``cpu_affinity``).
+    """
+    from tocom_hub.training import common
+
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    net = timm.create_model(model, pretrained=False, img_size=img_size)
+    args = argparse.Namespace(data=data, data_dir=None, train_split="train", val_split="validation",
+                              batch_size=batch_size)
+    train_set, _, info = common.build_datasets(args, common.EMBEDDED_DATA, img_size, need_val=False, seed=seed)
+    train_tf, _, _ = common.build_transforms(net, img_size, augment, info["kind"] == "embedded")
+    loader, sampler, normalize = common.build_train_loader(
+        train_set, train_tf, iterable=info["iterable"], batch_size=batch_size, num_workers=num_workers, seed=seed,
+        multiple_of=batch_size, pin_memory=dev.type == "cuda")
+    it = iter(loader)
+    common.device_batch(next(it), dev, normalize)
+    _sync(dev)
+    t0 = time.perf_counter()
+    done = 0
+    for _ in range(batches):
+        try:
+            batch = next(it)
+        except StopIteration:
+            break
+        common.device_batch(batch, dev, normalize)
+        done += 1
+    _sync(dev)
+    dt = time.perf_counter() - t0
+    del it
+    return {"data": data, "img_size": img_size, "batch_size": batch_size, "num_workers": num_workers,
+            "augment": augment, "uint8_batches": normalize is not None, "batches": done, "device": str(dev),
+            "img_per_s": done * batch_size / dt if done else None, "ms_per_batch": dt / max(done, 1) * 1e3,
+            "cpu_count": os.cpu_count(),
+            "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None}
+
+
 def end_to_end(model: Optional[str] = None, *, data: Optional[str] = None, img_size: Optional[int] = None,
                batch_size: int = 128, precision: str = "no", steps: int = 30, num_workers: int = 2,
                cpu: bool = False, extra_args: Sequence[str] = (), raw_img_per_s: Optional[float] = None,
@@ -278,6 +324,7 @@ def main(argv=None) -> dict:
     p.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--breakdown", action="store_true", help="also time the distillation step's parts")
+    p.add_argument("--loader", action="store_true", help="also time the training input pipeline alone")
     p.add_argument("--end-to-end", action="store_true", help="also run training/distill.py with the same settings")
     p.add_argument("--data", default=None, help="--data for the end-to-end run (default: embedded)")
     p.add_argument("--num-workers", type=int, default=2, help="loader workers of the end-to-end run")
@@ -306,6 +353,12 @@ def main(argv=None) -> dict:
     if args.breakdown:
         print("distill step parts (ms, synchronised): " +
               ", ".join(f"{k} {v:.1f}" for k, v in result["distill_parts_ms"].items()))
+    if args.loader:
+        lr = loader_rate(args.data or "photo-crops", img_size=size[0], batch_size=args.batch_size,
+                         num_workers=args.num_workers, device=result["device"])
+        result["loader"] = lr
+        print(f"input pipeline alone ({lr['num_workers']} workers, {lr['cpu_affinity']} CPUs): "
+              f"{lr['img_per_s']:.1f} img/s = {lr['img_per_s'] / result['distill']['img_per_s']:.2f}× the step rate")
     if args.end_to_end:
         e2e = end_to_end(args.model, data=args.data, img_size=args.img_size, batch_size=args.batch_size,
                          precision=args.precision, steps=args.e2e_steps, num_workers=args.num_workers,

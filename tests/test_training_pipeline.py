@@ -132,6 +132,9 @@ def test_benchmark_functions_run_on_cpu_and_return_their_keys():
     assert res["trainable_backbone_parameters"] == 0  # the frozen backbone gets no weight gradients
     assert set(res["distill_parts_ms"]) == {"teacher_forward", "student_forward", "backward", "optimizer"}
 
+    lr = bench.loader_rate(img_size=32, batch_size=8, num_workers=0, batches=2, device="cpu")
+    assert lr["batches"] == 2 and lr["img_per_s"] > 0 and lr["uint8_batches"]
+
     e2e = bench.end_to_end(steps=3, batch_size=8, num_workers=0, cpu=True, raw_img_per_s=res["distill"]["img_per_s"],
                            timeout=300)
     assert e2e["steps"] == 3 and e2e["images_per_second"] > 0

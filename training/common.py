@@ -58,6 +58,10 @@ __all__ = [
     "build_backbone",
     "build_datasets",
     "build_transforms",
+    "build_train_loader",
+    "split_transform",
+    "collate_uint8",
+    "device_batch",
     "resolve_report_to",
     "use_cpu",
     "TrainState",
@@ -666,6 +670,34 @@ def device_batch(batch, device: torch.device, normalize: Optional[DeviceNormaliz
     if normalize is None:
         return batch[0], batch[1]
     return normalize(batch[0], batch[2]), batch[1]
+
+
+def build_train_loader(train_set: Dataset, transform: Any, *, iterable: bool, batch_size: int, num_workers: int,
+                       seed: int, multiple_of: int, pin_memory: bool
+                       ) -> Tuple[DataLoader, Optional[EpochSampler], Optional[DeviceNormalize]]:
+    """``(loader, sampler, normalize)`` of a training run; pass batches through :func:`device_batch`.
+
+    Map-style data gets an :class:`EpochSampler` and per-sample seeded augmentation
+    (:class:`SeededTransform`); streamed data (``iterable``: hfids/, wds/) is sharded and shuffled by
+    timm's reader (``sampler`` is ``None``; do not ``accelerator.prepare`` that loader). When the transform
+    has timm's usual shape, workers return uint8 images and ``normalize`` does the float part on the
+    device (:func:`split_transform`: bit-identical, a quarter of the bytes to pin and copy); otherwise
+    ``normalize`` is ``None`` and batches are float. Workers persist across epochs.
+    """
+    kwargs: Dict[str, Any] = dict(num_workers=num_workers, pin_memory=pin_memory,
+                                  persistent_workers=num_workers > 0)
+    normalize = None
+    split = split_transform(transform)
+    if split is not None:
+        transform, normalize = split
+        kwargs["collate_fn"] = collate_uint8
+    if iterable:
+        train_set.transform = transform
+        return DataLoader(train_set, batch_size=batch_size, drop_last=True, **kwargs), None, normalize
+    sampler = EpochSampler(len(train_set), seed=seed, multiple_of=multiple_of)
+    loader = DataLoader(SeededTransform(train_set, transform, seed), sampler=sampler, batch_size=batch_size,
+                        drop_last=True, generator=torch.Generator().manual_seed(seed), **kwargs)
+    return loader, sampler, normalize
 
 
 def model_img_size(model: torch.nn.Module) -> int:

@@ -329,27 +329,13 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                                                           data_info["kind"] == "embedded")
     num_classes = model_info["num_classes"] or data_info["num_classes"] or 1
     global_micro = args.batch_size * accelerator.num_processes
-    loader_kwargs = dict(num_workers=args.num_workers, pin_memory=accelerator.device.type == "cuda",
-                         persistent_workers=args.num_workers > 0)
-    # workers stop at uint8 images; the float part of the transform (/ 255, normalise, random-erasing
-    # fill) runs on the batch on the device — bit-identical, 4× less to pin and copy, no float passes
-    # per image in the workers
-    normalize = None
-    split = common.split_transform(train_tf)
-    if split is not None:
-        train_tf, normalize = split
-        loader_kwargs["collate_fn"] = common.collate_uint8
-    if data_info["iterable"]:
-        # streamed datasets (hfids/, wds/): timm's reader shards by rank and shuffles by seed/epoch;
-        # the loader is not prepared (that would shard twice) and resume fast-forwards batches.
-        train_set.transform = train_tf
-        sampler = None
-        train_loader = DataLoader(train_set, batch_size=args.batch_size, drop_last=True, **loader_kwargs)
-    else:
-        sampler = common.EpochSampler(len(train_set), seed=args.seed, multiple_of=global_micro * args.grad_accum)
-        train_loader = DataLoader(common.SeededTransform(train_set, train_tf, args.seed), sampler=sampler,
-                                  batch_size=args.batch_size, drop_last=True,
-                                  generator=torch.Generator().manual_seed(args.seed), **loader_kwargs)
+    # workers stop at uint8 images, the float part of the transform runs on the device (bit-identical);
+    # streamed datasets (hfids/, wds/): timm's reader shards by rank and shuffles by seed/epoch, so that
+    # loader is not prepared (that would shard twice) and resume fast-forwards batches.
+    train_loader, sampler, normalize = common.build_train_loader(
+        train_set, train_tf, iterable=data_info["iterable"], batch_size=args.batch_size,
+        num_workers=args.num_workers, seed=args.seed, multiple_of=global_micro * args.grad_accum,
+        pin_memory=accelerator.device.type == "cuda")
     heldout_loader = None
     if val_set is not None:
         if data_info["iterable"]:
