@@ -654,7 +654,7 @@ def collate_uint8(batch) -> Tuple[torch.Tensor, torch.Tensor, ErasedPatches]:
     """Collate ``((uint8 image, erasing writes), label)`` items into ``(images, labels, ErasedPatches)``."""
     from torch.utils.data import default_collate
 
-    images = torch.stack([item[0][0] for item in batch])
+    images = default_collate([item[0][0] for item in batch])  # in a worker: stacked straight into shared memory
     labels = default_collate([item[1] for item in batch])
     boxes, values = [], []
     for b, item in enumerate(batch):
