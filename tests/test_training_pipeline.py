@@ -77,7 +77,7 @@ def test_split_transform_declines_unusual_pipelines():
     assert common.split_transform(T.Compose([T.ToTensor(), T.Normalize([0.5] * 3, [0.5] * 3),
                                              T.ConvertImageDtype(torch.float16)])) is None
     assert common.split_transform(lambda img: img) is None
-    worker, normalize = common.split_transform(T.Compose([T.ToTensor(), T.Normalize([0.5] * 3, [0.25] * 3)]))
+    _, normalize = common.split_transform(T.Compose([T.ToTensor(), T.Normalize([0.5] * 3, [0.25] * 3)]))
     img = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8)
     assert torch.allclose(normalize(img), (img.float() / 255 - 0.5) / 0.25)
 
@@ -122,7 +122,7 @@ def _distill_step_module():
 
 def test_benchmark_functions_run_on_cpu_and_return_their_keys():
     bench = _distill_step_module()
-    tiny = dict(img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=2)
+    tiny = {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 64, "num_heads": 2}
     res = bench.step_rates("vit_tiny_patch16_224", model_kwargs=tiny, batch_size=4, rounds=2, warmup=1, r_max=2,
                            device="cpu", breakdown=True)
     for part in ("full_ft", "distill"):

@@ -553,10 +553,10 @@ class ErasedPatches:
     def __init__(self, boxes: List[Tuple[int, int, int, int, int, Tuple[int, ...]]], values: torch.Tensor) -> None:
         self.boxes, self.values = boxes, values
 
-    def to(self, *args, **kwargs) -> "ErasedPatches":
+    def to(self, *args, **kwargs) -> ErasedPatches:
         return ErasedPatches(self.boxes, self.values.to(*args, **kwargs))
 
-    def pin_memory(self, *args) -> "ErasedPatches":
+    def pin_memory(self, *args) -> ErasedPatches:
         return ErasedPatches(self.boxes, self.values.pin_memory(*args))
 
     def paste_(self, x: torch.Tensor) -> torch.Tensor:
@@ -684,8 +684,8 @@ def build_train_loader(train_set: Dataset, transform: Any, *, iterable: bool, ba
     device (:func:`split_transform`: bit-identical, a quarter of the bytes to pin and copy); otherwise
     ``normalize`` is ``None`` and batches are float. Workers persist across epochs.
     """
-    kwargs: Dict[str, Any] = dict(num_workers=num_workers, pin_memory=pin_memory,
-                                  persistent_workers=num_workers > 0)
+    kwargs: Dict[str, Any] = {"num_workers": num_workers, "pin_memory": pin_memory,
+                              "persistent_workers": num_workers > 0}
     normalize = None
     split = split_transform(transform)
     if split is not None:
