@@ -285,7 +285,7 @@ def _peak_memory_mb(device: torch.device) -> float:
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     args = parse_args(argv)
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import DataLoaderConfiguration, set_seed
     from timm.data import Mixup
     from timm.loss import SoftTargetCrossEntropy
     from timm.scheduler import CosineLRScheduler
@@ -298,6 +298,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         log_with=common.resolve_report_to(args.report_to),
         project_dir=args.output_dir,
         cpu=common.use_cpu(args),
+        # pinned batches are copied asynchronously: the host queues step k+1 while the GPU runs step k
+        dataloader_config=DataLoaderConfiguration(non_blocking=True),
     )
     setup_cpu_threads(accelerator.device.type, log=logger.info)  # accelerate launch sets OMP_NUM_THREADS=1
     if not accelerator.is_main_process:
@@ -332,19 +334,13 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                                                           data_info["kind"] == "embedded")
     num_classes = model_info["num_classes"] or data_info["num_classes"] or 1
     global_micro = args.batch_size * accelerator.num_processes
-    loader_kwargs = dict(num_workers=args.num_workers, pin_memory=accelerator.device.type == "cuda",
-                         persistent_workers=args.num_workers > 0)
-    if data_info["iterable"]:
-        # streamed datasets (hfids/, wds/): timm's reader shards by rank and shuffles by seed/epoch;
-        # the loader is not prepared (that would shard twice) and resume fast-forwards batches.
-        train_set.transform = train_tf
-        sampler = None
-        train_loader = DataLoader(train_set, batch_size=args.batch_size, drop_last=True, **loader_kwargs)
-    else:
-        sampler = common.EpochSampler(len(train_set), seed=args.seed, multiple_of=global_micro * args.grad_accum)
-        train_loader = DataLoader(common.SeededTransform(train_set, train_tf, args.seed), sampler=sampler,
-                                  batch_size=args.batch_size, drop_last=True,
-                                  generator=torch.Generator().manual_seed(args.seed), **loader_kwargs)
+    # workers stop at uint8 images, the float part of the transform runs on the device (bit-identical);
+    # streamed datasets (hfids/, wds/): timm's reader shards by rank and shuffles by seed/epoch, so that
+    # loader is not prepared (that would shard twice) and resume fast-forwards batches.
+    train_loader, sampler, normalize = common.build_train_loader(
+        train_set, train_tf, iterable=data_info["iterable"], batch_size=args.batch_size,
+        num_workers=args.num_workers, seed=args.seed, multiple_of=global_micro * args.grad_accum,
+        pin_memory=accelerator.device.type == "cuda")
     heldout_loader = None
     if val_set is not None:
         if data_info["iterable"]:
@@ -441,8 +437,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
             loader = _fast_forward(train_loader, skip)
         skip = 0
         micro = 0
-        for x, y in loader:
-            x, y = x.to(accelerator.device, non_blocking=True), y.to(accelerator.device, non_blocking=True)
+        for batch in loader:
+            x, y = common.device_batch(batch, accelerator.device, normalize)
             m, n = common.sample_pair(args.seed, step, args.r_max)
             common.seed_everything(common.derive_seed(args.seed, "micro", step, micro, accelerator.process_index))
             target = None
@@ -471,6 +467,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
             now = time.perf_counter()
             step_times.append(now - t_last)
             t_last = now
+            if len(step_times) == 1:  # the throughput window starts after the first step (workers warm up)
+                _sync(accelerator.device)
+                t_window = time.perf_counter()
             progress.update(1)
             if step % args.log_every == 0 or step == total_steps:
                 loss_val = accelerator.reduce(loss.detach(), "mean").item()
@@ -490,6 +489,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
             if step >= total_steps:
                 break
         epoch += 1
+    _sync(accelerator.device)
+    window_seconds = time.perf_counter() - t_window if len(step_times) > 1 else 0.0
     progress.close()
     accelerator.wait_for_everyone()
     if stopped_early and step < total_steps:
@@ -507,6 +508,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         med = statistics.median(timed)
         metrics.update({"median_step_seconds": med,
                         "images_per_second": global_micro * args.grad_accum / med,
+                        # wall-clock rate over all steps but the first, the device synchronised at both ends
+                        "throughput_images_per_second": ((len(step_times) - 1) * global_micro * args.grad_accum
+                                                         / window_seconds) if window_seconds > 0 else None,
                         "peak_memory_mb_per_process": _peak_memory_mb(accelerator.device),
                         "device": str(accelerator.device), "cpu_threads": torch.get_num_threads(),
                         "platform": platform.platform()})
@@ -534,6 +538,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return metrics
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _hub_dataset_id(data: str) -> Optional[str]:
