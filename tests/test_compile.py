@@ -4,23 +4,23 @@ import copy
 
 import pytest
 import torch
+from bank_helpers import random_groups
+from tiny_models import make_vit
 from torch._dynamo.testing import CompileCounter
 
 import tocom_hub
-from bank_helpers import random_groups
-from tiny_models import make_vit
 from tocom_hub import ToComBank
 
 X = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
 
 CASES = {
-    "tome_cls_prop_trace": ("cls_token", dict(method="tome", trace_source=True)),
-    "tome_cls_noprop": ("cls_token", dict(method="tome", prop_attn=False)),
-    "tome_gap_map_head": ("map_head", dict(method="tome")),
-    "tome_registers_unfused": ("registers", dict(method="tome", trace_source=True)),
-    "evit_cls_trace": ("cls_token", dict(method="evit", trace_source=True)),
-    "evit_gap_fuse": ("gap", dict(method="evit", fuse_token=True)),
-    "evit_registers_fuse": ("registers", dict(method="evit", fuse_token=True, trace_source=True)),
+    "tome_cls_prop_trace": ("cls_token", {"method": "tome", "trace_source": True}),
+    "tome_cls_noprop": ("cls_token", {"method": "tome", "prop_attn": False}),
+    "tome_gap_map_head": ("map_head", {"method": "tome"}),
+    "tome_registers_unfused": ("registers", {"method": "tome", "trace_source": True}),
+    "evit_cls_trace": ("cls_token", {"method": "evit", "trace_source": True}),
+    "evit_gap_fuse": ("gap", {"method": "evit", "fuse_token": True}),
+    "evit_registers_fuse": ("registers", {"method": "evit", "fuse_token": True, "trace_source": True}),
 }
 
 
