@@ -11,9 +11,10 @@ The output is ``[prefix tokens in their original order, unmerged A tokens, B tok
 tokens keep their original relative order when the sequence has prefix tokens (class / distillation /
 register tokens), and stay in descending-similarity order when it has none, as in the reference.
 
-Speed: the output is assembled by gathering and slicing (prefix tokens and B tokens are plain
-slices; the unmerged A tokens are one gather), and only the ``r`` merged A tokens are added into
-their destinations (a ``scatter_add`` over ``r`` rows), so no atomic adds run over all ``N`` tokens.
+Speed: the output is assembled from slices and one row selection (prefix and B tokens are plain
+slices; the A tokens are one ``index_select`` of whole rows), and only the ``r`` merged A tokens are
+added into their destinations (an ``index_add_`` over ``r`` rows of a fresh tensor), so no atomic
+adds run over all ``N`` tokens.
 Token sizes are kept in float32 and the average is formed from normalised weights, which keeps
 fp16/bf16 features in range. Every function is free of in-place writes into views and of
 module-level caches, so ``torch.compile(..., fullgraph=True)`` traces it without graph breaks.
@@ -21,7 +22,7 @@ module-level caches, so ``torch.compile(..., fullgraph=True)`` traces it without
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 
@@ -40,6 +41,10 @@ class Merge:
         a_idx: ``[B, Na]`` long tensor, free A tokens (indices into the A set): the ``r`` merged ones
             first, then the unmerged ones in output order.
         dst_idx: ``[B, r]`` long tensor, B partner (index into the B set) of each merged A token.
+        a_rows: ``[B * Na]``, rows of the A tokens in the input flattened to ``[B * N, C]`` (for
+            ``B == 1``: ``a_idx``, rows of the A tokens' view).
+        dst_rows: ``[B * r]``, rows of the partners in the B tokens flattened to ``[B * Nb, C]`` (for
+            ``B == 1``: ``dst_idx``).
         r: tokens removed.
         num_prefix: protected prefix tokens (class / distillation / register tokens).
         num_out: number of tokens after the merge (``N - r``).
@@ -47,6 +52,8 @@ class Merge:
 
     a_idx: torch.Tensor
     dst_idx: torch.Tensor
+    a_rows: torch.Tensor
+    dst_rows: torch.Tensor
     r: int
     num_prefix: int
     num_out: int
@@ -105,28 +112,50 @@ def bipartite_soft_matching(
         if keep_order:
             a_idx = torch.cat([a_idx[:, :r], a_idx[:, r:].sort(dim=-1).values], dim=1)
         dst_idx = node_idx.gather(1, a_idx[:, :r])
-    return Merge(a_idx=a_idx, dst_idx=dst_idx, r=r, num_prefix=num_prefix, num_out=num_tokens - r)
+        if batch == 1:  # index_select / index_add_ along the token dim of the A / B views directly
+            a_rows, dst_rows = a_idx, dst_idx
+        else:  # rows of the inputs flattened to [B * N, C] and of the B tokens flattened to [B * Nb, C]
+            offsets = torch.arange(batch, device=metric.device).unsqueeze(1)
+            a_rows = a_idx * 2 + (offsets * num_tokens + first_a)
+            dst_rows = dst_idx + offsets * scores.shape[-1]
+    return Merge(a_idx=a_idx, dst_idx=dst_idx, a_rows=a_rows.view(-1), dst_rows=dst_rows.view(-1), r=r,
+                 num_prefix=num_prefix, num_out=num_tokens - r)
 
 
-def _rows(index: torch.Tensor, channels: int) -> torch.Tensor:
-    return index[..., None].expand(-1, -1, channels)
+def _select(m: Merge, t: torch.Tensor) -> torch.Tensor:
+    """The A rows of ``t`` (``[B, N, C]``) in plan order, ``[B, Na, C]``: one ``index_select`` of whole rows."""
+    batch, num_tokens, channels = t.shape
+    if batch == 1:
+        return t[:, m.first_a :: 2].index_select(1, m.a_rows)
+    return t.reshape(batch * num_tokens, channels).index_select(0, m.a_rows).view(batch, -1, channels)
 
 
-def _merge_rows(m: Merge, t: torch.Tensor, w_keep: Optional[torch.Tensor], w_src: Optional[torch.Tensor]):
-    """``[prefix, unmerged A, B * w_keep + scatter(merged A * w_src)]`` for ``t`` (``[B, N, C]``)."""
-    channels = t.shape[-1]
-    a = t[:, m.first_a :: 2].gather(1, _rows(m.a_idx, channels))
+def _add_rows(m: Merge, b: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``b`` (``[B, Nb, C]``, a fresh tensor: ours to modify) with the merged rows added: ``r`` rows touched."""
+    batch, num_b, channels = b.shape
+    if batch == 1:
+        return b.index_add_(1, m.dst_rows, rows)
+    b = b.contiguous()
+    b.view(batch * num_b, channels).index_add_(0, m.dst_rows, rows.reshape(-1, channels))
+    return b
+
+
+def _merge_rows(m: Merge, t: torch.Tensor, w_keep: Optional[torch.Tensor] = None,
+                w_src: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``[prefix, unmerged A, B * w_keep + merged A * w_src added to their B]`` for ``t`` (``[B, N, C]``)."""
+    a = _select(m, t)
     src, b = a[:, : m.r], t[:, m.first_b :: 2]
-    if w_keep is not None:
+    if w_keep is None:
+        b = b.clone()
+    else:
         b = b * w_keep.to(t.dtype)
         src = src * w_src.to(t.dtype)
-    b = b.scatter_add(1, _rows(m.dst_idx, channels), src)
-    return torch.cat([t[:, : m.num_prefix], a[:, m.r :], b], dim=1)
+    return torch.cat([t[:, : m.num_prefix], a[:, m.r :], _add_rows(m, b, src)], dim=1)
 
 
 def merge_wavg(
     m: Merge, x: torch.Tensor, size: Optional[torch.Tensor] = None
-) -> Tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge ``x`` by size-weighted average; returns ``(x, size)`` after the merge.
 
     ``size`` (``[B, N, 1]``, how many input patches each token stands for) starts at 1 when ``None``;
@@ -138,13 +167,13 @@ def merge_wavg(
     else:
         size = size.float()
     # Sizes follow the same layout; a merged B token's size is the sum of its members'.
-    size_a = size[:, m.first_a :: 2].gather(1, _rows(m.a_idx, 1))
+    size_a = _select(m, size)
     size_b, size_src = size[:, m.first_b :: 2], size_a[:, : m.r]
-    total = size_b.scatter_add(1, _rows(m.dst_idx, 1), size_src)
+    total = _add_rows(m, size_b.clone(), size_src)
     new_size = torch.cat([size[:, : m.num_prefix], size_a[:, m.r :], total], dim=1)
     # Weighted average from normalised weights: every term stays in the range of x (fp16/bf16-safe).
     w_keep = size_b / total
-    w_src = size_src / total.gather(1, _rows(m.dst_idx, 1))
+    w_src = size_src / total.view(-1, 1).index_select(0, m.dst_rows).view(batch, m.r, 1)
     return _merge_rows(m, x, w_keep, w_src), new_size
 
 
