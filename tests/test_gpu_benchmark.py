@@ -22,7 +22,7 @@ def test_gpu_benchmark_small_cpu_run_writes_json_and_markdown(tmp_path):
     out, md = tmp_path / "gpu.json", tmp_path / "gpu.md"
     try:
         bench.main(["--small", "--device", "cpu", "--compile-backend", "eager", "--rounds", "1", "--iters", "1",
-                    "--iters-b1", "1", "--batch-sizes", "2", "--r", "0,3", "--only", "check,eager,compiled,training",
+                    "--iters-b1", "1", "--batch-sizes", "2", "--r", "0,3", "--only", "check,eager,compiled",
                     "--json", str(out), "--markdown", str(md)])
     finally:
         torch._dynamo.reset()
@@ -42,9 +42,20 @@ def test_gpu_benchmark_small_cpu_run_writes_json_and_markdown(tmp_path):
     assert set(compiled) == {("plain", 0), ("tome", 3), ("evit", 3), ("tome-ceiling", 3)}
     for key in (("plain", 0), ("tome", 3), ("evit", 3)):
         assert compiled[key]["max_abs_diff_vs_eager"] <= 1e-5  # (the ceiling's outputs are meaningless)
-    assert sections["training"]  # rows, or one entry saying why it was skipped
     assert not any("error" in row for rows in sections.values() for row in rows)
     text = md.read_text()
     assert "| eager |" in text and "| compiled |" in text
     # the ceiling and mask rows swap module functions only while they run
     assert (patch_module.bipartite_soft_matching, patch_module.merge_wavg, patch_module.FOLD_BIAS_DEVICES) == real
+
+
+def test_gpu_benchmark_training_hook_skips_with_a_reason_when_functions_are_missing(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    bench = _load()
+    monkeypatch.setitem(sys.modules, "distill_step", types.ModuleType("distill_step"))  # no functions yet
+    out = tmp_path / "gpu.json"
+    bench.main(["--small", "--device", "cpu", "--only", "training", "--json", str(out), "--markdown", ""])
+    rows = json.loads(out.read_text())["sections"]["training"]
+    assert len(rows) == 1 and "step_rates" in rows[0]["skipped"]
