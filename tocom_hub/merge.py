@@ -1,7 +1,7 @@
 """Token merging (ToMe, Bolya et al., ICLR 2023) as pure tensor functions.
 
 Nothing here knows about timm: :func:`bipartite_soft_matching` decides *how* the tokens of one block
-are merged and returns a :class:`Merge` (for every input token, the output slot it lands in);
+are merged and returns a :class:`Merge` (which A tokens merge into which B tokens, and the order);
 :func:`merge_wavg` and :func:`merge_source` apply that plan to features, token sizes and the
 source-trace matrix. The patch layer (:mod:`tocom_hub.patch`) calls them between attention and MLP.
 
@@ -11,89 +11,67 @@ The output is ``[prefix tokens in their original order, unmerged A tokens, B tok
 tokens keep their original relative order when the sequence has prefix tokens (class / distillation /
 register tokens), and stay in descending-similarity order when it has none, as in the reference.
 
-Speed: at batch size 1 a merge step is a few dozen tiny tensor operations between large matrix
-products, and each one costs far more than its arithmetic (the GEMMs before it evict the caches).
-So the plan is built from as few operations as possible: prefix tokens are sliced out of the
-similarity matrix instead of masked, and the parts of the slot layout that depend only on the token
-count (:func:`_layout`) are computed once per shape and reused.
+Speed: the output is assembled from slices and one row selection (prefix and B tokens are plain
+slices; the A tokens are one ``index_select`` of whole rows), and only the ``r`` merged A tokens are
+added into their destinations (an ``index_add_`` over ``r`` rows of a fresh tensor), so no atomic
+adds run over all ``N`` tokens.
+Token sizes are kept in float32 and the average is formed from normalised weights, which keeps
+fp16/bf16 features in range. Every function is free of in-place writes into views and of
+module-level caches, so ``torch.compile(..., fullgraph=True)`` traces it without graph breaks.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, NamedTuple, Optional, Tuple
+from typing import Optional
 
 import torch
 
-__all__ = ["Merge", "bipartite_soft_matching", "merge_wavg", "merge_source", "max_merge"]
+__all__ = ["Merge", "bipartite_soft_matching", "max_merge", "merge_source", "merge_wavg"]
 
 
 @dataclass
 class Merge:
     """A merge plan for one block.
 
+    The input splits into ``num_prefix`` prefix tokens, free A tokens (positions ``first_a::2``) and
+    free B tokens (positions ``first_b::2``). The output is ``[prefix, A[a_idx[:, r:]], B]``, where
+    A token ``a_idx[:, i]`` (``i < r``) is merged into B token ``dst_idx[:, i]``.
+
     Attributes:
-        dest: ``[B, N]`` long tensor, output slot of every input token.
-        index: ``[B * N]`` long tensor, ``dest`` offset by ``b * num_out`` (row into the flattened output).
+        a_idx: ``[B, Na]`` long tensor, free A tokens (indices into the A set): the ``r`` merged ones
+            first, then the unmerged ones in output order.
+        dst_idx: ``[B, r]`` long tensor, B partner (index into the B set) of each merged A token.
+        a_rows: ``[B * Na]``, rows of the A tokens in the input flattened to ``[B * N, C]`` (for
+            ``B == 1``: ``a_idx``, rows of the A tokens' view).
+        dst_rows: ``[B * r]``, rows of the partners in the B tokens flattened to ``[B * Nb, C]`` (for
+            ``B == 1``: ``dst_idx``).
+        r: tokens removed.
+        num_prefix: protected prefix tokens (class / distillation / register tokens).
         num_out: number of tokens after the merge (``N - r``).
     """
 
-    dest: torch.Tensor
-    index: torch.Tensor
+    a_idx: torch.Tensor
+    dst_idx: torch.Tensor
+    a_rows: torch.Tensor
+    dst_rows: torch.Tensor
+    r: int
+    num_prefix: int
     num_out: int
+
+    @property
+    def first_a(self) -> int:
+        """Position of the first free A token."""
+        return 2 * ((self.num_prefix + 1) // 2)
+
+    @property
+    def first_b(self) -> int:
+        """Position of the first free B token."""
+        return 2 * (self.num_prefix // 2) + 1
 
 
 def max_merge(num_tokens: int, num_prefix: int = 0) -> int:
     """Most tokens one bipartite merge step can remove from ``num_tokens`` (prefix tokens protected)."""
     return max((num_tokens - num_prefix) // 2, 0)
-
-
-class _Layout(NamedTuple):
-    """What a merge plan's slot layout owes to the shape alone (not to the similarities)."""
-
-    first_a: int  # position of the first free (non-prefix) A token; free A tokens are first_a::2
-    first_b: int  # same for B
-    dst_offset: int  # slot of the first free B token (after the prefix and the unmerged A tokens)
-    dest: torch.Tensor  # [B, N]: slots of prefix and B tokens; free A entries are overwritten
-    unm_slots: torch.Tensor  # [B, Na_free - r]: slots of the unmerged free A tokens, in order
-    batch_offset: Optional[torch.Tensor]  # [B, 1]: b * num_out, None for B == 1
-
-
-_LAYOUTS: Dict[tuple, _Layout] = {}
-_MAX_LAYOUTS = 512
-
-
-def _layout(batch: int, num_tokens: int, r: int, num_prefix: int, device: torch.device) -> _Layout:
-    key = (batch, num_tokens, r, num_prefix, device)
-    layout = _LAYOUTS.get(key)
-    if layout is not None:
-        return layout
-    # Plain (non-inference) tensors, so that plans built under inference_mode also work in training.
-    with torch.inference_mode(False), torch.no_grad():
-        prefix_a, prefix_b = (num_prefix + 1) // 2, num_prefix // 2
-        num_free_a = (num_tokens + 1) // 2 - prefix_a
-        num_free_b = num_tokens // 2 - prefix_b
-        num_unm = num_free_a - r
-        num_out = num_tokens - r
-        # Output: [prefix tokens (original order), unmerged free A tokens, free B tokens].
-        dest = torch.full((num_tokens,), -1, dtype=torch.long, device=device)
-        dest[:num_prefix] = torch.arange(num_prefix, device=device)
-        dest[2 * prefix_b + 1 :: 2] = torch.arange(num_free_b, device=device) + num_prefix + num_unm
-        unm_slots = torch.arange(num_prefix, num_prefix + num_unm, device=device)
-        offset = None
-        if batch > 1:
-            offset = torch.arange(0, batch * num_out, num_out, device=device)[:, None]
-        layout = _Layout(
-            first_a=2 * prefix_a,
-            first_b=2 * prefix_b + 1,
-            dst_offset=num_prefix + num_unm,
-            dest=dest.expand(batch, -1),
-            unm_slots=unm_slots.expand(batch, -1),
-            batch_offset=offset,
-        )
-    if len(_LAYOUTS) >= _MAX_LAYOUTS:
-        _LAYOUTS.clear()
-    _LAYOUTS[key] = layout
-    return layout
 
 
 def bipartite_soft_matching(
@@ -120,8 +98,7 @@ def bipartite_soft_matching(
     if r <= 0:
         return None
     keep_order = bool(num_prefix) or bool(keep_order)
-    layout = _layout(batch, num_tokens, r, num_prefix, metric.device)
-    first_a, first_b = layout.first_a, layout.first_b
+    first_a, first_b = 2 * ((num_prefix + 1) // 2), 2 * (num_prefix // 2) + 1
 
     with torch.no_grad():
         metric = metric / torch.linalg.vector_norm(metric, dim=-1, keepdim=True)
@@ -131,40 +108,73 @@ def bipartite_soft_matching(
         else:
             scores = metric[:, first_a::2] @ metric[:, first_b::2].transpose(-1, -2)
         node_max, node_idx = scores.max(dim=-1)
-        unm_idx = node_max.argsort(dim=-1, descending=True)[:, r:]  # the r most similar A tokens merge
+        a_idx = node_max.argsort(dim=-1, descending=True)  # the r most similar A tokens merge
         if keep_order:
-            unm_idx = unm_idx.sort(dim=-1).values
+            a_idx = torch.cat([a_idx[:, :r], a_idx[:, r:].sort(dim=-1).values], dim=1)
+        dst_idx = node_idx.gather(1, a_idx[:, :r])
+        if batch == 1:  # index_select / index_add_ along the token dim of the A / B views directly
+            a_rows, dst_rows = a_idx, dst_idx
+        else:  # rows of the inputs flattened to [B * N, C] and of the B tokens flattened to [B * Nb, C]
+            offsets = torch.arange(batch, device=metric.device).unsqueeze(1)
+            a_rows = a_idx * 2 + (offsets * num_tokens + first_a)
+            dst_rows = dst_idx + offsets * scores.shape[-1]
+    return Merge(a_idx=a_idx, dst_idx=dst_idx, a_rows=a_rows.view(-1), dst_rows=dst_rows.view(-1), r=r,
+                 num_prefix=num_prefix, num_out=num_tokens - r)
 
-        dest = layout.dest.clone()
-        dest_a = dest[:, first_a::2]
-        # Every free A token first points at its best B partner, then the unmerged ones get their own slot.
-        torch.add(node_idx, layout.dst_offset, out=dest_a)
-        dest_a.scatter_(1, unm_idx, layout.unm_slots)
-        index = dest.view(-1) if layout.batch_offset is None else (dest + layout.batch_offset).view(-1)
-    return Merge(dest=dest, index=index, num_out=num_tokens - r)
+
+def _select(m: Merge, t: torch.Tensor) -> torch.Tensor:
+    """The A rows of ``t`` (``[B, N, C]``) in plan order, ``[B, Na, C]``: one ``index_select`` of whole rows."""
+    batch, num_tokens, channels = t.shape
+    if batch == 1:
+        return t[:, m.first_a :: 2].index_select(1, m.a_rows)
+    return t.reshape(batch * num_tokens, channels).index_select(0, m.a_rows).view(batch, -1, channels)
 
 
-def _scatter_sum(m: Merge, x: torch.Tensor) -> torch.Tensor:
-    batch, _, channels = x.shape
-    out = x.new_zeros(batch * m.num_out, channels)
-    out.index_add_(0, m.index, x.reshape(-1, channels))
-    return out.view(batch, m.num_out, channels)
+def _add_rows(m: Merge, b: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``b`` (``[B, Nb, C]``, a fresh tensor: ours to modify) with the merged rows added: ``r`` rows touched."""
+    batch, num_b, channels = b.shape
+    if batch == 1:
+        return b.index_add_(1, m.dst_rows, rows)
+    b = b.contiguous()
+    b.view(batch * num_b, channels).index_add_(0, m.dst_rows, rows.reshape(-1, channels))
+    return b
+
+
+def _merge_rows(m: Merge, t: torch.Tensor, w_keep: Optional[torch.Tensor] = None,
+                w_src: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``[prefix, unmerged A, B * w_keep + merged A * w_src added to their B]`` for ``t`` (``[B, N, C]``)."""
+    a = _select(m, t)
+    src, b = a[:, : m.r], t[:, m.first_b :: 2]
+    if w_keep is None:
+        b = b.clone()
+    else:
+        b = b * w_keep.to(t.dtype)
+        src = src * w_src.to(t.dtype)
+    return torch.cat([t[:, : m.num_prefix], a[:, m.r :], _add_rows(m, b, src)], dim=1)
 
 
 def merge_wavg(
     m: Merge, x: torch.Tensor, size: Optional[torch.Tensor] = None
-) -> Tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge ``x`` by size-weighted average; returns ``(x, size)`` after the merge.
 
-    ``size`` (``[B, N, 1]``, how many input patches each token stands for) starts at 1 when ``None``.
+    ``size`` (``[B, N, 1]``, how many input patches each token stands for) starts at 1 when ``None``;
+    the returned size is float32 (exact counts whatever the dtype of ``x``).
     """
+    batch, num_tokens, _ = x.shape
     if size is None:
-        size = x.new_ones(x.shape[0], x.shape[1], 1)
-        total = _scatter_sum(m, x)
+        size = torch.ones(batch, num_tokens, 1, device=x.device, dtype=torch.float32)
     else:
-        total = _scatter_sum(m, x * size)
-    size = _scatter_sum(m, size)
-    return total / size, size
+        size = size.float()
+    # Sizes follow the same layout; a merged B token's size is the sum of its members'.
+    size_a = _select(m, size)
+    size_b, size_src = size[:, m.first_b :: 2], size_a[:, : m.r]
+    total = _add_rows(m, size_b.clone(), size_src)
+    new_size = torch.cat([size[:, : m.num_prefix], size_a[:, m.r :], total], dim=1)
+    # Weighted average from normalised weights: every term stays in the range of x (fp16/bf16-safe).
+    w_keep = size_b / total
+    w_src = size_src / total.view(-1, 1).index_select(0, m.dst_rows).view(batch, m.r, 1)
+    return _merge_rows(m, x, w_keep, w_src), new_size
 
 
 def merge_source(
@@ -172,7 +182,7 @@ def merge_source(
 ) -> torch.Tensor:
     """Update the ``[B, N, N_input]`` 0/1 source-trace matrix (identity before the first merge)."""
     if source is None:
-        batch, num_tokens = m.dest.shape
-        source = torch.eye(num_tokens, device=m.dest.device, dtype=dtype).expand(batch, -1, -1)
+        batch, num_tokens = m.a_idx.shape[0], m.num_out + m.r
+        source = torch.eye(num_tokens, device=m.a_idx.device, dtype=dtype).expand(batch, -1, -1)
     # Each input patch belongs to exactly one token, so a sum of rows is their union.
-    return _scatter_sum(m, source)
+    return _merge_rows(m, source, None, None)

@@ -1,0 +1,61 @@
+"""benchmarks/gpu.py runs on the CPU at small sizes and writes valid JSON + markdown (no timing asserts)."""
+import importlib.util
+import json
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("gpu_bench", ROOT / "benchmarks" / "gpu.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+def test_gpu_benchmark_small_cpu_run_writes_json_and_markdown(tmp_path):
+    bench = _load()
+    patch_module = bench._PATCH
+    real = (patch_module.bipartite_soft_matching, patch_module.merge_wavg, patch_module.FOLD_BIAS_DEVICES)
+    out, md = tmp_path / "gpu.json", tmp_path / "gpu.md"
+    try:
+        bench.main(["--small", "--device", "cpu", "--compile-backend", "eager", "--rounds", "1", "--iters", "1",
+                    "--iters-b1", "1", "--batch-sizes", "2", "--r", "0,3", "--only", "check,eager,compiled",
+                    "--json", str(out), "--markdown", str(md)])
+    finally:
+        torch._dynamo.reset()
+    result = json.loads(out.read_text())
+    assert result["env"]["device"] == "cpu" and result["env"]["small"] is True
+    sections = result["sections"]
+    check = sections["check"][0]
+    assert check["r0_vs_plain"] == 0.0 and check["tome_fold_vs_mask"] <= 1e-5
+    eager = {(row["method"], row["r"]): row for row in sections["eager"]}
+    expected = {("plain", 0), ("tome", 0), ("tome", 3), ("evit", 3), ("tome-ceiling", 3), ("tome-noprop", 3),
+                ("tome-mask", 3)}
+    assert set(eager) == expected
+    assert eager[("plain", 0)]["speedup"] == 1.0
+    assert all(row["ms"] > 0 and len(row["range"]) == 2 for row in eager.values())
+    assert "vs_ceiling" in eager[("tome", 3)]
+    compiled = {(row["method"], row["r"]): row for row in sections["compiled"]}
+    assert set(compiled) == {("plain", 0), ("tome", 3), ("evit", 3), ("tome-ceiling", 3)}
+    for key in (("plain", 0), ("tome", 3), ("evit", 3)):
+        assert compiled[key]["max_abs_diff_vs_eager"] <= 1e-5  # (the ceiling's outputs are meaningless)
+    assert not any("error" in row for rows in sections.values() for row in rows)
+    text = md.read_text()
+    assert "| eager |" in text and "| compiled |" in text
+    # the ceiling and mask rows swap module functions only while they run
+    assert (patch_module.bipartite_soft_matching, patch_module.merge_wavg, patch_module.FOLD_BIAS_DEVICES) == real
+
+
+def test_gpu_benchmark_training_hook_skips_with_a_reason_when_functions_are_missing(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    bench = _load()
+    monkeypatch.setitem(sys.modules, "distill_step", types.ModuleType("distill_step"))  # no functions yet
+    out = tmp_path / "gpu.json"
+    bench.main(["--small", "--device", "cpu", "--only", "training", "--json", str(out), "--markdown", ""])
+    rows = json.loads(out.read_text())["sections"]["training"]
+    assert len(rows) == 1 and "step_rates" in rows[0]["skipped"]
