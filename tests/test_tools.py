@@ -720,3 +720,31 @@ def test_throughput_benchmark_ceiling_rows_and_restores_the_merge_step():
         bench._configure(model, ("plain", 0))
     assert seen == [PATCHES + 1 - 4 * (i + 1) for i in range(DEPTH)]
     assert (patch_module.bipartite_soft_matching, patch_module.merge_wavg) == real
+
+
+def test_trust_unverified_flag_loads_a_bank_without_checksum(files, tmp_path, capsys):
+    """A bank file stripped of its checksum is refused by info / push / eval, and loads with --trust-unverified."""
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    bank_dir = tmp_path / "unverified"
+    shutil.copytree(files / "bank", bank_dir)
+    path = bank_dir / "tocom.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata())
+    meta.pop("tocom_sha256")
+    save_file(load_file(str(path)), str(path), metadata=meta)
+
+    code, out, err = run(["info", bank_dir], capsys)
+    assert code != 0 and "tocom_sha256" in err, (code, err)
+    code, out, err = run(["info", bank_dir, "--trust-unverified"], capsys)
+    assert code == 0, err
+    assert "r_max" in out or "r range" in out or "rank" in out
+    argv = ["eval", "--model", files / "model", "--data", files / "data", "--target-r", "0,2", "--bank", bank_dir,
+            "--batch-size", "4", "--workers", "0"]
+    code, out, err = run(argv, capsys)
+    assert code != 0 and "tocom_sha256" in err, (code, err)
+    code, out, err = run([*argv, "--trust-unverified"], capsys)
+    assert code == 0, err

@@ -41,6 +41,12 @@ def _add_hub_options(parser: argparse.ArgumentParser, *, download: bool = True) 
     parser.add_argument("--token", default=None, help="Hugging Face token (default: $HF_TOKEN or the stored login)")
 
 
+def _add_trust_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--trust-unverified", action="store_true",
+                        help="load a bank file that carries no tocom_sha256 checksum (its tensors and config "
+                             "cannot be verified; only for files you made or trust)")
+
+
 # ---------------------------------------------------------------------------------------------------
 # download
 
@@ -80,7 +86,7 @@ def _describe(args: argparse.Namespace) -> Dict[str, Any]:
                              local_files_only=args.local_files_only)
         source = {"repo_id": target, "revision": args.revision or "main", "commit": os.path.basename(path),
                   "path": path}
-    bank = ToComBank.from_pretrained(path)
+    bank = ToComBank.from_pretrained(path, trust_unverified=args.trust_unverified)
     facts = bank_facts(bank, path)
     facts["size_mb"] = round(facts["size_bytes"] / 1e6, 3)
     return {**source, **facts}
@@ -157,6 +163,7 @@ def add_info_parser(subparsers: Any) -> None:
                                           "targets, parameter count, size on disk, scale and format version.")
     p.add_argument("repo_id_or_path", help="Hub repo id, or a local bank directory / tocom.safetensors file")
     _add_hub_options(p)
+    _add_trust_option(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=info_command)
 
@@ -171,7 +178,7 @@ def push_command(args: argparse.Namespace) -> int:
 
     if not os.path.exists(args.dir):
         raise FileNotFoundError(f"no bank directory or file at {args.dir} (write one with ToComBank.save_pretrained)")
-    bank = ToComBank.from_pretrained(args.dir)
+    bank = ToComBank.from_pretrained(args.dir, trust_unverified=args.trust_unverified)
     info = push_bank(bank, args.repo_id, revision=args.revision, private=args.private or None, token=args.token,
                      commit_message=args.commit_message, create_pr=args.create_pr, license=args.license)
     print(getattr(info, "pr_url", None) or getattr(info, "commit_url", None) or info)
@@ -185,6 +192,7 @@ def add_push_parser(subparsers: Any) -> None:
     p.add_argument("dir", help="bank directory written by ToComBank.save_pretrained")
     p.add_argument("repo_id", help="Hub repo id, e.g. my-org/tocom-deit-base")
     _add_hub_options(p, download=False)
+    _add_trust_option(p)
     p.add_argument("--private", action="store_true", help="create the repo as private (if it does not exist)")
     p.add_argument("--commit-message", default=None, help="commit message (default: a summary of the bank)")
     p.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
@@ -353,6 +361,7 @@ def _add_bank_options(parser: argparse.ArgumentParser) -> None:
                         "directory's finetune.json, else 0")
     g.add_argument("--scale", type=_finite_float, default=None, help="ToCom scale s (default: the bank's)")
     _add_hub_options(g)
+    _add_trust_option(g)
 
 
 def _load_bank(args: argparse.Namespace):
@@ -361,7 +370,7 @@ def _load_bank(args: argparse.Namespace):
     from .bank import ToComBank
 
     return ToComBank.from_pretrained(args.bank, revision=args.revision, cache_dir=args.cache_dir, token=args.token,
-                                     local_files_only=args.local_files_only)
+                                     local_files_only=args.local_files_only, trust_unverified=args.trust_unverified)
 
 
 def _write_json(path: str, obj: Any) -> None:
