@@ -34,6 +34,7 @@ least one of them in every pair).
     python benchmarks/distill_step.py --model deit_base_patch16_224 --batch-size 128 --precision bf16 \\
         --device cuda --end-to-end --data photo-crops --num-workers 14
 """
+
 from __future__ import annotations
 
 import argparse
@@ -71,11 +72,25 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def step_rates(model: str = "deit_small_patch16_224", *, img_size: Optional[int] = None, batch_size: int = 32,
-               precision: str = "no", device: Optional[str] = None, rounds: int = 10, warmup: int = 2,
-               steps_per_round: int = 1, r_max: int = 16, rank: int = 2, method: str = "tome",
-               drop_path: float = 0.1, seed: int = 0, model_kwargs: Optional[Dict[str, Any]] = None,
-               breakdown: bool = False, verbose: bool = False) -> Dict[str, Any]:
+def step_rates(
+    model: str = "deit_small_patch16_224",
+    *,
+    img_size: Optional[int] = None,
+    batch_size: int = 32,
+    precision: str = "no",
+    device: Optional[str] = None,
+    rounds: int = 10,
+    warmup: int = 2,
+    steps_per_round: int = 1,
+    r_max: int = 16,
+    rank: int = 2,
+    method: str = "tome",
+    drop_path: float = 0.1,
+    seed: int = 0,
+    model_kwargs: Optional[Dict[str, Any]] = None,
+    breakdown: bool = False,
+    verbose: bool = False,
+) -> Dict[str, Any]:
     """Distillation step vs full fine-tuning step on synthetic data; medians over interleaved rounds.
 
     Returns a dict with ``full_ft`` and ``distill`` (each ``{"ms", "img_per_s"}``: median step time and
@@ -159,25 +174,44 @@ def step_rates(model: str = "deit_small_patch16_224", *, img_size: Optional[int]
         p_times.append(tp)
         ratios.append(td / tp)
         if verbose:
-            print(f"round {i:3d}  distill {td * 1e3:8.2f} ms  full_ft {tp * 1e3:8.2f} ms  ratio {td / tp:5.3f}",
-                  flush=True)
+            print(
+                f"round {i:3d}  distill {td * 1e3:8.2f} ms  full_ft {tp * 1e3:8.2f} ms  ratio {td / tp:5.3f}",
+                flush=True,
+            )
     med_d, med_p = statistics.median(d_times), statistics.median(p_times)
     result: Dict[str, Any] = {
-        "model": model, "model_kwargs": kwargs, "img_size": list(size), "batch_size": batch_size,
-        "precision": precision, "device": str(dev), "r_max": r_max, "rank": rank, "method": method,
-        "drop_path": drop_path, "rounds": rounds, "steps_per_round": steps_per_round,
-        "pairs": [list(sample_pair(seed, i * steps_per_round + k, r_max)) for i in range(rounds)
-                  for k in range(steps_per_round)],
+        "model": model,
+        "model_kwargs": kwargs,
+        "img_size": list(size),
+        "batch_size": batch_size,
+        "precision": precision,
+        "device": str(dev),
+        "r_max": r_max,
+        "rank": rank,
+        "method": method,
+        "drop_path": drop_path,
+        "rounds": rounds,
+        "steps_per_round": steps_per_round,
+        "pairs": [
+            list(sample_pair(seed, i * steps_per_round + k, r_max))
+            for i in range(rounds)
+            for k in range(steps_per_round)
+        ],
         "full_ft": {"ms": med_p * 1e3, "img_per_s": batch_size / med_p},
         "distill": {"ms": med_d * 1e3, "img_per_s": batch_size / med_d},
-        "ratio": statistics.median(ratios), "median_ratio": statistics.median(ratios),  # (older results' name)
+        "ratio": statistics.median(ratios),
+        "median_ratio": statistics.median(ratios),  # (older results' name)
         "ratio_of_medians": med_d / med_p,
         "ratio_of_means": statistics.fmean(d_times) / statistics.fmean(p_times),
-        "distill_ms": [t * 1e3 for t in d_times], "full_ft_ms": [t * 1e3 for t in p_times],
+        "distill_ms": [t * 1e3 for t in d_times],
+        "full_ft_ms": [t * 1e3 for t in p_times],
         "target_ratio": TARGET_RATIO,
-        "bank_parameters": bank.num_parameters(), "backbone_parameters": sum(q.numel() for q in plain.parameters()),
+        "bank_parameters": bank.num_parameters(),
+        "backbone_parameters": sum(q.numel() for q in plain.parameters()),
         "trainable_backbone_parameters": sum(q.numel() for q in frozen.parameters() if q.requires_grad),
-        "torch": torch.__version__, "timm": timm.__version__, "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "threads": torch.get_num_threads(),
     }
     result["meets_target"] = result["ratio"] <= TARGET_RATIO
     if dev.type == "cuda":
@@ -216,9 +250,18 @@ def _distill_parts(distiller, opt, x, seed, r_max, rounds, autocast, dev) -> Dic
     return {k: statistics.median(v) for k, v in parts.items()}
 
 
-def loader_rate(data: str = "photo-crops", *, img_size: int = 224, batch_size: int = 128, num_workers: int = 2,
-                augment: bool = True, batches: int = 20, device: Optional[str] = None, seed: int = 0,
-                model: str = "deit_tiny_patch16_224") -> Dict[str, Any]:
+def loader_rate(
+    data: str = "photo-crops",
+    *,
+    img_size: int = 224,
+    batch_size: int = 128,
+    num_workers: int = 2,
+    augment: bool = True,
+    batches: int = 20,
+    device: Optional[str] = None,
+    seed: int = 0,
+    model: str = "deit_tiny_patch16_224",
+) -> Dict[str, Any]:
     """Images/s of ``training/distill.py``'s training input pipeline alone, batches ready on the device.
 
     Builds the loader exactly as the script does (``common.build_train_loader``: seeded per-sample
@@ -231,13 +274,21 @@ def loader_rate(data: str = "photo-crops", *, img_size: int = 224, batch_size: i
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     net = timm.create_model(model, pretrained=False, img_size=img_size)
-    args = argparse.Namespace(data=data, data_dir=None, train_split="train", val_split="validation",
-                              batch_size=batch_size)
+    args = argparse.Namespace(
+        data=data, data_dir=None, train_split="train", val_split="validation", batch_size=batch_size
+    )
     train_set, _, info = common.build_datasets(args, common.EMBEDDED_DATA, img_size, need_val=False, seed=seed)
     train_tf, _, _ = common.build_transforms(net, img_size, augment, info["kind"] == "embedded")
     loader, _, normalize = common.build_train_loader(
-        train_set, train_tf, iterable=info["iterable"], batch_size=batch_size, num_workers=num_workers, seed=seed,
-        multiple_of=batch_size, pin_memory=dev.type == "cuda")
+        train_set,
+        train_tf,
+        iterable=info["iterable"],
+        batch_size=batch_size,
+        num_workers=num_workers,
+        seed=seed,
+        multiple_of=batch_size,
+        pin_memory=dev.type == "cuda",
+    )
     it = iter(loader)
     common.device_batch(next(it), dev, normalize)
     _sync(dev)
@@ -253,17 +304,37 @@ def loader_rate(data: str = "photo-crops", *, img_size: int = 224, batch_size: i
     _sync(dev)
     dt = time.perf_counter() - t0
     del it
-    return {"data": data, "img_size": img_size, "batch_size": batch_size, "num_workers": num_workers,
-            "augment": augment, "uint8_batches": normalize is not None, "batches": done, "device": str(dev),
-            "img_per_s": done * batch_size / dt if done else None, "ms_per_batch": dt / max(done, 1) * 1e3,
-            "cpu_count": os.cpu_count(),
-            "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None}
+    return {
+        "data": data,
+        "img_size": img_size,
+        "batch_size": batch_size,
+        "num_workers": num_workers,
+        "augment": augment,
+        "uint8_batches": normalize is not None,
+        "batches": done,
+        "device": str(dev),
+        "img_per_s": done * batch_size / dt if done else None,
+        "ms_per_batch": dt / max(done, 1) * 1e3,
+        "cpu_count": os.cpu_count(),
+        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+    }
 
 
-def end_to_end(model: Optional[str] = None, *, data: Optional[str] = None, img_size: Optional[int] = None,
-               batch_size: int = 128, precision: str = "no", steps: int = 30, num_workers: int = 2,
-               cpu: bool = False, extra_args: Sequence[str] = (), raw_img_per_s: Optional[float] = None,
-               output_dir: Optional[str] = None, timeout: Optional[float] = None) -> Dict[str, Any]:
+def end_to_end(
+    model: Optional[str] = None,
+    *,
+    data: Optional[str] = None,
+    img_size: Optional[int] = None,
+    batch_size: int = 128,
+    precision: str = "no",
+    steps: int = 30,
+    num_workers: int = 2,
+    cpu: bool = False,
+    extra_args: Sequence[str] = (),
+    raw_img_per_s: Optional[float] = None,
+    output_dir: Optional[str] = None,
+    timeout: Optional[float] = None,
+) -> Dict[str, Any]:
     """Run ``training/distill.py`` for ``steps`` optimizer steps and report its images/s.
 
     ``model=None`` is the embedded default backbone; ``data=None`` its embedded dataset. No held-out
@@ -273,9 +344,22 @@ def end_to_end(model: Optional[str] = None, *, data: Optional[str] = None, img_s
     ``raw_img_per_s``, e.g. ``step_rates(...)["distill"]["img_per_s"]``, is given), ``target``, ``wall_s``,
     ``command`` and the run's ``metrics``.
     """
-    cmd = [sys.executable, os.path.join(ROOT, "training", "distill.py"), "--max-steps", str(steps),
-           "--batch-size", str(batch_size), "--mixed-precision", precision, "--num-workers", str(num_workers),
-           "--heldout-pairs", "0", "--log-every", str(steps)]
+    cmd = [
+        sys.executable,
+        os.path.join(ROOT, "training", "distill.py"),
+        "--max-steps",
+        str(steps),
+        "--batch-size",
+        str(batch_size),
+        "--mixed-precision",
+        precision,
+        "--num-workers",
+        str(num_workers),
+        "--heldout-pairs",
+        "0",
+        "--log-every",
+        str(steps),
+    ]
     if model is not None:
         cmd += ["--model", model]
     if data is not None:
@@ -290,8 +374,9 @@ def end_to_end(model: Optional[str] = None, *, data: Optional[str] = None, img_s
     with tempfile.TemporaryDirectory() as tmp:
         out = output_dir or os.path.join(tmp, "out")
         t0 = time.perf_counter()
-        proc = subprocess.run(cmd + ["--output-dir", out], capture_output=True, text=True, env=env, cwd=ROOT,
-                              timeout=timeout, check=False)
+        proc = subprocess.run(
+            cmd + ["--output-dir", out], capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout, check=False
+        )
         wall = time.perf_counter() - t0
         if proc.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
@@ -300,11 +385,17 @@ def end_to_end(model: Optional[str] = None, *, data: Optional[str] = None, img_s
     ips = metrics.get("throughput_images_per_second") or metrics.get("images_per_second")
     global_batch = batch_size * metrics.get("num_processes", 1)
     return {
-        "command": " ".join(cmd[1:]), "steps": metrics.get("steps"), "images_per_second": ips,
-        "median_step_images_per_second": (global_batch / metrics["median_step_seconds"]
-                                          if metrics.get("median_step_seconds") else None),
-        "raw_img_per_s": raw_img_per_s, "ratio_to_step_rate": (ips / raw_img_per_s) if raw_img_per_s and ips else None,
-        "target": TARGET_END_TO_END, "wall_s": wall, "metrics": metrics,
+        "command": " ".join(cmd[1:]),
+        "steps": metrics.get("steps"),
+        "images_per_second": ips,
+        "median_step_images_per_second": (
+            global_batch / metrics["median_step_seconds"] if metrics.get("median_step_seconds") else None
+        ),
+        "raw_img_per_s": raw_img_per_s,
+        "ratio_to_step_rate": (ips / raw_img_per_s) if raw_img_per_s and ips else None,
+        "target": TARGET_END_TO_END,
+        "wall_s": wall,
+        "metrics": metrics,
     }
 
 
@@ -334,41 +425,89 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    result = step_rates(args.model, img_size=args.img_size, batch_size=args.batch_size, precision=args.precision,
-                        device=args.device, rounds=args.rounds, warmup=args.warmup,
-                        steps_per_round=args.steps_per_round, r_max=args.r_max, rank=args.rank, method=args.method,
-                        drop_path=args.drop_path, seed=args.seed, breakdown=args.breakdown, verbose=True)
+    result = step_rates(
+        args.model,
+        img_size=args.img_size,
+        batch_size=args.batch_size,
+        precision=args.precision,
+        device=args.device,
+        rounds=args.rounds,
+        warmup=args.warmup,
+        steps_per_round=args.steps_per_round,
+        r_max=args.r_max,
+        rank=args.rank,
+        method=args.method,
+        drop_path=args.drop_path,
+        seed=args.seed,
+        breakdown=args.breakdown,
+        verbose=True,
+    )
     result.update(platform=platform.platform(), processor=platform.processor() or platform.machine())
     size = result["img_size"]
     print()
-    print(f"{args.model} {size[0]}px, batch {args.batch_size}, precision {args.precision}, {result['device']}, "
-          f"{result['threads']} threads, R={args.r_max}, {args.rounds} interleaved rounds")
+    print(
+        f"{args.model} {size[0]}px, batch {args.batch_size}, precision {args.precision}, {result['device']}, "
+        f"{result['threads']} threads, R={args.r_max}, {args.rounds} interleaved rounds"
+    )
     print(f"{'step':<44} {'median ms':>10} {'img/s':>10}")
-    print(f"{'plain full fine-tuning (r=0, all params, AdamW)':<44} {result['full_ft']['ms']:>10.1f} "
-          f"{result['full_ft']['img_per_s']:>10.1f}")
-    print(f"{'ToCom distill (teacher+student, bank AdamW)':<44} {result['distill']['ms']:>10.1f} "
-          f"{result['distill']['img_per_s']:>10.1f}")
-    print(f"median per-round ratio distill/full_ft: {result['ratio']:.3f} "
-          f"(ratio of means {result['ratio_of_means']:.3f}; target <= {TARGET_RATIO}: "
-          f"{'met' if result['meets_target'] else 'NOT met'})")
+    print(
+        f"{'plain full fine-tuning (r=0, all params, AdamW)':<44} {result['full_ft']['ms']:>10.1f} "
+        f"{result['full_ft']['img_per_s']:>10.1f}"
+    )
+    print(
+        f"{'ToCom distill (teacher+student, bank AdamW)':<44} {result['distill']['ms']:>10.1f} "
+        f"{result['distill']['img_per_s']:>10.1f}"
+    )
+    print(
+        f"median per-round ratio distill/full_ft: {result['ratio']:.3f} "
+        f"(ratio of means {result['ratio_of_means']:.3f}; target <= {TARGET_RATIO}: "
+        f"{'met' if result['meets_target'] else 'NOT met'})"
+    )
     if args.breakdown:
-        print("distill step parts (ms, synchronised): " +
-              ", ".join(f"{k} {v:.1f}" for k, v in result["distill_parts_ms"].items()))
+        print(
+            "distill step parts (ms, synchronised): "
+            + ", ".join(f"{k} {v:.1f}" for k, v in result["distill_parts_ms"].items())
+        )
     if args.loader:
-        lr = loader_rate(args.data or "photo-crops", img_size=size[0], batch_size=args.batch_size,
-                         num_workers=args.num_workers, device=result["device"])
+        lr = loader_rate(
+            args.data or "photo-crops",
+            img_size=size[0],
+            batch_size=args.batch_size,
+            num_workers=args.num_workers,
+            device=result["device"],
+        )
         result["loader"] = lr
-        print(f"input pipeline alone ({lr['num_workers']} workers, {lr['cpu_affinity']} CPUs): "
-              f"{lr['img_per_s']:.1f} img/s = {lr['img_per_s'] / result['distill']['img_per_s']:.2f}× the step rate")
+        print(
+            f"input pipeline alone ({lr['num_workers']} workers, {lr['cpu_affinity']} CPUs): "
+            f"{lr['img_per_s']:.1f} img/s = {lr['img_per_s'] / result['distill']['img_per_s']:.2f}× the step rate"
+        )
     if args.end_to_end:
-        e2e = end_to_end(args.model, data=args.data, img_size=args.img_size, batch_size=args.batch_size,
-                         precision=args.precision, steps=args.e2e_steps, num_workers=args.num_workers,
-                         cpu=result["device"] == "cpu", raw_img_per_s=result["distill"]["img_per_s"],
-                         extra_args=["--r-max", str(args.r_max), "--rank", str(args.rank), "--method", args.method,
-                                     "--drop-path", str(args.drop_path)])
+        e2e = end_to_end(
+            args.model,
+            data=args.data,
+            img_size=args.img_size,
+            batch_size=args.batch_size,
+            precision=args.precision,
+            steps=args.e2e_steps,
+            num_workers=args.num_workers,
+            cpu=result["device"] == "cpu",
+            raw_img_per_s=result["distill"]["img_per_s"],
+            extra_args=[
+                "--r-max",
+                str(args.r_max),
+                "--rank",
+                str(args.rank),
+                "--method",
+                args.method,
+                "--drop-path",
+                str(args.drop_path),
+            ],
+        )
         result["end_to_end"] = e2e
-        print(f"training/distill.py end to end: {e2e['images_per_second']:.1f} img/s = "
-              f"{e2e['ratio_to_step_rate']:.2f} of the raw step rate (target >= {TARGET_END_TO_END})")
+        print(
+            f"training/distill.py end to end: {e2e['images_per_second']:.1f} img/s = "
+            f"{e2e['ratio_to_step_rate']:.2f} of the raw step rate (target >= {TARGET_END_TO_END})"
+        )
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:

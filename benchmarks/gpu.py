@@ -28,6 +28,7 @@ around ``--iters`` forwards. A row's ``speedup`` is the median over rounds of pl
 section and r. The JSON is rewritten after every row (``--json``), so a run cut short keeps what it
 measured; ``--budget-s`` skips what would not fit. The markdown table goes to ``--markdown``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -122,8 +123,15 @@ class Timer:
         return 1e3 * (time.perf_counter() - t0) / iters
 
 
-def interleaved(runners: dict[Config, Callable[[], Any]], timer: Timer, rounds: int, iters: int,
-                batch: int, seed: int = 0, before: Callable[[Config], None] | None = None) -> list[dict]:
+def interleaved(
+    runners: dict[Config, Callable[[], Any]],
+    timer: Timer,
+    rounds: int,
+    iters: int,
+    batch: int,
+    seed: int = 0,
+    before: Callable[[Config], None] | None = None,
+) -> list[dict]:
     """Time every runner in ``rounds`` rounds of fresh random order; ratios against ``("plain", 0)``."""
     rng = random.Random(seed)
     cfgs = list(runners)
@@ -147,10 +155,17 @@ def interleaved(runners: dict[Config, Callable[[], Any]], timer: Timer, rounds: 
     rows = []
     for c in cfgs:
         ratios = [p / t for p, t in zip(base, times[c])]
-        row = {"method": c[0], "r": c[1], "batch": batch, "ms": round(statistics.median(times[c]), 4),
-               "img_per_s": round(1e3 * batch / statistics.median(times[c]), 1),
-               "speedup": round(statistics.median(ratios), 4),
-               "range": [round(min(ratios), 4), round(max(ratios), 4)], "rounds": rounds, "iters": iters}
+        row = {
+            "method": c[0],
+            "r": c[1],
+            "batch": batch,
+            "ms": round(statistics.median(times[c]), 4),
+            "img_per_s": round(1e3 * batch / statistics.median(times[c]), 1),
+            "speedup": round(statistics.median(ratios), 4),
+            "range": [round(min(ratios), 4), round(max(ratios), 4)],
+            "rounds": rounds,
+            "iters": iters,
+        }
         ceiling = ("tome-ceiling", c[1])
         if c[0] != "tome-ceiling" and ceiling in times:
             row["vs_ceiling"] = round(statistics.median([tc / t for tc, t in zip(times[ceiling], times[c])]), 4)
@@ -194,9 +209,12 @@ class Run:
         for row in rows:
             out.append({**common, **row})
             if "speedup" in row:
-                print(f"  {section:15s} {common.get('model', ''):24s} {common.get('dtype', ''):5s} "
-                      f"b={row.get('batch', '')!s:4s} {_label((row['method'], row['r'])):18s} "
-                      f"{row['ms']:9.3f} ms  x{row['speedup']:.3f}  {row.get('vs_ceiling', '')}", flush=True)
+                print(
+                    f"  {section:15s} {common.get('model', ''):24s} {common.get('dtype', ''):5s} "
+                    f"b={row.get('batch', '')!s:4s} {_label((row['method'], row['r'])):18s} "
+                    f"{row['ms']:9.3f} ms  x{row['speedup']:.3f}  {row.get('vs_ceiling', '')}",
+                    flush=True,
+                )
         self.save()
 
     def error(self, section: str, what: str, exc: BaseException) -> None:
@@ -221,9 +239,16 @@ class Run:
 
 
 def _env(device: torch.device, args: argparse.Namespace) -> dict[str, Any]:
-    env = {"torch": torch.__version__, "timm": timm.__version__, "tocom_hub": getattr(tocom_hub, "__version__", "?"),
-           "python": platform.python_version(), "device": str(device), "small": bool(args.small),
-           "budget_s": args.budget_s, "argv": sys.argv[1:]}
+    env = {
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "tocom_hub": getattr(tocom_hub, "__version__", "?"),
+        "python": platform.python_version(),
+        "device": str(device),
+        "small": bool(args.small),
+        "budget_s": args.budget_s,
+        "argv": sys.argv[1:],
+    }
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
         env["cuda"] = torch.version.cuda
@@ -242,8 +267,9 @@ def eager_rows(run: Run, section: str, name: str, dtype: str, batch: int, cfgs: 
         model(x)
 
     with torch.inference_mode():
-        rows = interleaved({c: forward for c in cfgs}, run.timer, rounds, iters, batch,
-                           before=lambda c: configure(model, c))
+        rows = interleaved(
+            {c: forward for c in cfgs}, run.timer, rounds, iters, batch, before=lambda c: configure(model, c)
+        )
     run.add(section, rows, model=name, dtype=dtype, mode="eager")
 
 
@@ -272,8 +298,14 @@ def compiled_rows(run: Run, name: str, dtype: str, batch: int, cfgs: list[Config
         def forward() -> None:
             compiled(x)
 
-        rows = interleaved({c: forward for c in cfgs}, run.timer, run.args.rounds, run.args.iters, batch,
-                           before=lambda c: configure(model, c))
+        rows = interleaved(
+            {c: forward for c in cfgs},
+            run.timer,
+            run.args.rounds,
+            run.args.iters,
+            batch,
+            before=lambda c: configure(model, c),
+        )
     for row in rows:
         row["compile_s"] = compile_s[_label((row["method"], row["r"]))]
         row["max_abs_diff_vs_eager"] = diff[_label((row["method"], row["r"]))]
@@ -323,8 +355,14 @@ def reduce_overhead_rows(run: Run, name: str, dtype: str, cfgs: list[Config]) ->
                 forward()
             run.timer.sync()
             compile_s[_label(c)] = round(time.perf_counter() - t0, 1)
-        rows = interleaved({c: forward for c in cfgs}, run.timer, run.args.rounds, run.args.iters_b1, 1,
-                           before=lambda c: configure(model, c))
+        rows = interleaved(
+            {c: forward for c in cfgs},
+            run.timer,
+            run.args.rounds,
+            run.args.iters_b1,
+            1,
+            before=lambda c: configure(model, c),
+        )
     for row in rows:
         row["compile_s"] = compile_s[_label((row["method"], row["r"]))]
     run.add("reduce_overhead", rows, model=name, dtype=dtype, mode="torch.compile(reduce-overhead)")
@@ -369,8 +407,14 @@ def training_rows(run: Run) -> None:
         run.add("training", [{"skipped": "benchmarks/distill_step.py has neither gpu_rows() nor step_rates()"}])
         return
     if small:
-        kw = {"model": "vit_tiny_patch16_224", "img_size": 32, "batch_size": 2, "precision": "no", "rounds": 2,
-              "warmup": 1}
+        kw = {
+            "model": "vit_tiny_patch16_224",
+            "img_size": 32,
+            "batch_size": 2,
+            "precision": "no",
+            "rounds": 2,
+            "warmup": 1,
+        }
     else:
         kw = {"model": "deit_base_patch16_224", "batch_size": 128, "precision": "bf16", "rounds": 5}
     try:
@@ -387,9 +431,16 @@ def training_rows(run: Run) -> None:
         return
     try:
         e2e = distill_step.end_to_end(
-            model="deit_base_patch16_224", data="photo-crops", img_size=224, batch_size=128, precision="bf16",
-            steps=30, num_workers=min(14, os.cpu_count() or 1),
-            raw_img_per_s=rates.get("distill", {}).get("img_per_s"), timeout=max(run.left() - 10, 30))
+            model="deit_base_patch16_224",
+            data="photo-crops",
+            img_size=224,
+            batch_size=128,
+            precision="bf16",
+            steps=30,
+            num_workers=min(14, os.cpu_count() or 1),
+            raw_img_per_s=rates.get("distill", {}).get("img_per_s"),
+            timeout=max(run.left() - 10, 30),
+        )
         run.add("training", [{"what": "training/distill.py end to end", **_jsonable(e2e)}])
     except Exception as exc:  # noqa: BLE001
         run.error("training", "end_to_end", exc)
@@ -407,9 +458,12 @@ def markdown(result: dict[str, Any]) -> str:
     env = result["env"]
     where = env.get("gpu") or env.get("cpu") or env["device"]
     head = f"{where}, torch {env['torch']}, timm {env['timm']}; random weights; median of per-round ratios"
-    lines = [f"{head} (range over rounds).", "",
-             "| section | model | dtype | batch | method | r | ms | img/s | vs plain | range | vs ceiling |",
-             "|---|---|---|---:|---|---:|---:|---:|---:|---|---:|"]
+    lines = [
+        f"{head} (range over rounds).",
+        "",
+        "| section | model | dtype | batch | method | r | ms | img/s | vs plain | range | vs ceiling |",
+        "|---|---|---|---:|---|---:|---:|---:|---:|---|---:|",
+    ]
     for section, rows in result["sections"].items():
         for row in rows:
             if "speedup" not in row:
@@ -419,7 +473,8 @@ def markdown(result: dict[str, Any]) -> str:
             lines.append(
                 f"| {section} | {row.get('model', '')} | {row.get('dtype', '')} | {row['batch']} | {row['method']} | "
                 f"{row['r']} | {row['ms']:.3f} | {row['img_per_s']:.0f} | {row['speedup']:.3f}× | "
-                f"{rng[0]:.2f}–{rng[1]:.2f} | {vs_ceiling} |")
+                f"{rng[0]:.2f}–{rng[1]:.2f} | {vs_ceiling} |"
+            )
     for section, rows in result["sections"].items():
         for row in rows:
             if "speedup" in row:
@@ -436,8 +491,11 @@ def markdown(result: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    parser.add_argument("--small", action="store_true",
-                        help="tiny model (img 64, depth 2, dim 64), batches 1 and 4, fp32, 2 rounds: a smoke run")
+    parser.add_argument(
+        "--small",
+        action="store_true",
+        help="tiny model (img 64, depth 2, dim 64), batches 1 and 4, fp32, 2 rounds: a smoke run",
+    )
     parser.add_argument("--model", default="deit_base_patch16_224")
     parser.add_argument("--large-model", default="vit_large_patch16_224")
     parser.add_argument("--batch-sizes", default=None, help="eager batches (default 256,64,1; --small: 4,1)")
@@ -447,8 +505,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--iters-b1", type=int, default=None, help="forwards per timing at batch 1 (default 20)")
     parser.add_argument("--budget-s", type=float, default=420.0, help="wall-clock budget; later rows are skipped")
     parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend (tests: eager)")
-    parser.add_argument("--compile-estimate-s", type=float, default=None,
-                        help="budget reserved per compilation (default 45; --small: 5)")
+    parser.add_argument(
+        "--compile-estimate-s",
+        type=float,
+        default=None,
+        help="budget reserved per compilation (default 45; --small: 5)",
+    )
     parser.add_argument("--skip", default="", help=f"comma-separated sections to skip: {','.join(SECTIONS)}")
     parser.add_argument("--only", default="", help="comma-separated sections to run (default: all)")
     parser.add_argument("--json", default="benchmarks/results/gpu.json")
@@ -457,8 +519,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     small = args.small
-    args.model_kwargs = {"img_size": 64, "patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 2,
-                         "num_classes": 10}
+    args.model_kwargs = {
+        "img_size": 64,
+        "patch_size": 8,
+        "embed_dim": 64,
+        "depth": 2,
+        "num_heads": 2,
+        "num_classes": 10,
+    }
     if small:
         args.model = args.large_model = "vit_tiny_patch16_224"
     batches = [int(v) for v in (args.batch_sizes or ("4,1" if small else "256,64,1")).split(",")]
@@ -493,8 +561,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         batch = 4 if small else 128
         plan.append(("vit_large", 30, lambda: eager_rows(run, "vit_large", args.large_model, dtypes[0], batch, cfgs)))
     if "compiled" in wanted:
-        plan.append(("compiled", 4 * args.compile_estimate_s,
-                     lambda: compiled_rows(run, args.model, dtypes[0], batches[0], lean)))
+        plan.append(
+            (
+                "compiled",
+                4 * args.compile_estimate_s,
+                lambda: compiled_rows(run, args.model, dtypes[0], batches[0], lean),
+            )
+        )
     if "cuda_graph" in wanted and device.type == "cuda":
         plan.append(("cuda_graph", 15, lambda: cuda_graph_rows(run, args.model, dtypes[0], lean)))
     if "eager" in wanted:
@@ -505,8 +578,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             plan.append(("eager", 10, lambda b=b: eager_rows(run, "eager", args.model, "bf16", b, full)))
     if "reduce_overhead" in wanted and device.type == "cuda":
         cfgs = [("plain", 0), ("tome", r_top)]
-        plan.append(("reduce_overhead", 2 * args.compile_estimate_s,
-                     lambda: reduce_overhead_rows(run, args.model, dtypes[0], cfgs)))
+        plan.append(
+            (
+                "reduce_overhead",
+                2 * args.compile_estimate_s,
+                lambda: reduce_overhead_rows(run, args.model, dtypes[0], cfgs),
+            )
+        )
     if "training" in wanted:
         plan.append(("training", 20 if small else 120, lambda: training_rows(run)))
     if device.type != "cuda":

@@ -15,6 +15,7 @@ marker                      JSON                                         rendere
 ``<!-- study-table -->``      ``benchmarks/results/study.json``            ``benchmarks/study/report.py``
 =========================== ============================================ ===============================
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,13 +41,17 @@ def _signed(d: float) -> str:
 def quickstart_table(demo: Dict[str, Any]) -> str:
     """What ``python examples/quickstart.py`` prints as its headline (demo.json's ``committed``)."""
     c, R = demo["committed"], demo["R"]
-    lines = ["| model fine-tuned at | run at | top-1 | + ToCom | change [95 % CI] | fine-tuned at the target r |",
-             "|---|---|---:|---:|---|---:|"]
+    lines = [
+        "| model fine-tuned at | run at | top-1 | + ToCom | change [95 % CI] | fine-tuned at the target r |",
+        "|---|---|---:|---:|---|---:|",
+    ]
     for src, tgt, key, matched in ((0, R, "src0_tgtR", c["srcR_tgtR"]), (R, 0, "srcR_tgt0", c["src0_tgt0"])):
         v = c[key]
         lo, hi = v["ci95"]
-        lines.append(f"| r = {src} | r = {tgt} | {v['no_tocom']:.2f} | {v['tocom']:.2f} | "
-                     f"{_signed(v['tocom'] - v['no_tocom'])} [{_signed(lo)}, {_signed(hi)}] | {matched:.2f} |")
+        lines.append(
+            f"| r = {src} | r = {tgt} | {v['no_tocom']:.2f} | {v['tocom']:.2f} | "
+            f"{_signed(v['tocom'] - v['no_tocom'])} [{_signed(lo)}, {_signed(hi)}] | {matched:.2f} |"
+        )
     return "\n".join(lines)
 
 
@@ -58,17 +63,21 @@ def throughput_table(result: Dict[str, Any]) -> str:
     def speed(row):
         return f"{row['speedup']:.2f}× ({row['speedup_min']:.2f}–{row['speedup_max']:.2f})"
 
-    lines = ["| batch | r | ToMe images/s | ToMe speed-up | EViT images/s | EViT speed-up "
-             "| ToMe ceiling (merge step free) |",
-             "|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| batch | r | ToMe images/s | ToMe speed-up | EViT images/s | EViT speed-up "
+        "| ToMe ceiling (merge step free) |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for batch in sorted({r["batch_size"] for r in rows}):
         plain = cell[(batch, "plain", 0)]
         lines.append(f"| {batch} | plain timm | {plain['images_per_s']:.2f} | 1.00× | | | |")
         for r in sorted({r["r"] for r in rows if r["batch_size"] == batch and r["method"] == "tome"}):
             tome, evit, ceil = (cell.get((batch, m, r)) for m in ("tome", "evit", "tome-ceiling"))
             evit_ips = "" if evit is None else f"{evit['images_per_s']:.2f}"
-            lines.append(f"| {batch} | {r} | {tome['images_per_s']:.2f} | {speed(tome)} | {evit_ips} | "
-                         f"{'' if evit is None else speed(evit)} | {'' if ceil is None else speed(ceil)} |")
+            lines.append(
+                f"| {batch} | {r} | {tome['images_per_s']:.2f} | {speed(tome)} | {evit_ips} | "
+                f"{'' if evit is None else speed(evit)} | {'' if ceil is None else speed(ceil)} |"
+            )
     return "\n".join(line.replace("|  |", "| |").replace("|  |", "| |") for line in lines)
 
 
@@ -89,7 +98,7 @@ def render(text: str, names=None) -> str:
         line = lines[i]
         out.append(line)
         i += 1
-        name = line.strip()[len("<!-- "):-len(" -->")] if line.strip().startswith("<!-- ") else ""
+        name = line.strip()[len("<!-- ") : -len(" -->")] if line.strip().startswith("<!-- ") else ""
         if name in TABLES and (names is None or name in names):
             while i < len(lines) and lines[i].startswith("|"):
                 i += 1  # the old rows
@@ -113,8 +122,12 @@ def stale(path: Path = ROOT / "README.md") -> List[str]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check", action="store_true", help="only check; exit 1 when a table is stale")
-    parser.add_argument("--readme", action="append", default=None,
-                        help="file to render (repeatable; default: README.md and benchmarks/study/README.md)")
+    parser.add_argument(
+        "--readme",
+        action="append",
+        default=None,
+        help="file to render (repeatable; default: README.md and benchmarks/study/README.md)",
+    )
     args = parser.parse_args(argv)
     status = 0
     for path in [Path(p) for p in args.readme] if args.readme else FILES:

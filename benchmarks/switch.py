@@ -8,6 +8,7 @@ up, reload down, …) so that load from other processes hits all contenders alik
 
 Acceptance (issue 3): median switch 0 ↔ 16 ≤ 10 ms; fp16 bank file ≤ 2.4 MB.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -111,7 +112,7 @@ def main(argv=None) -> dict:
         with torch.inference_mode():
             for i in range(2 + args.forward_rounds):
                 for name, mdl in (("merged bank", model), ("no bank", plain)):
-                    t = _ms(lambda: mdl(x))
+                    t = _ms(lambda mdl=mdl: mdl(x))
                     if i >= 2:
                         fwd[name].append(t)
         del plain
@@ -120,13 +121,15 @@ def main(argv=None) -> dict:
 
     rows = []
     for name, (ups, downs) in times.items():
-        rows.append({
-            "method": name,
-            "up_ms": statistics.median(ups),
-            "down_ms": statistics.median(downs),
-            "switch_ms": statistics.median(ups + downs),
-            "p90_ms": sorted(ups + downs)[int(0.9 * (len(ups) + len(downs))) - 1],
-        })
+        rows.append(
+            {
+                "method": name,
+                "up_ms": statistics.median(ups),
+                "down_ms": statistics.median(downs),
+                "switch_ms": statistics.median(ups + downs),
+                "p90_ms": sorted(ups + downs)[int(0.9 * (len(ups) + len(downs))) - 1],
+            }
+        )
     switch_ms = rows[0]["switch_ms"]
     result = {
         "model": args.model,
@@ -153,16 +156,26 @@ def main(argv=None) -> dict:
     print(f"{args.model}: R={R}, rank={args.rank}, q+v, {args.threads} threads, {args.rounds} interleaved rounds")
     print(f"{'switch 0 <-> ' + str(R):<38} {'up ms':>8} {'down ms':>8} {'median':>8} {'p90':>8}")
     for row in rows:
-        print(f"{row['method']:<38} {row['up_ms']:8.2f} {row['down_ms']:8.2f} {row['switch_ms']:8.2f} {row['p90_ms']:8.2f}")
-    print(f"bank: {bank.num_parameters():,} parameters; tocom.safetensors fp16 {size16 / 1e6:.3f} MB, "
-          f"fp32 {size32 / 1e6:.3f} MB (+ {cfg_size} B config); full checkpoint per r {ckpt_mb:.1f} MB")
+        print(
+            f"{row['method']:<38} {row['up_ms']:8.2f} {row['down_ms']:8.2f} "
+            f"{row['switch_ms']:8.2f} {row['p90_ms']:8.2f}"
+        )
+    print(
+        f"bank: {bank.num_parameters():,} parameters; tocom.safetensors fp16 {size16 / 1e6:.3f} MB, "
+        f"fp32 {size32 / 1e6:.3f} MB (+ {cfg_size} B config); full checkpoint per r {ckpt_mb:.1f} MB"
+    )
     print(f"first apply (patch + copies + merge): {apply_ms:.1f} ms")
     if args.forward_rounds:
         f = result["forward_ms_r_max"]
-        print(f"forward batch 1 at r={R}: merged bank {f['merged bank']:.1f} ms, no bank {f['no bank']:.1f} ms "
-              f"(ratio {f['merged bank'] / f['no bank']:.3f}; merged mode adds no work to the forward)")
-    print(f"acceptance: switch {switch_ms:.2f} ms <= {SWITCH_LIMIT_MS} ms: {'PASS' if result['pass_switch'] else 'FAIL'}; "
-          f"fp16 size {size16 / 1e6:.3f} MB <= {SIZE_LIMIT_MB} MB: {'PASS' if result['pass_size'] else 'FAIL'}")
+        print(
+            f"forward batch 1 at r={R}: merged bank {f['merged bank']:.1f} ms, no bank {f['no bank']:.1f} ms "
+            f"(ratio {f['merged bank'] / f['no bank']:.3f}; merged mode adds no work to the forward)"
+        )
+    print(
+        f"acceptance: switch {switch_ms:.2f} ms <= {SWITCH_LIMIT_MS} ms: "
+        f"{'PASS' if result['pass_switch'] else 'FAIL'}; "
+        f"fp16 size {size16 / 1e6:.3f} MB <= {SIZE_LIMIT_MB} MB: {'PASS' if result['pass_size'] else 'FAIL'}"
+    )
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:

@@ -16,6 +16,7 @@ model with bipartite matching and merging replaced by truncation to the same tok
 outputs are meaningless; its time is what any ToMe implementation would cost here if the merge step
 itself were free, so ``tome`` vs ``tome-ceiling`` is the merge step's whole cost in the forward.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -91,7 +92,7 @@ def run(model, batch_size, configs, rounds, iters, img_size, seed=0):
             for cfg in order:
                 t_plain, t_cfg = [], []
                 for i in range(iters):
-                    for which in ((plain_cfg, cfg) if i % 2 == 0 else (cfg, plain_cfg)):
+                    for which in (plain_cfg, cfg) if i % 2 == 0 else (cfg, plain_cfg):
                         _configure(model, which)
                         (t_plain if which == plain_cfg else t_cfg).append(_time_forward(model, x, 1))
                 times[plain_cfg] += t_plain
@@ -101,17 +102,19 @@ def run(model, batch_size, configs, rounds, iters, img_size, seed=0):
     rows = []
     for cfg in configs:
         r = ratios.get(cfg, [1.0])
-        rows.append({
-            "batch_size": batch_size,
-            "method": cfg[0],
-            "r": cfg[1],
-            "ms_per_batch": 1e3 * statistics.median(times[cfg]),
-            "images_per_s": batch_size / statistics.median(times[cfg]),
-            "speedup": statistics.median(r),
-            "speedup_min": min(r),
-            "speedup_max": max(r),
-            "time_ratio_vs_plain": statistics.median([1.0 / v for v in r]),
-        })
+        rows.append(
+            {
+                "batch_size": batch_size,
+                "method": cfg[0],
+                "r": cfg[1],
+                "ms_per_batch": 1e3 * statistics.median(times[cfg]),
+                "images_per_s": batch_size / statistics.median(times[cfg]),
+                "speedup": statistics.median(r),
+                "speedup_min": min(r),
+                "speedup_max": max(r),
+                "time_ratio_vs_plain": statistics.median([1.0 / v for v in r]),
+            }
+        )
     return rows
 
 
@@ -122,12 +125,17 @@ def main(argv=None):
     parser.add_argument("--r", default="0,4,8,12,16")
     parser.add_argument("--methods", default="tome,evit")
     parser.add_argument("--rounds", type=int, default=None, help="default: 7 at batch 1, 3 otherwise")
-    parser.add_argument("--iters", type=int, default=None, help="forwards per side of a pair (default: 4 at batch 1, 2 otherwise)")
+    parser.add_argument(
+        "--iters", type=int, default=None, help="forwards per side of a pair (default: 4 at batch 1, 2 otherwise)"
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", default="benchmarks/results/throughput.json")
     parser.add_argument("--check", action="store_true", help="fail unless the acceptance targets hold")
-    parser.add_argument("--ceiling", action="store_true",
-                        help="add 'tome-ceiling' rows: ToMe's token counts with a free merge step (timing only)")
+    parser.add_argument(
+        "--ceiling",
+        action="store_true",
+        help="add 'tome-ceiling' rows: ToMe's token counts with a free merge step (timing only)",
+    )
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -147,11 +155,13 @@ def main(argv=None):
         print(f"batch {bs}: {rounds} rounds x {iters} iters in {time.perf_counter() - start:.0f} s", flush=True)
 
     print(f"\n{args.model}, fp32, {args.threads} threads, torch {torch.__version__}, timm {timm.__version__}")
-    print(f"| batch | method | r | ms / batch | images/s | speed-up vs plain (median) | range over rounds |")
-    print(f"|---:|---|---:|---:|---:|---:|---|")
+    print("| batch | method | r | ms / batch | images/s | speed-up vs plain (median) | range over rounds |")
+    print("|---:|---|---:|---:|---:|---:|---|")
     for row in rows:
-        print(f"| {row['batch_size']} | {row['method']} | {row['r']} | {row['ms_per_batch']:.1f} | "
-              f"{row['images_per_s']:.2f} | {row['speedup']:.3f}x | {row['speedup_min']:.2f}-{row['speedup_max']:.2f} |")
+        print(
+            f"| {row['batch_size']} | {row['method']} | {row['r']} | {row['ms_per_batch']:.1f} | "
+            f"{row['images_per_s']:.2f} | {row['speedup']:.3f}x | {row['speedup_min']:.2f}-{row['speedup_max']:.2f} |"
+        )
 
     result = {
         "model": args.model,
@@ -175,7 +185,9 @@ def main(argv=None):
                 if row["speedup"] < need:
                     failures.append(f"tome r=16 batch {row['batch_size']}: {row['speedup']:.3f}x < {need}x")
             if row["method"] in ("tome", "evit") and row["r"] == 0 and row["time_ratio_vs_plain"] > 1.02:
-                failures.append(f"{row['method']} r=0 batch {row['batch_size']}: {row['time_ratio_vs_plain']:.3f}x plain time")
+                failures.append(
+                    f"{row['method']} r=0 batch {row['batch_size']}: {row['time_ratio_vs_plain']:.3f}x plain time"
+                )
         if failures:
             raise SystemExit("targets missed:\n  " + "\n  ".join(failures))
         print("all targets met")

@@ -13,6 +13,7 @@ The bank here is an untrained stand-in with random LoRA factors (``ToComBank.for
 means nothing in this example, but switching r runs the real path (``tocom_hub.set_target_r`` on
 the merged weights). Pass ``--no-bank`` for plain ToMe r control.
 """
+
 import argparse
 import statistics
 
@@ -46,8 +47,12 @@ def main():
     parser.add_argument("--requests", type=int, default=60)
     parser.add_argument("--busy", default="20-39", help="requests served on the busy server (default 20-39)")
     parser.add_argument("--load", type=float, default=1.6, help="slowdown while busy (default 1.6x)")
-    parser.add_argument("--budget-ms", type=float, default=None,
-                        help="latency budget per batch (default: 1.15x the measured r=0 latency)")
+    parser.add_argument(
+        "--budget-ms",
+        type=float,
+        default=None,
+        help="latency budget per batch (default: 1.15x the measured r=0 latency)",
+    )
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--no-bank", action="store_true", help="plain ToMe r control, no ToCom bank")
     args = parser.parse_args()
@@ -55,8 +60,16 @@ def main():
 
     torch.manual_seed(0)
     torch.set_num_threads(1)  # one thread: steadier timings on a shared machine
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10, img_size=112, patch_size=8,
-                              depth=4, embed_dim=192, num_heads=3).eval()
+    model = timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        num_classes=10,
+        img_size=112,
+        patch_size=8,
+        depth=4,
+        embed_dim=192,
+        num_heads=3,
+    ).eval()
     x = torch.randn(args.batch_size, 3, 112, 112)
     r_values = list(range(0, 49, 4))  # 196 patches, 4 blocks: r up to 48 merges almost everything
 
@@ -72,11 +85,14 @@ def main():
         plain = [time_forward(model, x) for _ in range(6)][1:]
         budget = 1.15 * statistics.median(plain)
 
-    ctl = tocom_hub.LatencyController(model, bank, source_r=0, budget_ms=budget, batch_size=args.batch_size,
-                                      r_values=r_values)
+    ctl = tocom_hub.LatencyController(
+        model, bank, source_r=0, budget_ms=budget, batch_size=args.batch_size, r_values=r_values
+    )
     curve = ctl.calibrate(x)
-    print(f"budget {budget:.1f} ms per batch of {args.batch_size}; calibrated ms per r: "
-          + ", ".join(f"{r}: {ms:.1f}" for r, ms in curve.items()))
+    print(
+        f"budget {budget:.1f} ms per batch of {args.batch_size}; calibrated ms per r: "
+        + ", ".join(f"{r}: {ms:.1f}" for r, ms in curve.items())
+    )
     print(f"start at r = {ctl.r}\n")
 
     load = SimulatedLoad(model, ctl.clock)
@@ -92,7 +108,7 @@ def main():
 
     rs = [h["r"] for h in ctl.history]
     calm_before = rs[busy_lo - 1] if busy_lo > 0 else rs[0]
-    busy_max = max(rs[busy_lo:busy_hi + 1])
+    busy_max = max(rs[busy_lo : busy_hi + 1])
     print(f"\nr before the load: {calm_before}, highest r under load: {busy_max}, r at the end: {ctl.r}")
     ctl.remove()
 

@@ -22,6 +22,7 @@ The same lines on a real model and a Hub bank::
     tocom_hub.apply(model, source_r=0, target_r=16, bank="org/tocom-deit-base")
     tocom_hub.set_target_r(model, 8)                                       # switch r at run time
 """
+
 import argparse
 import json
 
@@ -46,21 +47,29 @@ def ci_text(d) -> str:
 
 
 def verdict(d) -> str:
-    return ("the interval contains 0: these images cannot tell it from noise" if d["low"] <= 0 <= d["high"]
-            else "the interval excludes 0: more than noise on these images")
+    return (
+        "the interval contains 0: these images cannot tell it from noise"
+        if d["low"] <= 0 <= d["high"]
+        else "the interval excludes 0: more than noise on these images"
+    )
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--targets", default="", help="comma-separated target r values (default: 0 and R; "
-                                                      "0 and R are always included)")
+    parser.add_argument(
+        "--targets", default="", help="comma-separated target r values (default: 0 and R; 0 and R are always included)"
+    )
     parser.add_argument("--full", action="store_true", help="every target r = 0…R (the study's grid)")
     parser.add_argument("--limit", type=int, default=None, help="evaluate the first N test images (default all)")
     parser.add_argument("--batch-size", type=int, default=250)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (default 1: this tiny model gains little from more, and on a shared "
-                             "machine every extra thread waits for a busy core — 2 threads took 4x longer than 1 "
-                             "on a loaded 2-core machine)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default 1: this tiny model gains little from more, and on a shared "
+        "machine every extra thread waits for a busy core — 2 threads took 4x longer than 1 "
+        "on a loaded 2-core machine)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--json", metavar="FILE", help="write the numbers (headline, table, intervals) to FILE")
     args = parser.parse_args()
@@ -72,18 +81,26 @@ def main():
     spec = get_dataset_spec(task)
     kw = info["model_kwargs"]
     print(f"ToCom quickstart — offline, {torch.get_num_threads()} CPU thread(s)")
-    print(f"task    '{task}': {' '.join(spec.description.split())}; {spec.num_classes} classes, "
-          f"so guessing scores {100 / spec.num_classes:.1f} %")
-    print(f"models  a tiny timm ViT ({info['model']}, {kw['img_size']} px, {kw['depth']} blocks) fine-tuned on it "
-          f"at r = 0 and at r = {R}, {len(seeds)} seeds each")
-    print(f"bank    one ToCom bank for that backbone (s = {scales['0']:g} from r = 0, {scales[str(R)]:g} from "
-          f"r = {R}; chosen on the validation split)\n")
+    print(
+        f"task    '{task}': {' '.join(spec.description.split())}; {spec.num_classes} classes, "
+        f"so guessing scores {100 / spec.num_classes:.1f} %"
+    )
+    print(
+        f"models  a tiny timm ViT ({info['model']}, {kw['img_size']} px, {kw['depth']} blocks) fine-tuned on it "
+        f"at r = 0 and at r = {R}, {len(seeds)} seeds each"
+    )
+    print(
+        f"bank    one ToCom bank for that backbone (s = {scales['0']:g} from r = 0, {scales[str(R)]:g} from "
+        f"r = {R}; chosen on the validation split)\n"
+    )
 
     res = evaluate_demo(targets, limit=args.limit, batch_size=args.batch_size, progress=not args.no_progress)
     top, delta, n = res["top1"], res["delta"], res["images"]
 
-    print(f"\ntop-1 (%) on {n:,} test images, mean over {len(seeds)} seeds. target r: tokens merged per block "
-          f"at inference; tokens: left after the last block (of {res['tokens'][0]})")
+    print(
+        f"\ntop-1 (%) on {n:,} test images, mean over {len(seeds)} seeds. target r: tokens merged per block "
+        f"at inference; tokens: left after the last block (of {res['tokens'][0]})"
+    )
     cols = f"{'ToMe':>6} {'+ToCom':>6}  {'change [95 % CI]':<22}"
     print(f"{'':>16}| {'fine-tuned at r = 0':<37}| fine-tuned at r = {R}")
     print(f"{'target r':>8} {'tokens':>6} | {cols}| {cols}")
@@ -99,25 +116,40 @@ def main():
     gap = res["srcR_tgtR"] - a["no_tocom"]
     closed = f", {100 * (a['tocom'] - a['no_tocom']) / gap:.0f} % of the gap" if gap > 0 else ""
     print(f"\nWhat it means (guessing: {res['chance']:.1f} %)")
-    print(f"- The model fine-tuned at r = 0, run at r = {R}: {res['src0_tgt0']:.2f} → {a['no_tocom']:.2f}. The bank "
-          f"wins back {ci_text(delta[0][R])} points{closed} to a model fine-tuned at r = {R} "
-          f"({res['srcR_tgtR']:.2f}), without retraining; {verdict(delta[0][R])}.")
-    print(f"- The model fine-tuned at r = {R}, run at r = 0: {b['no_tocom']:.2f} → {b['tocom']:.2f} with the bank "
-          f"({ci_text(delta[R][0])}); {verdict(delta[R][0])}.")
-    print(f"- [95 % CI]: paired bootstrap over the {n:,} images and the {len(seeds)} seeds. The study behind "
-          f"this demo repeats it on four tasks (benchmarks/study/README.md).")
+    print(
+        f"- The model fine-tuned at r = 0, run at r = {R}: {res['src0_tgt0']:.2f} → {a['no_tocom']:.2f}. The bank "
+        f"wins back {ci_text(delta[0][R])} points{closed} to a model fine-tuned at r = {R} "
+        f"({res['srcR_tgtR']:.2f}), without retraining; {verdict(delta[0][R])}."
+    )
+    print(
+        f"- The model fine-tuned at r = {R}, run at r = 0: {b['no_tocom']:.2f} → {b['tocom']:.2f} with the bank "
+        f"({ci_text(delta[R][0])}); {verdict(delta[R][0])}."
+    )
+    print(
+        f"- [95 % CI]: paired bootstrap over the {n:,} images and the {len(seeds)} seeds. The study behind "
+        f"this demo repeats it on four tasks (benchmarks/study/README.md)."
+    )
     ips = res["images_per_s"]
-    print("- Speed (plain ToMe, images/s, noisy on a busy machine): "
-          + ", ".join(f"r = {t}: {ips[t]:.0f}" for t in res["targets"] if ips[t])
-          + "; the bank is merged into the weights, so it costs nothing at inference.")
+    print(
+        "- Speed (plain ToMe, images/s, noisy on a busy machine): "
+        + ", ".join(f"r = {t}: {ips[t]:.0f}" for t in res["targets"] if ips[t])
+        + "; the bank is merged into the weights, so it costs nothing at inference."
+    )
     if not args.full:
-        print(f"\nEvery target r = 0…{R}: python examples/quickstart.py --full. On your model: "
-              f"tocom_hub.apply(model, source_r=0, target_r=16, bank='org/name').")
+        print(
+            f"\nEvery target r = 0…{R}: python examples/quickstart.py --full. On your model: "
+            f"tocom_hub.apply(model, source_r=0, target_r=16, bank='org/name')."
+        )
     if args.json:
         out = {k: v for k, v in res.items() if k not in ("top1", "delta", "tokens", "images_per_s")}
-        out["table"] = [{"target_r": t, "tokens": res["tokens"][t],
-                         **{f"src{s}": {**top[s][t], "delta": delta[s][t]} for s in (0, R)}}
-                        for t in res["targets"]]
+        out["table"] = [
+            {
+                "target_r": t,
+                "tokens": res["tokens"][t],
+                **{f"src{s}": {**top[s][t], "delta": delta[s][t]} for s in (0, R)},
+            }
+            for t in res["targets"]
+        ]
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)
         print(f"wrote {args.json}")

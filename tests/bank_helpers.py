@@ -1,5 +1,6 @@
 """Independent references for the ToCom bank tests: per-group factors kept in plain Python lists and
 the paper's formula evaluated with a naive loop in float64."""
+
 from __future__ import annotations
 
 import hashlib
@@ -30,8 +31,8 @@ def random_groups(bank: ToComBank, seed: int = 0, std: float = 0.3) -> Groups:
                 for i in range(cfg.r_max):
                     A = torch.randn(d_out, h, generator=g) * std
                     B = torch.randn(h, d_in, generator=g) * std
-                    bank.A[t][b, :, i * h:(i + 1) * h] = A
-                    bank.B[t][b, i * h:(i + 1) * h, :] = B
+                    bank.A[t][b, :, i * h : (i + 1) * h] = A
+                    bank.B[t][b, i * h : (i + 1) * h, :] = B
                     per_block.append((A, B))
                 groups[t].append(per_block)
     return groups
@@ -58,18 +59,19 @@ def weight_rows(model: torch.nn.Module, b: int, t: str) -> torch.Tensor:
         return attn.proj.weight.detach()
     d = attn.qkv.out_features // 3
     i = QKV_ROW[t]
-    return attn.qkv.weight.detach()[i * d:(i + 1) * d]
+    return attn.qkv.weight.detach()[i * d : (i + 1) * d]
 
 
-def closed_form(original: Dict[str, torch.Tensor], groups: Groups, t: str, b: int, m: int, n: int,
-                s: float) -> torch.Tensor:
+def closed_form(
+    original: Dict[str, torch.Tensor], groups: Groups, t: str, b: int, m: int, n: int, s: float
+) -> torch.Tensor:
     """W₀ + Δ(m → n) in float64 from a saved ``state_dict`` of the untouched model."""
     if t == "proj":
         w0 = original[f"blocks.{b}.attn.proj.weight"]
     else:
         full = original[f"blocks.{b}.attn.qkv.weight"]
         d = full.shape[0] // 3
-        w0 = full[QKV_ROW[t] * d:(QKV_ROW[t] + 1) * d]
+        w0 = full[QKV_ROW[t] * d : (QKV_ROW[t] + 1) * d]
     return w0.double() + naive_delta(groups, t, b, m, n, s)
 
 

@@ -20,7 +20,9 @@ def _reserve_port() -> int:
 
 
 if "huggingface_hub" in sys.modules:  # pragma: no cover - env below would be ignored
-    warnings.warn("huggingface_hub was imported before tests/conftest.py: HF_ENDPOINT isolation is not active")
+    warnings.warn(
+        "huggingface_hub was imported before tests/conftest.py: HF_ENDPOINT isolation is not active", stacklevel=1
+    )
 for _var in [v for v in os.environ if v.startswith(("HF_", "HUGGINGFACE_"))] + ["TRANSFORMERS_OFFLINE"]:
     os.environ.pop(_var, None)
 HUB_TEST_PORT = _reserve_port()
@@ -36,7 +38,6 @@ import shutil  # noqa: E402
 from collections.abc import Iterator  # noqa: E402
 
 import pytest  # noqa: E402
-
 from hub_server import HubClient, HubServer  # noqa: E402
 
 
@@ -50,7 +51,9 @@ def _hub_server_session() -> Iterator[HubServer]:
     try:
         server.start()
     except OSError:  # reserved port got taken: subprocess clients still work, in-process ones won't
-        warnings.warn(f"port {HUB_TEST_PORT} unavailable; in-process huggingface_hub won't reach the test Hub")
+        warnings.warn(
+            f"port {HUB_TEST_PORT} unavailable; in-process huggingface_hub won't reach the test Hub", stacklevel=1
+        )
         server = HubServer().start()
     yield server
     server.stop()

@@ -58,7 +58,15 @@ from typing import Any, Iterable, Mapping
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 DEFAULT_LFS_PATTERNS: tuple[str, ...] = (
-    "*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.h5", "*.msgpack", "*.onnx", "*.npz",
+    "*.safetensors",
+    "*.bin",
+    "*.pt",
+    "*.pth",
+    "*.ckpt",
+    "*.h5",
+    "*.msgpack",
+    "*.onnx",
+    "*.npz",
 )
 REPO_TYPE_PREFIXES = {"model": "", "dataset": "datasets/", "space": "spaces/"}
 _API_ACTIONS = {"revision", "tree", "refs", "preupload", "commit", "branch", "tag"}
@@ -115,8 +123,15 @@ class HubError(Exception):
 class HubServer:
     """In-memory Hub. Thread-safe; start/stop/restart keeps its state and its port."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, *, username: str = "test-user",
-                 token: str = "hf_test_token", lfs_patterns: Iterable[str] = DEFAULT_LFS_PATTERNS) -> None:
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        username: str = "test-user",
+        token: str = "hf_test_token",
+        lfs_patterns: Iterable[str] = DEFAULT_LFS_PATTERNS,
+    ) -> None:
         self.host, self.port = host, port
         self.username, self.token = username, token
         self._default_lfs_patterns = tuple(lfs_patterns)
@@ -142,8 +157,9 @@ class HubServer:
             httpd.hub = self  # type: ignore[attr-defined]
             self.port = httpd.server_address[1]
             self._httpd = httpd
-            self._thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05},
-                                            name=f"hub-server-{self.port}", daemon=True)
+            self._thread = threading.Thread(
+                target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, name=f"hub-server-{self.port}", daemon=True
+            )
             self._thread.start()
         return self
 
@@ -176,8 +192,7 @@ class HubServer:
             self.failure_status: int | None = None
 
     # ------------------------------------------------------------------ test helpers
-    def add_repo(self, repo_id: str, *, repo_type: str = "model", private: bool = False,
-                 exist_ok: bool = False) -> str:
+    def add_repo(self, repo_id: str, *, repo_type: str = "model", private: bool = False, exist_ok: bool = False) -> str:
         """Create a repo whose ``main`` branch points to an initial, empty commit; return its sha."""
         with self._lock:
             key = (repo_type, repo_id)
@@ -188,8 +203,16 @@ class HubServer:
             repo = self._repos[key] = Repo(repo_id, repo_type, private)
             return self._new_commit(repo, {}, "initial commit", None, "main")
 
-    def commit(self, repo_id: str, files: Mapping[str, bytes | str], *, branch: str = "main",
-               message: str = "update files", delete: Iterable[str] = (), repo_type: str = "model") -> str:
+    def commit(
+        self,
+        repo_id: str,
+        files: Mapping[str, bytes | str],
+        *,
+        branch: str = "main",
+        message: str = "update files",
+        delete: Iterable[str] = (),
+        repo_type: str = "model",
+    ) -> str:
         """Add/replace ``files`` (and remove ``delete``) on top of ``branch``; return the new commit sha.
 
         The repo is created if needed; a missing branch is started from ``main``.
@@ -280,8 +303,7 @@ class HubServer:
             raise HubError(404, "Repository not found", "RepoNotFound")
         return repo
 
-    def _new_commit(self, repo: Repo, files: dict[str, bytes], message: str, parent: str | None,
-                    branch: str) -> str:
+    def _new_commit(self, repo: Repo, files: dict[str, bytes], message: str, parent: str | None, branch: str) -> str:
         digest = hashlib.sha1(f"{parent}\n{message}\n{next(_SHA_COUNTER)}\n".encode())
         for path in sorted(files):
             digest.update(f"{path}\0{git_blob_sha1(files[path])}\n".encode())
@@ -314,16 +336,21 @@ class HubServer:
     def _entry(self, path: str, data: bytes, *, tree: bool) -> dict[str, Any]:
         """A file as listed by ``/tree`` (``tree=True``) or in ``siblings`` (``blobs=True``)."""
         lfs = self._is_lfs(path)
-        entry: dict[str, Any] = {"size": len(data), "oid" if tree else "blobId":
-                                 git_blob_sha1(lfs_pointer(data) if lfs else data)}
+        entry: dict[str, Any] = {
+            "size": len(data),
+            "oid" if tree else "blobId": git_blob_sha1(lfs_pointer(data) if lfs else data),
+        }
         if tree:
             entry.update(type="file", path=path)
         else:
             entry["rfilename"] = path
         if lfs:
             sha256 = hashlib.sha256(data).hexdigest()
-            entry["lfs"] = {"oid" if tree else "sha256": sha256, "size": len(data),
-                            "pointerSize": len(lfs_pointer(data))}
+            entry["lfs"] = {
+                "oid" if tree else "sha256": sha256,
+                "size": len(data),
+                "pointerSize": len(lfs_pointer(data)),
+            }
         return entry
 
 
@@ -367,8 +394,13 @@ class _Handler(BaseHTTPRequestHandler):
         except Exception:  # pragma: no cover - surfaced to the client for debugging
             self._send_json({"error": traceback.format_exc()}, 500)
 
-    def _send(self, status: int, body: bytes = b"", headers: Mapping[str, str] | None = None,
-              content_type: str = "application/octet-stream") -> None:
+    def _send(
+        self,
+        status: int,
+        body: bytes = b"",
+        headers: Mapping[str, str] | None = None,
+        content_type: str = "application/octet-stream",
+    ) -> None:
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
@@ -407,21 +439,27 @@ class _Handler(BaseHTTPRequestHandler):
         path, method = self.raw_path, self.command
         hub = self.hub
         if path.startswith(_CDN_PREFIX) and method in ("GET", "HEAD"):
-            repo_type, repo_id, sha, filename = (unquote(p) for p in path[len(_CDN_PREFIX):].split("/"))
+            repo_type, repo_id, sha, filename = (unquote(p) for p in path[len(_CDN_PREFIX) :].split("/"))
             with hub._lock:
                 data = hub._commit_by_sha(hub._repo(repo_id, repo_type), sha).files[filename]
                 data = hub._corrupt.get((repo_type, repo_id, filename), data)
             return self._send_file(data, {})
         if path == "/api/whoami-v2":
-            return self._send_json({"type": "user", "name": hub.username, "fullname": hub.username,
-                                    "orgs": [], "auth": {"type": "access_token",
-                                                         "accessToken": {"displayName": "test", "role": "write"}}})
+            return self._send_json(
+                {
+                    "type": "user",
+                    "name": hub.username,
+                    "fullname": hub.username,
+                    "orgs": [],
+                    "auth": {"type": "access_token", "accessToken": {"displayName": "test", "role": "write"}},
+                }
+            )
         if path == "/api/validate-yaml" and method == "POST":
             return self._send_json({"errors": [], "warnings": []})
         if path in ("/api/repos/create", "/api/repos/delete"):
             return self._create_or_delete_repo(self._json(), create=path.endswith("create"))
         if path.startswith("/api/"):
-            return self._api(path[len("/api/"):].split("/"))
+            return self._api(path[len("/api/") :].split("/"))
         if "/resolve/" in path and method in ("GET", "HEAD"):
             return self._resolve_file(path)
         raise HubError(404, f"Not found: {method} {path} (unsupported by the test server)")
@@ -452,7 +490,7 @@ class _Handler(BaseHTTPRequestHandler):
         if n not in (1, 2):
             raise HubError(404, f"Not found: {self.raw_path}")
         repo_id, action = "/".join(segs[:n]), (segs[n] if len(segs) > n else None)
-        args = [unquote(s) for s in segs[n + 1:]]
+        args = [unquote(s) for s in segs[n + 1 :]]
         method, hub = self.command, self.hub
         with hub._lock:
             repo = self._repo(repo_type, repo_id)
@@ -463,18 +501,35 @@ class _Handler(BaseHTTPRequestHandler):
                 commit = hub._resolve(repo, args[0] if args else "main")
                 return self._send_json(self._tree(commit, "/".join(args[1:]).strip("/")))
             if action == "refs" and method == "GET":
+
                 def refs(kind: str, items: dict[str, str]) -> list[dict[str, str]]:
                     return [{"name": k, "ref": f"refs/{kind}/{k}", "targetCommit": v} for k, v in items.items()]
+
                 heads = {k: v for k, v in repo.branches.items() if not k.startswith("refs/pr/")}
                 prs = [{"name": k, "ref": k, "targetCommit": v} for k, v in repo.branches.items() if k not in heads]
-                return self._send_json({"branches": refs("heads", heads), "tags": refs("tags", repo.tags),
-                                        "converts": [], "pullRequests": prs})
+                return self._send_json(
+                    {
+                        "branches": refs("heads", heads),
+                        "tags": refs("tags", repo.tags),
+                        "converts": [],
+                        "pullRequests": prs,
+                    }
+                )
             if action == "preupload" and method == "POST":
                 files = hub._resolve(repo, args[0]).files
-                return self._send_json({"files": [
-                    {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False,
-                     "oid": git_blob_sha1(files[f["path"]]) if f["path"] in files else None}
-                    for f in self._json().get("files", [])]})
+                return self._send_json(
+                    {
+                        "files": [
+                            {
+                                "path": f["path"],
+                                "uploadMode": "regular",
+                                "shouldIgnore": False,
+                                "oid": git_blob_sha1(files[f["path"]]) if f["path"] in files else None,
+                            }
+                            for f in self._json().get("files", [])
+                        ]
+                    }
+                )
             if action == "commit" and method == "POST":
                 return self._commit(repo, args[0])
             if action == "branch" and method in ("POST", "DELETE"):
@@ -499,12 +554,24 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _repo_info(self, repo: Repo, commit: Commit) -> dict[str, Any]:
         blobs = self.query.get("blobs", ["false"])[0].lower() in ("1", "true")
-        siblings = [self.hub._entry(p, d, tree=False) if blobs else {"rfilename": p}
-                    for p, d in sorted(commit.files.items())]
-        return {"_id": repo.repo_id, "id": repo.repo_id, "author": repo.repo_id.split("/")[0],
-                "sha": commit.sha, "lastModified": commit.date, "createdAt": repo.commits[0].date,
-                "private": repo.private, "gated": False, "disabled": False, "downloads": 0, "likes": 0,
-                "tags": [], "siblings": siblings}
+        siblings = [
+            self.hub._entry(p, d, tree=False) if blobs else {"rfilename": p} for p, d in sorted(commit.files.items())
+        ]
+        return {
+            "_id": repo.repo_id,
+            "id": repo.repo_id,
+            "author": repo.repo_id.split("/")[0],
+            "sha": commit.sha,
+            "lastModified": commit.date,
+            "createdAt": repo.commits[0].date,
+            "private": repo.private,
+            "gated": False,
+            "disabled": False,
+            "downloads": 0,
+            "likes": 0,
+            "tags": [],
+            "siblings": siblings,
+        }
 
     def _tree(self, commit: Commit, prefix: str) -> list[dict[str, Any]]:
         recursive = self.query.get("recursive", ["false"])[0].lower() in ("1", "true")
@@ -513,12 +580,16 @@ class _Handler(BaseHTTPRequestHandler):
         for path, data in commit.files.items():
             if not path.startswith(base):
                 continue
-            parts = path[len(base):].split("/")
+            parts = path[len(base) :].split("/")
             depth = len(parts) if recursive else 1
             for i in range(1, min(depth, len(parts) - 1) + 1):  # parent folders
                 folder = base + "/".join(parts[:i])
-                entries[folder] = {"type": "directory", "path": folder, "size": 0,
-                                   "oid": hashlib.sha1(f"{commit.sha}:{folder}".encode()).hexdigest()}
+                entries[folder] = {
+                    "type": "directory",
+                    "path": folder,
+                    "size": 0,
+                    "oid": hashlib.sha1(f"{commit.sha}:{folder}".encode()).hexdigest(),
+                }
             if recursive or len(parts) == 1:
                 entries[path] = self.hub._entry(path, data, tree=True)
         if prefix and not entries:
@@ -551,13 +622,23 @@ class _Handler(BaseHTTPRequestHandler):
                 folder = value["path"].rstrip("/") + "/"
                 files = {p: d for p, d in files.items() if not p.startswith(folder)}
             elif key != "header":
-                raise HubError(400, f"Commit operation {key!r} is not supported by the test server "
-                                    "(preupload always answers uploadMode='regular')")
+                raise HubError(
+                    400,
+                    f"Commit operation {key!r} is not supported by the test server "
+                    "(preupload always answers uploadMode='regular')",
+                )
         sha = self.hub._new_commit(repo, files, header.get("summary", ""), head, branch)
         repo_url = f"{self._base_url()}/{REPO_TYPE_PREFIXES[repo.repo_type]}{repo.repo_id}"
         pr_url = f"{repo_url}/discussions/{branch.rsplit('/', 1)[-1]}" if branch.startswith("refs/pr/") else None
-        self._send_json({"success": True, "commitOid": sha, "commitUrl": f"{repo_url}/commit/{sha}",
-                         "hookOutput": "", "pullRequestUrl": pr_url})
+        self._send_json(
+            {
+                "success": True,
+                "commitOid": sha,
+                "commitUrl": f"{repo_url}/commit/{sha}",
+                "hookOutput": "",
+                "pullRequestUrl": pr_url,
+            }
+        )
 
     # ------------------------------------------------------------------ file downloads
     def _resolve_file(self, path: str) -> None:
@@ -565,7 +646,7 @@ class _Handler(BaseHTTPRequestHandler):
         repo_type = "model"
         for rtype, prefix in REPO_TYPE_PREFIXES.items():
             if prefix and repo_part.startswith(prefix):
-                repo_type, repo_part = rtype, repo_part[len(prefix):]
+                repo_type, repo_part = rtype, repo_part[len(prefix) :]
         revision, _, filename = rest.partition("/")
         revision, filename = unquote(revision), unquote(filename)
         with self.hub._lock:
@@ -581,11 +662,21 @@ class _Handler(BaseHTTPRequestHandler):
         # LFS file: redirect to a "CDN" on another host name so the client treats it as off-Hub.
         host = urlsplit(self._base_url()).hostname
         cdn_host = "127.0.0.1" if host == "localhost" else "localhost"
-        location = (f"http://{cdn_host}:{self.hub.port}{_CDN_PREFIX}{repo_type}/{quote(repo_part, safe='')}/"
-                    f"{commit.sha}/{quote(filename, safe='')}")
-        self._send(302, b"", {**headers, "Location": location, "ETag": f'"{git_blob_sha1(lfs_pointer(data))}"',
-                              "X-Linked-Etag": f'"{hashlib.sha256(data).hexdigest()}"',
-                              "X-Linked-Size": str(len(data))})
+        location = (
+            f"http://{cdn_host}:{self.hub.port}{_CDN_PREFIX}{repo_type}/{quote(repo_part, safe='')}/"
+            f"{commit.sha}/{quote(filename, safe='')}"
+        )
+        self._send(
+            302,
+            b"",
+            {
+                **headers,
+                "Location": location,
+                "ETag": f'"{git_blob_sha1(lfs_pointer(data))}"',
+                "X-Linked-Etag": f'"{hashlib.sha256(data).hexdigest()}"',
+                "X-Linked-Size": str(len(data)),
+            },
+        )
 
     def _send_file(self, data: bytes, headers: dict[str, str], announced: int | None = None) -> None:
         """Send ``data`` honouring a ``Range: bytes=a-[b]`` header. HEAD announces ``announced`` bytes."""
@@ -598,7 +689,7 @@ class _Handler(BaseHTTPRequestHandler):
         if match:
             start, end = int(match[1]), int(match[2] or len(data) - 1)
             headers = {**headers, "Content-Range": f"bytes {start}-{end}/{len(data)}"}
-            return self._send(206, data[start:end + 1], headers)
+            return self._send(206, data[start : end + 1], headers)
         self._send(200, data, headers)
 
 
@@ -637,16 +728,23 @@ class ClientResult:
         return self.result
 
 
-def client_env(endpoint: str, hf_home: str | os.PathLike[str], *, offline: bool = False,
-               **extra: str) -> dict[str, str]:
+def client_env(
+    endpoint: str, hf_home: str | os.PathLike[str], *, offline: bool = False, **extra: str
+) -> dict[str, str]:
     """Environment for a subprocess using ``huggingface_hub`` against ``endpoint`` with an isolated cache."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
     env.pop("TRANSFORMERS_OFFLINE", None)
     repo_root = str(Path(__file__).resolve().parents[1])
-    env.update(HF_ENDPOINT=endpoint, HF_HOME=str(hf_home), HF_HUB_CACHE=str(Path(hf_home) / "hub"),
-               HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_PROGRESS_BARS="1",
-               HF_HUB_DISABLE_UPDATE_CHECK="1", HF_HUB_OFFLINE="1" if offline else "0",
-               PYTHONPATH=os.pathsep.join(filter(None, [repo_root, os.environ.get("PYTHONPATH")])))
+    env.update(
+        HF_ENDPOINT=endpoint,
+        HF_HOME=str(hf_home),
+        HF_HUB_CACHE=str(Path(hf_home) / "hub"),
+        HF_HUB_DISABLE_TELEMETRY="1",
+        HF_HUB_DISABLE_PROGRESS_BARS="1",
+        HF_HUB_DISABLE_UPDATE_CHECK="1",
+        HF_HUB_OFFLINE="1" if offline else "0",
+        PYTHONPATH=os.pathsep.join(filter(None, [repo_root, os.environ.get("PYTHONPATH")])),
+    )
     env.update(extra)
     return env
 
@@ -656,15 +754,15 @@ def run_client(code: str, env: Mapping[str, str], *, timeout: float = 120) -> Cl
 
     The code may set a JSON-serialisable variable ``result``; exceptions are captured by name.
     """
-    proc = subprocess.run([sys.executable, "-c", _CLIENT_PRELUDE, code], env=dict(env), capture_output=True,
-                          text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-c", _CLIENT_PRELUDE, code], env=dict(env), capture_output=True, text=True, timeout=timeout
+    )
     out, marker, payload = proc.stdout.rpartition("@@HUB_CLIENT_RESULT@@")
     if not marker:
         raise RuntimeError(f"client subprocess crashed (rc={proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     data = json.loads(payload)
     err = data.get("error") or {}
-    return ClientResult(data.get("result"), err.get("type"), err.get("mro", []), err.get("message"),
-                        out, proc.stderr)
+    return ClientResult(data.get("result"), err.get("type"), err.get("mro", []), err.get("message"), out, proc.stderr)
 
 
 class HubClient:

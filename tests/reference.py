@@ -4,6 +4,7 @@ Written independently of ``tocom_hub`` (straight from the algorithm descriptions
 token group at a time, plain Python lists) so the tests compare the fast implementation against
 something that shares none of its code. Slow on purpose; use only on tiny models.
 """
+
 from __future__ import annotations
 
 import math
@@ -21,7 +22,7 @@ def _attention(blk, x: torch.Tensor, size: torch.Tensor, prop_attn: bool):
     q = attn.q_norm(qkv[:, 0].transpose(0, 1))  # [H, N, D]
     k = attn.k_norm(qkv[:, 1].transpose(0, 1))
     v = qkv[:, 2].transpose(0, 1)
-    logits = (q @ k.transpose(-1, -2)) * (d ** -0.5)
+    logits = (q @ k.transpose(-1, -2)) * (d**-0.5)
     if prop_attn:
         logits = logits + torch.log(size)[None, None, :]
     probs = logits.softmax(dim=-1)

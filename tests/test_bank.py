@@ -1,4 +1,5 @@
 """ToComBank / ToComConfig: construction, the delta arithmetic vs a naive loop, files and their checks."""
+
 from __future__ import annotations
 
 import copy
@@ -8,11 +9,11 @@ import os
 
 import pytest
 import torch
+from bank_helpers import naive_delta, random_groups
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-
-from bank_helpers import naive_delta, random_groups
 from tiny_models import make_timm, make_vit
+
 from tocom_hub import ToComBank, ToComConfig
 from tocom_hub.bank import CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME, _tensors_sha256
 
@@ -66,24 +67,34 @@ def test_attn_dim_and_proj_shapes():
     assert tuple(bank.A["proj"].shape) == (2, 64, 6) and tuple(bank.B["proj"].shape) == (2, 6, 96)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(targets=("q", "x")), "targets"),
-    (dict(targets=("q", "q")), "targets"),
-    (dict(targets="qv"), "targets"),
-    (dict(method="dynamicvit"), "method"),
-    (dict(rank=0), "rank"),
-    (dict(r_max=True), "r_max"),
-    (dict(scale=float("nan")), "scale"),
-    (dict(format_version=FORMAT_VERSION + 1), "newer"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(targets=("q", "x")), "targets"),
+        (dict(targets=("q", "q")), "targets"),
+        (dict(targets="qv"), "targets"),
+        (dict(method="dynamicvit"), "method"),
+        (dict(rank=0), "rank"),
+        (dict(r_max=True), "r_max"),
+        (dict(scale=float("nan")), "scale"),
+        (dict(format_version=FORMAT_VERSION + 1), "newer"),
+    ],
+)
 def test_config_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ToComConfig(embed_dim=64, depth=2, num_heads=2, **kwargs)
 
 
 def test_config_json_round_trip(tmp_path):
-    cfg = ToComConfig(embed_dim=64, depth=2, num_heads=2, targets=("q", "v", "proj"), base_model="vit_x",
-                      training_recipe={"epochs": 10, "lr": 1e-3}, eval_results={"vtab": {"0->16": 69.9}})
+    cfg = ToComConfig(
+        embed_dim=64,
+        depth=2,
+        num_heads=2,
+        targets=("q", "v", "proj"),
+        base_model="vit_x",
+        training_recipe={"epochs": 10, "lr": 1e-3},
+        eval_results={"vtab": {"0->16": 69.9}},
+    )
     cfg.save_pretrained(tmp_path)
     data = json.loads((tmp_path / CONFIG_NAME).read_text())
     assert data["targets"] == ["q", "v", "proj"] and data["training_recipe"]["epochs"] == 10
@@ -111,7 +122,7 @@ def test_delta_matches_naive_loop(model):
 def test_delta_invariants(bank):
     for b in range(bank.depth):
         for t in bank.targets:
-            d = lambda m, n: bank.delta(b, t, m, n).double()  # noqa: E731
+            d = lambda m, n, b=b, t=t: bank.delta(b, t, m, n).double()  # noqa: E731
             torch.testing.assert_close(d(1, 3) + d(3, 5), d(1, 5), rtol=0, atol=1e-6)  # m→n then n→k = m→k
             torch.testing.assert_close(d(4, 2) + d(2, 0), d(4, 0), rtol=0, atol=1e-6)
             torch.testing.assert_close(d(0, 4) + d(4, 2), d(0, 2), rtol=0, atol=1e-6)  # up then down
@@ -186,6 +197,7 @@ def test_failed_save_keeps_previous_file(bank, tmp_path, monkeypatch):
         raise OSError("disk full")
 
     import safetensors.torch
+
     monkeypatch.setattr(safetensors.torch, "save_file", boom)
     with pytest.raises(OSError, match="disk full"):
         bank.save_pretrained(tmp_path)
@@ -246,6 +258,7 @@ def test_non_finite_values(saved):
     def poison(t):
         t["B.q"][0, 0, 0] = float("nan")
         return t
+
     _rewrite(saved / WEIGHTS_NAME, tensors=poison)
     with pytest.raises(ValueError, match="NaN"):
         ToComBank.from_pretrained(saved)
@@ -296,8 +309,10 @@ def test_scale_in_config_json_must_match_the_embedded_config(saved, scale):
         ToComBank.from_pretrained(saved)
 
 
-@pytest.mark.parametrize("field, value", [("base_model", "deit_small_patch16_224"), ("pretrained_tag", "x"),
-                                          ("training_recipe", {"lr": 1.0})])
+@pytest.mark.parametrize(
+    "field, value",
+    [("base_model", "deit_small_patch16_224"), ("pretrained_tag", "x"), ("training_recipe", {"lr": 1.0})],
+)
 def test_every_config_json_field_must_match_the_embedded_config(saved, field, value):
     _edit_config_json(saved, **{field: value})
     with pytest.raises(ValueError, match=rf"disagrees.*{field}"):
@@ -313,6 +328,7 @@ def test_scale_out_of_bounds_is_refused(saved, scale):
         cfg = json.loads(meta["tocom_config"])
         cfg["scale"] = scale
         return dict(meta, tocom_config=json.dumps(cfg, sort_keys=True))
+
     _rewrite(saved / WEIGHTS_NAME, metadata=set_scale)
     _edit_config_json(saved, scale=scale)
     with pytest.raises(ValueError, match=rf"{CONFIG_NAME}.*scale must be a finite number in \[0, 100\]"):
@@ -380,16 +396,19 @@ def test_files_whose_checksum_covers_only_the_tensors_still_load(saved, bank):
         ToComBank.from_pretrained(saved)
 
 
-@pytest.mark.parametrize("content, match", [
-    (b"\xff\xfe{\x00}\x00", "not UTF-8"),
-    (b"[" * 100_000 + b"]" * 100_000, "nested"),
-    (json.dumps({"embed_dim": 64, "depth": 3, "num_heads": 2, "base_model": 5}).encode(), "base_model"),
-    (json.dumps({"embed_dim": 64, "depth": 3, "num_heads": 2, "targets": 5}).encode(), "invalid ToCom config"),
-    (json.dumps({"embed_dim": 64, "depth": 3, "num_heads": 2, "targets": [["q"]]}).encode(), "targets"),
-    (json.dumps({"embed_dim": 64, "depth": 3, "num_heads": 2, "training_recipe": "x"}).encode(), "training_recipe"),
-    (json.dumps({"embed_dim": 64, "depth": 3, "num_heads": 2, "format_version": True}).encode(), "format version"),
-    (json.dumps({"embed_dim": "64", "depth": 3, "num_heads": 2}).encode(), "embed_dim"),
-])
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        (b"\xff\xfe{\x00}\x00", "not UTF-8"),
+        (b"[" * 100_000 + b"]" * 100_000, "nested"),
+        (json.dumps({"embed_dim": 64, "depth": 3, "num_heads": 2, "base_model": 5}).encode(), "base_model"),
+        (json.dumps({"embed_dim": 64, "depth": 3, "num_heads": 2, "targets": 5}).encode(), "invalid ToCom config"),
+        (json.dumps({"embed_dim": 64, "depth": 3, "num_heads": 2, "targets": [["q"]]}).encode(), "targets"),
+        (json.dumps({"embed_dim": 64, "depth": 3, "num_heads": 2, "training_recipe": "x"}).encode(), "training_recipe"),
+        (json.dumps({"embed_dim": 64, "depth": 3, "num_heads": 2, "format_version": True}).encode(), "format version"),
+        (json.dumps({"embed_dim": "64", "depth": 3, "num_heads": 2}).encode(), "embed_dim"),
+    ],
+)
 def test_bad_config_json_names_the_file(saved, content, match):
     (saved / CONFIG_NAME).write_bytes(content)
     with pytest.raises(ValueError, match=match) as info:
@@ -400,6 +419,7 @@ def test_bad_config_json_names_the_file(saved, content, match):
 def test_bad_embedded_config_names_the_file(saved):
     def nest(meta):
         return dict(meta, tocom_config="[" * 100_000 + "]" * 100_000)
+
     _rewrite(saved / WEIGHTS_NAME, metadata=nest)
     (saved / CONFIG_NAME).unlink()
     with pytest.raises(ValueError, match=rf"{WEIGHTS_NAME}.*nested"):

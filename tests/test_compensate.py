@@ -1,4 +1,5 @@
 """apply / set_target_r / set_pair / remove on patched tiny timm ViTs, against a naive closed form."""
+
 from __future__ import annotations
 
 import copy
@@ -6,11 +7,11 @@ import random
 
 import pytest
 import torch
+from bank_helpers import clone_state, closed_form, random_groups, rel_err, state_hash, weight_rows
+from tiny_models import make_vit
 from torch import nn
 
 import tocom_hub
-from bank_helpers import clone_state, closed_form, random_groups, rel_err, state_hash, weight_rows
-from tiny_models import make_vit
 from tocom_hub import ToComBank, compensate
 from tocom_hub.bank import WEIGHTS_NAME
 
@@ -108,8 +109,10 @@ def test_set_target_r_many_switches_drift(one_thread):
     bank, groups = bank_for(model, r_max=8)
     source = 3
     tocom_hub.apply(model, source, 0, bank=bank)
-    refs = {n: {(b, t): closed_form(original, groups, t, b, source, n, bank.scale)
-                for b in range(2) for t in ("q", "v")} for n in range(9)}
+    refs = {
+        n: {(b, t): closed_form(original, groups, t, b, source, n, bank.scale) for b in range(2) for t in ("q", "v")}
+        for n in range(9)
+    }
     rng = random.Random(0)
     worst = 0.0
     for i in range(10_000):
@@ -184,7 +187,11 @@ def _bad_cases(tmp_path):
     raw[-3] ^= 0x01
     (tampered / WEIGHTS_NAME).write_bytes(bytes(raw))
     return {
-        "embed_dim": (dict(bank=bank_for(make_vit("cls_token", embed_dim=96, num_heads=2))[0]), ValueError, "embed_dim 96"),
+        "embed_dim": (
+            dict(bank=bank_for(make_vit("cls_token", embed_dim=96, num_heads=2))[0]),
+            ValueError,
+            "embed_dim 96",
+        ),
         "depth": (dict(bank=bank_for(fresh(depth=2))[0]), ValueError, "depth 2"),
         "num_heads": (dict(bank=bank_for(make_vit("cls_token", num_heads=4))[0]), ValueError, "num_heads 4"),
         "bank_method": (dict(bank=bank_for(good, method="evit")[0], method="tome"), ValueError, "evit"),
@@ -302,9 +309,9 @@ def test_unmerged_gradients_reach_every_bank_parameter():
         for p in (bank.A[t], bank.B[t]):
             assert p.grad is not None  # DDP needs a gradient (zero or not) for every parameter
         ga, gb = bank.A[t].grad, bank.B[t].grad
-        assert ga[:, :, 1 * h:4 * h].abs().sum() > 0 and gb[:, 1 * h:4 * h].abs().sum() > 0
-        assert not ga[:, :, :h].any() and not ga[:, :, 4 * h:].any()  # inactive groups: zero
-        assert not gb[:, :h].any() and not gb[:, 4 * h:].any()
+        assert ga[:, :, 1 * h : 4 * h].abs().sum() > 0 and gb[:, 1 * h : 4 * h].abs().sum() > 0
+        assert not ga[:, :, :h].any() and not ga[:, :, 4 * h :].any()  # inactive groups: zero
+        assert not gb[:, :h].any() and not gb[:, 4 * h :].any()
     assert all(torch.equal(v, original[k]) for k, v in model.state_dict().items())
 
 
@@ -356,7 +363,7 @@ def test_fp16_model_accumulates_in_fp32():
             w = weight_rows(model, b, t)
             assert w.dtype == torch.float16
             ref = closed_form(original, groups, t, b, 0, 6, bank.scale).half()
-            assert (w.float() - ref.float()).abs().max() <= 2 ** -10 * ref.float().abs().max()
+            assert (w.float() - ref.float()).abs().max() <= 2**-10 * ref.float().abs().max()
     for r in (2, 6, 0, 4):
         tocom_hub.set_target_r(model, r)
     tocom_hub.remove(model)
@@ -372,7 +379,7 @@ def test_model_converted_after_apply():
     tocom_hub.set_target_r(model, 3)
     for b in range(3):
         ref = closed_form(original, groups, "q", b, 0, 3, bank.scale).half().float()
-        assert (weight_rows(model, b, "q").float() - ref).abs().max() <= 2 ** -10 * ref.abs().max()
+        assert (weight_rows(model, b, "q").float() - ref).abs().max() <= 2**-10 * ref.abs().max()
     tocom_hub.remove(model)
     w0_half = fresh().half().state_dict()
     assert all(torch.equal(v, w0_half[k]) for k, v in model.state_dict().items())
@@ -503,8 +510,11 @@ def test_bank_for_another_backbone_of_the_same_shape_is_refused():
     bank, groups = bank_for(vit)
     assert bank.config.base_model == "vit_tiny_patch16_224"
     before = state_hash(deit)
-    with pytest.raises(ValueError, match=r"trained for vit_tiny_patch16_224.*model is deit_tiny_patch16_224.*"
-                                         r"ignore_base_model=True"):
+    with pytest.raises(
+        ValueError,
+        match=r"trained for vit_tiny_patch16_224.*model is deit_tiny_patch16_224.*"
+        r"ignore_base_model=True",
+    ):
         tocom_hub.apply(deit, 0, 4, bank=bank)
     assert state_hash(deit) == before and not tocom_hub.is_patched(deit)
     original = clone_state(deit)

@@ -1,5 +1,6 @@
 """torch.compile on patched models: one graph per r (fullgraph), no recompiles when cycling among
 warmed-up r values, eager outputs, and in-place weight changes (a merged ToCom bank) seen by the graph."""
+
 import copy
 
 import pytest

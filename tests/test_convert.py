@@ -1,4 +1,5 @@
 """convert_official: a checkpoint built here in the official layout gives the official formula's outputs."""
+
 from __future__ import annotations
 
 import collections
@@ -6,9 +7,9 @@ import warnings
 
 import pytest
 import torch
+from tiny_models import make_vit
 
 import tocom_hub
-from tiny_models import make_vit
 from tocom_hub import convert_official
 
 K, H, D, DEPTH = 16, 2, 64, 3  # official layout: inner dim 16·h
@@ -30,7 +31,7 @@ def official_mask(m, n):
     mask = torch.zeros(K * H)
     lo, hi = min(m, n), max(m, n)
     for g in range(lo, hi):
-        mask[K * H - H * (g + 1):K * H - H * g] = 1.0 if n > m else -1.0
+        mask[K * H - H * (g + 1) : K * H - H * g] = 1.0 if n > m else -1.0
     return mask
 
 
@@ -49,8 +50,9 @@ def official_forward(sd, m, n, s, x):
                     continue
                 down = sd[f"blocks.{i}.attn.{t}_tocom.adapter_down.weight"]
                 up = sd[f"blocks.{i}.attn.{t}_tocom.adapter_up.weight"]
-                out[..., j * D:(j + 1) * D] += s * ((inp @ down.t()) * mask) @ up.t()
+                out[..., j * D : (j + 1) * D] += s * ((inp @ down.t()) * mask) @ up.t()
             return out
+
         return hook
 
     for i, blk in enumerate(model.blocks):
@@ -68,8 +70,15 @@ def test_config_and_deltas(tmp_path):
     sd = official_state()
     bank = convert_official(save(sd, tmp_path / "tocom.pth"), num_heads=2)
     cfg = bank.config
-    assert (cfg.r_max, cfg.rank, cfg.depth, cfg.embed_dim, cfg.num_heads, cfg.targets, cfg.method) == \
-        (16, 2, 3, 64, 2, ("q", "v"), "tome")
+    assert (cfg.r_max, cfg.rank, cfg.depth, cfg.embed_dim, cfg.num_heads, cfg.targets, cfg.method) == (
+        16,
+        2,
+        3,
+        64,
+        2,
+        ("q", "v"),
+        "tome",
+    )
     for i in range(DEPTH):
         for t in ("q", "v"):
             down = sd[f"blocks.{i}.attn.{t}_tocom.adapter_down.weight"].double()
@@ -99,8 +108,9 @@ def test_wrapped_and_prefixed_checkpoint(tmp_path):
     sd = official_state(seed=2, prefix="module.")
     sd["module.head.weight"] = torch.zeros(10, D)  # backbone tensors are ignored
     ckpt = {"model": collections.OrderedDict(sd), "epoch": 9}
-    bank = convert_official(save(ckpt, tmp_path / "ckpt.pth"), num_heads=2, method="evit", scale=0.05,
-                            base_model="vit_tiny_patch16_224")
+    bank = convert_official(
+        save(ckpt, tmp_path / "ckpt.pth"), num_heads=2, method="evit", scale=0.05, base_model="vit_tiny_patch16_224"
+    )
     assert bank.method == "evit" and bank.scale == 0.05 and bank.config.base_model == "vit_tiny_patch16_224"
     plain = convert_official(save(official_state(seed=2), tmp_path / "plain.pth"), num_heads=2)
     for t in ("q", "v"):
@@ -135,8 +145,9 @@ def test_errors(tmp_path):
     with pytest.raises(ValueError, match="no 'blocks"):
         convert_official(save({"x": torch.zeros(1)}, tmp_path / "c.pth"), num_heads=2)
     with pytest.raises(ValueError, match="unexpected ToCom tensor"):
-        convert_official(save(dict(sd, **{"blocks.0.attn.q_tocom.scale": torch.ones(1)}), tmp_path / "d.pth"),
-                         num_heads=2)
+        convert_official(
+            save(dict(sd, **{"blocks.0.attn.q_tocom.scale": torch.ones(1)}), tmp_path / "d.pth"), num_heads=2
+        )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with pytest.raises(ValueError, match="weights-only"):

@@ -1,5 +1,6 @@
 """The embedded study demo (tocom_hub/assets/study): it loads through the public paths, the bank fits the
 backbone, and re-evaluating the shipped files reproduces the numbers the study committed."""
+
 from __future__ import annotations
 
 import json
@@ -96,8 +97,18 @@ def test_quickstart_runs_at_a_small_setting_and_explains_its_numbers(tmp_path):
     """README command 1 end to end on 40 test images: the table, the legend and the JSON with intervals.
     (The full-size numbers are checked through the library above; nothing here depends on wall time.)"""
     out = tmp_path / "q.json"
-    cmd = [sys.executable, str(ROOT / "examples" / "quickstart.py"), "--limit", "40", "--batch-size", "20",
-           "--targets", "0,8", "--json", str(out)]
+    cmd = [
+        sys.executable,
+        str(ROOT / "examples" / "quickstart.py"),
+        "--limit",
+        "40",
+        "--batch-size",
+        "20",
+        "--targets",
+        "0,8",
+        "--json",
+        str(out),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=str(ROOT), timeout=3600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     R = demo_info()["R"]
@@ -117,6 +128,11 @@ def test_quickstart_runs_at_a_small_setting_and_explains_its_numbers(tmp_path):
 
 
 def test_quickstart_rejects_targets_outside_the_bank():
-    proc = subprocess.run([sys.executable, str(ROOT / "examples" / "quickstart.py"), "--targets", "0,99"],
-                          capture_output=True, text=True, cwd=str(ROOT), timeout=3600)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "quickstart.py"), "--targets", "0,99"],
+        capture_output=True,
+        text=True,
+        cwd=str(ROOT),
+        timeout=3600,
+    )
     assert proc.returncode != 0 and "--targets" in proc.stderr

@@ -1,4 +1,5 @@
 """benchmarks/gpu.py runs on the CPU at small sizes and writes valid JSON + markdown (no timing asserts)."""
+
 import importlib.util
 import json
 from pathlib import Path
@@ -21,9 +22,31 @@ def test_gpu_benchmark_small_cpu_run_writes_json_and_markdown(tmp_path):
     real = (patch_module.bipartite_soft_matching, patch_module.merge_wavg, patch_module.FOLD_BIAS_DEVICES)
     out, md = tmp_path / "gpu.json", tmp_path / "gpu.md"
     try:
-        bench.main(["--small", "--device", "cpu", "--compile-backend", "eager", "--rounds", "1", "--iters", "1",
-                    "--iters-b1", "1", "--batch-sizes", "2", "--r", "0,3", "--only", "check,eager,compiled",
-                    "--json", str(out), "--markdown", str(md)])
+        bench.main(
+            [
+                "--small",
+                "--device",
+                "cpu",
+                "--compile-backend",
+                "eager",
+                "--rounds",
+                "1",
+                "--iters",
+                "1",
+                "--iters-b1",
+                "1",
+                "--batch-sizes",
+                "2",
+                "--r",
+                "0,3",
+                "--only",
+                "check,eager,compiled",
+                "--json",
+                str(out),
+                "--markdown",
+                str(md),
+            ]
+        )
     finally:
         torch._dynamo.reset()
     result = json.loads(out.read_text())
@@ -32,8 +55,15 @@ def test_gpu_benchmark_small_cpu_run_writes_json_and_markdown(tmp_path):
     check = sections["check"][0]
     assert check["r0_vs_plain"] == 0.0 and check["tome_fold_vs_mask"] <= 1e-5
     eager = {(row["method"], row["r"]): row for row in sections["eager"]}
-    expected = {("plain", 0), ("tome", 0), ("tome", 3), ("evit", 3), ("tome-ceiling", 3), ("tome-noprop", 3),
-                ("tome-mask", 3)}
+    expected = {
+        ("plain", 0),
+        ("tome", 0),
+        ("tome", 3),
+        ("evit", 3),
+        ("tome-ceiling", 3),
+        ("tome-noprop", 3),
+        ("tome-mask", 3),
+    }
     assert set(eager) == expected
     assert eager[("plain", 0)]["speedup"] == 1.0
     assert all(row["ms"] > 0 and len(row["range"]) == 2 for row in eager.values())

@@ -6,6 +6,7 @@ conftest.py); nothing in huggingface_hub is patched. Online calls run in-process
 Expected values come from independent sources: the files we committed, a naive per-group loop for
 the merged weights, the closed-form parameter count, ``os.path.getsize``.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -52,8 +53,9 @@ R_MAX, RANK = 4, 2
 
 def tiny_vit(embed_dim: int = 64, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
-    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, depth=2,
-                             embed_dim=embed_dim, num_heads=2).eval()
+    return timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, img_size=64, depth=2, embed_dim=embed_dim, num_heads=2
+    ).eval()
 
 
 def make_bank(model: torch.nn.Module, seed: int = 0, **config) -> ToComBank:
@@ -96,9 +98,9 @@ def expected_qkv(model: torch.nn.Module, bank: ToComBank, m: int, n: int) -> lis
         d = w.shape[1]
         for t, row in (("q", 0), ("v", 2 * d)):
             for i in range(m, n):
-                a_i = bank.A[t][b][:, i * RANK:(i + 1) * RANK].double()
-                b_i = bank.B[t][b][i * RANK:(i + 1) * RANK].double()
-                w[row:row + d] += bank.config.scale * (a_i @ b_i)
+                a_i = bank.A[t][b][:, i * RANK : (i + 1) * RANK].double()
+                b_i = bank.B[t][b][i * RANK : (i + 1) * RANK].double()
+                w[row : row + d] += bank.config.scale * (a_i @ b_i)
         out.append(w)
     return out
 
@@ -210,12 +212,21 @@ def test_missing_repo_file_revision_and_empty_cache(hub_server, bank_repo, tmp_p
     cache = tmp_path / "cache"
     cases = [
         (dict(repo_id="org/missing"), RepositoryNotFoundError, ["'org/missing'", "not found", "token="]),
-        (dict(repo_id="org/not-a-bank"), RemoteEntryNotFoundError,
-         ["'org/not-a-bank'", "no tocom.safetensors", "'main'", "push_to_hub"]),
-        (dict(repo_id="org/bank", revision="v9"), RevisionNotFoundError,
-         ["'v9'", "'org/bank'", "branches: main", "tags: v1"]),
-        (dict(repo_id="org/bank", local_files_only=True), LocalEntryNotFoundError,
-         ["'org/bank'", "tocom.safetensors", "not in the cache", "local_files_only=True"]),
+        (
+            dict(repo_id="org/not-a-bank"),
+            RemoteEntryNotFoundError,
+            ["'org/not-a-bank'", "no tocom.safetensors", "'main'", "push_to_hub"],
+        ),
+        (
+            dict(repo_id="org/bank", revision="v9"),
+            RevisionNotFoundError,
+            ["'v9'", "'org/bank'", "branches: main", "tags: v1"],
+        ),
+        (
+            dict(repo_id="org/bank", local_files_only=True),
+            LocalEntryNotFoundError,
+            ["'org/bank'", "tocom.safetensors", "not in the cache", "local_files_only=True"],
+        ),
     ]
     for kwargs, cause, parts in cases:
         with pytest.raises(BankNotFoundError) as info:
@@ -227,8 +238,10 @@ def test_missing_repo_file_revision_and_empty_cache(hub_server, bank_repo, tmp_p
             assert part in str(err), (part, str(err))
     # a private repo needs a token; the message says so
     hub_server.add_repo("org/private", private=True)
-    hub_server.commit("org/private", {"tocom.safetensors": (Path(download_bank("org/bank", cache_dir=cache))
-                                                          / "tocom.safetensors").read_bytes()})
+    hub_server.commit(
+        "org/private",
+        {"tocom.safetensors": (Path(download_bank("org/bank", cache_dir=cache)) / "tocom.safetensors").read_bytes()},
+    )
     with pytest.raises(BankNotFoundError, match="private and no valid token"):
         download_bank("org/private", cache_dir=cache)
     assert Path(download_bank("org/private", cache_dir=cache, token=hub_server.token), "tocom.safetensors").is_file()
@@ -300,9 +313,18 @@ def test_push_then_pull_round_trip(hub_server, tmp_path):
     assert {"tocom", "token-merging", "tome", "timm", "vision-transformer"} <= set(card.data.tags)
     assert card.data.datasets == ["imagenet-1k"]
     size = len(files["tocom.safetensors"])
-    for fact in (f"| r range | 0 … {R_MAX} ", f"| LoRA rank | {RANK} |", "| targets | q, v |",
-                 f"| parameters | {n_params():,} |", f"({size:,} bytes", f'bank="org/pushed"',
-                 "| epochs | 10 |", "| 67.9 | 69.9 |", "arXiv", "2408.06798"):
+    for fact in (
+        f"| r range | 0 … {R_MAX} ",
+        f"| LoRA rank | {RANK} |",
+        "| targets | q, v |",
+        f"| parameters | {n_params():,} |",
+        f"({size:,} bytes",
+        'bank="org/pushed"',
+        "| epochs | 10 |",
+        "| 67.9 | 69.9 |",
+        "arXiv",
+        "2408.06798",
+    ):
         assert fact in card.text, fact
 
     cache = tmp_path / "cache"
@@ -406,8 +428,12 @@ def test_bank_none_resolves_through_registry(hub_server, tmp_path, clean_registr
     with pytest.raises(NoBankForModelError) as info:
         tocom_hub.apply(fresh, source_r=0, target_r=R_MAX)
     msg = str(info.value)
-    for part in (TIMM_NAME, "deit_base_patch16_224.fb_in1k → org/deit-bank (tome)", 'bank="org/name"',
-                 "register_bank("):
+    for part in (
+        TIMM_NAME,
+        "deit_base_patch16_224.fb_in1k → org/deit-bank (tome)",
+        'bank="org/name"',
+        "register_bank(",
+    ):
         assert part in msg, part
     assert state_hash(fresh) == before and not tocom_hub.is_patched(fresh)
 
@@ -420,8 +446,7 @@ def test_cli_console_script_info(hub_server, hub_client, bank_repo):
     _, files, sha = bank_repo
     exe = shutil.which("tocom-hub", path=os.path.dirname(sys.executable))
     cmd = [exe] if exe else [sys.executable, "-m", "tocom_hub"]
-    proc = subprocess.run(cmd + ["info", "org/bank"], env=hub_client.env(), capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(cmd + ["info", "org/bank"], env=hub_client.env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     lines = {line.split("  ", 1)[0]: line.split("  ", 1)[1].strip() for line in proc.stdout.splitlines()}
     assert lines["r range"].startswith(f"0-{R_MAX}")
@@ -445,8 +470,10 @@ def test_cli_in_process(hub_server, bank_repo, tmp_path, capsys):
     assert facts["r_max"] == R_MAX and facts["rank"] == RANK and facts["targets"] == ["q", "v"]
     assert facts["num_parameters"] == n_params() and facts["size_bytes"] == len(files["tocom.safetensors"])
 
-    assert cli.main(["push", folder, "org/cli-pushed", "--commit-message", "from the CLI",
-                     "--token", hub_server.token]) == 0
+    assert (
+        cli.main(["push", folder, "org/cli-pushed", "--commit-message", "from the CLI", "--token", hub_server.token])
+        == 0
+    )
     assert "org/cli-pushed" in capsys.readouterr().out
     assert set(hub_server.files("org/cli-pushed")) == {"tocom.safetensors", "tocom_config.json", "README.md"}
     assert_same_bank(ToComBank.from_pretrained("org/cli-pushed", cache_dir=cache), bank)
@@ -472,16 +499,20 @@ def test_python_dash_m_entry_point(monkeypatch, capsys):
 # malformed registry files
 
 
-@pytest.mark.parametrize("content, match", [
-    (b"\xff\xfe{\x00}\x00", "not UTF-8"),
-    (b"[" * 100_000 + b"]" * 100_000, "nested"),
-    (json.dumps({"banks": {TIMM_NAME: {"repo_id": "org/reg", "revision": 5}}}).encode(), r"revision 5 \(int\)"),
-    (json.dumps({"banks": {TIMM_NAME: {"repo_id": "org/reg", "method": ["tome"]}}}).encode(), "method"),
-    (json.dumps({"banks": {TIMM_NAME: {"repo_id": 7}}}).encode(), "repo_id"),
-    (json.dumps({"banks": []}).encode(), "'banks' must map"),
-])
-def test_malformed_registry_file_is_named_and_does_not_hide_register_bank(tmp_path, clean_registry, monkeypatch,
-                                                                         content, match):
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        (b"\xff\xfe{\x00}\x00", "not UTF-8"),
+        (b"[" * 100_000 + b"]" * 100_000, "nested"),
+        (json.dumps({"banks": {TIMM_NAME: {"repo_id": "org/reg", "revision": 5}}}).encode(), r"revision 5 \(int\)"),
+        (json.dumps({"banks": {TIMM_NAME: {"repo_id": "org/reg", "method": ["tome"]}}}).encode(), "method"),
+        (json.dumps({"banks": {TIMM_NAME: {"repo_id": 7}}}).encode(), "repo_id"),
+        (json.dumps({"banks": []}).encode(), "'banks' must map"),
+    ],
+)
+def test_malformed_registry_file_is_named_and_does_not_hide_register_bank(
+    tmp_path, clean_registry, monkeypatch, content, match
+):
     from tocom_hub.hub import resolve_bank
 
     registry = tmp_path / "my-registry.json"

@@ -11,15 +11,13 @@ import os
 from pathlib import Path
 
 import pytest
+from hub_server import HubClient, HubServer, git_blob_sha1
 from huggingface_hub import CommitOperationAdd, HfApi, constants, hf_hub_download, snapshot_download
 from huggingface_hub.errors import (
     EntryNotFoundError,
-    LocalEntryNotFoundError,
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
-
-from hub_server import HubClient, HubServer, git_blob_sha1
 
 REPO = "tocom/vit-tiny"
 CONFIG = b'{"architecture": "vit_tiny_patch16_224", "num_classes": 10}'

@@ -1,4 +1,5 @@
 """Merge step and proportional attention: the fast paths against closed forms and the naive reference."""
+
 import copy
 
 import pytest
@@ -24,7 +25,7 @@ def test_sdpa_key_bias_equals_explicit_softmax(dim, fold):
     g = torch.Generator().manual_seed(dim)
     q, k, v = (torch.randn(2, 3, 17, dim, generator=g) for _ in range(3))
     bias = torch.rand(2, 1, 1, 17, generator=g).mul(40).add(1).log()  # log of token sizes 1..41
-    scale = dim ** -0.5
+    scale = dim**-0.5
     out = patch_mod.sdpa_key_bias(q, k, v, bias, scale, fold=fold)
     assert out.shape == v.shape
     assert (out - _explicit_attention(q, k, v, bias, scale)).abs().max() <= 1e-5
@@ -36,7 +37,7 @@ def test_sdpa_key_bias_fold_gradients_match_mask():
     bias = torch.rand(2, 1, 1, 9, generator=g).add(1).log()
     grads = []
     for fold in (True, False):
-        out = patch_mod.sdpa_key_bias(q, k, v, bias, 16 ** -0.5, fold=fold)
+        out = patch_mod.sdpa_key_bias(q, k, v, bias, 16**-0.5, fold=fold)
         grads.append(torch.autograd.grad(out.square().sum(), (q, k, v)))
     for a, b in zip(*grads):
         assert (a - b).abs().max() <= 1e-5
@@ -75,7 +76,7 @@ def _groups(plan, b, num_tokens):
     prefix, fa, fb = plan.num_prefix, plan.first_a, plan.first_b
     a_pos, b_pos = list(range(fa, num_tokens, 2)), list(range(fb, num_tokens, 2))
     groups = [[p] for p in range(prefix)]
-    groups += [[a_pos[i]] for i in plan.a_idx[b, plan.r:].tolist()]
+    groups += [[a_pos[i]] for i in plan.a_idx[b, plan.r :].tolist()]
     out_b = [[p] for p in b_pos]
     for i, j in zip(plan.a_idx[b, : plan.r].tolist(), plan.dst_idx[b].tolist()):
         out_b[j].append(a_pos[i])

@@ -1,14 +1,15 @@
 """The patcher against plain timm (r=0) and against the naive loop reference (r>0)."""
+
 import copy
 import pickle
 
 import pytest
 import torch
+from reference import reference_forward
 from timm.models.vision_transformer import Block, ParallelScalingBlock, ResPostBlock, VisionTransformer
+from tiny_models import SUPPORTED, make_timm, make_vit, num_tokens
 
 import tocom_hub
-from reference import reference_forward
-from tiny_models import SUPPORTED, make_timm, make_vit, num_tokens
 
 X = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(1))
 
@@ -46,8 +47,15 @@ def test_r0_equals_plain_timm_train_mode(variant):
     assert (out - ref).abs().max() <= 1e-5
 
 
-@pytest.mark.parametrize("name", ["deit_tiny_patch16_224", "deit_tiny_distilled_patch16_224",
-                                  "deit3_small_patch16_224", "vit_small_patch14_reg4_dinov2"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "deit_tiny_patch16_224",
+        "deit_tiny_distilled_patch16_224",
+        "deit3_small_patch16_224",
+        "vit_small_patch14_reg4_dinov2",
+    ],
+)
 def test_r0_equals_plain_registered_models(name):
     plain = make_timm(name)
     patched = tocom_hub.patch(copy.deepcopy(plain))

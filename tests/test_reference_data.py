@@ -1,4 +1,5 @@
 """Agreement with the published reference ToMe (numbers in ../shared/testdata, no code)."""
+
 import json
 from pathlib import Path
 
@@ -28,7 +29,7 @@ def test_logits_and_sources_match_reference_tome(reference, tag, fused):
     tensors, models, kwargs = reference
     model = timm.create_model(models[tag], pretrained=False, **kwargs).eval()
     prefix = f"{tag}.model."
-    model.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+    model.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
     for blk in model.blocks:
         blk.attn.fused_attn = fused
     x = tensors["x"]

@@ -1,5 +1,6 @@
 """The study datasets (tocom_hub/data.py): determinism, balance, split separation, and labels checked
 against independent constructions (a jigsaw item un-shuffled by hand, discs found by thresholding)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -35,8 +36,8 @@ def test_jigsaw_label_is_the_quadrant_permutation():
     identity = perms.index((0, 1, 2, 3))
     for label_perm in (5, 17, 23):
         seed = np.random.SeedSequence(1234)
-        plain = ds.render(np.random.default_rng(seed), identity)            # photo 0, not shuffled
-        mixed = ds.render(np.random.default_rng(seed), label_perm)          # same crop, shuffled
+        plain = ds.render(np.random.default_rng(seed), identity)  # photo 0, not shuffled
+        mixed = ds.render(np.random.default_rng(seed), label_perm)  # same crop, shuffled
         q = 16
         tiles = [plain[:q, :q], plain[:q, q:], plain[q:, :q], plain[q:, q:]]
         got = [mixed[:q, :q], mixed[:q, q:], mixed[q:, :q], mixed[q:, q:]]
@@ -83,10 +84,12 @@ def test_shape_location_disc_lies_in_the_labelled_cell(label):
 def test_textures_classes_differ_in_statistics():
     ds = D.build_dataset("textures", "train", 32, length=8)
     imgs = [np.asarray(ds[i][0], np.float32).mean(axis=2) for i in range(8)]
+
     # stripes: a single orientation → the spectrum concentrates on one line; noise: flat spectrum
     def peakiness(x):
         f = np.abs(np.fft.fft2(x - x.mean()))
         return f.max() / f.mean()
+
     assert peakiness(imgs[ds.classes.index("stripes")]) > 3 * peakiness(imgs[ds.classes.index("noise")])
 
 
@@ -97,8 +100,7 @@ def test_training_scripts_evaluate_the_split_they_are_asked_for():
     from tocom_hub.training import common
 
     def first(split):
-        ns = argparse.Namespace(data="shape-count", data_dir=None, train_split="train", val_split=split,
-                                batch_size=8)
+        ns = argparse.Namespace(data="shape-count", data_dir=None, train_split="train", val_split=split, batch_size=8)
         _, val, _ = common.build_datasets(ns, "shape-count", 32, val_length=4)
         return np.asarray(val[0][0])
 

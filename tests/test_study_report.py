@@ -1,5 +1,6 @@
 """benchmarks/study: the per-task summary, the average / gap-closed arithmetic and the reports, on
 hand-made evaluate.py outputs whose answers are known."""
+
 from __future__ import annotations
 
 import json
@@ -21,8 +22,10 @@ def _eval(no, tc):
 
 def test_summarise_means_over_seeds_and_reads_the_right_cells():
     R = 2
-    runs = {"0": [_eval([80, 78, 70], [80, 79, 74]), _eval([82, 80, 72], [82, 81, 76])],
-            "2": [_eval([75, 76, 77], [78, 77, 77]), _eval([77, 78, 79], [80, 79, 79])]}
+    runs = {
+        "0": [_eval([80, 78, 70], [80, 79, 74]), _eval([82, 80, 72], [82, 81, 76])],
+        "2": [_eval([75, 76, 77], [78, 77, 77]), _eval([77, 78, 79], [80, 79, 79])],
+    }
     s = study.summarise(runs, R, {"0": "0.1", "2": "0.1"})
     assert s["src0_tgt0"] == 81
     assert s["src0_tgtR"] == {"no_tocom": 71, "tocom": 75}
@@ -36,8 +39,12 @@ def test_summarise_means_over_seeds_and_reads_the_right_cells():
 
 
 def test_average_has_no_gap_closed_without_a_gap():
-    s = {"src0_tgt0": 80, "src0_tgtR": {"no_tocom": 79, "tocom": 79.5}, "srcR_tgtR": 78,
-         "srcR_tgt0": {"no_tocom": 77, "tocom": 78}}
+    s = {
+        "src0_tgt0": 80,
+        "src0_tgtR": {"no_tocom": 79, "tocom": 79.5},
+        "srcR_tgtR": 78,
+        "srcR_tgt0": {"no_tocom": 77, "tocom": 78},
+    }
     assert study.average({"a": s})["gap_closed"] is None
 
 
@@ -45,16 +52,34 @@ def test_reports_render(tmp_path):
     R = 2
     runs = {"0": [_eval([80, 78, 70], [80, 79, 74])], "2": [_eval([75, 76, 77], [78, 77, 77])]}
     per_task = {"count": {**study.summarise(runs, R, {"0": "0.1", "2": "0.1"}), "scale": {"0": 0.1, "2": 0.1}}}
-    result = {"R": R, "seeds": [0], "scale_grid": [0.1], "demo_task": "count", "corpus": "c", "model": "m",
-              "kinds": {"count": "structured"}, "pretrained": {"top1": {"0": 70.0, "2": 66.0}, "drop_at_R": 4.0},
-              "bank": {"kd": "features", "heldout_kl_no_bank": 0.2, "heldout_kl_with_bank": 0.1,
-                       "heldout_pairs": [[0, 2]], "heldout_metric": "L1"},
-              "tasks": per_task, "average": study.average(per_task), "total_runtime_s": 60.0,
-              "machine": {"cpus": 2}, "command": "python benchmarks/study/run.py"}
+    result = {
+        "R": R,
+        "seeds": [0],
+        "scale_grid": [0.1],
+        "demo_task": "count",
+        "corpus": "c",
+        "model": "m",
+        "kinds": {"count": "structured"},
+        "pretrained": {"top1": {"0": 70.0, "2": 66.0}, "drop_at_R": 4.0},
+        "bank": {
+            "kd": "features",
+            "heldout_kl_no_bank": 0.2,
+            "heldout_kl_with_bank": 0.1,
+            "heldout_pairs": [[0, 2]],
+            "heldout_metric": "L1",
+        },
+        "tasks": per_task,
+        "average": study.average(per_task),
+        "total_runtime_s": 60.0,
+        "machine": {"cpus": 2},
+        "command": "python benchmarks/study/run.py",
+    }
     report.write_reports(result, tmp_path)
     md = (tmp_path / "study.md").read_text()
-    assert ("| count | structured | 80.00 | 70.00 | 74.00 (+4.00, s=0.1; seeds +4.00) | 77.00 | 57 % | 75.00 "
-            "| 78.00 (+3.00, s=0.1; seeds +3.00) |") in md
+    assert (
+        "| count | structured | 80.00 | 70.00 | 74.00 (+4.00, s=0.1; seeds +4.00) | 77.00 | 57 % | 75.00 "
+        "| 78.00 (+3.00, s=0.1; seeds +3.00) |"
+    ) in md
     assert "(-50.0 %)" in md
     assert json.loads((tmp_path / "study.json").read_text())["R"] == R
     assert (tmp_path / "study.png").stat().st_size > 1000
@@ -77,19 +102,35 @@ def test_a_finished_stage_is_reused_only_with_the_same_arguments(tmp_path):
 
 def test_table_shows_per_seed_changes_and_the_demo_row_with_its_interval():
     R = 2
-    runs = {"0": [_eval([80, 78, 70], [80, 79, 74]), _eval([82, 80, 72], [82, 81, 73])],
-            "2": [_eval([75, 76, 77], [78, 77, 77]), _eval([77, 78, 79], [76, 79, 79])]}
+    runs = {
+        "0": [_eval([80, 78, 70], [80, 79, 74]), _eval([82, 80, 72], [82, 81, 73])],
+        "2": [_eval([75, 76, 77], [78, 77, 77]), _eval([77, 78, 79], [76, 79, 79])],
+    }
     per_task = {"count": {**study.summarise(runs, R, {"0": "0.1", "2": "0.1"}), "scale": {"0": 0.1, "2": 0.2}}}
-    demo = {"task": "count", "src0_tgt0": 80.5, "src0_tgtR": {"no_tocom": 71.0, "tocom": 73.5, "ci95": [-0.4, 5.1]},
-            "srcR_tgtR": 78.0, "srcR_tgt0": {"no_tocom": 76.0, "tocom": 77.0, "ci95": [0.2, 1.9]}}
-    result = {"R": R, "tasks": per_task, "kinds": {"count": "structured"}, "demo": demo,
-              "average": study.average(per_task)}
+    demo = {
+        "task": "count",
+        "src0_tgt0": 80.5,
+        "src0_tgtR": {"no_tocom": 71.0, "tocom": 73.5, "ci95": [-0.4, 5.1]},
+        "srcR_tgtR": 78.0,
+        "srcR_tgt0": {"no_tocom": 76.0, "tocom": 77.0, "ci95": [0.2, 1.9]},
+    }
+    result = {
+        "R": R,
+        "tasks": per_task,
+        "kinds": {"count": "structured"},
+        "demo": demo,
+        "average": study.average(per_task),
+    }
     lines = report.table(result).splitlines()
     # seeds: 74-70 = +4 and 73-72 = +1 (mean +2.5); 78-75 = +3 and 76-77 = -1 (mean +1)
-    assert lines[2] == ("| count | structured | 81.00 | 71.00 | 73.50 (+2.50, s=0.1; seeds +4.00, +1.00) | 78.00 "
-                        "| 36 % | 76.00 | 77.00 (+1.00, s=0.2; seeds +3.00, −1.00) |")
-    assert lines[3] == ("| count, shipped files | quickstart | 80.50 | 71.00 | 73.50 (+2.50 [−0.40, +5.10], s=0.1) "
-                        "| 78.00 | 36 % | 76.00 | 77.00 (+1.00 [+0.20, +1.90], s=0.2) |")
+    assert lines[2] == (
+        "| count | structured | 81.00 | 71.00 | 73.50 (+2.50, s=0.1; seeds +4.00, +1.00) | 78.00 "
+        "| 36 % | 76.00 | 77.00 (+1.00, s=0.2; seeds +3.00, −1.00) |"
+    )
+    assert lines[3] == (
+        "| count, shipped files | quickstart | 80.50 | 71.00 | 73.50 (+2.50 [−0.40, +5.10], s=0.1) "
+        "| 78.00 | 36 % | 76.00 | 77.00 (+1.00 [+0.20, +1.90], s=0.2) |"
+    )
     assert lines[4].startswith("| **average** |")
     note = report.intervals_note(result)
     assert "one of them contains 0" in note and "5.5 and 1.7 points" in note
@@ -101,8 +142,7 @@ def test_readme_tables_are_the_committed_json(tmp_path):
     sys.path.insert(0, str(STUDY.parent))
     import render_readme
 
-    assert [render_readme.stale(f) for f in render_readme.FILES] == [[], []], \
-        "run python benchmarks/render_readme.py"
+    assert [render_readme.stale(f) for f in render_readme.FILES] == [[], []], "run python benchmarks/render_readme.py"
     readme = (STUDY.parents[1] / "README.md").read_text()
     demo = json.loads((STUDY.parents[1] / "tocom_hub" / "assets" / "study" / "demo.json").read_text())
     got = demo["committed"]["src0_tgtR"]

@@ -5,6 +5,7 @@ patches, depth 2, width 64). Expected values come from independent sources: a na
 over plain timm, the LoRA closed form written out with the raw bank tensors, the token-count
 closed form ``N - depth·r``, pixel counting in the PNG, and a fake clock whose cost model is known.
 """
+
 from __future__ import annotations
 
 import json
@@ -63,7 +64,9 @@ def files(tmp_path_factory):
     for c in ("ant", "bee", "cat"):
         (root / "data" / "val" / c).mkdir(parents=True)
         for i in range(3):
-            Image.fromarray(rng.integers(0, 256, (48, 56, 3), dtype=np.uint8)).save(root / "data" / "val" / c / f"{i}.png")
+            Image.fromarray(rng.integers(0, 256, (48, 56, 3), dtype=np.uint8)).save(
+                root / "data" / "val" / c / f"{i}.png"
+            )
     Image.fromarray(rng.integers(0, 256, (90, 120, 3), dtype=np.uint8)).save(root / "img.png")
     return root
 
@@ -104,9 +107,9 @@ def reference_top1(model, data_dir, r=None, bank=None, source_r=0, scale=0.1):
             for b, blk in enumerate(model.blocks):
                 for t, row in (("q", 0), ("v", 2)):
                     for g in range(source_r, r):
-                        up = bank.A[t][b][:, g * h:(g + 1) * h]
-                        down = bank.B[t][b][g * h:(g + 1) * h]
-                        blk.attn.qkv.weight[row * d:(row + 1) * d] += scale * up @ down
+                        up = bank.A[t][b][:, g * h : (g + 1) * h]
+                        down = bank.B[t][b][g * h : (g + 1) * h]
+                        blk.attn.qkv.weight[row * d : (row + 1) * d] += scale * up @ down
     if r:
         tocom_hub.patch(model)
         tocom_hub.set_r(model, r)
@@ -120,9 +123,28 @@ def reference_top1(model, data_dir, r=None, bank=None, source_r=0, scale=0.1):
 
 def test_eval_with_and_without_bank_writes_json_and_png(files, tmp_path, capsys):
     out_json, out_png = tmp_path / "eval.json", tmp_path / "plots" / "eval.png"
-    code, out, err = run(["eval", "--model", files / "model", "--data", files / "data", "--target-r", "0,4,8",
-                          "--bank", files / "bank", "--batch-size", "4", "--workers", "0",
-                          "--json", out_json, "--plot", out_png], capsys)
+    code, out, err = run(
+        [
+            "eval",
+            "--model",
+            files / "model",
+            "--data",
+            files / "data",
+            "--target-r",
+            "0,4,8",
+            "--bank",
+            files / "bank",
+            "--batch-size",
+            "4",
+            "--workers",
+            "0",
+            "--json",
+            out_json,
+            "--plot",
+            out_png,
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert "top-1 +ToCom" in out and "img/s plain" in out
     result = json.loads(out_json.read_text())
@@ -132,8 +154,12 @@ def test_eval_with_and_without_bank_writes_json_and_png(files, tmp_path, capsys)
     for (r, with_bank), row in rows.items():
         assert row["tokens"] == 1 + PATCHES - DEPTH * r  # class token + patches left
         assert row["images_per_s"] > 0
-        want = reference_top1(load_model(str(files / "model"))[0], files / "data", r=r,
-                              bank=ToComBank.from_pretrained(files / "bank") if with_bank else None)
+        want = reference_top1(
+            load_model(str(files / "model"))[0],
+            files / "data",
+            r=r,
+            bank=ToComBank.from_pretrained(files / "bank") if with_bank else None,
+        )
         assert row["top1"] == pytest.approx(want), (r, with_bank)
     with Image.open(out_png) as img:
         assert img.format == "PNG" and img.size[0] >= 800
@@ -167,9 +193,30 @@ def test_evaluate_runs_the_source_r_forward_once_for_both_rows(files):
 
 def test_eval_timm_name_with_model_kwargs(files, tmp_path, capsys):
     out_json = tmp_path / "e.json"
-    code, out, err = run(["eval", "--model", NAME, "--model-kwargs", KW, "--data", files / "data", "--target-r", "0-2",
-                          "--limit", "5", "--batch-size", "2", "--workers", "0", "--method", "evit",
-                          "--json", out_json], capsys)
+    code, out, err = run(
+        [
+            "eval",
+            "--model",
+            NAME,
+            "--model-kwargs",
+            KW,
+            "--data",
+            files / "data",
+            "--target-r",
+            "0-2",
+            "--limit",
+            "5",
+            "--batch-size",
+            "2",
+            "--workers",
+            "0",
+            "--method",
+            "evit",
+            "--json",
+            out_json,
+        ],
+        capsys,
+    )
     assert code == 0, err
     result = json.loads(out_json.read_text())
     assert result["images"] == 5 and result["method"] == "evit" and result["bank"] is None
@@ -183,15 +230,37 @@ def test_eval_timm_name_with_model_kwargs(files, tmp_path, capsys):
 
 def test_bench_prints_table_and_json(files, tmp_path, capsys):
     out_json = tmp_path / "bench.json"
-    code, out, err = run(["bench", "--model", NAME, "--model-kwargs", KW, "--r", "0,8,16", "--batch", "2",
-                          "--iters", "3", "--warmup", "1", "--json", out_json], capsys)
+    code, out, err = run(
+        [
+            "bench",
+            "--model",
+            NAME,
+            "--model-kwargs",
+            KW,
+            "--r",
+            "0,8,16",
+            "--batch",
+            "2",
+            "--iters",
+            "3",
+            "--warmup",
+            "1",
+            "--json",
+            out_json,
+        ],
+        capsys,
+    )
     assert code == 0, err
     lines = out.splitlines()
     header = next(line for line in lines if "median ms" in line)
     assert all(col in header for col in ("p90 ms", "images/s", "speed-up", "tokens"))
     table = [line.split() for line in lines if line.startswith(("timm", "tome"))]
-    assert [row[:3] for row in table] == [["timm", "-", "65"], ["tome", "0", "65"], ["tome", "8", "49"],
-                                          ["tome", "16", "33"]]
+    assert [row[:3] for row in table] == [
+        ["timm", "-", "65"],
+        ["tome", "0", "65"],
+        ["tome", "8", "49"],
+        ["tome", "16", "33"],
+    ]
     result = json.loads(out_json.read_text())
     assert [len(r["samples"]) for r in result["rows"]] == [3] * 4
     assert result["rows"][0]["speedup"] == 1.0
@@ -211,12 +280,36 @@ def test_bench_table_says_noisy_rerun_when_iterations_disagree():
     from tocom_hub.benchmark import format_table
 
     def result(spread):
-        row = {"config": "tome", "r": 8, "tokens": 49, "median_ms": 10.0, "p90_ms": 12.0, "images_per_s": 200.0,
-               "speedup": 1.4, "speedup_range": [1.4 - spread, 1.4 + spread], "noisy": 2 * spread > 0.25 * 1.4}
-        base = {"config": "timm", "r": None, "tokens": 65, "median_ms": 14.0, "p90_ms": 15.0, "images_per_s": 140.0,
-                "speedup": 1.0}
-        return {"batch_size": 2, "input_size": [64, 64], "device": "cpu", "dtype": "float32", "threads": 1,
-                "iters": 9, "rows": [base, row], "noisy": row["noisy"]}
+        row = {
+            "config": "tome",
+            "r": 8,
+            "tokens": 49,
+            "median_ms": 10.0,
+            "p90_ms": 12.0,
+            "images_per_s": 200.0,
+            "speedup": 1.4,
+            "speedup_range": [1.4 - spread, 1.4 + spread],
+            "noisy": 2 * spread > 0.25 * 1.4,
+        }
+        base = {
+            "config": "timm",
+            "r": None,
+            "tokens": 65,
+            "median_ms": 14.0,
+            "p90_ms": 15.0,
+            "images_per_s": 140.0,
+            "speedup": 1.0,
+        }
+        return {
+            "batch_size": 2,
+            "input_size": [64, 64],
+            "device": "cpu",
+            "dtype": "float32",
+            "threads": 1,
+            "iters": 9,
+            "rows": [base, row],
+            "noisy": row["noisy"],
+        }
 
     assert "noisy — rerun" not in format_table(result(0.05))
     noisy = format_table(result(0.4))
@@ -258,10 +351,12 @@ def test_help_imports_neither_torch_nor_timm():
     import subprocess
     import sys
 
-    code = ("import sys; from tocom_hub.cli import build_parser; build_parser().format_help(); "
-            "assert 'torch' not in sys.modules and 'timm' not in sys.modules, sorted(sys.modules); "
-            "import tocom_hub, tocom_hub.patch; assert callable(tocom_hub.patch) and tocom_hub.patch.__module__ "
-            "== 'tocom_hub.patch'; assert tocom_hub.ToComBank.__name__ == 'ToComBank'")
+    code = (
+        "import sys; from tocom_hub.cli import build_parser; build_parser().format_help(); "
+        "assert 'torch' not in sys.modules and 'timm' not in sys.modules, sorted(sys.modules); "
+        "import tocom_hub, tocom_hub.patch; assert callable(tocom_hub.patch) and tocom_hub.patch.__module__ "
+        "== 'tocom_hub.patch'; assert tocom_hub.ToComBank.__name__ == 'ToComBank'"
+    )
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -284,9 +379,9 @@ def test_info_prints_recipe_and_results_on_several_lines(files, tmp_path, capsys
 def test_unreachable_hub_is_one_line_without_retries(hub_server, tmp_path, capfd, caplog):
     """Hub down and the bank not cached: one clear line at once, none of huggingface_hub's retry lines
     (it retries such a connection 5 times with back-off) and no traceback; --debug raises the error."""
-    from tocom_hub.hub import BankNotFoundError
-
     import logging
+
+    from tocom_hub.hub import BankNotFoundError
 
     caplog.set_level(logging.INFO, logger="huggingface_hub")
     hub_server.stop()
@@ -346,7 +441,7 @@ def flat_panel_cells(png, info):
     """The colour of every patch cell of the flat panel (and a check that each cell is one colour)."""
     x0, y0, w, h = info["panels"]["groups"]
     with Image.open(png) as img:
-        arr = np.asarray(img.convert("RGB"))[y0:y0 + h, x0:x0 + w]
+        arr = np.asarray(img.convert("RGB"))[y0 : y0 + h, x0 : x0 + w]
     gh, gw = info["grid"]
     cell = info["cell_px"]
     assert (h, w) == (gh * cell, gw * cell)
@@ -355,17 +450,36 @@ def flat_panel_cells(png, info):
     return cells[:, :, 0]
 
 
-@pytest.mark.parametrize("method,r,extra,prefix", [
-    ("tome", 8, {}, 1),
-    ("tome", 0, {}, 1),
-    ("tome", 5, {"reg_tokens": 4}, 5),  # registers are prefix tokens too: never painted
-    ("tome", 7, {"class_token": False, "global_pool": "avg"}, 0),
-    ("evit", 20, {}, 1),
-])
+@pytest.mark.parametrize(
+    "method,r,extra,prefix",
+    [
+        ("tome", 8, {}, 1),
+        ("tome", 0, {}, 1),
+        ("tome", 5, {"reg_tokens": 4}, 5),  # registers are prefix tokens too: never painted
+        ("tome", 7, {"class_token": False, "global_pool": "avg"}, 0),
+        ("evit", 20, {}, 1),
+    ],
+)
 def test_visualize_colour_groups_equal_tokens_left(files, tmp_path, capsys, method, r, extra, prefix):
     png = tmp_path / "merged.png"
-    code, out, err = run(["visualize", "--model", NAME, "--model-kwargs", json.dumps(dict(TINY, **extra)),
-                          "--image", files / "img.png", "--r", r, "--method", method, "-o", png], capsys)
+    code, out, err = run(
+        [
+            "visualize",
+            "--model",
+            NAME,
+            "--model-kwargs",
+            json.dumps(dict(TINY, **extra)),
+            "--image",
+            files / "img.png",
+            "--r",
+            r,
+            "--method",
+            method,
+            "-o",
+            png,
+        ],
+        capsys,
+    )
     assert code == 0, err
     info = json.loads(png.with_suffix(".json").read_text())
     left = PATCHES - DEPTH * r  # closed form: no clamping at these r
@@ -408,17 +522,23 @@ def test_convert_official_checkpoint(tmp_path, capsys):
             sd[f"blocks.{i}.attn.{t}_tocom.adapter_up.weight"] = torch.randn(d, R * h, generator=g)
     torch.save(sd, tmp_path / "official.pth")
     out = tmp_path / "bank"
-    code, stdout, err = run(["convert", tmp_path / "official.pth", "-o", out, "--num-heads", "2",
-                             "--base-model", NAME], capsys)
+    code, stdout, err = run(
+        ["convert", tmp_path / "official.pth", "-o", out, "--num-heads", "2", "--base-model", NAME], capsys
+    )
     assert code == 0, err
     assert "2 blocks" in stdout
     bank = ToComBank.from_pretrained(out)
     assert (bank.r_max, bank.rank, bank.config.num_heads, bank.config.base_model) == (R, h, 2, NAME)
     # official group g -> g+1 sits at inner slice [R·h − h(g+1), R·h − h·g)
     for n in (1, 5, 16):
-        want = sum(sd["blocks.1.attn.v_tocom.adapter_up.weight"][:, R * h - h * (k + 1):R * h - h * k]
-                   @ sd["blocks.1.attn.v_tocom.adapter_down.weight"][R * h - h * (k + 1):R * h - h * k]
-                   for k in range(n)) * 0.1
+        want = (
+            sum(
+                sd["blocks.1.attn.v_tocom.adapter_up.weight"][:, R * h - h * (k + 1) : R * h - h * k]
+                @ sd["blocks.1.attn.v_tocom.adapter_down.weight"][R * h - h * (k + 1) : R * h - h * k]
+                for k in range(n)
+            )
+            * 0.1
+        )
         assert torch.allclose(bank.delta(1, "v", 0, n), want, atol=1e-4)
     code, _, err = run(["convert", tmp_path / "official.pth", "-o", out], capsys)
     assert code == 1 and "--overwrite" in err
@@ -429,8 +549,12 @@ def test_convert_official_checkpoint(tmp_path, capsys):
 
 
 def _eva():
-    return ["--model", "eva02_tiny_patch14_224", "--model-kwargs",
-            json.dumps(dict(img_size=56, depth=2, embed_dim=64, num_heads=2))]
+    return [
+        "--model",
+        "eva02_tiny_patch14_224",
+        "--model-kwargs",
+        json.dumps(dict(img_size=56, depth=2, embed_dim=64, num_heads=2)),
+    ]
 
 
 ERRORS = [
@@ -439,18 +563,31 @@ ERRORS = [
     (["eval", "--model", NAME, "--checkpoint", "{root}/nope.safetensors", "--data", "{root}/data"], 1, "no such file"),
     (["eval", "--model", "{root}/nope_model", "--data", "{root}/data"], 1, "no such file or directory"),
     (["eval", "--model", "{m}", "--data", "{root}/data", "--bank", "{root}/nope_bank"], 1, "does not exist"),
-    (["visualize", "--model", "{m}", "--image", "{root}/nope.jpg", "--r", "4", "-o", "{root}/x.png"], 1, "no such file"),
+    (
+        ["visualize", "--model", "{m}", "--image", "{root}/nope.jpg", "--r", "4", "-o", "{root}/x.png"],
+        1,
+        "no such file",
+    ),
     (["convert", "{root}/nope.pth", "-o", "{root}/out"], 1, "no such file"),
     # bad r
     (["bench", "--model", "{m}", "--r", "0,40"], 1, "r=40 cannot be supported"),
-    (["visualize", "--model", "{m}", "--image", "{root}/img.png", "--r", "33", "-o", "{root}/x.png"], 1,
-     "cannot be supported"),
-    (["eval", "--model", "{m}", "--data", "{root}/data", "--bank", "{root}/bank", "--target-r", "0,9"], 1,
-     "outside the bank's range 0…8"),
+    (
+        ["visualize", "--model", "{m}", "--image", "{root}/img.png", "--r", "33", "-o", "{root}/x.png"],
+        1,
+        "cannot be supported",
+    ),
+    (
+        ["eval", "--model", "{m}", "--data", "{root}/data", "--bank", "{root}/bank", "--target-r", "0,9"],
+        1,
+        "outside the bank's range 0…8",
+    ),
     (["bench", "--model", "{m}", "--r", "-3"], 2, "r must be >= 0"),
     (["bench", "--model", "{m}", "--r", "0,4.5"], 2, "non-negative integer"),
-    (["visualize", "--model", "{m}", "--image", "{root}/img.png", "--r", "x", "-o", "{root}/x.png"], 2,
-     "non-negative integer"),
+    (
+        ["visualize", "--model", "{m}", "--image", "{root}/img.png", "--r", "x", "-o", "{root}/x.png"],
+        2,
+        "non-negative integer",
+    ),
     # unsupported / unknown models
     (["bench", *_eva(), "--r", "0"], 1, "not supported"),
     (["eval", *_eva(), "--data", "{root}/data"], 1, "not supported"),
@@ -496,8 +633,9 @@ def test_load_model_saved_directories(files, tmp_path):
     ft.mkdir()
     save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, ft / "model.safetensors")
     kwargs = {k: v for k, v in TINY.items() if k != "num_classes"}
-    (ft / "finetune.json").write_text(json.dumps({"model": NAME, "model_kwargs": kwargs, "num_classes": 3,
-                                                  "method": "evit", "source_r": 2}))
+    (ft / "finetune.json").write_text(
+        json.dumps({"model": NAME, "model_kwargs": kwargs, "num_classes": 3, "method": "evit", "source_r": 2})
+    )
     model, info = load_model(str(ft))
     assert (info["method"], info["source_r"]) == ("evit", 2) and torch.allclose(model(x), reference(x), atol=1e-6)
     with pytest.raises(FileNotFoundError, match="not a saved model directory"):
@@ -508,9 +646,30 @@ def test_demo_alias(files, tmp_path, capsys):
     """`--model demo` is the embedded model: a clear error until its weights ship, then every command runs."""
     argv = {
         "bench": ["bench", "--model", "demo", "--r", "0,8", "--batch", "2", "--iters", "2", "--warmup", "0"],
-        "visualize": ["visualize", "--model", "demo", "--image", files / "img.png", "--r", "8", "-o", tmp_path / "d.png"],
-        "eval": ["eval", "--model", "demo", "--data", "photo-crops", "--limit", "8", "--target-r", "0,8",
-                 "--workers", "0"],
+        "visualize": [
+            "visualize",
+            "--model",
+            "demo",
+            "--image",
+            files / "img.png",
+            "--r",
+            "8",
+            "-o",
+            tmp_path / "d.png",
+        ],
+        "eval": [
+            "eval",
+            "--model",
+            "demo",
+            "--data",
+            "photo-crops",
+            "--limit",
+            "8",
+            "--target-r",
+            "0,8",
+            "--workers",
+            "0",
+        ],
     }
     for name, args in argv.items():
         code, out, err = run(args, capsys)
@@ -540,8 +699,10 @@ MS_PER_TOKEN = 0.1
 
 def attach_cost(model, clock):
     """Every block costs MS_PER_TOKEN per token it outputs, times the load."""
+
     def hook(module, args, out):
         clock.t += clock.load * MS_PER_TOKEN * out.shape[1] / 1000.0
+
     for blk in model.blocks:
         blk.register_forward_hook(hook)
 
@@ -561,8 +722,9 @@ def test_latency_controller_follows_load_fake_clock():
     bank = ToComBank.for_model(model, r_max=32, rank=2)
     rs = list(range(0, 33, 4))
     budget = closed_form_ms(0) / 0.9 * 1.05  # r = 0 fits with 5 % to spare
-    ctl = tocom_hub.LatencyController(model, bank, 0, budget, batch_size=2, r_values=rs, clock=clock,
-                                      warmup=0, iters=2, progress=False)
+    ctl = tocom_hub.LatencyController(
+        model, bank, 0, budget, batch_size=2, r_values=rs, clock=clock, warmup=0, iters=2, progress=False
+    )
     curve = ctl.calibrate()
     assert curve == pytest.approx({r: closed_form_ms(r) for r in rs})
     assert ctl.r == 0
@@ -590,8 +752,9 @@ def test_latency_calibration_reports_spread_and_warns_when_rounds_disagree():
     clock = FakeClock()
     attach_cost(model, clock)
     bank = ToComBank.for_model(model, r_max=8, rank=2)
-    ctl = tocom_hub.LatencyController(model, bank, 0, 100.0, batch_size=2, r_values=[0, 8], clock=clock,
-                                      warmup=0, iters=4, progress=False)
+    ctl = tocom_hub.LatencyController(
+        model, bank, 0, 100.0, batch_size=2, r_values=[0, 8], clock=clock, warmup=0, iters=4, progress=False
+    )
     import warnings
 
     with warnings.catch_warnings():
@@ -637,10 +800,12 @@ def test_latency_controller_step_hysteresis():
 def test_latency_controller_validates_before_touching_the_model():
     model = tiny_model()
     bank = ToComBank.for_model(model, r_max=4)
-    for kwargs, match in [(dict(bank=bank, source_r=0, budget_ms=0), "budget_ms"),
-                          (dict(bank=bank, source_r=5, budget_ms=10), "source_r"),
-                          (dict(bank=bank, source_r=0, budget_ms=10, r_values=[0, 8]), "bank's range"),
-                          (dict(bank=None, source_r=0, budget_ms=10, r_values=[0, 40]), "cannot be supported")]:
+    for kwargs, match in [
+        (dict(bank=bank, source_r=0, budget_ms=0), "budget_ms"),
+        (dict(bank=bank, source_r=5, budget_ms=10), "source_r"),
+        (dict(bank=bank, source_r=0, budget_ms=10, r_values=[0, 8]), "bank's range"),
+        (dict(bank=None, source_r=0, budget_ms=10, r_values=[0, 40]), "cannot be supported"),
+    ]:
         with pytest.raises(ValueError, match=match):
             tocom_hub.LatencyController(model, **kwargs)
         assert not tocom_hub.is_patched(model)
@@ -653,8 +818,9 @@ def test_latency_controller_real_timing_smoke():
     import time
 
     model = tiny_model()
-    ctl = tocom_hub.LatencyController(model, None, 0, 1e9, batch_size=2, r_values=[0, 16, 32], warmup=1, iters=3,
-                                      progress=False)
+    ctl = tocom_hub.LatencyController(
+        model, None, 0, 1e9, batch_size=2, r_values=[0, 16, 32], warmup=1, iters=3, progress=False
+    )
     curve = ctl.calibrate()
     assert set(curve) == {0, 16, 32} and all(v > 0 for v in curve.values()) and ctl.r == 0
     ctl.budget_ms = 3.0 * max(curve.values())
@@ -679,8 +845,13 @@ def test_latency_budget_example_runs():
     import sys
 
     script = Path(__file__).resolve().parents[1] / "examples" / "latency_budget.py"
-    proc = subprocess.run([sys.executable, str(script), "--requests", "40", "--busy", "10-24", "--load", "2.5"],
-                          capture_output=True, text=True, timeout=120, env=dict(os.environ, TQDM_DISABLE="1"))
+    proc = subprocess.run(
+        [sys.executable, str(script), "--requests", "40", "--busy", "10-24", "--load", "2.5"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, TQDM_DISABLE="1"),
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     m = re.search(r"r before the load: (\d+), highest r under load: (\d+), r at the end: (\d+)", proc.stdout)
     assert m, proc.stdout[-2000:]
@@ -742,8 +913,21 @@ def test_trust_unverified_flag_loads_a_bank_without_checksum(files, tmp_path, ca
     code, out, err = run(["info", bank_dir, "--trust-unverified"], capsys)
     assert code == 0, err
     assert "r_max" in out or "r range" in out or "rank" in out
-    argv = ["eval", "--model", files / "model", "--data", files / "data", "--target-r", "0,2", "--bank", bank_dir,
-            "--batch-size", "4", "--workers", "0"]
+    argv = [
+        "eval",
+        "--model",
+        files / "model",
+        "--data",
+        files / "data",
+        "--target-r",
+        "0,2",
+        "--bank",
+        bank_dir,
+        "--batch-size",
+        "4",
+        "--workers",
+        "0",
+    ]
     code, out, err = run(argv, capsys)
     assert code != 0 and "tocom_sha256" in err, (code, err)
     code, out, err = run([*argv, "--trust-unverified"], capsys)

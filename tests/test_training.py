@@ -6,6 +6,7 @@ checkpoint and resumed ends with the same bank as an uninterrupted run, (d) fine
 (e) bad arguments exit non-zero with a clear message. Plus AdaptFormer against a hand-written
 reference forward and the embedded datasets' determinism.
 """
+
 from __future__ import annotations
 
 import json
@@ -56,8 +57,13 @@ def test_default_distill_run_writes_metrics_and_bank(tmp_path):
     out = tmp_path / "out"
     run([DISTILL, "--max-steps", "30", "--batch-size", "16", "--output-dir", out, *FAST])
     metrics = json.loads((out / "metrics.json").read_text())
-    for key in ("heldout_kl_no_bank", "heldout_kl_with_bank", "heldout_pairs",
-                "heldout_kl_no_bank_per_pair", "heldout_kl_with_bank_per_pair"):
+    for key in (
+        "heldout_kl_no_bank",
+        "heldout_kl_with_bank",
+        "heldout_pairs",
+        "heldout_kl_no_bank_per_pair",
+        "heldout_kl_with_bank_per_pair",
+    ):
         assert key in metrics, key
     assert metrics["steps"] == 30 and metrics["direction"] == "inference"
     assert len(metrics["heldout_pairs"]) == 2 and all(m != n for m, n in metrics["heldout_pairs"])
@@ -116,8 +122,22 @@ def test_resume_after_checkpoint_is_exact(tmp_path):
     # augmentation, mixup/cutmix and drop path all on: every random draw must be reproducible.
     # 24 images / batch 8 = 3 steps per epoch, so the stop (step 4) and the resume cross an epoch.
     data = _image_folder(tmp_path / "imgs")
-    common = ["--data", data, "--max-steps", "5", "--checkpoint-every", "2", "--batch-size", "8",
-              "--heldout-pairs", "0", "--num-workers", "1", "--seed", "3"]
+    common = [
+        "--data",
+        data,
+        "--max-steps",
+        "5",
+        "--checkpoint-every",
+        "2",
+        "--batch-size",
+        "8",
+        "--heldout-pairs",
+        "0",
+        "--num-workers",
+        "1",
+        "--seed",
+        "3",
+    ]
     run([DISTILL, *common, "--output-dir", tmp_path / "full"])
     stopped = run([DISTILL, *common, "--output-dir", tmp_path / "cut", "--stop-after", "4"])
     assert "stopping at step 4" in stopped.stderr
@@ -138,8 +158,26 @@ def test_resume_after_checkpoint_is_exact(tmp_path):
 @pytest.mark.parametrize("mode", ["full", "adaptformer"])
 def test_finetune_then_evaluate(tmp_path, mode):
     ft = tmp_path / f"ft-{mode}"
-    run([FINETUNE, "--mode", mode, "--source-r", "2", "--max-steps", "3", "--batch-size", "8", "--no-augment",
-         "--val-images", "32", "--num-workers", "0", "--output-dir", ft])
+    run(
+        [
+            FINETUNE,
+            "--mode",
+            mode,
+            "--source-r",
+            "2",
+            "--max-steps",
+            "3",
+            "--batch-size",
+            "8",
+            "--no-augment",
+            "--val-images",
+            "32",
+            "--num-workers",
+            "0",
+            "--output-dir",
+            ft,
+        ]
+    )
     recipe = json.loads((ft / "finetune.json").read_text())
     assert recipe["source_r"] == 2 and recipe["mode"] == mode and recipe["num_classes"] == 3
     assert 0.0 <= recipe["val_top1"] <= 100.0
@@ -158,8 +196,25 @@ def test_finetune_then_evaluate(tmp_path, mode):
             a.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
     bank.save_pretrained(tmp_path / "bank")
     ev = tmp_path / "eval"
-    run([EVALUATE, "--finetuned", ft, "--bank", tmp_path / "bank", "--scales", "0.1,1", "--val-images", "32",
-         "--targets", "0,2,4", "--num-workers", "0", "--output-dir", ev])
+    run(
+        [
+            EVALUATE,
+            "--finetuned",
+            ft,
+            "--bank",
+            tmp_path / "bank",
+            "--scales",
+            "0.1,1",
+            "--val-images",
+            "32",
+            "--targets",
+            "0,2,4",
+            "--num-workers",
+            "0",
+            "--output-dir",
+            ev,
+        ]
+    )
     result = json.loads((ev / "eval.json").read_text())
     assert result["source_r"] == 2 and result["targets"] == [0, 2, 4]
     assert set(result["tocom"]) == {"0.1", "1"}
@@ -176,11 +231,46 @@ def test_in_memory_images_change_nothing(tmp_path):
     outs = {}
     for cache in ("0", "1024"):
         ft = tmp_path / f"ft{cache}"
-        run([FINETUNE, "--mode", "adaptformer", "--max-steps", "4", "--batch-size", "8", "--no-augment",
-             "--val-images", "16", "--num-workers", "0", "--cache-mb", cache, "--output-dir", ft])
+        run(
+            [
+                FINETUNE,
+                "--mode",
+                "adaptformer",
+                "--max-steps",
+                "4",
+                "--batch-size",
+                "8",
+                "--no-augment",
+                "--val-images",
+                "16",
+                "--num-workers",
+                "0",
+                "--cache-mb",
+                cache,
+                "--output-dir",
+                ft,
+            ]
+        )
         ev = tmp_path / f"ev{cache}"
-        run([EVALUATE, "--finetuned", ft, "--val-images", "40", "--batch-size", "16", "--targets", "0,3",
-             "--num-workers", "0", "--cache-mb", cache, "--output-dir", ev])
+        run(
+            [
+                EVALUATE,
+                "--finetuned",
+                ft,
+                "--val-images",
+                "40",
+                "--batch-size",
+                "16",
+                "--targets",
+                "0,3",
+                "--num-workers",
+                "0",
+                "--cache-mb",
+                cache,
+                "--output-dir",
+                ev,
+            ]
+        )
         outs[cache] = (load_file(str(ft / "adaptformer.safetensors")), json.loads((ev / "eval.json").read_text()))
     (w0, e0), (w1, e1) = outs["0"], outs["1024"]
     assert all(torch.equal(w0[k], w1[k]) for k in w0)
@@ -201,20 +291,23 @@ def test_in_memory_dataset_reads_sampler_keys_modulo_length():
 # (e) argument errors
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--r-max", "0"], "--r-max must be >= 1"),
-    (["--targets", "q,x"], "--targets must be distinct names"),
-    (["--batch-size", "7"], "--batch-size must be even"),
-    (["--temperature", "0"], "--temperature must be > 0"),
-    (["--checkpoint", "/nonexistent.safetensors"], "no such file"),
-    (["--pretrained"], "--pretrained needs --model"),
-    (["--data", "no-such-dataset"], "neither a directory"),
-    (["--resume", "/nonexistent-dir"], "no such checkpoint directory"),
-    (["--model-kwargs", "{depth: 3}"], "not valid JSON"),
-    (["--kd", "features", "--cls-loss"], "cannot be combined"),
-    (["--direction", "backwards"], "invalid choice"),
-    (["--push-to-hub", "no-slash"], "org/name"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--r-max", "0"], "--r-max must be >= 1"),
+        (["--targets", "q,x"], "--targets must be distinct names"),
+        (["--batch-size", "7"], "--batch-size must be even"),
+        (["--temperature", "0"], "--temperature must be > 0"),
+        (["--checkpoint", "/nonexistent.safetensors"], "no such file"),
+        (["--pretrained"], "--pretrained needs --model"),
+        (["--data", "no-such-dataset"], "neither a directory"),
+        (["--resume", "/nonexistent-dir"], "no such checkpoint directory"),
+        (["--model-kwargs", "{depth: 3}"], "not valid JSON"),
+        (["--kd", "features", "--cls-loss"], "cannot be combined"),
+        (["--direction", "backwards"], "invalid choice"),
+        (["--push-to-hub", "no-slash"], "org/name"),
+    ],
+)
 def test_distill_argument_errors(argv, message, capsys):
     from tocom_hub.training import distill
 
@@ -329,8 +422,25 @@ class _Payload:
 def stopped_run(tmp_path_factory):
     """A run stopped after its checkpoint at step 2 (default data, tiny settings)."""
     out = tmp_path_factory.mktemp("stopped") / "out"
-    run([DISTILL, "--max-steps", "4", "--checkpoint-every", "2", "--stop-after", "2", "--batch-size", "8",
-         "--heldout-pairs", "0", "--num-workers", "0", "--output-dir", out])
+    run(
+        [
+            DISTILL,
+            "--max-steps",
+            "4",
+            "--checkpoint-every",
+            "2",
+            "--stop-after",
+            "2",
+            "--batch-size",
+            "8",
+            "--heldout-pairs",
+            "0",
+            "--num-workers",
+            "0",
+            "--output-dir",
+            out,
+        ]
+    )
     return out
 
 
@@ -344,8 +454,26 @@ def test_resume_never_unpickles_code_from_the_output_dir(stopped_run, tmp_path, 
     assert ckpt.is_dir() and not list(ckpt.glob("custom_checkpoint_*.pkl"))  # the step is kept as JSON
     marker = tmp_path / "code-ran"
     torch.save({"step": 2, "state": _Payload(marker)}, ckpt / planted)
-    proc = run([DISTILL, "--max-steps", "4", "--checkpoint-every", "2", "--batch-size", "8", "--heldout-pairs", "0",
-                "--num-workers", "0", "--output-dir", out, "--resume", "latest"], check=False)
+    proc = run(
+        [
+            DISTILL,
+            "--max-steps",
+            "4",
+            "--checkpoint-every",
+            "2",
+            "--batch-size",
+            "8",
+            "--heldout-pairs",
+            "0",
+            "--num-workers",
+            "0",
+            "--output-dir",
+            out,
+            "--resume",
+            "latest",
+        ],
+        check=False,
+    )
     assert not marker.exists(), f"resume executed code from {planted}"
     assert proc.returncode != 0, proc.stderr[-2000:]
     assert planted in proc.stderr and "step_00000002" in proc.stderr and "Traceback" not in proc.stderr
@@ -359,8 +487,25 @@ def test_resume_reads_the_step_from_json(stopped_run, tmp_path):
     shutil.copytree(stopped_run, out)
     state = json.loads((out / "checkpoints" / "step_00000002" / "train_state.json").read_text())
     assert state == {"step": 2}
-    proc = run([DISTILL, "--max-steps", "4", "--checkpoint-every", "2", "--batch-size", "8", "--heldout-pairs", "0",
-                "--num-workers", "0", "--output-dir", out, "--resume", "latest"])
+    proc = run(
+        [
+            DISTILL,
+            "--max-steps",
+            "4",
+            "--checkpoint-every",
+            "2",
+            "--batch-size",
+            "8",
+            "--heldout-pairs",
+            "0",
+            "--num-workers",
+            "0",
+            "--output-dir",
+            out,
+            "--resume",
+            "latest",
+        ]
+    )
     assert "at step 2" in proc.stderr
     assert json.loads((out / "metrics.json").read_text())["resumed_from_step"] == 2
 
@@ -392,10 +537,25 @@ def test_disk_full_during_a_checkpoint_write_is_clear_and_leaves_no_partial_fold
     def small_files():  # every file this process writes is capped at 100 kB: writes beyond fail (EFBIG)
         resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
 
-    cmd = [sys.executable, DISTILL, "--max-steps", "4", "--checkpoint-every", "2", "--batch-size", "8",
-           "--heldout-pairs", "0", "--num-workers", "0", "--output-dir", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=str(ROOT), timeout=300,
-                          preexec_fn=small_files, check=False)
+    cmd = [
+        sys.executable,
+        DISTILL,
+        "--max-steps",
+        "4",
+        "--checkpoint-every",
+        "2",
+        "--batch-size",
+        "8",
+        "--heldout-pairs",
+        "0",
+        "--num-workers",
+        "0",
+        "--output-dir",
+        str(out),
+    ]
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, env=_env(), cwd=str(ROOT), timeout=300, preexec_fn=small_files, check=False
+    )
     assert proc.returncode != 0
     err = [line for line in proc.stderr.splitlines() if "error:" in line]
     assert err and "Traceback" not in proc.stderr, proc.stderr[-3000:]
@@ -404,13 +564,16 @@ def test_disk_full_during_a_checkpoint_write_is_clear_and_leaves_no_partial_fold
     assert not (out / "checkpoints" / "step_00000002").exists()
 
 
-@pytest.mark.parametrize("damage, message", [
-    ("no_model", "model.safetensors"),
-    ("truncated_optimizer", "optimizer.bin"),
-    ("step_edited", "train_state.json says step 99"),
-    ("state_not_json", "train_state.json is missing or unreadable"),
-    ("run_config_not_utf8", "run_config.json is unreadable"),
-])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("no_model", "model.safetensors"),
+        ("truncated_optimizer", "optimizer.bin"),
+        ("step_edited", "train_state.json says step 99"),
+        ("state_not_json", "train_state.json is missing or unreadable"),
+        ("run_config_not_utf8", "run_config.json is unreadable"),
+    ],
+)
 def test_damaged_checkpoint_is_a_clear_error(stopped_run, tmp_path, damage, message):
     import shutil
 
@@ -428,8 +591,26 @@ def test_damaged_checkpoint_is_a_clear_error(stopped_run, tmp_path, damage, mess
         (ckpt / "train_state.json").write_text("{" * 10)
     else:
         (ckpt / "run_config.json").write_bytes(b"\xff\xfe\x00")
-    proc = run([DISTILL, "--max-steps", "4", "--checkpoint-every", "2", "--batch-size", "8", "--heldout-pairs", "0",
-                "--num-workers", "0", "--output-dir", out, "--resume", ckpt], check=False)
+    proc = run(
+        [
+            DISTILL,
+            "--max-steps",
+            "4",
+            "--checkpoint-every",
+            "2",
+            "--batch-size",
+            "8",
+            "--heldout-pairs",
+            "0",
+            "--num-workers",
+            "0",
+            "--output-dir",
+            out,
+            "--resume",
+            ckpt,
+        ],
+        check=False,
+    )
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and message in proc.stderr and str(ckpt) in proc.stderr, proc.stderr[-2000:]
     assert not (out / "tocom.safetensors").exists()

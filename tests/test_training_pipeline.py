@@ -4,6 +4,7 @@
   per image under the per-sample seeded RNGs, bit for bit (augmentation and random erasing included);
 * ``common.seeded_rngs`` seeds exactly what ``torch.manual_seed`` seeds on the CPU and restores it.
 """
+
 from __future__ import annotations
 
 import random
@@ -20,8 +21,9 @@ from tocom_hub.training import common
 def _model(img_size=48):
     import timm
 
-    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=img_size, patch_size=8, depth=2,
-                             embed_dim=64, num_heads=2)
+    return timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, img_size=img_size, patch_size=8, depth=2, embed_dim=64, num_heads=2
+    )
 
 
 def _reference_item(ds, transform, seed, key):
@@ -51,8 +53,13 @@ def test_uint8_batches_normalised_on_device_equal_the_per_image_transform(augmen
     ref_x = torch.stack([r[0] for r in ref])
     ref_y = torch.tensor([r[1] for r in ref])
 
-    loader = DataLoader(common.SeededTransform(ds, worker_tf, 7), sampler=keys, batch_size=32,
-                        collate_fn=common.collate_uint8, num_workers=1)
+    loader = DataLoader(
+        common.SeededTransform(ds, worker_tf, 7),
+        sampler=keys,
+        batch_size=32,
+        collate_fn=common.collate_uint8,
+        num_workers=1,
+    )
     xs, ys, erased = [], [], 0
     for batch in loader:
         assert batch[0].dtype == torch.uint8
@@ -74,8 +81,12 @@ def test_split_transform_declines_unusual_pipelines():
     from torchvision import transforms as T
 
     assert common.split_transform(T.Compose([T.ToTensor()])) is None  # no Normalize
-    assert common.split_transform(T.Compose([T.ToTensor(), T.Normalize([0.5] * 3, [0.5] * 3),
-                                             T.ConvertImageDtype(torch.float16)])) is None
+    assert (
+        common.split_transform(
+            T.Compose([T.ToTensor(), T.Normalize([0.5] * 3, [0.5] * 3), T.ConvertImageDtype(torch.float16)])
+        )
+        is None
+    )
     assert common.split_transform(lambda img: img) is None
     _, normalize = common.split_transform(T.Compose([T.ToTensor(), T.Normalize([0.5] * 3, [0.25] * 3)]))
     img = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8)
@@ -123,8 +134,16 @@ def _distill_step_module():
 def test_benchmark_functions_run_on_cpu_and_return_their_keys():
     bench = _distill_step_module()
     tiny = {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 64, "num_heads": 2}
-    res = bench.step_rates("vit_tiny_patch16_224", model_kwargs=tiny, batch_size=4, rounds=2, warmup=1, r_max=2,
-                           device="cpu", breakdown=True)
+    res = bench.step_rates(
+        "vit_tiny_patch16_224",
+        model_kwargs=tiny,
+        batch_size=4,
+        rounds=2,
+        warmup=1,
+        r_max=2,
+        device="cpu",
+        breakdown=True,
+    )
     for part in ("full_ft", "distill"):
         assert res[part]["ms"] > 0 and res[part]["img_per_s"] > 0
     assert res["ratio"] > 0 and len(res["distill_ms"]) == 2 and len(res["pairs"]) == 2
@@ -135,8 +154,9 @@ def test_benchmark_functions_run_on_cpu_and_return_their_keys():
     lr = bench.loader_rate(img_size=32, batch_size=8, num_workers=0, batches=2, device="cpu")
     assert lr["batches"] == 2 and lr["img_per_s"] > 0 and lr["uint8_batches"]
 
-    e2e = bench.end_to_end(steps=3, batch_size=8, num_workers=0, cpu=True, raw_img_per_s=res["distill"]["img_per_s"],
-                           timeout=300)
+    e2e = bench.end_to_end(
+        steps=3, batch_size=8, num_workers=0, cpu=True, raw_img_per_s=res["distill"]["img_per_s"], timeout=300
+    )
     assert e2e["steps"] == 3 and e2e["images_per_second"] > 0
     assert e2e["ratio_to_step_rate"] == pytest.approx(e2e["images_per_second"] / res["distill"]["img_per_s"])
     assert e2e["metrics"]["throughput_images_per_second"] == e2e["images_per_second"]

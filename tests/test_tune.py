@@ -1,13 +1,14 @@
 """tune_scale: picks the s an independent evaluation prefers and leaves the model at it."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
-
-import tocom_hub
 from bank_helpers import random_groups, state_hash
 from tiny_models import make_vit
+
+import tocom_hub
 from tocom_hub import ToComBank, compensate
 
 g = torch.Generator().manual_seed(0)

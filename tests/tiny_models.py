@@ -1,8 +1,9 @@
 """Tiny timm models (pretrained=False) covering the ViT variants tocom_hub supports or rejects."""
+
 from __future__ import annotations
 
-import torch
 import timm
+import torch
 from timm.models.vision_transformer import VisionTransformer
 
 TINY = dict(img_size=64, patch_size=8, embed_dim=64, depth=3, num_heads=2, num_classes=10)

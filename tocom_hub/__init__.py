@@ -10,6 +10,7 @@ ToCom bank into it so a model fine-tuned at one ``r`` runs well at another::
 The names below are imported on first use (PEP 562), so ``import tocom_hub`` — and ``tocom-hub --help``
 — does not pay for torch and timm until something needs them.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -22,8 +23,9 @@ __version__ = "0.1.0"
 # public name -> submodule that defines it
 _LAZY = {
     # token merging / pruning on timm ViTs
-    **dict.fromkeys(["METHODS", "patch", "unpatch", "set_r", "get_r", "is_patched", "get_method", "get_source",
-                     "get_size"], "patch"),
+    **dict.fromkeys(
+        ["METHODS", "patch", "unpatch", "set_r", "get_r", "is_patched", "get_method", "get_source", "get_size"], "patch"
+    ),
     # ToCom bank and its weight arithmetic
     **dict.fromkeys(["ToComBank", "ToComConfig"], "bank"),
     **dict.fromkeys(["apply", "remove", "set_target_r"], "compensate"),
@@ -36,10 +38,31 @@ _LAZY = {
 }
 _SUBMODULES = ("compensate", "hub")
 
-__all__ = ["METHODS", "patch", "unpatch", "set_r", "get_r", "is_patched", "get_method", "get_source", "get_size",
-           "__version__", "ToComBank", "ToComConfig", "apply", "set_target_r", "remove", "compensate",
-           "convert_official", "tune_scale", "hub", "register_bank", "unregister_bank", "registered_banks",
-           "LatencyController"]
+__all__ = [
+    "METHODS",
+    "patch",
+    "unpatch",
+    "set_r",
+    "get_r",
+    "is_patched",
+    "get_method",
+    "get_source",
+    "get_size",
+    "__version__",
+    "ToComBank",
+    "ToComConfig",
+    "apply",
+    "set_target_r",
+    "remove",
+    "compensate",
+    "convert_official",
+    "tune_scale",
+    "hub",
+    "register_bank",
+    "unregister_bank",
+    "registered_banks",
+    "LatencyController",
+]
 
 
 def __getattr__(name: str) -> Any:

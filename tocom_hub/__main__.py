@@ -1,4 +1,5 @@
 """``python -m tocom_hub`` runs the ``tocom-hub`` command line (see :mod:`tocom_hub.cli`)."""
+
 import sys
 
 from .cli import main

@@ -1,4 +1,5 @@
 """tqdm progress bars for the tools: on by default, ``progress=False`` or ``TQDM_DISABLE=1`` turns them off."""
+
 from __future__ import annotations
 
 from typing import Any

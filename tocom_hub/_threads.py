@@ -6,6 +6,7 @@ several. :func:`setup_cpu_threads` undoes that at start-up (the available cores,
 processes on this machine, as far as other jobs leave them idle) and says so once;
 ``TOCOM_HUB_CPU_THREADS=N`` picks ``N`` instead.
 """
+
 from __future__ import annotations
 
 import os
@@ -61,12 +62,16 @@ def setup_cpu_threads(device_type: str = "cpu", local_processes: Optional[int] =
     n = min(share, max(1, idle // max(1, local_processes)))
     if n > torch.get_num_threads():
         torch.set_num_threads(n)
-        say(f"accelerate launch set OMP_NUM_THREADS=1; using {n} CPU threads per process ({cpus} cores, "
-            f"{local_processes} process(es) here); set {ENV}=N to choose")
+        say(
+            f"accelerate launch set OMP_NUM_THREADS=1; using {n} CPU threads per process ({cpus} cores, "
+            f"{local_processes} process(es) here); set {ENV}=N to choose"
+        )
     elif share > n:
-        say(f"accelerate launch set OMP_NUM_THREADS=1; keeping {n} CPU thread(s) per process: the machine is busy "
+        say(
+            f"accelerate launch set OMP_NUM_THREADS=1; keeping {n} CPU thread(s) per process: the machine is busy "
             f"(load average {load:.1f} on {cpus} cores), and threads waiting for busy cores make every step slower; "
-            f"set {ENV}={share} to use them anyway")
+            f"set {ENV}={share} to use them anyway"
+        )
     return torch.get_num_threads()
 
 

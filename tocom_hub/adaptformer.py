@@ -19,6 +19,7 @@ EViT) blocks alike, and the adapters live in their own module (save them with ``
     logits = model(x)            # adapters active
     adapters.detach(model)
 """
+
 from __future__ import annotations
 
 from typing import Any, List, Optional, Tuple
@@ -37,7 +38,7 @@ class Adapter(nn.Module):
         self.down = nn.Linear(dim, bottleneck)
         self.up = nn.Linear(bottleneck, dim)
         self.scale = float(scale)
-        nn.init.kaiming_uniform_(self.down.weight, a=5 ** 0.5)
+        nn.init.kaiming_uniform_(self.down.weight, a=5**0.5)
         nn.init.zeros_(self.down.bias)
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)

@@ -19,6 +19,7 @@ checks everything read from the files: the checksum (a file without one is refus
 passes ``trust_unverified=True``), every config field's type and range, the tensors' shapes and
 finiteness, and that ``tocom_config.json`` says exactly what the embedded config says.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -113,21 +114,24 @@ class ToComConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"ToComConfig.{name} must be a positive int; got {value!r}")
-        if self.attn_dim is not None and (isinstance(self.attn_dim, bool) or not isinstance(self.attn_dim, int)
-                                          or self.attn_dim < 1):
+        if self.attn_dim is not None and (
+            isinstance(self.attn_dim, bool) or not isinstance(self.attn_dim, int) or self.attn_dim < 1
+        ):
             raise ValueError(f"ToComConfig.attn_dim must be a positive int or None; got {self.attn_dim!r}")
         if isinstance(self.targets, str):
             raise ValueError(f"ToComConfig.targets must be a sequence such as ('q', 'v'); got {self.targets!r}")
         self.targets = tuple(self.targets)
         bad = [t for t in self.targets if t not in TARGETS]
         if not self.targets or bad or len(set(self.targets)) != len(self.targets):
-            raise ValueError(
-                f"ToComConfig.targets must be distinct names from {TARGETS}; got {self.targets!r}"
-            )
+            raise ValueError(f"ToComConfig.targets must be distinct names from {TARGETS}; got {self.targets!r}")
         if self.method not in METHODS:
             raise ValueError(f"ToComConfig.method must be one of {METHODS}; got {self.method!r}")
-        if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)) or not math.isfinite(self.scale) \
-                or not 0.0 <= self.scale <= MAX_SCALE:
+        if (
+            isinstance(self.scale, bool)
+            or not isinstance(self.scale, (int, float))
+            or not math.isfinite(self.scale)
+            or not 0.0 <= self.scale <= MAX_SCALE
+        ):
             raise ValueError(f"ToComConfig.scale must be a finite number in [0, {MAX_SCALE:g}]; got {self.scale!r}")
         self.scale = float(self.scale)
         for name in ("base_model", "pretrained_tag"):
@@ -135,14 +139,20 @@ class ToComConfig:
             if value is not None and (not isinstance(value, str) or not value or len(value) > 256):
                 raise ValueError(f"ToComConfig.{name} must be a timm name (a non-empty string) or None; got {value!r}")
         if self.training_recipe is not None and not isinstance(self.training_recipe, dict):
-            raise ValueError(f"ToComConfig.training_recipe must be a JSON object or None; "
-                             f"got {type(self.training_recipe).__name__}")
+            raise ValueError(
+                f"ToComConfig.training_recipe must be a JSON object or None; got {type(self.training_recipe).__name__}"
+            )
         if self.eval_results is not None and not isinstance(self.eval_results, (dict, list)):
-            raise ValueError(f"ToComConfig.eval_results must be a JSON object, a list or None; "
-                             f"got {type(self.eval_results).__name__}")
+            raise ValueError(
+                f"ToComConfig.eval_results must be a JSON object, a list or None; "
+                f"got {type(self.eval_results).__name__}"
+            )
         if isinstance(self.format_version, bool) or self.format_version != FORMAT_VERSION:
-            if isinstance(self.format_version, int) and not isinstance(self.format_version, bool) \
-                    and self.format_version > FORMAT_VERSION:
+            if (
+                isinstance(self.format_version, int)
+                and not isinstance(self.format_version, bool)
+                and self.format_version > FORMAT_VERSION
+            ):
                 raise ValueError(
                     f"bank format version {self.format_version} is newer than this tocom-hub supports "
                     f"({FORMAT_VERSION}); upgrade tocom-hub"
@@ -184,9 +194,12 @@ class ToComConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
-            warnings.warn(f"ignoring unknown ToCom config keys {unknown} (written by a newer tocom-hub?)")
-        missing = [f.name for f in dataclasses.fields(cls)
-                   if f.name not in d and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+            warnings.warn(f"ignoring unknown ToCom config keys {unknown} (written by a newer tocom-hub?)", stacklevel=2)
+        missing = [
+            f.name
+            for f in dataclasses.fields(cls)
+            if f.name not in d and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        ]
         if missing:
             raise ValueError(f"ToCom config lacks required keys {missing}")
         return cls(**{k: v for k, v in d.items() if k in names})
@@ -222,8 +235,9 @@ class ToComBank(nn.Module):
         bank = ToComBank.from_pretrained("my-bank")
     """
 
-    def __init__(self, config: ToComConfig, *, device: Optional[torch.device] = None,
-                 dtype: Optional[torch.dtype] = None) -> None:
+    def __init__(
+        self, config: ToComConfig, *, device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None
+    ) -> None:
         super().__init__()
         if not isinstance(config, ToComConfig):
             raise TypeError(f"config must be a ToComConfig; got {type(config).__name__}")
@@ -275,8 +289,16 @@ class ToComBank(nn.Module):
         config_kwargs.setdefault("pretrained_tag", cfg.get("tag") or None)
         attn_dim = dims["attn_dim"] if dims["attn_dim"] != dims["embed_dim"] else None
         config = ToComConfig(
-            embed_dim=dims["embed_dim"], depth=dims["depth"], num_heads=dims["num_heads"], attn_dim=attn_dim,
-            r_max=r_max, rank=rank, targets=tuple(targets), method=method, scale=scale, **config_kwargs,
+            embed_dim=dims["embed_dim"],
+            depth=dims["depth"],
+            num_heads=dims["num_heads"],
+            attn_dim=attn_dim,
+            r_max=r_max,
+            rank=rank,
+            targets=tuple(targets),
+            method=method,
+            scale=scale,
+            **config_kwargs,
         )
         # fp32 on the model's device whatever the model's dtype (like peft's autocast_adapter_dtype):
         # the factors are trained and summed in fp32; merging rounds once, into the model's dtype
@@ -313,8 +335,10 @@ class ToComBank(nn.Module):
 
     def extra_repr(self) -> str:
         c = self.config
-        return (f"r_max={c.r_max}, rank={c.rank}, targets={c.targets}, method={c.method!r}, "
-                f"embed_dim={c.embed_dim}, depth={c.depth}, scale={c.scale}")
+        return (
+            f"r_max={c.r_max}, rank={c.rank}, targets={c.targets}, method={c.method!r}, "
+            f"embed_dim={c.embed_dim}, depth={c.depth}, scale={c.scale}"
+        )
 
     # -- arithmetic -------------------------------------------------------------------------------
     def _check_step(self, m: int, n: int) -> None:
@@ -369,8 +393,7 @@ class ToComBank(nn.Module):
         save_directory = Path(save_directory)
         save_directory.mkdir(parents=True, exist_ok=True)
         tensors = {
-            k: v.detach().to(device="cpu", dtype=dtype or v.dtype).contiguous()
-            for k, v in self.state_dict().items()
+            k: v.detach().to(device="cpu", dtype=dtype or v.dtype).contiguous() for k, v in self.state_dict().items()
         }
         config_json = json.dumps(self.config.to_dict(), sort_keys=True)
         metadata = {
@@ -433,13 +456,26 @@ class ToComBank(nn.Module):
                     f"{pretrained!s} is not a local path and Hub support (tocom_hub.hub.download_bank) "
                     f"is not available: {e}. Pass a local directory or .safetensors file."
                 ) from e
-            path = Path(download_bank(str(pretrained), revision=revision, cache_dir=cache_dir, token=token,
-                                      local_files_only=local_files_only))
+            path = Path(
+                download_bank(
+                    str(pretrained),
+                    revision=revision,
+                    cache_dir=cache_dir,
+                    token=token,
+                    local_files_only=local_files_only,
+                )
+            )
         return cls._from_local(path, dtype=dtype, device=device, trust_unverified=trust_unverified)
 
     @classmethod
-    def _from_local(cls, path: Path, *, dtype: Optional[torch.dtype] = None,
-                    device: Union[str, torch.device, None] = None, trust_unverified: bool = False) -> "ToComBank":
+    def _from_local(
+        cls,
+        path: Path,
+        *,
+        dtype: Optional[torch.dtype] = None,
+        device: Union[str, torch.device, None] = None,
+        trust_unverified: bool = False,
+    ) -> "ToComBank":
         json_config: Optional[ToComConfig] = None
         if path.is_dir():
             weights = path / WEIGHTS_NAME
@@ -506,8 +542,15 @@ def model_dims(model: nn.Module) -> Dict[str, int]:
                 f"{name}: block {i} has no fused `attn.qkv` nn.Linear(d, 3·d) and `attn.proj` nn.Linear; "
                 f"ToCom supports timm ViT blocks with timm's `Attention`"
             )
-        shapes.add((qkv.in_features, qkv.out_features // 3, int(getattr(attn, "num_heads", 0)),
-                    proj.in_features, proj.out_features))
+        shapes.add(
+            (
+                qkv.in_features,
+                qkv.out_features // 3,
+                int(getattr(attn, "num_heads", 0)),
+                proj.in_features,
+                proj.out_features,
+            )
+        )
     if len(shapes) != 1:
         raise TypeError(f"{name}: attention shapes differ between blocks ({sorted(shapes)}); not supported")
     embed_dim, attn_dim, num_heads, proj_in, proj_out = shapes.pop()
@@ -563,8 +606,9 @@ def _parse_json_text(text: Union[str, bytes], where: str, what: str) -> Any:
         try:
             text = text.decode("utf-8")
         except UnicodeDecodeError as e:
-            raise ValueError(f"{where}: the {what} is not UTF-8 text ({e.reason} at byte {e.start}); "
-                             f"expected a JSON file") from None
+            raise ValueError(
+                f"{where}: the {what} is not UTF-8 text ({e.reason} at byte {e.start}); expected a JSON file"
+            ) from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:

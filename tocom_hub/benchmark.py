@@ -13,6 +13,7 @@ flagged ``noisy`` and the table says "noisy — rerun". Example::
     result = benchmark(model, r_values=[0, 8, 16], batch_size=8, iters=20)
     print(format_table(result))
 """
+
 from __future__ import annotations
 
 import math
@@ -25,7 +26,6 @@ import torch
 from torch import nn
 
 from ._progress import progress_bar
-
 from .patch import get_method, get_r, is_patched, patch, set_r, unpatch
 
 __all__ = ["time_forward", "percentile", "tokens_left", "benchmark", "format_table", "NOISY_SPREAD"]
@@ -156,20 +156,22 @@ def benchmark(
         ratios = [t / c for t, c in zip(samples[None], samples[cfg])]  # paired within each iteration
         speedup = statistics.median(ratios)
         lo, hi = percentile(ratios, 10), percentile(ratios, 90)
-        rows.append({
-            "config": "timm" if cfg is None else method,
-            "r": cfg,
-            "tokens": tokens[cfg],
-            "median_ms": med,
-            "p10_ms": percentile(samples[cfg], 10),
-            "p90_ms": percentile(samples[cfg], 90),
-            "mean_ms": statistics.fmean(samples[cfg]),
-            "images_per_s": batch_size * 1000.0 / med,
-            "speedup": speedup,
-            "speedup_range": [lo, hi],
-            "noisy": cfg is not None and (hi - lo) > NOISY_SPREAD * speedup,
-            "samples": samples[cfg],
-        })
+        rows.append(
+            {
+                "config": "timm" if cfg is None else method,
+                "r": cfg,
+                "tokens": tokens[cfg],
+                "median_ms": med,
+                "p10_ms": percentile(samples[cfg], 10),
+                "p90_ms": percentile(samples[cfg], 90),
+                "mean_ms": statistics.fmean(samples[cfg]),
+                "images_per_s": batch_size * 1000.0 / med,
+                "speedup": speedup,
+                "speedup_range": [lo, hi],
+                "noisy": cfg is not None and (hi - lo) > NOISY_SPREAD * speedup,
+                "samples": samples[cfg],
+            }
+        )
     return {
         "batch_size": batch_size,
         "input_size": list(size),
@@ -196,9 +198,11 @@ def _restore(model: nn.Module, was_patched: bool, method: Optional[str], r: Any)
 def format_table(result: Dict[str, Any], title: Optional[str] = None) -> str:
     """The rows of :func:`benchmark` as an aligned text table."""
     head = title or ""
-    setup = (f"batch {result['batch_size']}, {result['input_size'][0]}x{result['input_size'][1]}, "
-             f"{result['device']} {result['dtype']}, {result['threads']} threads, "
-             f"{result['iters']} interleaved iterations")
+    setup = (
+        f"batch {result['batch_size']}, {result['input_size'][0]}x{result['input_size'][1]}, "
+        f"{result['device']} {result['dtype']}, {result['threads']} threads, "
+        f"{result['iters']} interleaved iterations"
+    )
     lines = [f"{head}{' — ' if head else ''}{setup}"]
     cols = ("config", "r", "tokens", "median ms", "p90 ms", "images/s", "speed-up (p10-p90)")
 
@@ -208,18 +212,31 @@ def format_table(result: Dict[str, Any], title: Optional[str] = None) -> str:
             return f"{row['speedup']:.2f}x"
         return f"{row['speedup']:.2f}x ({rng[0]:.2f}-{rng[1]:.2f}){' noisy' if row.get('noisy') else ''}"
 
-    body = [(row["config"], "-" if row["r"] is None else str(row["r"]), str(row["tokens"]),
-             f"{row['median_ms']:.2f}", f"{row['p90_ms']:.2f}", f"{row['images_per_s']:.1f}",
-             speed(row)) for row in result["rows"]]
+    body = [
+        (
+            row["config"],
+            "-" if row["r"] is None else str(row["r"]),
+            str(row["tokens"]),
+            f"{row['median_ms']:.2f}",
+            f"{row['p90_ms']:.2f}",
+            f"{row['images_per_s']:.1f}",
+            speed(row),
+        )
+        for row in result["rows"]
+    ]
     widths = [max(len(c), *(len(b[i]) for b in body)) for i, c in enumerate(cols)]
     fmt = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
     lines.append(fmt(cols))
     lines.append("  ".join("-" * w for w in widths))
     lines += [fmt(b) for b in body]
-    lines.append("speed-up: median over iterations of plain timm's time / this time in the same iteration "
-                 "(10th-90th percentile in brackets)")
+    lines.append(
+        "speed-up: median over iterations of plain timm's time / this time in the same iteration "
+        "(10th-90th percentile in brackets)"
+    )
     if result.get("noisy"):
-        lines.append(f"noisy — rerun: the per-iteration speed-ups of the rows marked 'noisy' spread by more than "
-                     f"{100 * NOISY_SPREAD:.0f} % of their median (a busy machine?); rerun on an idle machine, "
-                     f"with more --iters, or --threads 1")
+        lines.append(
+            f"noisy — rerun: the per-iteration speed-ups of the rows marked 'noisy' spread by more than "
+            f"{100 * NOISY_SPREAD:.0f} % of their median (a busy machine?); rerun on an idle machine, "
+            f"with more --iters, or --threads 1"
+        )
     return "\n".join(lines)

@@ -14,6 +14,7 @@ then append the ``add_…`` function to :data:`COMMANDS`. Import heavy modules i
 function so ``tocom-hub --help`` stays fast. Errors are printed as one line and exit with status 1
 (``--debug`` shows the traceback instead); usage errors exit with status 2.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,24 +28,30 @@ __all__ = ["main", "build_parser", "COMMANDS", "COMMON"]
 
 # options every sub-command accepts (SUPPRESS: a sub-command must not reset what the top level parsed)
 COMMON = argparse.ArgumentParser(add_help=False)
-COMMON.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                    help="show the full traceback on errors")
+COMMON.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the full traceback on errors")
 
 
 def _add_hub_options(parser: argparse.ArgumentParser, *, download: bool = True) -> None:
     parser.add_argument("--revision", default=None, help="branch, tag or commit sha (default: main)")
     if download:
-        parser.add_argument("--cache-dir", default=None,
-                            help="huggingface_hub cache directory (default: $HF_HUB_CACHE)")
-        parser.add_argument("--local-files-only", action="store_true",
-                            help="use the local cache only, never the network (like HF_HUB_OFFLINE=1)")
+        parser.add_argument(
+            "--cache-dir", default=None, help="huggingface_hub cache directory (default: $HF_HUB_CACHE)"
+        )
+        parser.add_argument(
+            "--local-files-only",
+            action="store_true",
+            help="use the local cache only, never the network (like HF_HUB_OFFLINE=1)",
+        )
     parser.add_argument("--token", default=None, help="Hugging Face token (default: $HF_TOKEN or the stored login)")
 
 
 def _add_trust_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--trust-unverified", action="store_true",
-                        help="load a bank file that carries no tocom_sha256 checksum (its tensors and config "
-                             "cannot be verified; only for files you made or trust)")
+    parser.add_argument(
+        "--trust-unverified",
+        action="store_true",
+        help="load a bank file that carries no tocom_sha256 checksum (its tensors and config "
+        "cannot be verified; only for files you made or trust)",
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -54,16 +61,26 @@ def _add_trust_option(parser: argparse.ArgumentParser) -> None:
 def download_command(args: argparse.Namespace) -> int:
     from .hub import download_bank
 
-    path = download_bank(args.repo_id, revision=args.revision, cache_dir=args.cache_dir, token=args.token,
-                         local_files_only=args.local_files_only, force_download=args.force_download)
+    path = download_bank(
+        args.repo_id,
+        revision=args.revision,
+        cache_dir=args.cache_dir,
+        token=args.token,
+        local_files_only=args.local_files_only,
+        force_download=args.force_download,
+    )
     print(path)
     return 0
 
 
 def add_download_parser(subparsers: Any) -> None:
-    p = subparsers.add_parser("download", parents=[COMMON], help="download a bank into the Hugging Face cache",
-                              description="Download a ToCom bank (tocom.safetensors + tocom_config.json) into the "
-                                          "Hugging Face cache and print its local directory.")
+    p = subparsers.add_parser(
+        "download",
+        parents=[COMMON],
+        help="download a bank into the Hugging Face cache",
+        description="Download a ToCom bank (tocom.safetensors + tocom_config.json) into the "
+        "Hugging Face cache and print its local directory.",
+    )
     p.add_argument("repo_id", help="Hub repo id, e.g. org/tocom-deit-base")
     _add_hub_options(p)
     p.add_argument("--force-download", action="store_true", help="download even if the files are cached")
@@ -82,10 +99,19 @@ def _describe(args: argparse.Namespace) -> Dict[str, Any]:
     if os.path.exists(target):
         path, source = target, {"path": os.path.abspath(target)}
     else:
-        path = download_bank(target, revision=args.revision, cache_dir=args.cache_dir, token=args.token,
-                             local_files_only=args.local_files_only)
-        source = {"repo_id": target, "revision": args.revision or "main", "commit": os.path.basename(path),
-                  "path": path}
+        path = download_bank(
+            target,
+            revision=args.revision,
+            cache_dir=args.cache_dir,
+            token=args.token,
+            local_files_only=args.local_files_only,
+        )
+        source = {
+            "repo_id": target,
+            "revision": args.revision or "main",
+            "commit": os.path.basename(path),
+            "path": path,
+        }
     bank = ToComBank.from_pretrained(path, trust_unverified=args.trust_unverified)
     facts = bank_facts(bank, path)
     facts["size_mb"] = round(facts["size_bytes"] / 1e6, 3)
@@ -158,9 +184,13 @@ def info_command(args: argparse.Namespace) -> int:
 
 
 def add_info_parser(subparsers: Any) -> None:
-    p = subparsers.add_parser("info", parents=[COMMON], help="print a bank's metadata and size",
-                              description="Print what a ToCom bank is: base model, method, r range, rank, "
-                                          "targets, parameter count, size on disk, scale and format version.")
+    p = subparsers.add_parser(
+        "info",
+        parents=[COMMON],
+        help="print a bank's metadata and size",
+        description="Print what a ToCom bank is: base model, method, r range, rank, "
+        "targets, parameter count, size on disk, scale and format version.",
+    )
     p.add_argument("repo_id_or_path", help="Hub repo id, or a local bank directory / tocom.safetensors file")
     _add_hub_options(p)
     _add_trust_option(p)
@@ -179,16 +209,28 @@ def push_command(args: argparse.Namespace) -> int:
     if not os.path.exists(args.dir):
         raise FileNotFoundError(f"no bank directory or file at {args.dir} (write one with ToComBank.save_pretrained)")
     bank = ToComBank.from_pretrained(args.dir, trust_unverified=args.trust_unverified)
-    info = push_bank(bank, args.repo_id, revision=args.revision, private=args.private or None, token=args.token,
-                     commit_message=args.commit_message, create_pr=args.create_pr, license=args.license)
+    info = push_bank(
+        bank,
+        args.repo_id,
+        revision=args.revision,
+        private=args.private or None,
+        token=args.token,
+        commit_message=args.commit_message,
+        create_pr=args.create_pr,
+        license=args.license,
+    )
     print(getattr(info, "pr_url", None) or getattr(info, "commit_url", None) or info)
     return 0
 
 
 def add_push_parser(subparsers: Any) -> None:
-    p = subparsers.add_parser("push", parents=[COMMON], help="upload a bank directory with a model card",
-                              description="Upload tocom.safetensors, tocom_config.json and a generated README.md "
-                                          "model card to a Hub repo (created if needed); prints the commit URL.")
+    p = subparsers.add_parser(
+        "push",
+        parents=[COMMON],
+        help="upload a bank directory with a model card",
+        description="Upload tocom.safetensors, tocom_config.json and a generated README.md "
+        "model card to a Hub repo (created if needed); prints the commit URL.",
+    )
     p.add_argument("dir", help="bank directory written by ToComBank.save_pretrained")
     p.add_argument("repo_id", help="Hub repo id, e.g. my-org/tocom-deit-base")
     _add_hub_options(p, download=False)
@@ -196,8 +238,11 @@ def add_push_parser(subparsers: Any) -> None:
     p.add_argument("--private", action="store_true", help="create the repo as private (if it does not exist)")
     p.add_argument("--commit-message", default=None, help="commit message (default: a summary of the bank)")
     p.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
-    p.add_argument("--license", default=None,
-                   help="license for the model card (default: the backbone's weights license, else apache-2.0)")
+    p.add_argument(
+        "--license",
+        default=None,
+        help="license for the model card (default: the backbone's weights license, else apache-2.0)",
+    )
     p.set_defaults(func=push_command)
 
 
@@ -214,7 +259,6 @@ class _ExamplesFormatter(argparse.HelpFormatter):
         if text.startswith("examples:"):
             return "".join(indent + line for line in text.splitlines(keepends=True))
         return super()._fill_text(text, width, indent)
-
 
 
 _MODEL_HELP = (
@@ -296,7 +340,7 @@ def _json_object(text: str) -> Dict[str, Any]:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as e:
-        raise argparse.ArgumentTypeError(f"not valid JSON ({e}); example: '{{\"img_size\": 64, \"depth\": 2}}'") from None
+        raise argparse.ArgumentTypeError(f'not valid JSON ({e}); example: \'{{"img_size": 64, "depth": 2}}\'') from None
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"img_size\": 64}}'; got {text!r}")
     return value
@@ -305,16 +349,32 @@ def _json_object(text: str) -> Dict[str, Any]:
 def _add_model_options(parser: argparse.ArgumentParser, *, weights: bool = True) -> None:
     g = parser.add_argument_group("model")
     g.add_argument("--model", required=True, metavar="NAME_OR_PATH", help=_MODEL_HELP)
-    g.add_argument("--model-kwargs", type=_json_object, default=None, metavar="JSON",
-                   help="keyword arguments for timm.create_model as a JSON object, "
-                        "e.g. '{\"img_size\": 64, \"depth\": 2, \"num_classes\": 3}'")
+    g.add_argument(
+        "--model-kwargs",
+        type=_json_object,
+        default=None,
+        metavar="JSON",
+        help="keyword arguments for timm.create_model as a JSON object, "
+        'e.g. \'{"img_size": 64, "depth": 2, "num_classes": 3}\'',
+    )
     if weights:
-        g.add_argument("--pretrained", action="store_true",
-                       help="load timm's pretrained weights for a timm name (needs the network or the HF cache)")
-        g.add_argument("--checkpoint", default=None, metavar="FILE",
-                       help="model weights: .safetensors, or a torch state dict (read with weights_only=True)")
-    g.add_argument("--method", choices=_METHODS, default=None,
-                   help="token reduction: tome (merge) or evit (prune); default: the bank's, else tome")
+        g.add_argument(
+            "--pretrained",
+            action="store_true",
+            help="load timm's pretrained weights for a timm name (needs the network or the HF cache)",
+        )
+        g.add_argument(
+            "--checkpoint",
+            default=None,
+            metavar="FILE",
+            help="model weights: .safetensors, or a torch state dict (read with weights_only=True)",
+        )
+    g.add_argument(
+        "--method",
+        choices=_METHODS,
+        default=None,
+        help="token reduction: tome (merge) or evit (prune); default: the bank's, else tome",
+    )
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, … (default: cuda when available)")
     g.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's)")
 
@@ -328,8 +388,12 @@ def _load_model(args: argparse.Namespace):
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, info = load_model(args.model, model_kwargs=args.model_kwargs, pretrained=getattr(args, "pretrained", False),
-                             checkpoint=getattr(args, "checkpoint", None))
+    model, info = load_model(
+        args.model,
+        model_kwargs=args.model_kwargs,
+        pretrained=getattr(args, "pretrained", False),
+        checkpoint=getattr(args, "checkpoint", None),
+    )
     unpatch(patch(model, method=args.method or "tome"))  # TypeError for Eva, Swin, … before any work
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     return model.to(device), info, device
@@ -354,11 +418,19 @@ def _model_label(info: Dict[str, Any], method: str, *, detail: bool = False) -> 
 
 def _add_bank_options(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("ToCom bank")
-    g.add_argument("--bank", default=None, metavar="ID_OR_PATH",
-                   help="ToCom bank: a local directory / tocom.safetensors file or a Hub repo id")
-    g.add_argument("--source-r", type=_r_value, default=None,
-                   help="r the model was fine-tuned at (the bank's source degree); default: the model "
-                        "directory's finetune.json, else 0")
+    g.add_argument(
+        "--bank",
+        default=None,
+        metavar="ID_OR_PATH",
+        help="ToCom bank: a local directory / tocom.safetensors file or a Hub repo id",
+    )
+    g.add_argument(
+        "--source-r",
+        type=_r_value,
+        default=None,
+        help="r the model was fine-tuned at (the bank's source degree); default: the model "
+        "directory's finetune.json, else 0",
+    )
     g.add_argument("--scale", type=_finite_float, default=None, help="ToCom scale s (default: the bank's)")
     _add_hub_options(g)
     _add_trust_option(g)
@@ -369,8 +441,14 @@ def _load_bank(args: argparse.Namespace):
         return None
     from .bank import ToComBank
 
-    return ToComBank.from_pretrained(args.bank, revision=args.revision, cache_dir=args.cache_dir, token=args.token,
-                                     local_files_only=args.local_files_only, trust_unverified=args.trust_unverified)
+    return ToComBank.from_pretrained(
+        args.bank,
+        revision=args.revision,
+        cache_dir=args.cache_dir,
+        token=args.token,
+        local_files_only=args.local_files_only,
+        trust_unverified=args.trust_unverified,
+    )
 
 
 def _write_json(path: str, obj: Any) -> None:
@@ -400,10 +478,20 @@ def eval_command(args: argparse.Namespace) -> int:
     warning = label_warning(dataset, model)
     if warning:
         print(f"tocom-hub eval: warning: {warning}", file=sys.stderr)
-    loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.workers,
-                        pin_memory=device.type == "cuda")
-    rows = evaluate(model, loader, args.target_r, bank=bank, source_r=source_r, scale=args.scale, method=method,
-                    device=device, keep_correct=bank is not None)
+    loader = DataLoader(
+        dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.workers, pin_memory=device.type == "cuda"
+    )
+    rows = evaluate(
+        model,
+        loader,
+        args.target_r,
+        bank=bank,
+        source_r=source_r,
+        scale=args.scale,
+        method=method,
+        device=device,
+        keep_correct=bank is not None,
+    )
     add_intervals(rows)  # +ToCom − plain with its 95 % paired-bootstrap interval over the images
     scale = None if bank is None else (args.scale if args.scale is not None else bank.scale)
     result = {
@@ -424,8 +512,10 @@ def eval_command(args: argparse.Namespace) -> int:
         "rows": rows,
     }
     bank_text = f", bank {args.bank} (s={scale:g})" if bank is not None else ""
-    print(f"{_model_label(info, method)} on {result['data_name']}: {result['images']} images, source r={source_r}"
-          f"{bank_text}")
+    print(
+        f"{_model_label(info, method)} on {result['data_name']}: {result['images']} images, source r={source_r}"
+        f"{bank_text}"
+    )
     print(format_table(rows, source_r=source_r))
     if args.json:
         _write_json(args.json, result)
@@ -439,28 +529,37 @@ def eval_command(args: argparse.Namespace) -> int:
 
 def add_eval_parser(subparsers: Any) -> None:
     p = subparsers.add_parser(
-        "eval", parents=[COMMON], formatter_class=_ExamplesFormatter, help="accuracy and images/s per target r, with/without a bank",
+        "eval",
+        parents=[COMMON],
+        formatter_class=_ExamplesFormatter,
+        help="accuracy and images/s per target r, with/without a bank",
         description="Top-1 accuracy and images/s of a model at every target r: plain ToMe/EViT ('no ToCom') and, with "
-                    "--bank, the bank merged for source r -> target r, with the 95 % interval of the difference "
-                    "(paired bootstrap over the images). Images/s is the median over batches with its 10th-90th "
-                    "percentile. Prints a table; --json / --plot write the results and an accuracy-vs-r figure "
-                    "(PNG, 95 % interval per point).",
+        "--bank, the bank merged for source r -> target r, with the 95 % interval of the difference "
+        "(paired bootstrap over the images). Images/s is the median over batches with its 10th-90th "
+        "percentile. Prints a table; --json / --plot write the results and an accuracy-vs-r figure "
+        "(PNG, 95 % interval per point).",
         epilog="examples:\n"
-               "  tocom-hub eval --model out/finetune-r0 --data imagenet/val --target-r 0,4,8,16 --bank org/tocom-deit-b \\\n"
-               "      --json eval.json --plot eval.png\n"
-               "  tocom-hub eval --model deit_base_patch16_224 --checkpoint deit_b.safetensors --data imagenet \\\n"
-               "      --source-r 16 --target-r 0-16 --bank out/bank --scale 0.1 --limit 2000\n"
-               "  tocom-hub eval --model vit_tiny_patch16_224 --model-kwargs '{\"img_size\": 64, \"depth\": 2}' \\\n"
-               "      --data my_folder --target-r 0,4,8\n\n"
-               "--data is an ImageFolder root (DIR/<class>/<image>; a val/ or validation/ sub-folder is used when\n"
-               "present) or an embedded dataset name (tocom_hub.data). Images get timm's eval transform for the model.")
+        "  tocom-hub eval --model out/finetune-r0 --data imagenet/val --target-r 0,4,8,16 --bank org/tocom-deit-b \\\n"
+        "      --json eval.json --plot eval.png\n"
+        "  tocom-hub eval --model deit_base_patch16_224 --checkpoint deit_b.safetensors --data imagenet \\\n"
+        "      --source-r 16 --target-r 0-16 --bank out/bank --scale 0.1 --limit 2000\n"
+        '  tocom-hub eval --model vit_tiny_patch16_224 --model-kwargs \'{"img_size": 64, "depth": 2}\' \\\n'
+        "      --data my_folder --target-r 0,4,8\n\n"
+        "--data is an ImageFolder root (DIR/<class>/<image>; a val/ or validation/ sub-folder is used when\n"
+        "present) or an embedded dataset name (tocom_hub.data). Images get timm's eval transform for the model.",
+    )
     _add_model_options(p)
     g = p.add_argument_group("evaluation")
     g.add_argument("--data", required=True, metavar="DIR", help="ImageFolder root, or an embedded dataset name")
     g.add_argument("--split", default="validation", help="split sub-folder to look for under DIR (default validation)")
     g.add_argument("--class-map", default=None, metavar="FILE", help="timm class map file (class name per line)")
-    g.add_argument("--target-r", type=_r_list, default=[0, 4, 8, 16], metavar="R,R,…",
-                   help="target r values, e.g. 0,4,8,16 or 0-16 (default 0,4,8,16)")
+    g.add_argument(
+        "--target-r",
+        type=_r_list,
+        default=[0, 4, 8, 16],
+        metavar="R,R,…",
+        help="target r values, e.g. 0,4,8,16 or 0-16 (default 0,4,8,16)",
+    )
     g.add_argument("--batch-size", type=_positive_int, default=32, help="images per batch (default 32)")
     g.add_argument("--workers", type=_non_negative_int, default=2, help="DataLoader workers (default 2)")
     g.add_argument("--limit", type=_positive_int, default=None, metavar="N", help="evaluate the first N images only")
@@ -481,8 +580,9 @@ def bench_command(args: argparse.Namespace) -> int:
         raise IsADirectoryError(f"{args.json} is a directory; pass a file name such as bench.json")
     model, info, device = _load_model(args)
     method = args.method or "tome"
-    result = benchmark(model, args.r, batch_size=args.batch_size, method=method, iters=args.iters,
-                       warmup=args.warmup, seed=args.seed)
+    result = benchmark(
+        model, args.r, batch_size=args.batch_size, method=method, iters=args.iters, warmup=args.warmup, seed=args.seed
+    )
     print(format_table(result, title=_model_label(info, method)))
     if args.json:
         _write_json(args.json, {"model": info["model"], "model_info": info, **result})
@@ -492,22 +592,33 @@ def bench_command(args: argparse.Namespace) -> int:
 
 def add_bench_parser(subparsers: Any) -> None:
     p = subparsers.add_parser(
-        "bench", parents=[COMMON], formatter_class=_ExamplesFormatter, help="latency / throughput table per r vs plain timm",
+        "bench",
+        parents=[COMMON],
+        formatter_class=_ExamplesFormatter,
+        help="latency / throughput table per r vs plain timm",
         description="Latency (median and p90, ms per batch) and throughput (images/s) of a model at each r, next to "
-                    "plain timm, with the speed-up. Measurements are interleaved (each iteration visits every "
-                    "configuration once, in random order) so load drifts hit all configurations alike. Weights do "
-                    "not change the speed: a timm name is built with random weights. A bank merged into the "
-                    "weights costs nothing, so there is no --bank.",
+        "plain timm, with the speed-up. Measurements are interleaved (each iteration visits every "
+        "configuration once, in random order) so load drifts hit all configurations alike. Weights do "
+        "not change the speed: a timm name is built with random weights. A bank merged into the "
+        "weights costs nothing, so there is no --bank.",
         epilog="examples:\n"
-               "  tocom-hub bench --model deit_base_patch16_224 --r 0,8,16 --batch 8\n"
-               "  tocom-hub bench --model vit_small_patch16_224 --r 0-16 --batch 1 --threads 4 --iters 50 --json b.json\n"
-               "  tocom-hub bench --model deit_small_patch16_224 --method evit --r 0,10,20")
+        "  tocom-hub bench --model deit_base_patch16_224 --r 0,8,16 --batch 8\n"
+        "  tocom-hub bench --model vit_small_patch16_224 --r 0-16 --batch 1 --threads 4 --iters 50 --json b.json\n"
+        "  tocom-hub bench --model deit_small_patch16_224 --method evit --r 0,10,20",
+    )
     _add_model_options(p, weights=False)
     g = p.add_argument_group("benchmark")
-    g.add_argument("--r", type=_r_list, default=[0, 8, 16], metavar="R,R,…",
-                   help="r values, e.g. 0,8,16 or 0-16 (default 0,8,16)")
-    g.add_argument("--batch", "--batch-size", dest="batch_size", type=_positive_int, default=8,
-                   help="images per forward (default 8)")
+    g.add_argument(
+        "--r", type=_r_list, default=[0, 8, 16], metavar="R,R,…", help="r values, e.g. 0,8,16 or 0-16 (default 0,8,16)"
+    )
+    g.add_argument(
+        "--batch",
+        "--batch-size",
+        dest="batch_size",
+        type=_positive_int,
+        default=8,
+        help="images per forward (default 8)",
+    )
     g.add_argument("--iters", type=_positive_int, default=20, help="timed forwards per configuration (default 20)")
     g.add_argument("--warmup", type=_non_negative_int, default=3, help="untimed forwards per configuration (default 3)")
     g.add_argument("--seed", type=int, default=0, help="seed of the random batch and of the visiting order")
@@ -528,33 +639,53 @@ def visualize_command(args: argparse.Namespace) -> int:
         raise IsADirectoryError(f"-o {args.output} is a directory; pass a file name such as merged.png")
     model, info, _ = _load_model(args)
     if info.get("weights") == "random-init":
-        print(f"tocom-hub visualize: WARNING: {args.model} has RANDOM weights (no --pretrained, no --checkpoint): its "
-              f"merge groups say nothing about a trained model.\n    For a meaningful picture pass --pretrained "
-              f"(timm's weights), --checkpoint FILE, a saved model directory, or --model demo.", file=sys.stderr)
+        print(
+            f"tocom-hub visualize: WARNING: {args.model} has RANDOM weights (no --pretrained, no --checkpoint): its "
+            f"merge groups say nothing about a trained model.\n    For a meaningful picture pass --pretrained "
+            f"(timm's weights), --checkpoint FILE, a saved model directory, or --model demo.",
+            file=sys.stderr,
+        )
     bank = _load_bank(args)
     source_r = args.source_r if args.source_r is not None else int(info.get("source_r") or 0)
-    out = visualize(model, args.image, args.r, args.output, method=args.method, bank=bank, source_r=source_r,
-                    scale=args.scale, alpha=args.alpha, cell=args.cell, json_path=args.json)
+    out = visualize(
+        model,
+        args.image,
+        args.r,
+        args.output,
+        method=args.method,
+        bank=bank,
+        source_r=source_r,
+        scale=args.scale,
+        alpha=args.alpha,
+        cell=args.cell,
+        json_path=args.json,
+    )
     prefix = f" (+{out['prefix_tokens']} prefix)" if out["prefix_tokens"] else ""
     pruned = f", {out['pruned_patches']} patches pruned (grey)" if out["pruned_patches"] else ""
-    print(f"{_model_label(info, out['method'])} r={args.r}: {out['patches']} patches -> {out['tokens_left']} tokens"
-          f"{prefix}, {out['groups']} colour groups{pruned}")
+    print(
+        f"{_model_label(info, out['method'])} r={args.r}: {out['patches']} patches -> {out['tokens_left']} tokens"
+        f"{prefix}, {out['groups']} colour groups{pruned}"
+    )
     print(f"wrote {out['output']} and {out['json']}")
     return 0
 
 
 def add_visualize_parser(subparsers: Any) -> None:
     p = subparsers.add_parser(
-        "visualize", parents=[COMMON], formatter_class=_ExamplesFormatter, help="paint the patches merged into each token",
+        "visualize",
+        parents=[COMMON],
+        formatter_class=_ExamplesFormatter,
+        help="paint the patches merged into each token",
         description="Run one image through the model at r with source tracing and paint every token's patches one "
-                    "colour. The PNG has three panels: the input (as the model saw it), the groups over it with "
-                    "borders, and the groups as flat colours (one exact colour per token left after the last block, "
-                    "prefix tokens excluded). With EViT each kept token is one patch and the patches of pruned "
-                    "tokens are grey. A side-car JSON (default: OUTPUT with .json) holds the token and group counts.",
+        "colour. The PNG has three panels: the input (as the model saw it), the groups over it with "
+        "borders, and the groups as flat colours (one exact colour per token left after the last block, "
+        "prefix tokens excluded). With EViT each kept token is one patch and the patches of pruned "
+        "tokens are grey. A side-car JSON (default: OUTPUT with .json) holds the token and group counts.",
         epilog="examples:\n"
-               "  tocom-hub visualize --model deit_small_patch16_224 --pretrained --image cat.jpg --r 8 -o merged.png\n"
-               "  tocom-hub visualize --model out/finetune-r0 --image cat.jpg --r 16 --method evit -o pruned.png\n"
-               "  tocom-hub visualize --model out/finetune-r0 --image cat.jpg --r 16 --bank out/bank -o tocom.png")
+        "  tocom-hub visualize --model deit_small_patch16_224 --pretrained --image cat.jpg --r 8 -o merged.png\n"
+        "  tocom-hub visualize --model out/finetune-r0 --image cat.jpg --r 16 --method evit -o pruned.png\n"
+        "  tocom-hub visualize --model out/finetune-r0 --image cat.jpg --r 16 --bank out/bank -o tocom.png",
+    )
     _add_model_options(p)
     g = p.add_argument_group("picture")
     g.add_argument("--image", required=True, metavar="FILE", help="input image (any format Pillow reads)")
@@ -562,8 +693,13 @@ def add_visualize_parser(subparsers: Any) -> None:
     g.add_argument("-o", "--output", required=True, metavar="FILE.png", help="output PNG")
     g.add_argument("--json", default=None, metavar="FILE", help="side-car JSON (default: OUTPUT with .json)")
     g.add_argument("--alpha", type=_fraction, default=0.5, help="opacity of the colours over the image (default 0.5)")
-    g.add_argument("--cell", type=_positive_int, default=None, metavar="PX",
-                   help="pixels per patch in the output (default: panels of about 320 px)")
+    g.add_argument(
+        "--cell",
+        type=_positive_int,
+        default=None,
+        metavar="PX",
+        help="pixels per patch in the output (default: panels of about 320 px)",
+    )
     _add_bank_options(p)
     p.set_defaults(func=visualize_command)
 
@@ -585,43 +721,65 @@ def convert_command(args: argparse.Namespace) -> int:
     if os.path.isfile(args.output_dir):
         raise FileExistsError(f"-o {args.output_dir} is a file; pass a directory for the bank")
     if os.path.isfile(os.path.join(args.output_dir, WEIGHTS_NAME)) and not args.overwrite:
-        raise FileExistsError(f"{args.output_dir} already holds a bank ({WEIGHTS_NAME}); pass --overwrite to replace it")
+        raise FileExistsError(
+            f"{args.output_dir} already holds a bank ({WEIGHTS_NAME}); pass --overwrite to replace it"
+        )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        bank = convert_official(args.checkpoint, r_max=args.r_max, num_heads=args.num_heads, scale=args.scale,
-                                method=args.method, base_model=args.base_model, pretrained_tag=args.pretrained_tag)
+        bank = convert_official(
+            args.checkpoint,
+            r_max=args.r_max,
+            num_heads=args.num_heads,
+            scale=args.scale,
+            method=args.method,
+            base_model=args.base_model,
+            pretrained_tag=args.pretrained_tag,
+        )
     for w in caught:
         print(f"tocom-hub convert: warning: {w.message}", file=sys.stderr)
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(args.dtype)
     bank.save_pretrained(args.output_dir, dtype=dtype)
     c = bank.config
-    print(f"converted {args.checkpoint}: {c.depth} blocks, targets {','.join(c.targets)}, r 0-{c.r_max}, rank {c.rank}, "
-          f"{bank.num_parameters():,} parameters, method {c.method}, scale {c.scale:g}")
+    print(
+        f"converted {args.checkpoint}: {c.depth} blocks, targets {','.join(c.targets)}, r 0-{c.r_max}, rank {c.rank}, "
+        f"{bank.num_parameters():,} parameters, method {c.method}, scale {c.scale:g}"
+    )
     print(f"wrote {args.output_dir} (load it with ToComBank.from_pretrained or --bank {args.output_dir})")
     return 0
 
 
 def add_convert_parser(subparsers: Any) -> None:
     p = subparsers.add_parser(
-        "convert", parents=[COMMON], formatter_class=_ExamplesFormatter, help="convert an official ToCom checkpoint into a bank",
+        "convert",
+        parents=[COMMON],
+        formatter_class=_ExamplesFormatter,
+        help="convert an official ToCom checkpoint into a bank",
         description="Read a checkpoint in the official ToCom layout (blocks.{i}.attn.{q,v}_tocom.adapter_{down,up}."
-                    "weight; loaded with torch.load(weights_only=True), no code runs) and save it as a tocom-hub bank "
-                    "directory (tocom.safetensors + tocom_config.json).",
+        "weight; loaded with torch.load(weights_only=True), no code runs) and save it as a tocom-hub bank "
+        "directory (tocom.safetensors + tocom_config.json).",
         epilog="examples:\n"
-               "  tocom-hub convert tocom_deit_base.pth -o tocom-deit-base --base-model deit_base_patch16_224 --num-heads 12\n"
-               "  tocom-hub convert tocom_evit.pth -o tocom-evit --method evit --dtype fp16\n"
-               "  tocom-hub push tocom-deit-base my-org/tocom-deit-base      # then share it")
+        "  tocom-hub convert tocom_deit_base.pth -o tocom-deit-base --base-model deit_base_patch16_224 --num-heads 12\n"
+        "  tocom-hub convert tocom_evit.pth -o tocom-evit --method evit --dtype fp16\n"
+        "  tocom-hub push tocom-deit-base my-org/tocom-deit-base      # then share it",
+    )
     p.add_argument("checkpoint", metavar="official.pth", help="official ToCom checkpoint (.pth)")
     p.add_argument("-o", "--output-dir", required=True, metavar="DIR", help="bank directory to write")
-    p.add_argument("--method", choices=_METHODS, default="tome", help="token reduction the bank was trained for (default tome)")
+    p.add_argument(
+        "--method", choices=_METHODS, default="tome", help="token reduction the bank was trained for (default tome)"
+    )
     p.add_argument("--base-model", default=None, help="timm architecture of the backbone, e.g. deit_base_patch16_224")
     p.add_argument("--pretrained-tag", default=None, help="timm pretrained tag of the backbone, e.g. fb_in1k")
     p.add_argument("--r-max", type=_positive_int, default=16, help="R, groups in the checkpoint (default 16)")
-    p.add_argument("--num-heads", type=_positive_int, default=None,
-                   help="attention heads of the backbone (default: width / 64, with a warning)")
+    p.add_argument(
+        "--num-heads",
+        type=_positive_int,
+        default=None,
+        help="attention heads of the backbone (default: width / 64, with a warning)",
+    )
     p.add_argument("--scale", type=_finite_float, default=0.1, help="default scale s stored in the bank (default 0.1)")
-    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None,
-                   help="dtype on disk (default: the checkpoint's)")
+    p.add_argument(
+        "--dtype", choices=("fp32", "fp16", "bf16"), default=None, help="dtype on disk (default: the checkpoint's)"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace a bank already in DIR")
     p.set_defaults(func=convert_command)
 
@@ -630,8 +788,13 @@ def add_convert_parser(subparsers: Any) -> None:
 # entry point
 
 COMMANDS: List[Callable[[Any], None]] = [
-    add_download_parser, add_info_parser, add_push_parser,
-    add_eval_parser, add_bench_parser, add_visualize_parser, add_convert_parser,
+    add_download_parser,
+    add_info_parser,
+    add_push_parser,
+    add_eval_parser,
+    add_bench_parser,
+    add_visualize_parser,
+    add_convert_parser,
 ]
 
 
@@ -639,8 +802,10 @@ def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
     parser = argparse.ArgumentParser(
-        prog="tocom-hub", description="ToCom banks for timm Vision Transformers: get, inspect and share them; "
-                                      "evaluate, benchmark and visualise token merging.")
+        prog="tocom-hub",
+        description="ToCom banks for timm Vision Transformers: get, inspect and share them; "
+        "evaluate, benchmark and visualise token merging.",
+    )
     parser.add_argument("--version", action="version", version=f"tocom-hub {__version__}")
     parser.add_argument("--debug", action="store_true", default=False, help="show the full traceback on errors")
     subparsers = parser.add_subparsers(dest="command", metavar="<command>")

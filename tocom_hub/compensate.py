@@ -28,6 +28,7 @@ weights are first restored from the pristine copy, so the result equals applying
 The bank stays a separate module: it is not registered as a submodule, so ``model.state_dict()``
 and ``model.parameters()`` never contain it.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -43,8 +44,17 @@ from torch import nn
 from .bank import MAX_SCALE, ToComBank, _looks_local, model_dims
 from .patch import get_method, is_patched, patch, set_r, unpatch
 
-__all__ = ["apply", "set_target_r", "set_pair", "remove", "get_state", "disabled", "switch_lock", "Compensation",
-           "MAX_SCALE"]
+__all__ = [
+    "apply",
+    "set_target_r",
+    "set_pair",
+    "remove",
+    "get_state",
+    "disabled",
+    "switch_lock",
+    "Compensation",
+    "MAX_SCALE",
+]
 
 _ATTR = "_tocom_compensation"
 _LOCK_ATTR = "_tocom_switch_lock"
@@ -81,7 +91,7 @@ class _Slot:
         ``.half()``, …); the factor snapshot follows the weight's device."""
         w = self.module.weight
         if w.data_ptr() != self.ptr or self.view is None:
-            self.view = w.detach()[self.start:self.stop]
+            self.view = w.detach()[self.start : self.stop]
             self.ptr = w.data_ptr()
             if self.up.device != w.device:
                 self.up, self.down = self.up.to(w.device), self.down.to(w.device)
@@ -136,8 +146,16 @@ class Compensation:
     ``False``: LoRA path in the forward), ``enabled``.
     """
 
-    def __init__(self, model: nn.Module, bank: ToComBank, source_r: int, target_r: int, scale: float,
-                 merge: bool, patched_here: bool) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        bank: ToComBank,
+        source_r: int,
+        target_r: int,
+        scale: float,
+        merge: bool,
+        patched_here: bool,
+    ) -> None:
         self.bank = bank
         self.source_r, self.target_r = source_r, target_r
         self.scale = scale
@@ -168,8 +186,10 @@ class Compensation:
         self._rank = rank
 
     def __repr__(self) -> str:
-        return (f"Compensation(source_r={self.source_r}, target_r={self.target_r}, scale={self.scale}, "
-                f"merge={self.merge}, targets={self.bank.targets})")
+        return (
+            f"Compensation(source_r={self.source_r}, target_r={self.target_r}, scale={self.scale}, "
+            f"merge={self.merge}, targets={self.bank.targets})"
+        )
 
     # -- merged ------------------------------------------------------------------------------------
     def _snapshot(self) -> None:
@@ -229,8 +249,13 @@ class Compensation:
         if cur is not None and cur[0] == cur[1]:
             cur = (m, m)  # the weights are W₀, i.e. Δ(m → m) for any m
         if (
-            moved or cur is None or m != cur[0] or n == m or self._inexact >= RESYNC_EVERY
-            or not self._slots or self._slots[0].view.dtype != torch.float32
+            moved
+            or cur is None
+            or m != cur[0]
+            or n == m
+            or self._inexact >= RESYNC_EVERY
+            or not self._slots
+            or self._slots[0].view.dtype != torch.float32
         ):
             self._write_exact(m, n)
             return
@@ -250,7 +275,7 @@ class Compensation:
         for m in range(R + 1):
             for n in range(R + 1):
                 lo, hi = (m, n) if m <= n else (n, m)
-                table[m, n, lo * h:hi * h] = self.scale if n > m else -self.scale
+                table[m, n, lo * h : hi * h] = self.scale if n > m else -self.scale
         self._coef_table = table.to(device)
 
     def _install_hooks(self) -> None:
@@ -336,9 +361,9 @@ def switch_lock(model: nn.Module) -> threading.RLock:
 def get_state(model: nn.Module) -> Optional[Compensation]:
     """The :class:`Compensation` :func:`apply` attached to ``model``, or ``None``. Example::
 
-        tocom_hub.apply(model, 0, 8, bank=bank)
-        st = tocom_hub.compensate.get_state(model)
-        print(st.source_r, st.target_r, st.scale, st.merge)
+    tocom_hub.apply(model, 0, 8, bank=bank)
+    st = tocom_hub.compensate.get_state(model)
+    print(st.source_r, st.target_r, st.scale, st.merge)
     """
     return model.__dict__.get(_ATTR)
 
@@ -423,8 +448,9 @@ def _check_compatible(model: nn.Module, bank: ToComBank, method: Optional[str], 
             f"tocom_hub.patch(model, method={cfg.method!r}) first or pick a bank for {patched_method!r}"
         )
     for t in cfg.targets:
-        if tuple(bank.A[t].shape) != (cfg.depth, cfg.target_shape(t)[0], cfg.r_max * cfg.rank) or \
-                tuple(bank.B[t].shape) != (cfg.depth, cfg.r_max * cfg.rank, cfg.target_shape(t)[1]):
+        if tuple(bank.A[t].shape) != (cfg.depth, cfg.target_shape(t)[0], cfg.r_max * cfg.rank) or tuple(
+            bank.B[t].shape
+        ) != (cfg.depth, cfg.r_max * cfg.rank, cfg.target_shape(t)[1]):
             raise ValueError(f"bank tensors for target {t!r} do not match its config; rebuild the bank")
     weight = model.blocks[0].attn.qkv.weight
     if not weight.dtype.is_floating_point:
@@ -449,8 +475,7 @@ def _check_compatible(model: nn.Module, bank: ToComBank, method: Optional[str], 
 def _check_scale(bank: ToComBank, scale: Optional[float]) -> float:
     s = bank.scale if scale is None else scale
     if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s) or not 0 <= s <= MAX_SCALE:
-        raise ValueError(f"scale must be a finite number in [0, {MAX_SCALE:g}] (the paper uses 0.01 … 0.15); "
-                         f"got {s!r}")
+        raise ValueError(f"scale must be a finite number in [0, {MAX_SCALE:g}] (the paper uses 0.01 … 0.15); got {s!r}")
     return float(s)
 
 
@@ -501,8 +526,16 @@ def apply(
         return _apply_locked(model, source_r, target_r, bank, scale, method, merge, ignore_base_model)
 
 
-def _apply_locked(model: nn.Module, source_r: int, target_r: int, bank: ToComBank, scale: Optional[float],
-                  method: Optional[str], merge: bool, ignore_base_model: bool) -> nn.Module:
+def _apply_locked(
+    model: nn.Module,
+    source_r: int,
+    target_r: int,
+    bank: ToComBank,
+    scale: Optional[float],
+    method: Optional[str],
+    merge: bool,
+    ignore_base_model: bool,
+) -> nn.Module:
     _check_compatible(model, bank, method, ignore_base_model)
     s = _check_scale(bank, scale)
     _check_int_r("source_r", source_r, bank.r_max)

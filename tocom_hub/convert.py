@@ -11,6 +11,7 @@ group first). Our bank stores group ``g`` at ``[g·h, (g+1)·h)``, so conversion
 the inner dimension; the products — and the model outputs — are unchanged. The file is read with
 ``torch.load(weights_only=True)``: no arbitrary code runs.
 """
+
 from __future__ import annotations
 
 import os
@@ -100,8 +101,10 @@ def convert_official(
                 raise ValueError(f"{path}: block {b} target {t!r} lacks adapter_{'up' if 'down' in pair else 'down'}")
             down, up = pair["down"], pair["up"]
             if down.shape[0] != up.shape[1]:
-                raise ValueError(f"{path}: block {b} {t}: adapter_down {tuple(down.shape)} and adapter_up "
-                                 f"{tuple(up.shape)} disagree on the inner dim")
+                raise ValueError(
+                    f"{path}: block {b} {t}: adapter_down {tuple(down.shape)} and adapter_up "
+                    f"{tuple(up.shape)} disagree on the inner dim"
+                )
             inner = down.shape[0] if inner is None else inner
             if down.shape[0] != inner:
                 raise ValueError(f"{path}: inner dims differ between blocks ({inner} vs {down.shape[0]})")
@@ -119,11 +122,22 @@ def convert_official(
         if attn_dim % 64:
             raise ValueError(f"{path}: cannot guess num_heads for width {attn_dim}; pass num_heads=")
         num_heads = attn_dim // 64
-        warnings.warn(f"convert_official: assuming num_heads={num_heads} (64-wide heads); pass num_heads= to be explicit")
+        warnings.warn(
+            f"convert_official: assuming num_heads={num_heads} (64-wide heads); pass num_heads= to be explicit",
+            stacklevel=2,
+        )
     config = ToComConfig(
-        embed_dim=embed_dim, depth=depth, num_heads=num_heads, r_max=r_max, rank=rank, targets=targets,
-        scale=scale, method=method, attn_dim=attn_dim if attn_dim != embed_dim else None,
-        base_model=base_model, pretrained_tag=pretrained_tag,
+        embed_dim=embed_dim,
+        depth=depth,
+        num_heads=num_heads,
+        r_max=r_max,
+        rank=rank,
+        targets=targets,
+        scale=scale,
+        method=method,
+        attn_dim=attn_dim if attn_dim != embed_dim else None,
+        base_model=base_model,
+        pretrained_tag=pretrained_tag,
     )
     for t in targets:
         if shapes[t] != config.target_shape(t):

@@ -73,6 +73,7 @@ Images without a stated license in scikit-image (``moon``, ``page``, ``logo``, `
 images that need a download (``pooch``) are not used. Nothing is redistributed by tocom-hub: the
 pixels are read from the installed scikit-image at run time.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -98,17 +99,44 @@ __all__ = [
 
 # scikit-image sample photographs with a public-domain / CC0 / no-known-restrictions statement
 PHOTOS: Tuple[str, ...] = (
-    "astronaut", "brick", "camera", "cell", "chelsea", "clock", "coffee", "coins", "grass", "gravel",
-    "hubble_deep_field", "immunohistochemistry", "retina", "rocket", "text",
+    "astronaut",
+    "brick",
+    "camera",
+    "cell",
+    "chelsea",
+    "clock",
+    "coffee",
+    "coins",
+    "grass",
+    "gravel",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "retina",
+    "rocket",
+    "text",
 )
 # photographs whose upright orientation is recognisable (no isotropic textures / star fields)
 ORIENTATION_PHOTOS: Tuple[str, ...] = (
-    "astronaut", "camera", "chelsea", "clock", "coffee", "coins", "rocket", "text",
+    "astronaut",
+    "camera",
+    "chelsea",
+    "clock",
+    "coffee",
+    "coins",
+    "rocket",
+    "text",
 )
 
 SPLITS = ("train", "val", "test")
-_SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
-                  "eval": "val", "test": "test"}
+_SPLIT_ALIASES = {
+    "train": "train",
+    "training": "train",
+    "val": "val",
+    "valid": "val",
+    "validation": "val",
+    "eval": "val",
+    "test": "test",
+}
 _SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
 
 
@@ -140,8 +168,9 @@ class DatasetSpec:
 _REGISTRY: Dict[str, DatasetSpec] = {}
 
 
-def register_dataset(name: str, *, num_classes: int, description: str, lengths: Dict[str, int],
-                     license: str) -> Callable[[Callable[..., Dataset]], Callable[..., Dataset]]:
+def register_dataset(
+    name: str, *, num_classes: int, description: str, lengths: Dict[str, int], license: str
+) -> Callable[[Callable[..., Dataset]], Callable[..., Dataset]]:
     """Decorator registering ``builder(split, img_size, length, seed) -> Dataset`` under ``name``.
 
     Example::
@@ -184,8 +213,9 @@ def get_dataset_spec(name: str) -> DatasetSpec:
         raise KeyError(f"no embedded dataset named {name!r}; known: {list_datasets()}") from None
 
 
-def build_dataset(name: str, split: str = "train", img_size: int = 32, *, length: Optional[int] = None,
-                  seed: int = 0) -> Dataset:
+def build_dataset(
+    name: str, split: str = "train", img_size: int = 32, *, length: Optional[int] = None, seed: int = 0
+) -> Dataset:
     """Build the embedded dataset ``name`` for ``split`` (``train`` / ``val`` / ``test``).
 
     Args:
@@ -241,7 +271,7 @@ def _load_photo(name: str) -> np.ndarray:
 def _stream_seed(*parts: object) -> List[int]:
     """A stable ``SeedSequence`` entropy list from arbitrary parts (str/int), independent of hash salt."""
     digest = hashlib.sha256("|".join(str(p) for p in parts).encode()).digest()
-    return [int.from_bytes(digest[i:i + 4], "little") for i in range(0, 16, 4)]
+    return [int.from_bytes(digest[i : i + 4], "little") for i in range(0, 16, 4)]
 
 
 class PhotoCrops(Dataset):
@@ -259,8 +289,17 @@ class PhotoCrops(Dataset):
     ``i mod num_classes`` (balanced), so any prefix of the dataset is near-balanced.
     """
 
-    def __init__(self, photos: Sequence[str], split: str, img_size: int, length: int, seed: int = 0,
-                 task: str = "source", min_crop: int = 24, max_crop: int = 256) -> None:
+    def __init__(
+        self,
+        photos: Sequence[str],
+        split: str,
+        img_size: int,
+        length: int,
+        seed: int = 0,
+        task: str = "source",
+        min_crop: int = 24,
+        max_crop: int = 256,
+    ) -> None:
         if task not in ("source", "orientation"):
             raise ValueError(f"task must be 'source' or 'orientation'; got {task!r}")
         self.photos = tuple(photos)
@@ -292,7 +331,7 @@ class PhotoCrops(Dataset):
         side = int(rng.integers(min(self.min_crop, h, w), min(hi, h, w) + 1))
         y = int(rng.integers(0, h - side + 1))
         x = int(rng.integers(0, w - side + 1))
-        crop = img[y:y + side, x:x + side]
+        crop = img[y : y + side, x : x + side]
         if self.task == "source":
             if rng.random() < 0.5:
                 crop = crop[:, ::-1]
@@ -326,14 +365,14 @@ def _photo_crops(split: str, img_size: int, length: int, seed: int) -> Dataset:
 @register_dataset(
     "photo-orientation",
     num_classes=3,
-    description=(f"is a random crop of {len(ORIENTATION_PHOTOS)} scikit-image photographs upright, sideways "
-                 f"or upside down"),
+    description=(
+        f"is a random crop of {len(ORIENTATION_PHOTOS)} scikit-image photographs upright, sideways or upside down"
+    ),
     lengths={"train": 6_400, "val": 1_024, "test": 1_024},
     license=_SKIMAGE_LICENSE,
 )
 def _photo_orientation(split: str, img_size: int, length: int, seed: int) -> Dataset:
     return PhotoCrops(ORIENTATION_PHOTOS, split, img_size, length, seed, task="orientation", min_crop=48)
-
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -354,7 +393,7 @@ def _to_pil(arr: np.ndarray):
 def _resized_crop(img: np.ndarray, y: int, x: int, side: int, size: int) -> np.ndarray:
     from PIL import Image
 
-    crop = Image.fromarray(np.ascontiguousarray(img[y:y + side, x:x + side]))
+    crop = Image.fromarray(np.ascontiguousarray(img[y : y + side, x : x + side]))
     return np.asarray(crop.resize((size, size), Image.BICUBIC), dtype=np.float32)
 
 
@@ -543,23 +582,51 @@ class Textures(_Procedural):
         return img + rng.normal(0, 8.0, size=img.shape)
 
 
-_STUDY_LICENSE = ("procedural (tocom-hub, Apache-2.0) on scikit-image sample photographs (public domain / CC0 / "
-                  "no known copyright restrictions; see tocom_hub/data.py)")
+_STUDY_LICENSE = (
+    "procedural (tocom-hub, Apache-2.0) on scikit-image sample photographs (public domain / CC0 / "
+    "no known copyright restrictions; see tocom_hub/data.py)"
+)
 
 _STUDY_DATASETS = (
-    (PhotoRegions, 135, "which of 15 photographs and which of its 3×3 cells a 24-96 px crop comes from",
-     {"train": 204_800, "val": 2_048, "test": 2_048}, _SKIMAGE_LICENSE),
-    (PhotoJigsaw, 360, "which of 15 photographs a 48-192 px crop comes from and how its 2×2 quadrants were "
-     "shuffled", {"train": 204_800, "val": 2_048, "test": 2_048}, _SKIMAGE_LICENSE),
-    (ShapeCount, 6, "how many small discs (1-6) lie on a photograph background",
-     {"train": 2_000, "val": 1_000, "test": 1_000}, _STUDY_LICENSE),
-    (ShapeLocation, 9, "in which of 3×3 cells one small disc lies on a photograph background",
-     {"train": 2_000, "val": 1_000, "test": 1_000}, _STUDY_LICENSE),
-    (Textures, 8, "which of 8 procedural texture families (stripes, plaid, checker, dots, rings, noise, blobs, "
-     "zigzag) fills the image", {"train": 2_000, "val": 1_000, "test": 1_000},
-     "procedural (tocom-hub, Apache-2.0)"),
+    (
+        PhotoRegions,
+        135,
+        "which of 15 photographs and which of its 3×3 cells a 24-96 px crop comes from",
+        {"train": 204_800, "val": 2_048, "test": 2_048},
+        _SKIMAGE_LICENSE,
+    ),
+    (
+        PhotoJigsaw,
+        360,
+        "which of 15 photographs a 48-192 px crop comes from and how its 2×2 quadrants were shuffled",
+        {"train": 204_800, "val": 2_048, "test": 2_048},
+        _SKIMAGE_LICENSE,
+    ),
+    (
+        ShapeCount,
+        6,
+        "how many small discs (1-6) lie on a photograph background",
+        {"train": 2_000, "val": 1_000, "test": 1_000},
+        _STUDY_LICENSE,
+    ),
+    (
+        ShapeLocation,
+        9,
+        "in which of 3×3 cells one small disc lies on a photograph background",
+        {"train": 2_000, "val": 1_000, "test": 1_000},
+        _STUDY_LICENSE,
+    ),
+    (
+        Textures,
+        8,
+        "which of 8 procedural texture families (stripes, plaid, checker, dots, rings, noise, blobs, "
+        "zigzag) fills the image",
+        {"train": 2_000, "val": 1_000, "test": 1_000},
+        "procedural (tocom-hub, Apache-2.0)",
+    ),
 )
 
 for _cls, _k, _desc, _lengths, _lic in _STUDY_DATASETS:
     register_dataset(_cls.name, num_classes=_k, description=_desc, lengths=_lengths, license=_lic)(
-        lambda split, img_size, length, seed, _c=_cls: _c(split, img_size, length, seed))
+        lambda split, img_size, length, seed, _c=_cls: _c(split, img_size, length, seed)
+    )

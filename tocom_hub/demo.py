@@ -24,6 +24,7 @@ included), ``<task>-src<r>-seed<k>.safetensors`` (the downstream models of every
 the study: classifier + AdaptFormer adapters; the backbone stays frozen in AdaptFormer fine-tuning, so
 only these differ from ``backbone``) and ``bank/`` (the ToCom bank).
 """
+
 from __future__ import annotations
 
 import json
@@ -42,6 +43,7 @@ class DemoModel(NamedTuple):
     model: nn.Module
     info: Dict[str, Any]
 
+
 DEMO_DIR = Path(__file__).resolve().parent / "assets" / "study"
 
 
@@ -49,8 +51,10 @@ def demo_info() -> Dict[str, Any]:
     """The content of ``assets/study/demo.json``."""
     path = DEMO_DIR / "demo.json"
     if not path.is_file():
-        raise FileNotFoundError(f"this install lacks the embedded study demo ({path}); reinstall tocom-hub or "
-                                f"rebuild it with `python benchmarks/study/run.py`")
+        raise FileNotFoundError(
+            f"this install lacks the embedded study demo ({path}); reinstall tocom-hub or "
+            f"rebuild it with `python benchmarks/study/run.py`"
+        )
     return json.loads(path.read_text())
 
 
@@ -79,8 +83,10 @@ def load_demo_model(source_r: int = 0, seed: Optional[int] = None) -> DemoModel:
     info = demo_info()
     models = info["models"]
     if str(source_r) not in models:
-        raise ValueError(f"the demo ships models fine-tuned at source r in {sorted(int(k) for k in models)}; "
-                         f"got source_r={source_r!r}")
+        raise ValueError(
+            f"the demo ships models fine-tuned at source r in {sorted(int(k) for k in models)}; "
+            f"got source_r={source_r!r}"
+        )
     entries = {e["seed"]: e for e in models[str(source_r)]}
     if seed is None:
         seed = info["seeds"][0]
@@ -89,10 +95,11 @@ def load_demo_model(source_r: int = 0, seed: Optional[int] = None) -> DemoModel:
     entry = entries[seed]
     backbone = _load(DEMO_DIR / info["backbone"])
     down = _load(DEMO_DIR / entry["file"])
-    head = {k[len("head."):]: v for k, v in down.items() if k.startswith("head.")}
-    adapters = {k[len("adapters."):]: v for k, v in down.items() if k.startswith("adapters.")}
-    model = timm.create_model(info["model"], pretrained=False, num_classes=int(head["weight"].shape[0]),
-                              **info["model_kwargs"])
+    head = {k[len("head.") :]: v for k, v in down.items() if k.startswith("head.")}
+    adapters = {k[len("adapters.") :]: v for k, v in down.items() if k.startswith("adapters.")}
+    model = timm.create_model(
+        info["model"], pretrained=False, num_classes=int(head["weight"].shape[0]), **info["model_kwargs"]
+    )
     state = {k: v for k, v in backbone.items() if not k.startswith("head.")}
     state.update({f"head.{k}": v for k, v in head.items()})
     model.load_state_dict(state)
@@ -104,8 +111,11 @@ def load_demo_model(source_r: int = 0, seed: Optional[int] = None) -> DemoModel:
 
 
 def _headline(cell: Dict[str, float], ci: Dict[str, Any]) -> Dict[str, Any]:
-    return {**cell, "delta": round(cell["tocom"] - cell["no_tocom"], 2),
-            "ci95": [round(ci["low"], 2), round(ci["high"], 2)]}
+    return {
+        **cell,
+        "delta": round(cell["tocom"] - cell["no_tocom"], 2),
+        "ci95": [round(ci["low"], 2), round(ci["high"], 2)],
+    }
 
 
 class _Counted:
@@ -163,10 +173,22 @@ def evaluate_demo(
                 if data is None:
                     data = build_eval_dataset(model, task, split="test", limit=limit)
                     loader = torch.utils.data.DataLoader(data, batch_size=batch_size)
-                    bar = progress_bar(total=len(sources) * len(seeds) * len(loader), desc="evaluating",
-                                       unit="batch", progress=progress)
-                rows = evaluate(model, _Counted(loader, bar), wanted, bank=bank, source_r=src,
-                                scale=scales[str(src)], progress=False, keep_correct=True)
+                    bar = progress_bar(
+                        total=len(sources) * len(seeds) * len(loader),
+                        desc="evaluating",
+                        unit="batch",
+                        progress=progress,
+                    )
+                rows = evaluate(
+                    model,
+                    _Counted(loader, bar),
+                    wanted,
+                    bank=bank,
+                    source_r=src,
+                    scale=scales[str(src)],
+                    progress=False,
+                    keep_correct=True,
+                )
                 runs[src].append(rows)
     finally:
         if bar is not None:
@@ -189,9 +211,16 @@ def evaluate_demo(
             delta[src][t] = paired_bootstrap(base, other, n_boot=n_boot)
     num_classes = getattr(data, "num_classes", None)
     return {
-        "task": task, "R": R, "seeds": seeds, "scale": scales, "images": len(data), "num_classes": num_classes,
+        "task": task,
+        "R": R,
+        "seeds": seeds,
+        "scale": scales,
+        "images": len(data),
+        "num_classes": num_classes,
         "chance": round(100.0 / num_classes, 2) if num_classes else None,
-        "targets": wanted, "top1": top, "delta": delta,
+        "targets": wanted,
+        "top1": top,
+        "delta": delta,
         "tokens": {t: cell(0, t, False)[0]["tokens"] for t in wanted},
         "images_per_s": {t: cell(0, t, False)[0]["images_per_s"] for t in wanted},
         "src0_tgt0": top[0][0]["no_tocom"],

@@ -10,6 +10,7 @@ timings of the configurations are interleaved. Example::
     loader = torch.utils.data.DataLoader(build_eval_dataset(model, "data/imagenet"), batch_size=64)
     rows = evaluate(model, loader, target_rs=[0, 4, 8, 16], bank="out/bank", source_r=0)
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -27,8 +28,15 @@ from .bank import ToComBank
 from .compensate import apply, disabled, get_state, remove, set_target_r
 from .patch import METHODS, get_method, get_r, is_patched, patch, set_r, unpatch
 
-__all__ = ["build_eval_dataset", "evaluate", "paired_bootstrap", "add_intervals", "format_table", "plot_accuracy",
-           "label_warning"]
+__all__ = [
+    "build_eval_dataset",
+    "evaluate",
+    "paired_bootstrap",
+    "add_intervals",
+    "format_table",
+    "plot_accuracy",
+    "label_warning",
+]
 
 
 class _Transformed(Dataset):
@@ -83,7 +91,9 @@ def build_eval_dataset(
     if not os.path.isdir(data):
         raise FileNotFoundError(
             f"--data {data}: no such directory (expected an ImageFolder root with one sub-folder per class"
-            + (f", or an embedded dataset: {', '.join(embedded)}" if embedded else "") + ")")
+            + (f", or an embedded dataset: {', '.join(embedded)}" if embedded else "")
+            + ")"
+        )
     from timm.data import create_dataset
 
     if class_map is not None and not os.path.isfile(class_map):
@@ -92,8 +102,9 @@ def build_eval_dataset(
     try:
         ds = create_dataset("", root=data, split=split, class_map=class_map or "", transform=tf)
     except (RuntimeError, FileNotFoundError) as e:
-        raise FileNotFoundError(f"{data}: no images found ({' '.join(str(e).split())}); expected "
-                                f"DIR/<class>/<image>.jpg|png") from None
+        raise FileNotFoundError(
+            f"{data}: no images found ({' '.join(str(e).split())}); expected DIR/<class>/<image>.jpg|png"
+        ) from None
     if len(ds) == 0:
         raise FileNotFoundError(f"{data}: no images found; expected DIR/<class>/<image>.jpg|png")
     class_to_idx = getattr(getattr(ds, "reader", None), "class_to_idx", None) or {}
@@ -159,21 +170,27 @@ def evaluate(
     """
     rs = _check_rs(target_rs)
     if get_state(model) is not None:
-        raise ValueError("the model already carries a ToCom bank; call tocom_hub.remove(model) first and pass "
-                         "the bank to evaluate(bank=...)")
+        raise ValueError(
+            "the model already carries a ToCom bank; call tocom_hub.remove(model) first and pass "
+            "the bank to evaluate(bank=...)"
+        )
     if bank is not None and not isinstance(bank, ToComBank):
         bank = ToComBank.from_pretrained(bank, **hub_kwargs)
     if method is not None and method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}; got {method!r}")
     if bank is not None:
         if method is not None and method != bank.method:
-            raise ValueError(f"the bank was trained for {bank.method!r} but method={method!r} was requested; "
-                             f"drop --method or pick a bank for {method!r}")
+            raise ValueError(
+                f"the bank was trained for {bank.method!r} but method={method!r} was requested; "
+                f"drop --method or pick a bank for {method!r}"
+            )
         method = bank.method
         for name, r in [("source r", source_r)] + [("target r", r) for r in rs]:
             if isinstance(r, bool) or not isinstance(r, int) or not 0 <= r <= bank.r_max:
-                raise ValueError(f"{name}={r!r} is outside the bank's range 0…{bank.r_max}; pick r values "
-                                 f"in 0…{bank.r_max} or a bank trained for larger r")
+                raise ValueError(
+                    f"{name}={r!r} is outside the bank's range 0…{bank.r_max}; pick r values "
+                    f"in 0…{bank.r_max} or a bank trained for larger r"
+                )
     method = method or get_method(model) or "tome"
 
     was_patched = is_patched(model)
@@ -196,8 +213,9 @@ def evaluate(
         model.train(was_training)
 
 
-def _count(st: Dict[str, Any], logits: torch.Tensor, y: torch.Tensor, elapsed: Optional[float],
-           keep_correct: bool) -> None:
+def _count(
+    st: Dict[str, Any], logits: torch.Tensor, y: torch.Tensor, elapsed: Optional[float], keep_correct: bool
+) -> None:
     """Add one batch's top-1 / top-5 hits (and its images/s when ``elapsed`` is given) to ``st``."""
     top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
     hit = top == y[:, None]
@@ -210,8 +228,7 @@ def _count(st: Dict[str, Any], logits: torch.Tensor, y: torch.Tensor, elapsed: O
         st["rates"].append(int(y.numel()) / elapsed)
 
 
-def _run(model, loader, rs, with_bank, device, progress, keep_correct=False,
-         source_r=None) -> List[Dict[str, Any]]:
+def _run(model, loader, rs, with_bank, device, progress, keep_correct=False, source_r=None) -> List[Dict[str, Any]]:
     model.eval()
     param = next(model.parameters())
     device = torch.device(device) if device is not None else param.device
@@ -219,8 +236,7 @@ def _run(model, loader, rs, with_bank, device, progress, keep_correct=False,
         model.to(device)
         param = next(model.parameters())
     configs = [(r, False) for r in rs] + ([(r, True) for r in rs] if with_bank else [])
-    stats = {c: {"correct1": 0, "correct5": 0, "seen": 0, "rates": [], "hits": [], "tokens": None}
-             for c in configs}
+    stats = {c: {"correct1": 0, "correct5": 0, "seen": 0, "rates": [], "hits": [], "tokens": None} for c in configs}
     try:
         total = len(loader)
     except TypeError:
@@ -233,7 +249,7 @@ def _run(model, loader, rs, with_bank, device, progress, keep_correct=False,
         timed = i > 0 or total == 1
         same: Dict[int, Any] = {}  # at target r = source r the bank adds nothing: one forward serves both
         groups = (False, True) if with_bank else (False,)
-        for group_bank in (groups if i % 2 == 0 else groups[::-1]):  # alternate which group runs first
+        for group_bank in groups if i % 2 == 0 else groups[::-1]:  # alternate which group runs first
             ctx = disabled(model) if (with_bank and not group_bank) else contextlib.nullcontext()
             with ctx:
                 for r in rs:
@@ -251,7 +267,8 @@ def _run(model, loader, rs, with_bank, device, progress, keep_correct=False,
                     if st["tokens"] is None:
                         seen: List[int] = []
                         hook = model.blocks[-1].register_forward_hook(
-                            lambda m, a, out, _s=seen: _s.append(int(out.shape[1])))
+                            lambda m, a, out, _s=seen: _s.append(int(out.shape[1]))
+                        )
                     if device.type == "cuda":
                         torch.cuda.synchronize(device)
                     start = time.perf_counter()
@@ -330,8 +347,10 @@ def paired_bootstrap(
     a = np.atleast_2d(np.asarray(base, dtype=np.int8))
     b = np.atleast_2d(np.asarray(other, dtype=np.int8))
     if a.shape != b.shape or a.ndim != 2 or a.shape[1] == 0:
-        raise ValueError(f"base and other must be per-image hits of the same non-empty shape (images,) or "
-                         f"(seeds, images); got {a.shape} and {b.shape}")
+        raise ValueError(
+            f"base and other must be per-image hits of the same non-empty shape (images,) or "
+            f"(seeds, images); got {a.shape} and {b.shape}"
+        )
     if not 0 < level < 1 or n_boot < 1:
         raise ValueError(f"level must lie in (0, 1) and n_boot be >= 1; got level={level}, n_boot={n_boot}")
     d = (b - a).astype(np.int64)  # (seeds, images) in {-1, 0, 1}
@@ -348,8 +367,15 @@ def paired_bootstrap(
     boot = 100.0 * per_seed.mean(axis=1)
     alpha = (1.0 - level) / 2.0
     low, high = np.quantile(boot, [alpha, 1.0 - alpha])
-    return {"delta": 100.0 * float(d.mean()), "low": float(low), "high": float(high), "level": level,
-            "images": int(n), "seeds": int(seeds), "resamples": int(n_boot)}
+    return {
+        "delta": 100.0 * float(d.mean()),
+        "low": float(low),
+        "high": float(high),
+        "level": level,
+        "images": int(n),
+        "seeds": int(seeds),
+        "resamples": int(n_boot),
+    }
 
 
 def add_intervals(rows: List[Dict[str, Any]], *, drop_correct: bool = True, **kwargs: Any) -> List[Dict[str, Any]]:
@@ -417,14 +443,20 @@ def format_table(rows: Sequence[Dict[str, Any]], source_r: Optional[int] = None)
     if source_r is not None and source_r in by_r:
         lines.append(f"* source r = {source_r} (the r the model was fine-tuned at)")
     n = rows[0].get("images") if rows else None
-    lines.append(f"top-1 in % of {n} images; target r = tokens removed per block, tokens = tokens left after the "
-                 f"last block; img/s = median over batches (10th-90th percentile)")
+    lines.append(
+        f"top-1 in % of {n} images; target r = tokens removed per block, tokens = tokens left after the "
+        f"last block; img/s = median over batches (10th-90th percentile)"
+    )
     if with_ci:
-        lines.append("delta = +ToCom minus plain in points; [95 % CI]: paired bootstrap over the images — an "
-                     "interval that contains 0 means no detectable difference on these images")
+        lines.append(
+            "delta = +ToCom minus plain in points; [95 % CI]: paired bootstrap over the images — an "
+            "interval that contains 0 means no detectable difference on these images"
+        )
     if _noisy(rows):
-        lines.append("img/s: noisy — batches differ by more than 30 % (a busy machine?); rerun, or use "
-                     "`tocom-hub bench`, before comparing speeds")
+        lines.append(
+            "img/s: noisy — batches differ by more than 30 % (a busy machine?); rerun, or use "
+            "`tocom-hub bench`, before comparing speeds"
+        )
     return "\n".join(lines)
 
 
@@ -484,8 +516,9 @@ def plot_accuracy(result: Dict[str, Any], path: Union[str, os.PathLike], *, titl
             highs += [c[1] for c in cist]
             s = result.get("scale")
             label = f"{name} + ToCom" + (f" (s = {s:g})" if isinstance(s, (int, float)) else "")
-            ax.errorbar([x + 0.12 for x in xt], yt, yerr=errt, fmt="s-", color="tab:red", lw=2, ms=6, capsize=3,
-                        label=label)
+            ax.errorbar(
+                [x + 0.12 for x in xt], yt, yerr=errt, fmt="s-", color="tab:red", lw=2, ms=6, capsize=3, label=label
+            )
         src = result.get("source_r")
         if src is not None:
             ax.axvline(src, color="0.6", ls=":", lw=1.5, label=f"source r = {src}")
@@ -502,9 +535,15 @@ def plot_accuracy(result: Dict[str, Any], path: Union[str, os.PathLike], *, titl
             ax.set_xticks(xs_all)
         model = result.get("model_label") or result.get("model")
         data = result.get("data_name")
-        ax.set_title(title or (f"{model or ''}\n"
-                               + " · ".join(v for v in (str(data) if data else "", f"{n:,} images") if v)
-                               + " · bars: 95 % interval per point"), fontsize=10)
+        ax.set_title(
+            title
+            or (
+                f"{model or ''}\n"
+                + " · ".join(v for v in (str(data) if data else "", f"{n:,} images") if v)
+                + " · bars: 95 % interval per point"
+            ),
+            fontsize=10,
+        )
         ax.grid(alpha=0.3)
         ax.legend(loc="best", frameon=False)
         fig.tight_layout()
@@ -517,7 +556,8 @@ def label_warning(ds: Dataset, model: nn.Module) -> Optional[str]:
     k = getattr(ds, "num_classes", None)
     n = getattr(model, "num_classes", None)
     if k and n and k > n:
-        return (f"the data has {k} classes but the model predicts {n}: labels above {n - 1} can never be right; "
-                f"is this the model's dataset?")
+        return (
+            f"the data has {k} classes but the model predicts {n}: labels above {n - 1} can never be right; "
+            f"is this the model's dataset?"
+        )
     return None
-

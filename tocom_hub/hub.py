@@ -19,6 +19,7 @@ e.g. ``deit_base_patch16_224.fb_in1k``) up in a small registry: entries added in
 :func:`register_bank`, then the JSON file named by ``$TOCOM_HUB_REGISTRY``, then ``registry.json``
 shipped with the package (empty until official banks are published).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -27,7 +28,7 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 from .bank import CONFIG_NAME, METHODS, WEIGHTS_NAME, ToComBank, _looks_local, _read_json_file
 
@@ -71,8 +72,14 @@ class BankHubError(OSError):
     Attributes: ``repo_id``, ``revision``, ``filename`` (``None`` where they do not apply).
     """
 
-    def __init__(self, message: str, *, repo_id: Optional[str] = None, revision: Optional[str] = None,
-                 filename: Optional[str] = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        repo_id: Optional[str] = None,
+        revision: Optional[str] = None,
+        filename: Optional[str] = None,
+    ) -> None:
         super().__init__(message)
         self.repo_id, self.revision, self.filename = repo_id, revision, filename
 
@@ -115,16 +122,22 @@ def _available_refs(repo_id: str, token: Union[str, bool, None]) -> str:
     return f" (branches: {branches}; tags: {tags})"
 
 
-def _explain(err: BaseException, repo_id: str, filename: str, revision: Optional[str],
-             cache_dir: Optional[PathLike], local_files_only: bool,
-             token: Union[str, bool, None]) -> BaseException:
+def _explain(
+    err: BaseException,
+    repo_id: str,
+    filename: str,
+    revision: Optional[str],
+    cache_dir: Optional[PathLike],
+    local_files_only: bool,
+    token: Union[str, bool, None],
+) -> BaseException:
     """Turn a huggingface_hub exception into one that says what to do (the original becomes ``__cause__``)."""
     from huggingface_hub import constants, errors
     from huggingface_hub.errors import (
         EntryNotFoundError,
         GatedRepoError,
-        HFValidationError,
         HfHubHTTPError,
+        HFValidationError,
         LocalEntryNotFoundError,
         OfflineModeIsEnabled,
         RepositoryNotFoundError,
@@ -138,54 +151,74 @@ def _explain(err: BaseException, repo_id: str, filename: str, revision: Optional
     rev = _rev(revision)
     where = dict(repo_id=repo_id, revision=rev, filename=filename)
     if isinstance(err, HFValidationError):
-        return ValueError(
-            f"{repo_id!r} is neither an existing local path nor a valid Hub repo id ('org/name'): {err}"
-        )
+        return ValueError(f"{repo_id!r} is neither an existing local path nor a valid Hub repo id ('org/name'): {err}")
     if isinstance(err, GatedRepoError):
         return BankNotFoundError(
             f"ToCom bank repo {repo_id!r} is gated: request access at {_hub_url(repo_id)}, then pass a token "
-            f"(token=... / --token) or log in with `hf auth login`", **where)
+            f"(token=... / --token) or log in with `hf auth login`",
+            **where,
+        )
     if isinstance(err, RepositoryNotFoundError):
         return BankNotFoundError(
             f"ToCom bank repo {repo_id!r} was not found on {constants.ENDPOINT} (or it is private and no valid "
             f"token was given): check the repo id, or pass a token (token=... / --token) or log in with "
-            f"`hf auth login`", **where)
+            f"`hf auth login`",
+            **where,
+        )
     if isinstance(err, RevisionNotFoundError):
         return BankNotFoundError(
             f"revision {rev!r} does not exist in ToCom bank repo {repo_id!r}"
-            f"{_available_refs(repo_id, token)}: pass an existing branch, tag or commit sha", **where)
+            f"{_available_refs(repo_id, token)}: pass an existing branch, tag or commit sha",
+            **where,
+        )
     if isinstance(err, (LocalEntryNotFoundError, OfflineModeIsEnabled)):
         cache = cache_dir or constants.HF_HUB_CACHE
         if offline or local_files_only:
             why = "offline mode is on (HF_HUB_OFFLINE=1)" if offline else "local_files_only=True"
-            todo = (f"run once with network access (e.g. `tocom-hub download {repo_id}"
-                    f"{'' if revision is None else f' --revision {revision}'}`) to fill the cache")
+            todo = (
+                f"run once with network access (e.g. `tocom-hub download {repo_id}"
+                f"{'' if revision is None else f' --revision {revision}'}`) to fill the cache"
+            )
         else:
             why = f"the Hub ({constants.ENDPOINT}) could not be reached"
             todo = "check your connection and retry"
         return BankNotFoundError(
-            f"{filename} of ToCom bank {repo_id!r} (revision {rev!r}) is not in the cache ({cache}) and {why}: "
-            f"{todo}", **where)
+            f"{filename} of ToCom bank {repo_id!r} (revision {rev!r}) is not in the cache ({cache}) and {why}: {todo}",
+            **where,
+        )
     if isinstance(err, remote_entry_error):
         return BankNotFoundError(
             f"ToCom bank repo {repo_id!r} has no {filename} at revision {rev!r}: it does not look like a ToCom "
-            f"bank (expected {WEIGHTS_NAME} + {CONFIG_NAME}, as written by ToComBank.push_to_hub)", **where)
+            f"bank (expected {WEIGHTS_NAME} + {CONFIG_NAME}, as written by ToComBank.push_to_hub)",
+            **where,
+        )
     if isinstance(err, HfHubHTTPError):
         status = getattr(getattr(err, "response", None), "status_code", "?")
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         return BankHubError(
             f"downloading {filename} of ToCom bank {repo_id!r} (revision {rev!r}) failed: the Hub answered "
-            f"HTTP {status} ({first}); retry later", **where)
+            f"HTTP {status} ({first}); retry later",
+            **where,
+        )
     if isinstance(err, OSError) and "Consistency check failed" in str(err):
         return BankHubError(
             f"the download of {filename} from ToCom bank {repo_id!r} (revision {rev!r}) was incomplete or "
             f"corrupted (received a different number of bytes than the Hub announced): retry, or pass "
-            f"force_download=True", **where)
+            f"force_download=True",
+            **where,
+        )
     return err
 
 
-def _unreachable(repo_id: str, filename: str, *, revision: Optional[str], cache_dir: Optional[PathLike],
-                 token: Union[str, bool, None], force_download: bool) -> Optional[BaseException]:
+def _unreachable(
+    repo_id: str,
+    filename: str,
+    *,
+    revision: Optional[str],
+    cache_dir: Optional[PathLike],
+    token: Union[str, bool, None],
+    force_download: bool,
+) -> Optional[BaseException]:
     """The connection error when the Hub cannot be reached for a file the cache does not hold, else ``None``.
 
     For such a file huggingface_hub retries a failed connection five times with back-off (about 25 s of
@@ -194,7 +227,7 @@ def _unreachable(repo_id: str, filename: str, *, revision: Optional[str], cache_
     huggingface_hub falls back to it immediately.
     """
     from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
-    from huggingface_hub.errors import HFValidationError, HfHubHTTPError
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError
 
     if constants.HF_HUB_OFFLINE:
         return None
@@ -202,8 +235,9 @@ def _unreachable(repo_id: str, filename: str, *, revision: Optional[str], cache_
         cached = try_to_load_from_cache(repo_id, filename, cache_dir=cache_dir, revision=revision)
         if isinstance(cached, str) and not force_download:
             return None
-        get_hf_file_metadata(hf_hub_url(repo_id, filename, revision=revision), token=token,
-                             timeout=constants.HF_HUB_ETAG_TIMEOUT)
+        get_hf_file_metadata(
+            hf_hub_url(repo_id, filename, revision=revision), token=token, timeout=constants.HF_HUB_ETAG_TIMEOUT
+        )
     except (HfHubHTTPError, HFValidationError, ValueError):
         return None  # the Hub answered (404, 401, …) or a bad id: hf_hub_download raises the precise error
     except Exception as e:  # no answer at all: DNS, refused connection, timeout
@@ -211,15 +245,24 @@ def _unreachable(repo_id: str, filename: str, *, revision: Optional[str], cache_
     return None
 
 
-def _download_file(repo_id: str, filename: str, *, revision: Optional[str], cache_dir: Optional[PathLike],
-                   token: Union[str, bool, None], local_files_only: bool, force_download: bool) -> str:
+def _download_file(
+    repo_id: str,
+    filename: str,
+    *,
+    revision: Optional[str],
+    cache_dir: Optional[PathLike],
+    token: Union[str, bool, None],
+    local_files_only: bool,
+    force_download: bool,
+) -> str:
     from huggingface_hub import constants, hf_hub_download
 
     from . import __version__
 
     if not local_files_only:
-        err = _unreachable(repo_id, filename, revision=revision, cache_dir=cache_dir, token=token,
-                           force_download=force_download)
+        err = _unreachable(
+            repo_id, filename, revision=revision, cache_dir=cache_dir, token=token, force_download=force_download
+        )
         if err is not None:
             reason = " ".join(str(err).split())[:200] or type(err).__name__
             raise BankNotFoundError(
@@ -227,13 +270,22 @@ def _download_file(repo_id: str, filename: str, *, revision: Optional[str], cach
                 f"({cache_dir or constants.HF_HUB_CACHE}) and the Hub ({constants.ENDPOINT}) could not be reached "
                 f"({reason}): check your connection and retry, or fill the cache once with network access "
                 f"(`tocom-hub download {repo_id}`) and set HF_HUB_OFFLINE=1",
-                repo_id=repo_id, revision=_rev(revision), filename=filename) from None
+                repo_id=repo_id,
+                revision=_rev(revision),
+                filename=filename,
+            ) from None
 
     try:
         return hf_hub_download(
-            repo_id, filename, revision=revision, cache_dir=cache_dir, token=token,
-            local_files_only=local_files_only, force_download=force_download,
-            library_name=LIBRARY_NAME, library_version=__version__,
+            repo_id,
+            filename,
+            revision=revision,
+            cache_dir=cache_dir,
+            token=token,
+            local_files_only=local_files_only,
+            force_download=force_download,
+            library_name=LIBRARY_NAME,
+            library_version=__version__,
         )
     except Exception as e:
         explained = _explain(e, repo_id, filename, revision, cache_dir, local_files_only, token)
@@ -272,12 +324,17 @@ def _verify_cached_file(path: str, *, repo_id: str, filename: str, revision: str
             os.remove(p)
         except OSError:
             removed = False
-    todo = ("the corrupted copy was removed from the cache: run again to download it afresh" if removed
-            else f"delete {path} and {blob} (or pass force_download=True) and run again")
+    todo = (
+        "the corrupted copy was removed from the cache: run again to download it afresh"
+        if removed
+        else f"delete {path} and {blob} (or pass force_download=True) and run again"
+    )
     raise BankHubError(
         f"{filename} of ToCom bank {repo_id!r} (revision {revision!r}) is corrupted: its {algo} is {actual}, "
         f"the Hub announced {expected}; {todo}",
-        repo_id=repo_id, revision=revision, filename=filename,
+        repo_id=repo_id,
+        revision=revision,
+        filename=filename,
     )
 
 
@@ -323,8 +380,11 @@ def download_bank(
     else:
         _verify_cached_file(config, repo_id=repo_id, filename=CONFIG_NAME, revision=_rev(revision))
         if os.path.dirname(config) != folder:  # pragma: no cover - defensive, same commit by construction
-            raise BankHubError(f"{CONFIG_NAME} and {WEIGHTS_NAME} of {repo_id!r} resolved to different commits",
-                               repo_id=repo_id, revision=_rev(revision))
+            raise BankHubError(
+                f"{CONFIG_NAME} and {WEIGHTS_NAME} of {repo_id!r} resolved to different commits",
+                repo_id=repo_id,
+                revision=_rev(revision),
+            )
     return folder
 
 
@@ -368,8 +428,9 @@ def register_bank(timm_name: str, repo_id: str, revision: Optional[str] = None, 
         tocom_hub.apply(model, source_r=0, target_r=16)
     """
     if not isinstance(timm_name, str) or not timm_name:
-        raise ValueError(f"timm_name must be a timm model name such as 'deit_base_patch16_224.fb_in1k'; "
-                         f"got {timm_name!r}")
+        raise ValueError(
+            f"timm_name must be a timm model name such as 'deit_base_patch16_224.fb_in1k'; got {timm_name!r}"
+        )
     if not isinstance(repo_id, str) or not repo_id:
         raise ValueError(f"repo_id must be a Hub repo id such as 'org/name'; got {repo_id!r}")
     if revision is not None and (not isinstance(revision, str) or not revision):
@@ -404,16 +465,20 @@ def _read_registry_file(path: PathLike, source: str) -> Dict[str, List[BankEntry
             raise ValueError(f"ToCom bank registry {path}: an entry has an empty timm name")
         for item in items:
             if not isinstance(item, dict) or not isinstance(item.get("repo_id"), str) or not item["repo_id"]:
-                raise ValueError(f"ToCom bank registry {path}: entry for {name!r} needs a 'repo_id' string; "
-                                 f"got {_short(item)}")
+                raise ValueError(
+                    f"ToCom bank registry {path}: entry for {name!r} needs a 'repo_id' string; got {_short(item)}"
+                )
             for key, example in (("revision", "'v1.0' or a commit sha"), ("method", repr(METHODS[0]))):
                 if item.get(key) is not None and not isinstance(item[key], str):
-                    raise ValueError(f"ToCom bank registry {path}: entry for {name!r} has {key} {_short(item[key])} "
-                                     f"({type(item[key]).__name__}); expected a string such as {example}")
+                    raise ValueError(
+                        f"ToCom bank registry {path}: entry for {name!r} has {key} {_short(item[key])} "
+                        f"({type(item[key]).__name__}); expected a string such as {example}"
+                    )
             method = item.get("method") or "tome"
             if method not in METHODS:
-                raise ValueError(f"ToCom bank registry {path}: entry for {name!r} has method {method!r}; "
-                                 f"expected one of {METHODS}")
+                raise ValueError(
+                    f"ToCom bank registry {path}: entry for {name!r} has method {method!r}; expected one of {METHODS}"
+                )
             out.setdefault(name, []).append(BankEntry(name, item["repo_id"], item.get("revision"), method, source))
     return out
 
@@ -475,8 +540,11 @@ def resolve_bank(model: Any, method: Optional[str] = None) -> BankEntry:
                     return entry
     known = registered_banks()
     listing = "; ".join(str(e) for entries in known.values() for e in entries)
-    listing = (f"known banks: {listing}" if listing
-               else "no banks are registered yet (tocom-hub does not ship official banks yet)")
+    listing = (
+        f"known banks: {listing}"
+        if listing
+        else "no banks are registered yet (tocom-hub does not ship official banks yet)"
+    )
     example_name = names[0] if names else "<arch>.<tag>"
     if not names:
         what = f"{type(model).__name__} has no timm pretrained_cfg (architecture/tag) to look a bank up by"
@@ -484,8 +552,8 @@ def resolve_bank(model: Any, method: Optional[str] = None) -> BankEntry:
         what = f"no ToCom bank is registered for {names[0]}" + (f" with method {method!r}" if method else "")
     raise NoBankForModelError(
         f"{what}; {listing}. Pass one explicitly, e.g. tocom_hub.apply(model, source_r, target_r, "
-        f"bank=\"org/name\") (a Hub repo id, a local directory or a ToComBank), or register it with "
-        f"tocom_hub.register_bank({example_name!r}, \"org/name\")"
+        f'bank="org/name") (a Hub repo id, a local directory or a ToComBank), or register it with '
+        f'tocom_hub.register_bank({example_name!r}, "org/name")'
     )
 
 
@@ -521,8 +589,14 @@ def load_bank(
         repo_id = os.fspath(bank)
         if os.path.exists(repo_id) or _looks_local(repo_id):
             return ToComBank.from_pretrained(repo_id, trust_unverified=trust_unverified)
-    folder = download_bank(repo_id, revision=revision, cache_dir=cache_dir, token=token,
-                           local_files_only=local_files_only, force_download=force_download)
+    folder = download_bank(
+        repo_id,
+        revision=revision,
+        cache_dir=cache_dir,
+        token=token,
+        local_files_only=local_files_only,
+        force_download=force_download,
+    )
     try:
         return ToComBank.from_pretrained(folder, trust_unverified=trust_unverified)
     except ValueError as e:
@@ -592,8 +666,7 @@ def _markdown_table(obj: Any, key_header: str = "") -> str:
         for _, r in rows:
             cols += [c for c in r if c not in cols]
         lead = [key_header or " "] if key_header or any(k for k, _ in rows) else []
-        lines = ["| " + " | ".join(lead + [_cell(c) for c in cols]) + " |",
-                 "|" + "---|" * (len(lead) + len(cols))]
+        lines = ["| " + " | ".join(lead + [_cell(c) for c in cols]) + " |", "|" + "---|" * (len(lead) + len(cols))]
         for k, r in rows:
             lines.append("| " + " | ".join(([_cell(k)] if lead else []) + [_cell(r.get(c, "")) for c in cols]) + " |")
         return "\n".join(lines)
@@ -648,8 +721,15 @@ def create_model_card(
     recipe = facts["training_recipe"] if isinstance(facts["training_recipe"], dict) else {}
     dataset = recipe.get("dataset") if isinstance(recipe.get("dataset"), str) else None
     method = facts["method"]
-    tags = ["tocom", "token-compression", "token-merging" if method == "tome" else "token-pruning", method,
-            "lora", "timm", "vision-transformer"]
+    tags = [
+        "tocom",
+        "token-compression",
+        "token-merging" if method == "tome" else "token-pruning",
+        method,
+        "lora",
+        "timm",
+        "vision-transformer",
+    ]
     card_data = ModelCardData(
         library_name=LIBRARY_NAME,
         base_model=base_hub_id,
@@ -724,31 +804,45 @@ def push_bank(
         raise TypeError(f"push_bank needs a ToComBank; got {type(bank).__name__}")
     api = HfApi(token=token, library_name=LIBRARY_NAME, library_version=__version__)
     cfg = bank.config
-    message = commit_message or (f"Upload ToCom bank ({cfg.method}, r 0-{cfg.r_max}, rank {cfg.rank}, "
-                                 f"{'+'.join(cfg.targets)})")
+    message = commit_message or (
+        f"Upload ToCom bank ({cfg.method}, r 0-{cfg.r_max}, rank {cfg.rank}, {'+'.join(cfg.targets)})"
+    )
     try:
         api.create_repo(repo_id, private=private, exist_ok=True)
         if revision is not None:
             api.create_branch(repo_id, branch=revision, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="tocom-push-") as tmp:
             bank.save_pretrained(tmp, dtype=dtype)
-            card = create_model_card(ToComBank.from_pretrained(tmp) if dtype is not None else bank,
-                                     repo_id=repo_id, path=tmp, license=license)
+            card = create_model_card(
+                ToComBank.from_pretrained(tmp) if dtype is not None else bank,
+                repo_id=repo_id,
+                path=tmp,
+                license=license,
+            )
             card.save(os.path.join(tmp, CARD_NAME))
             return api.upload_folder(
-                repo_id=repo_id, folder_path=tmp, revision=revision, commit_message=message,
-                commit_description=commit_description, create_pr=create_pr,
+                repo_id=repo_id,
+                folder_path=tmp,
+                revision=revision,
+                commit_message=message,
+                commit_description=commit_description,
+                create_pr=create_pr,
                 allow_patterns=[WEIGHTS_NAME, CONFIG_NAME, CARD_NAME],
             )
     except HfHubHTTPError as e:
         status = getattr(getattr(e, "response", None), "status_code", None)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if status in (401, 403) or isinstance(e, RepositoryNotFoundError):
-            todo = ": check that you may write to it: pass a write token (token=... / --token) or log in with " \
-                   "`hf auth login`"
+            todo = (
+                ": check that you may write to it: pass a write token (token=... / --token) or log in with "
+                "`hf auth login`"
+            )
         elif status in (412, 429) or (status or 0) >= 500:
             todo = ": retry later"
         else:
             todo = ""
-        raise BankHubError(f"pushing the ToCom bank to {repo_id!r} failed (HTTP {status}: {first}){todo}",
-                           repo_id=repo_id, revision=_rev(revision)) from e
+        raise BankHubError(
+            f"pushing the ToCom bank to {repo_id!r} failed (HTTP {status}: {first}){todo}",
+            repo_id=repo_id,
+            revision=_rev(revision),
+        ) from e

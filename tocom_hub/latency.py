@@ -16,6 +16,7 @@ Between ``target × budget`` and the budget nothing moves: that band is the hyst
 ``r`` from oscillating. Switching is :func:`tocom_hub.set_target_r` (the bank's update changes in
 place, a few ms for DeiT-B) or, without a bank, :func:`tocom_hub.set_r` (plain ToMe / EViT).
 """
+
 from __future__ import annotations
 
 import math
@@ -29,10 +30,9 @@ import torch
 from torch import nn
 
 from ._progress import progress_bar
+from .bank import ToComBank
 from .benchmark import NOISY_SPREAD
 from .benchmark import percentile as _percentile
-
-from .bank import ToComBank
 from .compensate import apply, get_state, remove, set_target_r
 from .merge import max_merge
 from .patch import METHODS, get_method, get_r, is_patched, patch, set_r, unpatch
@@ -101,20 +101,29 @@ class LatencyController:
         progress: bool = True,
     ) -> None:
         # -- validate everything before touching the model -----------------------------------------
-        if isinstance(budget_ms, bool) or not isinstance(budget_ms, (int, float)) or not (
-                math.isfinite(budget_ms) and budget_ms > 0):
+        if (
+            isinstance(budget_ms, bool)
+            or not isinstance(budget_ms, (int, float))
+            or not (math.isfinite(budget_ms) and budget_ms > 0)
+        ):
             raise ValueError(f"budget_ms must be a positive number of milliseconds; got {budget_ms!r}")
         if not _is_int(batch_size) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int; got {batch_size!r}")
         if not 0.0 < target <= 1.0:
             raise ValueError(f"target must be in (0, 1]; got {target!r}")
-        for name, v, low in (("window", window, 1), ("patience_down", patience_down, 1), ("warmup", warmup, 0),
-                             ("iters", iters, 1)):
+        for name, v, low in (
+            ("window", window, 1),
+            ("patience_down", patience_down, 1),
+            ("warmup", warmup, 0),
+            ("iters", iters, 1),
+        ):
             if not _is_int(v) or v < low:
                 raise ValueError(f"{name} must be an int >= {low}; got {v!r}")
         if get_state(model) is not None:
-            raise ValueError("the model already carries a ToCom bank; call tocom_hub.remove(model) and pass the "
-                             "bank to LatencyController")
+            raise ValueError(
+                "the model already carries a ToCom bank; call tocom_hub.remove(model) and pass the "
+                "bank to LatencyController"
+            )
         if bank is not None and not isinstance(bank, ToComBank):
             bank = ToComBank.from_pretrained(bank)
         if method is not None and method not in METHODS:
@@ -140,8 +149,9 @@ class LatencyController:
         if not rs or not all(_is_int(r) and r >= 0 for r in rs):
             raise ValueError(f"r_values must be a non-empty sequence of non-negative ints; got {r_values!r}")
         if rs[-1] > limit:
-            raise ValueError(f"r={rs[-1]} cannot be supported: {method} can remove at most {limit} tokens per block "
-                             f"from this model")
+            raise ValueError(
+                f"r={rs[-1]} cannot be supported: {method} can remove at most {limit} tokens per block from this model"
+            )
         if bank is not None and rs[-1] > bank.r_max:
             raise ValueError(f"r={rs[-1]} is outside the bank's range 0…{bank.r_max}")
 
@@ -208,8 +218,9 @@ class LatencyController:
         self._sync()
         return (self.clock() - start) * 1000.0
 
-    def calibrate(self, x: Optional[torch.Tensor] = None,
-                  latencies: Optional[Mapping[int, float]] = None) -> Dict[int, float]:
+    def calibrate(
+        self, x: Optional[torch.Tensor] = None, latencies: Optional[Mapping[int, float]] = None
+    ) -> Dict[int, float]:
         """Measure the latency (median ms) of every ``r`` on this machine and switch to the smallest
         ``r`` that fits ``target × budget`` (the largest ``r`` if none does).
 
@@ -256,10 +267,13 @@ class LatencyController:
             self.spread = {r: (_percentile(v, 10), _percentile(v, 90)) for r, v in samples.items()}
             self.noisy = any((hi - lo) > NOISY_SPREAD * curve[r] for r, (lo, hi) in self.spread.items())
             if self.noisy:
-                warnings.warn(f"LatencyController.calibrate: noisy — rerun: the {self.iters} rounds of some r differ "
-                              f"by more than {100 * NOISY_SPREAD:.0f} % of their median ({self._spread_text()}); "
-                              f"calibrate again on a quieter machine or with more iters", RuntimeWarning,
-                              stacklevel=2)
+                warnings.warn(
+                    f"LatencyController.calibrate: noisy — rerun: the {self.iters} rounds of some r differ "
+                    f"by more than {100 * NOISY_SPREAD:.0f} % of their median ({self._spread_text()}); "
+                    f"calibrate again on a quieter machine or with more iters",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
         self.curve = curve
         # the expected latency never increases with r (merging more cannot cost more): a running
         # minimum over increasing r irons out measurement noise
@@ -314,8 +328,11 @@ class LatencyController:
         """Record one request's latency (measured at ``r``, default the current one) and move ``r``
         if the load calls for it; returns the ``r`` for the next request."""
         self._require_calibration()
-        if isinstance(measured_ms, bool) or not isinstance(measured_ms, (int, float)) or not (
-                math.isfinite(measured_ms) and measured_ms >= 0):
+        if (
+            isinstance(measured_ms, bool)
+            or not isinstance(measured_ms, (int, float))
+            or not (math.isfinite(measured_ms) and measured_ms >= 0)
+        ):
             raise ValueError(f"measured_ms must be a non-negative number; got {measured_ms!r}")
         ran_at = self.r if r is None else r
         if ran_at not in self._expected:
@@ -337,8 +354,9 @@ class LatencyController:
         if new != self.r:
             self._switch(new)
             self._down_streak = 0
-        self.history.append({"request": self._requests, "ms": float(measured_ms), "r": ran_at,
-                             "factor": factor, "next_r": self.r})
+        self.history.append(
+            {"request": self._requests, "ms": float(measured_ms), "r": ran_at, "factor": factor, "next_r": self.r}
+        )
         self._requests += 1
         return self.r
 
@@ -363,6 +381,8 @@ class LatencyController:
         return self.model
 
     def __repr__(self) -> str:
-        return (f"LatencyController(budget_ms={self.budget_ms}, r={getattr(self, 'r', None)}, "
-                f"r_values={self.r_values[0]}…{self.r_values[-1]}, bank={'yes' if self.bank is not None else 'no'}, "
-                f"method={self.method!r}, calibrated={self.calibrated})")
+        return (
+            f"LatencyController(budget_ms={self.budget_ms}, r={getattr(self, 'r', None)}, "
+            f"r_values={self.r_values[0]}…{self.r_values[-1]}, bank={'yes' if self.bank is not None else 'no'}, "
+            f"method={self.method!r}, calibrated={self.calibrated})"
+        )

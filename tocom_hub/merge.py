@@ -19,6 +19,7 @@ Token sizes are kept in float32 and the average is formed from normalised weight
 fp16/bf16 features in range. Every function is free of in-place writes into views and of
 module-level caches, so ``torch.compile(..., fullgraph=True)`` traces it without graph breaks.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -118,8 +119,15 @@ def bipartite_soft_matching(
             offsets = torch.arange(batch, device=metric.device).unsqueeze(1)
             a_rows = a_idx * 2 + (offsets * num_tokens + first_a)
             dst_rows = dst_idx + offsets * scores.shape[-1]
-    return Merge(a_idx=a_idx, dst_idx=dst_idx, a_rows=a_rows.view(-1), dst_rows=dst_rows.view(-1), r=r,
-                 num_prefix=num_prefix, num_out=num_tokens - r)
+    return Merge(
+        a_idx=a_idx,
+        dst_idx=dst_idx,
+        a_rows=a_rows.view(-1),
+        dst_rows=dst_rows.view(-1),
+        r=r,
+        num_prefix=num_prefix,
+        num_out=num_tokens - r,
+    )
 
 
 def _select(m: Merge, t: torch.Tensor) -> torch.Tensor:
@@ -140,8 +148,9 @@ def _add_rows(m: Merge, b: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return b
 
 
-def _merge_rows(m: Merge, t: torch.Tensor, w_keep: Optional[torch.Tensor] = None,
-                w_src: Optional[torch.Tensor] = None) -> torch.Tensor:
+def _merge_rows(
+    m: Merge, t: torch.Tensor, w_keep: Optional[torch.Tensor] = None, w_src: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """``[prefix, unmerged A, B * w_keep + merged A * w_src added to their B]`` for ``t`` (``[B, N, C]``)."""
     a = _select(m, t)
     src, b = a[:, : m.r], t[:, m.first_b :: 2]
@@ -153,9 +162,7 @@ def _merge_rows(m: Merge, t: torch.Tensor, w_keep: Optional[torch.Tensor] = None
     return torch.cat([t[:, : m.num_prefix], a[:, m.r :], _add_rows(m, b, src)], dim=1)
 
 
-def merge_wavg(
-    m: Merge, x: torch.Tensor, size: Optional[torch.Tensor] = None
-) -> tuple[torch.Tensor, torch.Tensor]:
+def merge_wavg(m: Merge, x: torch.Tensor, size: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge ``x`` by size-weighted average; returns ``(x, size)`` after the merge.
 
     ``size`` (``[B, N, 1]``, how many input patches each token stands for) starts at 1 when ``None``;
@@ -177,9 +184,7 @@ def merge_wavg(
     return _merge_rows(m, x, w_keep, w_src), new_size
 
 
-def merge_source(
-    m: Merge, source: Optional[torch.Tensor] = None, dtype: torch.dtype = torch.float32
-) -> torch.Tensor:
+def merge_source(m: Merge, source: Optional[torch.Tensor] = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Update the ``[B, N, N_input]`` 0/1 source-trace matrix (identity before the first merge)."""
     if source is None:
         batch, num_tokens = m.a_idx.shape[0], m.num_out + m.r

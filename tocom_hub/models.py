@@ -31,6 +31,7 @@ Example::
     model, info = load_model("vit_tiny_patch16_224", model_kwargs={"img_size": 64, "depth": 2})
     model, info = load_model("out/my-model")          # config.json + model.safetensors
 """
+
 from __future__ import annotations
 
 import json
@@ -92,20 +93,25 @@ MODEL_ALIASES: Dict[str, ModelAlias] = {}
 def register_model_alias(name: str, alias: ModelAlias, *, overwrite: bool = False) -> None:
     """Make ``name`` usable wherever a model name is, e.g. ``tocom-hub eval --model name``. Example::
 
-        register_model_alias("my-vit", ModelAlias("vit_small_patch16_224", {"num_classes": 10}, "w.safetensors"))
-        model, info = load_model("my-vit")
+    register_model_alias("my-vit", ModelAlias("vit_small_patch16_224", {"num_classes": 10}, "w.safetensors"))
+    model, info = load_model("my-vit")
     """
     if not overwrite and name in MODEL_ALIASES:
         raise ValueError(f"model alias {name!r} is already registered (pass overwrite=True to replace it)")
     MODEL_ALIASES[name] = alias
 
 
-register_model_alias("demo", ModelAlias(
-    DEMO_MODEL, DEMO_MODEL_KWARGS, DEMO_WEIGHTS,
-    description="embedded tiny ViT (32 px, 6 blocks) trained on the embedded photo-crops task",
-    missing_hint="this install lacks the embedded demo weights (reinstall tocom-hub); pass a timm model name "
-                 "(with --model-kwargs / --checkpoint) or a saved model directory",
-))
+register_model_alias(
+    "demo",
+    ModelAlias(
+        DEMO_MODEL,
+        DEMO_MODEL_KWARGS,
+        DEMO_WEIGHTS,
+        description="embedded tiny ViT (32 px, 6 blocks) trained on the embedded photo-crops task",
+        missing_hint="this install lacks the embedded demo weights (reinstall tocom-hub); pass a timm model name "
+        "(with --model-kwargs / --checkpoint) or a saved model directory",
+    ),
+)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -113,8 +119,13 @@ register_model_alias("demo", ModelAlias(
 
 
 def _looks_like_path(s: str) -> bool:
-    return (os.sep in s or (os.altsep or "\0") in s or s.startswith(".") or s.startswith("~")
-            or s.endswith((".safetensors", ".pth", ".pt", ".bin", ".json"))) and not s.startswith("hf-hub:")
+    return (
+        os.sep in s
+        or (os.altsep or "\0") in s
+        or s.startswith(".")
+        or s.startswith("~")
+        or s.endswith((".safetensors", ".pth", ".pt", ".bin", ".json"))
+    ) and not s.startswith("hf-hub:")
 
 
 def _read_state_dict(path: PathLike) -> Dict[str, torch.Tensor]:
@@ -126,9 +137,11 @@ def _read_state_dict(path: PathLike) -> Dict[str, torch.Tensor]:
     try:
         sd = load_state_dict(path, use_ema=False, weights_only=True)
     except Exception as e:
-        raise ValueError(f"{path}: cannot read a state dict ({type(e).__name__}: {' '.join(str(e).split())}); "
-                         f"expected a .safetensors file or a torch.save(model.state_dict()) file") from None
-    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
+        raise ValueError(
+            f"{path}: cannot read a state dict ({type(e).__name__}: {' '.join(str(e).split())}); "
+            f"expected a .safetensors file or a torch.save(model.state_dict()) file"
+        ) from None
+    return {k[len("module.") :] if k.startswith("module.") else k: v for k, v in sd.items()}
 
 
 def _head_classes(sd: Dict[str, torch.Tensor], kwargs: Dict[str, Any]) -> Dict[str, Any]:
@@ -139,8 +152,7 @@ def _head_classes(sd: Dict[str, torch.Tensor], kwargs: Dict[str, Any]) -> Dict[s
     return kwargs
 
 
-def _load_weights(model: nn.Module, path: PathLike, name: str,
-                  sd: Optional[Dict[str, torch.Tensor]] = None) -> None:
+def _load_weights(model: nn.Module, path: PathLike, name: str, sd: Optional[Dict[str, torch.Tensor]] = None) -> None:
     from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
     sd = _read_state_dict(path) if sd is None else sd
@@ -148,10 +160,14 @@ def _load_weights(model: nn.Module, path: PathLike, name: str,
         sd = checkpoint_filter_fn(sd, model)  # timm's remapping (pos-embed resize, …)
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if missing or unexpected:
+
         def few(keys):
             return f"{list(keys)[:4]}{' …' if len(keys) > 4 else ''}"
-        raise ValueError(f"{path} does not fit {name}: missing keys {few(missing)}, unexpected keys "
-                         f"{few(unexpected)}; pass the matching model name / --model-kwargs")
+
+        raise ValueError(
+            f"{path} does not fit {name}: missing keys {few(missing)}, unexpected keys "
+            f"{few(unexpected)}; pass the matching model name / --model-kwargs"
+        )
 
 
 def _create(name: str, pretrained: bool, kwargs: Dict[str, Any]) -> nn.Module:
@@ -163,8 +179,10 @@ def _create(name: str, pretrained: bool, kwargs: Dict[str, Any]) -> nn.Module:
         raise TypeError(f"timm.create_model({name!r}) rejected the model kwargs {kwargs}: {e}") from None
     except (OSError, RuntimeError) as e:
         if pretrained:
-            raise RuntimeError(f"cannot load timm's pretrained weights for {name!r} ({type(e).__name__}: {e}); "
-                               f"offline, set HF_HUB_OFFLINE=1 to use the cache only, or drop --pretrained and pass --checkpoint FILE") from None
+            raise RuntimeError(
+                f"cannot load timm's pretrained weights for {name!r} ({type(e).__name__}: {e}); "
+                f"offline, set HF_HUB_OFFLINE=1 to use the cache only, or drop --pretrained and pass --checkpoint FILE"
+            ) from None
         raise
 
 
@@ -187,8 +205,14 @@ def _from_finetune(recipe: Dict[str, Any], weights: Path, kwargs: Dict[str, Any]
         create.setdefault("num_classes", int(recipe["num_classes"]))
     model = _create(recipe["model"], False, create)
     _load_weights(model, weights, recipe["model"])
-    info = {"model": recipe["model"], "model_kwargs": create, "source": source, "weights": str(weights),
-            "method": recipe.get("method"), "source_r": recipe.get("source_r")}
+    info = {
+        "model": recipe["model"],
+        "model_kwargs": create,
+        "source": source,
+        "weights": str(weights),
+        "method": recipe.get("method"),
+        "source_r": recipe.get("source_r"),
+    }
     adapters = weights.parent / "adaptformer.safetensors"
     if recipe.get("mode") == "adaptformer" and adapters.is_file():
         from safetensors.torch import load_file
@@ -207,16 +231,23 @@ def _from_timm_dir(path: Path, kwargs: Dict[str, Any], checkpoint: Optional[Path
     cfg = json.loads((path / "config.json").read_text())
     name = cfg.get("architecture")
     if not name:
-        raise ValueError(f"{path / 'config.json'} has no 'architecture'; expected timm's export layout "
-                         f"(timm.models.save_for_hf)")
-    has_weights = any((path / f).is_file() for f in ("model.safetensors", "pytorch_model.bin", "open_clip_model.safetensors"))
+        raise ValueError(
+            f"{path / 'config.json'} has no 'architecture'; expected timm's export layout (timm.models.save_for_hf)"
+        )
+    has_weights = any(
+        (path / f).is_file() for f in ("model.safetensors", "pytorch_model.bin", "open_clip_model.safetensors")
+    )
     if not has_weights and checkpoint is None:
         raise FileNotFoundError(f"{path}: config.json but no model.safetensors / pytorch_model.bin next to it")
     model = _create(f"local-dir:{path}", checkpoint is None, kwargs)
     if checkpoint is not None:
         _load_weights(model, checkpoint, name)
-    info = {"model": name, "model_kwargs": dict(cfg.get("model_args") or {}, **kwargs), "source": str(path),
-            "weights": str(checkpoint) if checkpoint else str(path)}
+    info = {
+        "model": name,
+        "model_kwargs": dict(cfg.get("model_args") or {}, **kwargs),
+        "source": str(path),
+        "weights": str(checkpoint) if checkpoint else str(path),
+    }
     return model, info
 
 
@@ -262,7 +293,9 @@ def _load_model(
     if not isinstance(name_or_path, str) or not name_or_path:
         raise ValueError(f"expected a timm model name, a model alias or a path; got {name_or_path!r}")
     if checkpoint is not None and not os.path.isfile(checkpoint):
-        raise FileNotFoundError(f"--checkpoint {checkpoint}: no such file (expected .safetensors or a torch state dict)")
+        raise FileNotFoundError(
+            f"--checkpoint {checkpoint}: no such file (expected .safetensors or a torch state dict)"
+        )
     if pretrained and checkpoint is not None:
         raise ValueError("pretrained=True and checkpoint= are exclusive: pick timm's weights or your own file")
 
@@ -279,8 +312,12 @@ def _load_model(
         model = _create(alias.model, pretrained, create)
         if sd is not None:
             _load_weights(model, w, alias.model, sd)
-        info = {"model": alias.model, "model_kwargs": create, "source": f"alias:{name_or_path}",
-                "weights": str(w) if w and not pretrained else ("timm-pretrained" if pretrained else "random-init")}
+        info = {
+            "model": alias.model,
+            "model_kwargs": create,
+            "source": f"alias:{name_or_path}",
+            "weights": str(w) if w and not pretrained else ("timm-pretrained" if pretrained else "random-init"),
+        }
         return model.eval(), info
 
     path = Path(os.path.expanduser(name_or_path))
@@ -294,7 +331,8 @@ def _load_model(
             return model.eval(), info
         raise FileNotFoundError(
             f"{path}: not a saved model directory (expected config.json + model.safetensors, as written by "
-            f"timm.models.save_for_hf(model, DIR, safe_serialization=True), or a training/finetune.py output)")
+            f"timm.models.save_for_hf(model, DIR, safe_serialization=True), or a training/finetune.py output)"
+        )
     if path.is_file():
         if (path.parent / "config.json").is_file() and path.suffix in (".safetensors", ".bin", ".pth"):
             model, info = _from_timm_dir(path.parent, kwargs, checkpoint or path)
@@ -303,26 +341,36 @@ def _load_model(
         if recipe is not None and "model" in recipe:
             model, info = _from_finetune(recipe, path, kwargs, str(path))
             return model.eval(), info
-        raise ValueError(f"{path}: a weights file alone does not say which architecture it holds; pass "
-                         f"--model <timm name> --checkpoint {path} (with --model-kwargs if needed)")
+        raise ValueError(
+            f"{path}: a weights file alone does not say which architecture it holds; pass "
+            f"--model <timm name> --checkpoint {path} (with --model-kwargs if needed)"
+        )
     if _looks_like_path(name_or_path):
-        raise FileNotFoundError(f"{name_or_path}: no such file or directory (expected a timm model name, a model "
-                                f"alias ({', '.join(sorted(MODEL_ALIASES))}) or a saved model directory)")
+        raise FileNotFoundError(
+            f"{name_or_path}: no such file or directory (expected a timm model name, a model "
+            f"alias ({', '.join(sorted(MODEL_ALIASES))}) or a saved model directory)"
+        )
 
     bare = name_or_path.split(":", 1)[1] if name_or_path.startswith("hf-hub:") else None
     if bare is None and not timm.is_model(name_or_path):
         close = timm.list_models(f"*{name_or_path.split('.')[0][:12]}*")[:5]
-        raise ValueError(f"unknown model {name_or_path!r}: not a timm model name, a model alias "
-                         f"({', '.join(sorted(MODEL_ALIASES))}) or an existing path"
-                         + (f"; similar timm names: {', '.join(close)}" if close else ""))
+        raise ValueError(
+            f"unknown model {name_or_path!r}: not a timm model name, a model alias "
+            f"({', '.join(sorted(MODEL_ALIASES))}) or an existing path"
+            + (f"; similar timm names: {', '.join(close)}" if close else "")
+        )
     sd = _read_state_dict(checkpoint) if checkpoint is not None else None
     if sd is not None:
         kwargs = _head_classes(sd, kwargs)
     model = _create(name_or_path, pretrained, kwargs)
     if sd is not None:
         _load_weights(model, checkpoint, name_or_path, sd)
-    info = {"model": name_or_path, "model_kwargs": kwargs, "source": "timm",
-            "weights": str(checkpoint) if checkpoint else ("timm-pretrained" if pretrained else "random-init")}
+    info = {
+        "model": name_or_path,
+        "model_kwargs": kwargs,
+        "source": "timm",
+        "weights": str(checkpoint) if checkpoint else ("timm-pretrained" if pretrained else "random-init"),
+    }
     return model.eval(), info
 
 

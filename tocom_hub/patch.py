@@ -11,16 +11,16 @@ prefix tokens are protected and stay first), no-class-token models with average 
 weighted) or an attention-pool head (log-size bias), layer scale, qk-norm, gated attention,
 ``dynamic_img_size``, fused (SDPA) and non-fused attention. Anything else raises ``TypeError``.
 """
+
 from __future__ import annotations
 
 from typing import List, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
+from torch import nn
 
 from .merge import bipartite_soft_matching, max_merge, merge_source, merge_wavg
 from .prune import cls_attention, max_prune, prune_source, prune_tokens, select_attentive
@@ -39,8 +39,16 @@ RSpec = Union[int, Sequence[int]]
 class TokenState:
     """Settings and per-forward state shared by a patched model and its blocks."""
 
-    def __init__(self, method: str, prop_attn: bool, trace_source: bool, fuse_token: bool,
-                 num_prefix: int, has_class_token: bool, depth: int) -> None:
+    def __init__(
+        self,
+        method: str,
+        prop_attn: bool,
+        trace_source: bool,
+        fuse_token: bool,
+        num_prefix: int,
+        has_class_token: bool,
+        depth: int,
+    ) -> None:
         self.method = method
         self.prop_attn = prop_attn
         self.trace_source = trace_source
@@ -68,8 +76,15 @@ class TokenState:
 FOLD_BIAS_DEVICES = ("cuda", "xpu", "mps")
 
 
-def sdpa_key_bias(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float,
-                  dropout_p: float = 0.0, fold: bool = True) -> torch.Tensor:
+def sdpa_key_bias(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: torch.Tensor,
+    scale: float,
+    dropout_p: float = 0.0,
+    fold: bool = True,
+) -> torch.Tensor:
     """``softmax(q·kᵀ·scale + bias) v`` for a per-key ``bias`` (``[B, 1, 1, N]``), by SDPA.
 
     With ``fold=True`` no mask is passed: the head dim is padded by ``p = 8 - D % 8`` channels, q's
@@ -294,9 +309,7 @@ def _resolve_r(model: nn.Module, r: RSpec, method: str) -> List[int]:
 
 def _state(model: nn.Module) -> TokenState:
     if not is_patched(model):
-        raise ValueError(
-            f"{type(model).__name__} is not patched; call tocom_hub.patch(model) first"
-        )
+        raise ValueError(f"{type(model).__name__} is not patched; call tocom_hub.patch(model) first")
     return model._tocom_state
 
 

@@ -5,6 +5,7 @@ attention its key receives from the class token's query, averaged over heads (:f
 computes just that row, never the full map). Optionally the dropped tokens are fused into one extra
 token, their attentiveness-weighted average ("fuse token" in EViT). Nothing here knows about timm.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -49,9 +50,7 @@ def cls_attention(q: torch.Tensor, k: torch.Tensor, scale: float, has_class_toke
     return attn.float().softmax(dim=-1).mean(dim=1)[:, 0]
 
 
-def select_attentive(
-    attentiveness: torch.Tensor, r: int, num_prefix: int = 0, fuse: bool = False
-) -> Optional[Prune]:
+def select_attentive(attentiveness: torch.Tensor, r: int, num_prefix: int = 0, fuse: bool = False) -> Optional[Prune]:
     """Plan pruning ``r`` tokens (clamped so one non-prefix token stays); ``None`` if nothing is pruned.
 
     With ``fuse=True`` the sequence still shrinks by exactly ``r``: ``N - P - r - 1`` tokens are kept
@@ -98,9 +97,7 @@ def prune_tokens(p: Prune, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def prune_source(
-    p: Prune, source: Optional[torch.Tensor] = None, dtype: torch.dtype = torch.float32
-) -> torch.Tensor:
+def prune_source(p: Prune, source: Optional[torch.Tensor] = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Update the ``[B, N, N_input]`` 0/1 source-trace matrix (identity before the first step)."""
     if source is None:
         batch = p.keep.shape[0]

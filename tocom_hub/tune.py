@@ -1,4 +1,5 @@
 """Pick the ToCom scale ``s`` on a small calibration set (the paper searches s ∈ {0.01 … 0.15})."""
+
 from __future__ import annotations
 
 from typing import Callable, Dict, Iterable, Optional, Sequence, Tuple, Union
@@ -17,8 +18,9 @@ PAPER_SCALES = (0.01, 0.02, 0.05, 0.08, 0.1, 0.12, 0.15)
 Metric = Union[str, Callable[[torch.Tensor, torch.Tensor], float]]
 
 
-def _score(model: nn.Module, loader: Iterable, metric: Metric, device: torch.device,
-           max_batches: Optional[int]) -> float:
+def _score(
+    model: nn.Module, loader: Iterable, metric: Metric, device: torch.device, max_batches: Optional[int]
+) -> float:
     total, count = 0.0, 0
     for i, batch in enumerate(loader):
         if max_batches is not None and i >= max_batches:

@@ -17,6 +17,7 @@ pixels). A side-car JSON records the counts and where each panel lies. Example::
     info = visualize(model, "cat.jpg", r=8, output="merged.png")
     print(info["tokens_left"], info["groups"])
 """
+
 from __future__ import annotations
 
 import colorsys
@@ -246,11 +247,16 @@ def visualize(
     pruned = int((groups < 0).sum())
     prefix = int(model.num_prefix_tokens)
     name = {"tome": "ToMe", "evit": "EViT"}[method]
-    caption = title or (f"{name} r={r}: {groups.size} patches -> {left} tokens"
-                        + (f" (+{prefix} prefix)" if prefix else "")
-                        + (f", {pruned} patches pruned (grey)" if pruned else ""))
-    titles = ("input", "merged tokens" if method == "tome" else "kept tokens (pruned: dark)",
-              "one colour per token" + ("" if method == "tome" else ", pruned: grey"))
+    caption = title or (
+        f"{name} r={r}: {groups.size} patches -> {left} tokens"
+        + (f" (+{prefix} prefix)" if prefix else "")
+        + (f", {pruned} patches pruned (grey)" if pruned else "")
+    )
+    titles = (
+        "input",
+        "merged tokens" if method == "tome" else "kept tokens (pruned: dark)",
+        "one colour per token" + ("" if method == "tome" else ", pruned: grey"),
+    )
     canvas, layout = render(shown, groups, alpha=alpha, cell=cell, caption=caption, titles=titles)
     output = os.fspath(output)
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)

@@ -17,6 +17,7 @@ Determinism (what makes ``--resume`` exact and multi-process runs equal to one p
 * :func:`derive_seed` gives per-step seeds (the ``(m, n)`` pair, mixup/cutmix, drop path), so a run
   resumed at step ``K`` draws exactly what the uninterrupted run drew at step ``K``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -147,7 +148,7 @@ def heldout_pairs(seed: int, r_max: int, k: int) -> List[Tuple[int, int]]:
     pairs = [(m, n) for m in range(r_max + 1) for n in range(r_max + 1) if m != n]
     rng = random.Random(derive_seed(seed, "heldout-pairs"))
     rng.shuffle(pairs)
-    return sorted(pairs[:min(k, len(pairs))])
+    return sorted(pairs[: min(k, len(pairs))])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -245,35 +246,54 @@ def fits_in_memory(num_images: int, img_size: int, limit_mb: int) -> bool:
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("backbone")
-    g.add_argument("--model", default=None,
-                   help=f"timm model name. Default: the embedded tiny ViT ({EMBEDDED_MODEL} with "
-                        f"{EMBEDDED_MODEL_KWARGS}, weights shipped with tocom-hub).")
-    g.add_argument("--model-kwargs", default=None, metavar="JSON",
-                   help="extra keyword arguments for timm.create_model as a JSON object, e.g. '{\"depth\": 6}'")
+    g.add_argument(
+        "--model",
+        default=None,
+        help=f"timm model name. Default: the embedded tiny ViT ({EMBEDDED_MODEL} with "
+        f"{EMBEDDED_MODEL_KWARGS}, weights shipped with tocom-hub).",
+    )
+    g.add_argument(
+        "--model-kwargs",
+        default=None,
+        metavar="JSON",
+        help="extra keyword arguments for timm.create_model as a JSON object, e.g. '{\"depth\": 6}'",
+    )
     g.add_argument("--pretrained", action="store_true", help="load timm's pretrained weights for --model")
-    g.add_argument("--checkpoint", default=None, metavar="PATH",
-                   help="backbone weights: a state_dict file (.safetensors, or a torch file loaded with "
-                        "weights_only=True; 'model'/'state_dict' nesting is unwrapped)")
-    g.add_argument("--img-size", type=int, default=None,
-                   help="input resolution (default: the model's; 32 for the embedded model)")
+    g.add_argument(
+        "--checkpoint",
+        default=None,
+        metavar="PATH",
+        help="backbone weights: a state_dict file (.safetensors, or a torch file loaded with "
+        "weights_only=True; 'model'/'state_dict' nesting is unwrapped)",
+    )
+    g.add_argument(
+        "--img-size", type=int, default=None, help="input resolution (default: the model's; 32 for the embedded model)"
+    )
     g.add_argument("--method", default="tome", choices=tocom_hub.METHODS, help="token reduction (default: tome)")
     g.add_argument("--drop-path", type=float, default=0.1, help="stochastic depth rate of the backbone (default 0.1)")
 
 
 def add_data_args(p: argparse.ArgumentParser, default_data: str) -> None:
     g = p.add_argument_group("data")
-    g.add_argument("--data", default=None, metavar="DIR|NAME",
-                   help=f"an ImageFolder root in ImageNet layout (train/ and val/ sub-folders), an embedded "
-                        f"dataset name ({', '.join(embedded_data.list_datasets())}), or a timm dataset name "
-                        f"with prefix: hfds/<hf-dataset> (Hugging Face datasets, map-style), "
-                        f"hfids/<hf-dataset> (streamed), wds/<name> (webdataset; --data-dir gives the shards). "
-                        f"Default: {default_data} (embedded, offline).")
+    g.add_argument(
+        "--data",
+        default=None,
+        metavar="DIR|NAME",
+        help=f"an ImageFolder root in ImageNet layout (train/ and val/ sub-folders), an embedded "
+        f"dataset name ({', '.join(embedded_data.list_datasets())}), or a timm dataset name "
+        f"with prefix: hfds/<hf-dataset> (Hugging Face datasets, map-style), "
+        f"hfids/<hf-dataset> (streamed), wds/<name> (webdataset; --data-dir gives the shards). "
+        f"Default: {default_data} (embedded, offline).",
+    )
     g.add_argument("--data-dir", default=None, help="root folder / cache dir passed to timm.data.create_dataset")
     g.add_argument("--train-split", default="train")
     g.add_argument("--val-split", default="validation")
     g.add_argument("--num-workers", type=int, default=2, help="DataLoader workers per process (default 2)")
-    g.add_argument("--no-augment", action="store_true",
-                   help="no RandAugment / random erasing / mixup / cutmix (plain resize + normalise)")
+    g.add_argument(
+        "--no-augment",
+        action="store_true",
+        help="no RandAugment / random erasing / mixup / cutmix (plain resize + normalise)",
+    )
 
 
 def add_accelerate_args(p: argparse.ArgumentParser) -> None:
@@ -285,15 +305,33 @@ def add_accelerate_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int, default=None, help="images per process per micro-step")
     g.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps (default 1)")
     g.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
-    g.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
-                   help="accelerator.save_state every N optimizer steps (0: never)")
-    g.add_argument("--resume", default=None, metavar="DIR|latest",
-                   help="resume from a checkpoint dir, or 'latest' under OUTPUT_DIR/checkpoints")
-    g.add_argument("--stop-after", type=int, default=None, metavar="K",
-                   help="stop after optimizer step K without exporting (simulates a preemption; "
-                        "the schedule still runs to --max-steps / --epochs)")
-    g.add_argument("--report-to", default="none", choices=["none", "tensorboard", "wandb", "all"],
-                   help="experiment trackers (only those installed)")
+    g.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=0,
+        metavar="N",
+        help="accelerator.save_state every N optimizer steps (0: never)",
+    )
+    g.add_argument(
+        "--resume",
+        default=None,
+        metavar="DIR|latest",
+        help="resume from a checkpoint dir, or 'latest' under OUTPUT_DIR/checkpoints",
+    )
+    g.add_argument(
+        "--stop-after",
+        type=int,
+        default=None,
+        metavar="K",
+        help="stop after optimizer step K without exporting (simulates a preemption; "
+        "the schedule still runs to --max-steps / --epochs)",
+    )
+    g.add_argument(
+        "--report-to",
+        default="none",
+        choices=["none", "tensorboard", "wandb", "all"],
+        help="experiment trackers (only those installed)",
+    )
     g.add_argument("--log-every", type=int, default=10, help="log loss / lr every N steps")
     g.add_argument("--cpu", action="store_true", help="run on CPU even if a GPU is present")
 
@@ -340,8 +378,10 @@ def check_common_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> N
     if args.data is not None and "/" in args.data and not os.path.isdir(args.data):
         prefix = args.data.split("/", 1)[0].lower()
         if prefix not in ("hfds", "hfids", "wds", "tfds", "torch"):
-            p.error(f"--data {args.data!r}: no such directory, and {prefix!r} is not a timm dataset prefix "
-                    f"(hfds/, hfids/, wds/, tfds/, torch/)")
+            p.error(
+                f"--data {args.data!r}: no such directory, and {prefix!r} is not a timm dataset prefix "
+                f"(hfds/, hfids/, wds/, tfds/, torch/)"
+            )
     if args.resume not in (None, "latest") and not os.path.isdir(args.resume):
         p.error(f"--resume {args.resume}: no such checkpoint directory (or use --resume latest)")
     problem = output_dir_problem(args.output_dir)
@@ -419,11 +459,12 @@ def _read_state_dict(path: str) -> Dict[str, torch.Tensor]:
             f"{path}: cannot read a state_dict ({type(e).__name__}: {e}); expected a .safetensors file or a "
             f"torch file saved with torch.save(model.state_dict()) (loaded with weights_only=True)"
         ) from None
-    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
+    return {k[len("module.") :] if k.startswith("module.") else k: v for k, v in sd.items()}
 
 
-def build_backbone(args: argparse.Namespace, num_classes: Optional[int] = None,
-                   drop_path: Optional[float] = None) -> Tuple[torch.nn.Module, Dict[str, Any]]:
+def build_backbone(
+    args: argparse.Namespace, num_classes: Optional[int] = None, drop_path: Optional[float] = None
+) -> Tuple[torch.nn.Module, Dict[str, Any]]:
     """The timm backbone described by ``--model / --model-kwargs / --pretrained / --checkpoint``.
 
     ``num_classes=None`` keeps the checkpoint's (or timm's pretrained) classifier; an int replaces the
@@ -475,8 +516,9 @@ def build_backbone(args: argparse.Namespace, num_classes: Optional[int] = None,
         "model": name,
         "model_kwargs": kwargs,
         "embedded": embedded,
-        "weights": ("timm-pretrained:" + str(model.pretrained_cfg.get("tag"))) if args.pretrained else
-                   (f"file:{os.path.basename(checkpoint)}" if checkpoint else "random-init"),
+        "weights": ("timm-pretrained:" + str(model.pretrained_cfg.get("tag")))
+        if args.pretrained
+        else (f"file:{os.path.basename(checkpoint)}" if checkpoint else "random-init"),
         "checkpoint_sha256": sha256_file(checkpoint) if checkpoint else None,
         "num_classes": int(model.num_classes),
     }
@@ -487,8 +529,15 @@ def build_backbone(args: argparse.Namespace, num_classes: Optional[int] = None,
 # data
 
 
-def build_datasets(args: argparse.Namespace, default_data: str, img_size: int, *, need_val: bool = True,
-                   seed: int = 0, val_length: Optional[int] = None):
+def build_datasets(
+    args: argparse.Namespace,
+    default_data: str,
+    img_size: int,
+    *,
+    need_val: bool = True,
+    seed: int = 0,
+    val_length: Optional[int] = None,
+):
     """``(train, val, info)`` raw datasets (items ``(PIL image, label)``; transforms are added later).
 
     ``val`` is ``None`` when ``need_val`` is false. ``info`` has ``data``, ``kind`` (``embedded`` /
@@ -504,18 +553,34 @@ def build_datasets(args: argparse.Namespace, default_data: str, img_size: int, *
         split = embedded_data.canonical_split(getattr(args, "val_split", None) or "val")
         # ``seed`` redraws the training images only: the held-out images are the same for every seed
         # (dataset seed 0), so that runs with different seeds are measured on the same test set
-        val = embedded_data.build_dataset(data, split, img_size, seed=0,
-                                          length=min(val_length, spec.lengths[split]) if val_length else None
-                                          ) if need_val else None
-        return train, val, {"data": data, "kind": "embedded", "num_classes": spec.num_classes, "iterable": False,
-                            "license": spec.license}
+        val = (
+            embedded_data.build_dataset(
+                data, split, img_size, seed=0, length=min(val_length, spec.lengths[split]) if val_length else None
+            )
+            if need_val
+            else None
+        )
+        return (
+            train,
+            val,
+            {
+                "data": data,
+                "kind": "embedded",
+                "num_classes": spec.num_classes,
+                "iterable": False,
+                "license": spec.license,
+            },
+        )
     if os.path.isdir(data):
         train = create_dataset("", root=data, split=args.train_split, is_training=True)
         val = create_dataset("", root=data, split=args.val_split) if need_val else None
         if need_val and os.path.realpath(getattr(val.reader, "root", "")) == os.path.realpath(
-                getattr(train.reader, "root", "x")):
-            raise ValueError(f"{data}: no '{args.val_split}' (or val/) sub-folder next to '{args.train_split}'; "
-                             f"the held-out set must be separate images")
+            getattr(train.reader, "root", "x")
+        ):
+            raise ValueError(
+                f"{data}: no '{args.val_split}' (or val/) sub-folder next to '{args.train_split}'; "
+                f"the held-out set must be separate images"
+            )
         num_classes = len(getattr(train.reader, "class_to_idx", {}) or {}) or None
         return train, val, {"data": data, "kind": "folder", "num_classes": num_classes, "iterable": False}
     # timm dataset names: hfds/…, hfids/…, wds/…, tfds/…, torch/…
@@ -526,8 +591,11 @@ def build_datasets(args: argparse.Namespace, default_data: str, img_size: int, *
     reader = getattr(train, "reader", None)
     if reader is not None and getattr(reader, "class_to_idx", None):
         num_classes = len(reader.class_to_idx)
-    return train, val, {"data": data, "kind": "timm", "num_classes": num_classes,
-                        "iterable": isinstance(train, IterableDataset)}
+    return (
+        train,
+        val,
+        {"data": data, "kind": "timm", "num_classes": num_classes, "iterable": isinstance(train, IterableDataset)},
+    )
 
 
 def build_transforms(model: torch.nn.Module, img_size: int, augment: bool, embedded: bool):
@@ -543,13 +611,14 @@ def build_transforms(model: torch.nn.Module, img_size: int, augment: bool, embed
     cfg["input_size"] = (3, img_size, img_size)
     if embedded:
         cfg["crop_pct"] = 1.0
-    common = dict(input_size=cfg["input_size"], interpolation=cfg["interpolation"], mean=cfg["mean"],
-                  std=cfg["std"])
-    eval_tf = create_transform(**common, is_training=False, crop_pct=cfg["crop_pct"],
-                               crop_mode=cfg.get("crop_mode", "center"))
+    common = dict(input_size=cfg["input_size"], interpolation=cfg["interpolation"], mean=cfg["mean"], std=cfg["std"])
+    eval_tf = create_transform(
+        **common, is_training=False, crop_pct=cfg["crop_pct"], crop_mode=cfg.get("crop_mode", "center")
+    )
     if augment:
-        train_tf = create_transform(**common, is_training=True, auto_augment="rand-m9-mstd0.5-inc1",
-                                    re_prob=0.25, re_mode="pixel", re_count=1)
+        train_tf = create_transform(
+            **common, is_training=True, auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25, re_mode="pixel", re_count=1
+        )
         _clamp_posterize(train_tf)
     else:
         train_tf = eval_tf
@@ -604,7 +673,7 @@ class ErasedPatches:
         offset = 0
         for b, top, left, h, w, shape in self.boxes:
             k = math.prod(shape)
-            x[b, :, top:top + h, left:left + w] = self.values[offset:offset + k].view(shape)
+            x[b, :, top : top + h, left : left + w] = self.values[offset : offset + k].view(shape)
             offset += k
         return x
 
@@ -633,8 +702,9 @@ class Uint8Transform:
     def __call__(self, img):
         img = self.pil_ops(img)
         if getattr(img, "mode", None) != "RGB":
-            raise ValueError(f"expected an RGB PIL image after the PIL transforms; got {img!r} "
-                             f"(convert the dataset's images to RGB)")
+            raise ValueError(
+                f"expected an RGB PIL image after the PIL transforms; got {img!r} (convert the dataset's images to RGB)"
+            )
         w, h = img.size
         x = torch.from_numpy(np.array(img, np.uint8, copy=True)).view(h, w, 3).permute(2, 0, 1).contiguous()
         writes: List[Tuple[int, int, int, int, torch.Tensor]] = []
@@ -679,7 +749,7 @@ def split_transform(transform: Any) -> Optional[Tuple[Uint8Transform, DeviceNorm
     idx = [i for i, t in enumerate(ops) if type(t).__name__ in ("MaybeToTensor", "ToTensor")]
     if len(idx) != 1:
         return None
-    tail = ops[idx[0] + 1:]
+    tail = ops[idx[0] + 1 :]
     if not tail or not isinstance(tail[0], T.Normalize) or tail[0].inplace:
         return None
     erasing = None
@@ -687,7 +757,7 @@ def split_transform(transform: Any) -> Optional[Tuple[Uint8Transform, DeviceNorm
         erasing = tail[1]
     elif len(tail) != 1:
         return None
-    return Uint8Transform(T.Compose(ops[:idx[0]]), erasing), DeviceNormalize(tail[0].mean, tail[0].std)
+    return Uint8Transform(T.Compose(ops[: idx[0]]), erasing), DeviceNormalize(tail[0].mean, tail[0].std)
 
 
 def collate_uint8(batch) -> Tuple[torch.Tensor, torch.Tensor, ErasedPatches]:
@@ -712,9 +782,17 @@ def device_batch(batch, device: torch.device, normalize: Optional[DeviceNormaliz
     return normalize(batch[0], batch[2]), batch[1]
 
 
-def build_train_loader(train_set: Dataset, transform: Any, *, iterable: bool, batch_size: int, num_workers: int,
-                       seed: int, multiple_of: int, pin_memory: bool
-                       ) -> Tuple[DataLoader, Optional[EpochSampler], Optional[DeviceNormalize]]:
+def build_train_loader(
+    train_set: Dataset,
+    transform: Any,
+    *,
+    iterable: bool,
+    batch_size: int,
+    num_workers: int,
+    seed: int,
+    multiple_of: int,
+    pin_memory: bool,
+) -> Tuple[DataLoader, Optional[EpochSampler], Optional[DeviceNormalize]]:
     """``(loader, sampler, normalize)`` of a training run; pass batches through :func:`device_batch`.
 
     Map-style data gets an :class:`EpochSampler` and per-sample seeded augmentation
@@ -724,8 +802,11 @@ def build_train_loader(train_set: Dataset, transform: Any, *, iterable: bool, ba
     device (:func:`split_transform`: bit-identical, a quarter of the bytes to pin and copy); otherwise
     ``normalize`` is ``None`` and batches are float. Workers persist across epochs.
     """
-    kwargs: Dict[str, Any] = {"num_workers": num_workers, "pin_memory": pin_memory,
-                              "persistent_workers": num_workers > 0}
+    kwargs: Dict[str, Any] = {
+        "num_workers": num_workers,
+        "pin_memory": pin_memory,
+        "persistent_workers": num_workers > 0,
+    }
     normalize = None
     split = split_transform(transform)
     if split is not None:
@@ -735,8 +816,14 @@ def build_train_loader(train_set: Dataset, transform: Any, *, iterable: bool, ba
         train_set.transform = transform
         return DataLoader(train_set, batch_size=batch_size, drop_last=True, **kwargs), None, normalize
     sampler = EpochSampler(len(train_set), seed=seed, multiple_of=multiple_of)
-    loader = DataLoader(SeededTransform(train_set, transform, seed), sampler=sampler, batch_size=batch_size,
-                        drop_last=True, generator=torch.Generator().manual_seed(seed), **kwargs)
+    loader = DataLoader(
+        SeededTransform(train_set, transform, seed),
+        sampler=sampler,
+        batch_size=batch_size,
+        drop_last=True,
+        generator=torch.Generator().manual_seed(seed),
+        **kwargs,
+    )
     return loader, sampler, normalize
 
 
@@ -847,21 +934,26 @@ def load_checkpoint(accelerator, path: str, state: TrainState) -> None:
             f"Remove the file if you wrote it yourself, or resume from a checkpoint you trust"
         )
     if not (root / "model.safetensors").is_file():
-        raise CheckpointError(f"cannot resume from {root}: model.safetensors is missing; not a complete checkpoint "
-                              f"written by this script")
+        raise CheckpointError(
+            f"cannot resume from {root}: model.safetensors is missing; not a complete checkpoint written by this script"
+        )
     state_file = root / TRAIN_STATE_NAME
     try:
         saved = json.loads(state_file.read_text(encoding="utf-8"))
         step = saved["step"] if isinstance(saved, dict) else None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, RecursionError) as e:
-        raise CheckpointError(f"cannot resume from {root}: {state_file.name} is missing or unreadable ({e}); "
-                              f"not a complete checkpoint written by this script") from None
+        raise CheckpointError(
+            f"cannot resume from {root}: {state_file.name} is missing or unreadable ({e}); "
+            f"not a complete checkpoint written by this script"
+        ) from None
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise CheckpointError(f"cannot resume from {root}: {state_file} has step {step!r}; expected an int >= 0")
     named = re.fullmatch(r"step_(\d+)", root.name)
     if named and int(named.group(1)) != step:
-        raise CheckpointError(f"cannot resume from {root}: {state_file.name} says step {step}, the folder name says "
-                              f"{int(named.group(1))}; the checkpoint was modified")
+        raise CheckpointError(
+            f"cannot resume from {root}: {state_file.name} says step {step}, the folder name says "
+            f"{int(named.group(1))}; the checkpoint was modified"
+        )
     for f in sorted(root.glob("random_states_*.pkl")) + sorted(root.glob("*.bin")):
         try:  # what load_state will read, checked first under the same restriction
             accelerate_load(str(f), map_location="cpu", weights_only=True)
@@ -875,8 +967,10 @@ def load_checkpoint(accelerator, path: str, state: TrainState) -> None:
         accelerator.load_state(str(root), load_kwargs={"weights_only": True})
     except Exception as e:  # missing / truncated files: FileNotFoundError, SafetensorError, RuntimeError, …
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise CheckpointError(f"cannot resume from {root}: {type(e).__name__}: {first} — the checkpoint is "
-                              f"incomplete or was modified; resume from another one or start afresh") from e
+        raise CheckpointError(
+            f"cannot resume from {root}: {type(e).__name__}: {first} — the checkpoint is "
+            f"incomplete or was modified; resume from another one or start afresh"
+        ) from e
     state.step = step
 
 
@@ -901,15 +995,18 @@ def check_resume_config(path: str, current: Dict[str, Any], must_match: Sequence
     try:
         saved = json.loads(cfg_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise CheckpointError(f"{cfg_path} is unreadable ({type(e).__name__}: {e}); not a checkpoint written "
-                              f"by this script") from None
+        raise CheckpointError(
+            f"{cfg_path} is unreadable ({type(e).__name__}: {e}); not a checkpoint written by this script"
+        ) from None
     if not isinstance(saved, dict):
         raise CheckpointError(f"{cfg_path} is not a JSON object; not a checkpoint written by this script")
     diff = {k: (saved.get(k), current.get(k)) for k in must_match if saved.get(k) != current.get(k)}
     if diff:
         details = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
-        raise CheckpointError(f"cannot resume from {path}: the run was started with different settings "
-                              f"({details}); resume with the same flags, or start a fresh --output-dir")
+        raise CheckpointError(
+            f"cannot resume from {path}: the run was started with different settings "
+            f"({details}); resume with the same flags, or start a fresh --output-dir"
+        )
 
 
 def sha256_file(path: Optional[str]) -> Optional[str]:
@@ -942,8 +1039,9 @@ def evaluate_top1(accelerator, model: torch.nn.Module, loader) -> float:
     correct = total = 0
     from tqdm.auto import tqdm
 
-    for x, y in tqdm(loader, desc="validation", unit="batch", leave=False,
-                     disable=not accelerator.is_local_main_process):
+    for x, y in tqdm(
+        loader, desc="validation", unit="batch", leave=False, disable=not accelerator.is_local_main_process
+    ):
         with accelerator.autocast():
             pred = model(x).argmax(-1)
         pred, y = accelerator.gather_for_metrics((pred, y))

@@ -43,6 +43,7 @@ Examples::
     torchrun --nproc_per_node 2 training/distill.py --max-steps 10 --output-dir out/
     python -m tocom_hub.training.distill --help
 """
+
 from __future__ import annotations
 
 import argparse
@@ -69,49 +70,101 @@ logger = logging.getLogger("tocom_hub.training.distill")
 
 DIRECTIONS = ("inference", "paper-eq8")
 # flags that must not change between a run and its --resume
-RESUME_MUST_MATCH = ("model", "model_kwargs", "checkpoint_sha256", "data", "method", "r_max", "rank", "targets",
-                     "scale", "direction", "kd", "cls_loss", "temperature", "seed", "global_batch_size",
-                     "grad_accum", "total_steps", "lr", "weight_decay", "min_lr", "augment", "drop_path",
-                     "mixup", "cutmix", "img_size")
+RESUME_MUST_MATCH = (
+    "model",
+    "model_kwargs",
+    "checkpoint_sha256",
+    "data",
+    "method",
+    "r_max",
+    "rank",
+    "targets",
+    "scale",
+    "direction",
+    "kd",
+    "cls_loss",
+    "temperature",
+    "seed",
+    "global_batch_size",
+    "grad_accum",
+    "total_steps",
+    "lr",
+    "weight_decay",
+    "min_lr",
+    "augment",
+    "drop_path",
+    "mixup",
+    "cutmix",
+    "img_size",
+)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="distill.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        prog="distill.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     common.add_model_args(p)
     common.add_data_args(p, default_data=common.EMBEDDED_DATA)
     g = p.add_argument_group("bank")
-    g.add_argument("--r-max", type=int, default=None,
-                   help=f"R, the largest r the bank covers "
-                        f"(default 16; {common.EMBEDDED_R_MAX} for the embedded model)")
+    g.add_argument(
+        "--r-max",
+        type=int,
+        default=None,
+        help=f"R, the largest r the bank covers (default 16; {common.EMBEDDED_R_MAX} for the embedded model)",
+    )
     g.add_argument("--rank", type=int, default=2, help="LoRA rank h of every group (default 2)")
     g.add_argument("--targets", default="q,v", help=f"comma-separated subset of {','.join(TARGETS)} (default q,v)")
     g.add_argument("--scale", type=float, default=0.1, help="s during training (default 0.1)")
     g = p.add_argument_group("distillation")
-    g.add_argument("--direction", default="inference", choices=DIRECTIONS,
-                   help="inference (default): teacher r=m no bank, student r=n + bank m→n — what "
-                        "tocom_hub.apply(model, source_r=m, target_r=n) runs; paper-eq8: teacher r=n, student "
-                        "r=m + bank m→n (Eq. 8 as printed; learns the negated bank under the inference convention)")
-    g.add_argument("--kd", default="logits", choices=["logits", "features"],
-                   help="logits: KL on soft targets; features: L1 on pooled final features (head-less backbones)")
+    g.add_argument(
+        "--direction",
+        default="inference",
+        choices=DIRECTIONS,
+        help="inference (default): teacher r=m no bank, student r=n + bank m→n — what "
+        "tocom_hub.apply(model, source_r=m, target_r=n) runs; paper-eq8: teacher r=n, student "
+        "r=m + bank m→n (Eq. 8 as printed; learns the negated bank under the inference convention)",
+    )
+    g.add_argument(
+        "--kd",
+        default="logits",
+        choices=["logits", "features"],
+        help="logits: KL on soft targets; features: L1 on pooled final features (head-less backbones)",
+    )
     g.add_argument("--temperature", type=float, default=1.0, help="KD temperature T (default 1)")
-    g.add_argument("--cls-loss", action="store_true",
-                   help="ablation (Table 5): cross-entropy on the labels instead of distillation")
+    g.add_argument(
+        "--cls-loss",
+        action="store_true",
+        help="ablation (Table 5): cross-entropy on the labels instead of distillation",
+    )
     g.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
     g.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (default 0.05)")
     g.add_argument("--min-lr", type=float, default=1e-5, help="cosine schedule floor (default 1e-5; no warm-up)")
     g.add_argument("--mixup", type=float, default=0.8, help="mixup alpha (default 0.8; images only for KD)")
     g.add_argument("--cutmix", type=float, default=1.0, help="cutmix alpha (default 1.0)")
     g = p.add_argument_group("held-out evaluation and export")
-    g.add_argument("--heldout-pairs", type=int, default=8, metavar="K",
-                   help="number of fixed (m, n) pairs for the held-out KL (default 8; 0 skips it)")
+    g.add_argument(
+        "--heldout-pairs",
+        type=int,
+        default=8,
+        metavar="K",
+        help="number of fixed (m, n) pairs for the held-out KL (default 8; 0 skips it)",
+    )
     g.add_argument("--heldout-images", type=int, default=512, help="held-out images (default 512)")
-    g.add_argument("--eval-every", type=int, default=0, metavar="N",
-                   help="also log the held-out KL every N steps (default 0: only at the end)")
+    g.add_argument(
+        "--eval-every",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also log the held-out KL every N steps (default 0: only at the end)",
+    )
     g.add_argument("--push-to-hub", default=None, metavar="ORG/NAME", help="upload the bank when done")
-    g.add_argument("--dataset-id", default=None, metavar="HUB_DATASET",
-                   help="Hub dataset id of the training data for the bank's model card, e.g. imagenet-1k "
-                        "(default: taken from --data hfds/<id> / hfids/<id>)")
+    g.add_argument(
+        "--dataset-id",
+        default=None,
+        metavar="HUB_DATASET",
+        help="Hub dataset id of the training data for the bank's model card, e.g. imagenet-1k "
+        "(default: taken from --data hfds/<id> / hfids/<id>)",
+    )
     common.add_accelerate_args(p)
     args = p.parse_args(argv)
 
@@ -144,16 +197,20 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args.augment = not args.no_augment
     args.use_mixup = args.augment and (args.mixup > 0 or args.cutmix > 0)
     if args.use_mixup and args.batch_size % 2:
-        p.error(f"mixup/cutmix pair up images inside a batch: --batch-size must be even (got {args.batch_size}); "
-                f"or pass --mixup 0 --cutmix 0 / --no-augment")
+        p.error(
+            f"mixup/cutmix pair up images inside a batch: --batch-size must be even (got {args.batch_size}); "
+            f"or pass --mixup 0 --cutmix 0 / --no-augment"
+        )
     if args.push_to_hub is not None:
         if args.push_to_hub.count("/") != 1:
             p.error(f"--push-to-hub expects a repo id 'org/name'; got {args.push_to_hub!r}")
         try:
             import tocom_hub.hub  # noqa: F401
         except ImportError as e:
-            p.error(f"--push-to-hub needs tocom_hub.hub, which is not available ({e}); train without it and upload "
-                    f"OUTPUT_DIR with `hf upload ORG/NAME OUTPUT_DIR`")
+            p.error(
+                f"--push-to-hub needs tocom_hub.hub, which is not available ({e}); train without it and upload "
+                f"OUTPUT_DIR with `hf upload ORG/NAME OUTPUT_DIR`"
+            )
     return args
 
 
@@ -171,8 +228,7 @@ class Distiller(nn.Module):
     the bank off for the teacher.
     """
 
-    def __init__(self, backbone: nn.Module, bank: ToComBank, direction: str = "inference",
-                 kd: str = "logits") -> None:
+    def __init__(self, backbone: nn.Module, bank: ToComBank, direction: str = "inference", kd: str = "logits") -> None:
         super().__init__()
         if direction not in DIRECTIONS:
             raise ValueError(f"direction must be one of {DIRECTIONS}; got {direction!r}")
@@ -212,8 +268,9 @@ class Distiller(nn.Module):
         return self.student(x, m, n), t
 
 
-def kd_loss(student: torch.Tensor, teacher: torch.Tensor, kd: str, temperature: float = 1.0,
-            reduction: str = "mean") -> torch.Tensor:
+def kd_loss(
+    student: torch.Tensor, teacher: torch.Tensor, kd: str, temperature: float = 1.0, reduction: str = "mean"
+) -> torch.Tensor:
     """KL(teacher ‖ student) at temperature ``T`` (× T²), or mean L1 for ``kd="features"``.
 
     ``reduction="none"`` returns one value per sample (held-out metrics).
@@ -242,8 +299,13 @@ def heldout_eval(accelerator, distiller: Distiller, loader, pairs: List[Tuple[in
     count = 0
     from tqdm.auto import tqdm
 
-    for x, _ in tqdm(loader, desc=f"held-out eval ({k} pairs)", unit="batch", leave=False,
-                     disable=not accelerator.is_local_main_process):
+    for x, _ in tqdm(
+        loader,
+        desc=f"held-out eval ({k} pairs)",
+        unit="batch",
+        leave=False,
+        disable=not accelerator.is_local_main_process,
+    ):
         x = x.to(accelerator.device)
         vals = torch.empty(x.shape[0], 2, k, device=x.device)
         for j, (m, n) in enumerate(pairs):  # fp32 even under --mixed-precision: the KL is ~1e-3, bf16 noise is not
@@ -257,8 +319,11 @@ def heldout_eval(accelerator, distiller: Distiller, loader, pairs: List[Tuple[in
     per_pair = (sums / max(count, 1)).tolist()
     name = "l1" if kd == "features" else "kl"
     return {
-        "heldout_metric": ("mean |student - teacher| of the pooled features" if kd == "features" else
-                           "KL(teacher || student) of the softmax outputs, T = 1"),
+        "heldout_metric": (
+            "mean |student - teacher| of the pooled features"
+            if kd == "features"
+            else "KL(teacher || student) of the softmax outputs, T = 1"
+        ),
         "heldout_direction": distiller.direction,
         f"heldout_{name}_no_bank": statistics.fmean(per_pair[0]),
         f"heldout_{name}_with_bank": statistics.fmean(per_pair[1]),
@@ -309,8 +374,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     # -- backbone (frozen) + bank -----------------------------------------------------------------
     model, model_info = common.build_backbone(args)
     if args.kd == "logits" and model_info["num_classes"] == 0:
-        raise SystemExit(f"error: {model_info['model']} has no classifier head to distill logits from; "
-                         f"use --kd features (L1 on the final features)")
+        raise SystemExit(
+            f"error: {model_info['model']} has no classifier head to distill logits from; "
+            f"use --kd features (L1 on the final features)"
+        )
     tocom_hub.patch(model, method=args.method, prop_attn=True)
     try:
         tocom_hub.set_r(model, args.r_max)
@@ -318,9 +385,16 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         raise SystemExit(f"error: --r-max {args.r_max} does not fit this model: {e}") from None
     model.requires_grad_(False)
     img_size = common.model_img_size(model)
-    bank = ToComBank.for_model(model, r_max=args.r_max, rank=args.rank, targets=args.targets,
-                               method=args.method, scale=args.scale, base_model=model_info["model"],
-                               pretrained_tag=(model.pretrained_cfg.get("tag") if args.pretrained else None))
+    bank = ToComBank.for_model(
+        model,
+        r_max=args.r_max,
+        rank=args.rank,
+        targets=args.targets,
+        method=args.method,
+        scale=args.scale,
+        base_model=model_info["model"],
+        pretrained_tag=(model.pretrained_cfg.get("tag") if args.pretrained else None),
+    )
     model.to(accelerator.device)
     bank.to(accelerator.device)
     tocom_hub.apply(model, 0, 0, bank=bank, merge=False, scale=args.scale)
@@ -328,19 +402,31 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 
     # -- data ---------------------------------------------------------------------------------------
     train_set, val_set, data_info = common.build_datasets(
-        args, common.EMBEDDED_DATA, img_size, need_val=args.heldout_pairs > 0, seed=args.seed,
-        val_length=args.heldout_images)
-    train_tf, eval_tf, data_cfg = common.build_transforms(model, img_size, args.augment,
-                                                          data_info["kind"] == "embedded")
+        args,
+        common.EMBEDDED_DATA,
+        img_size,
+        need_val=args.heldout_pairs > 0,
+        seed=args.seed,
+        val_length=args.heldout_images,
+    )
+    train_tf, eval_tf, data_cfg = common.build_transforms(
+        model, img_size, args.augment, data_info["kind"] == "embedded"
+    )
     num_classes = model_info["num_classes"] or data_info["num_classes"] or 1
     global_micro = args.batch_size * accelerator.num_processes
     # workers stop at uint8 images, the float part of the transform runs on the device (bit-identical);
     # streamed datasets (hfids/, wds/): timm's reader shards by rank and shuffles by seed/epoch, so that
     # loader is not prepared (that would shard twice) and resume fast-forwards batches.
     train_loader, sampler, normalize = common.build_train_loader(
-        train_set, train_tf, iterable=data_info["iterable"], batch_size=args.batch_size,
-        num_workers=args.num_workers, seed=args.seed, multiple_of=global_micro * args.grad_accum,
-        pin_memory=accelerator.device.type == "cuda")
+        train_set,
+        train_tf,
+        iterable=data_info["iterable"],
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        seed=args.seed,
+        multiple_of=global_micro * args.grad_accum,
+        pin_memory=accelerator.device.type == "cuda",
+    )
     heldout_loader = None
     if val_set is not None:
         if data_info["iterable"]:
@@ -350,7 +436,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
             n_val = min(len(val_set), args.heldout_images)
             heldout_loader = DataLoader(
                 common.SeededTransform(torch.utils.data.Subset(val_set, range(n_val)), eval_tf, args.seed),
-                batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers)
+                batch_size=args.batch_size,
+                shuffle=False,
+                num_workers=args.num_workers,
+            )
 
     # -- optimizer / schedule -------------------------------------------------------------------------
     optimizer = torch.optim.AdamW(bank.parameters(), lr=args.lr, weight_decay=args.weight_decay)
@@ -362,12 +451,15 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         micro_per_epoch = len(sampler) // global_micro
     steps_per_epoch = micro_per_epoch // args.grad_accum
     total_steps = args.max_steps or args.epochs * steps_per_epoch
-    scheduler = CosineLRScheduler(optimizer, t_initial=total_steps, lr_min=args.min_lr, warmup_t=0,
-                                  t_in_epochs=False)
+    scheduler = CosineLRScheduler(optimizer, t_initial=total_steps, lr_min=args.min_lr, warmup_t=0, t_in_epochs=False)
     mixup = None
     if args.use_mixup:
-        mixup = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix,
-                      label_smoothing=0.1 if args.cls_loss else 0.0, num_classes=num_classes)
+        mixup = Mixup(
+            mixup_alpha=args.mixup,
+            cutmix_alpha=args.cutmix,
+            label_smoothing=0.1 if args.cls_loss else 0.0,
+            num_classes=num_classes,
+        )
 
     distiller, optimizer = accelerator.prepare(distiller, optimizer)
     if not data_info["iterable"]:  # streamed data is sharded by timm's reader itself
@@ -378,21 +470,43 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 
     # -- what was run (recipe, resume checks, trackers) -----------------------------------------------
     run_config: Dict[str, Any] = {
-        "script": "training/distill.py", "tocom_hub_version": tocom_hub.__version__,
+        "script": "training/distill.py",
+        "tocom_hub_version": tocom_hub.__version__,
         **{k: model_info[k] for k in ("model", "model_kwargs", "weights", "checkpoint_sha256")},
-        "data": data_info["data"], "dataset": args.dataset_id or _hub_dataset_id(data_info["data"]),
-        "img_size": img_size, "data_config": data_cfg, "method": args.method,
-        "prop_attn": True, "r_max": args.r_max, "rank": args.rank, "targets": list(args.targets),
-        "scale": args.scale, "direction": args.direction, "kd": args.kd, "cls_loss": args.cls_loss,
-        "temperature": args.temperature, "teacher_mode": "eval, no_grad", "seed": args.seed,
-        "optimizer": "AdamW", "lr": args.lr, "weight_decay": args.weight_decay, "min_lr": args.min_lr,
-        "schedule": "cosine per step, no warm-up", "total_steps": total_steps,
+        "data": data_info["data"],
+        "dataset": args.dataset_id or _hub_dataset_id(data_info["data"]),
+        "img_size": img_size,
+        "data_config": data_cfg,
+        "method": args.method,
+        "prop_attn": True,
+        "r_max": args.r_max,
+        "rank": args.rank,
+        "targets": list(args.targets),
+        "scale": args.scale,
+        "direction": args.direction,
+        "kd": args.kd,
+        "cls_loss": args.cls_loss,
+        "temperature": args.temperature,
+        "teacher_mode": "eval, no_grad",
+        "seed": args.seed,
+        "optimizer": "AdamW",
+        "lr": args.lr,
+        "weight_decay": args.weight_decay,
+        "min_lr": args.min_lr,
+        "schedule": "cosine per step, no warm-up",
+        "total_steps": total_steps,
         "epochs": (total_steps / steps_per_epoch) if steps_per_epoch else None,
-        "batch_size_per_process": args.batch_size, "num_processes": accelerator.num_processes,
-        "grad_accum": args.grad_accum, "global_batch_size": global_micro * args.grad_accum,
-        "mixed_precision": args.mixed_precision, "drop_path": args.drop_path, "augment": args.augment,
-        "auto_augment": "rand-m9-mstd0.5-inc1" if args.augment else None, "re_prob": 0.25 if args.augment else 0.0,
-        "mixup": args.mixup if args.use_mixup else 0.0, "cutmix": args.cutmix if args.use_mixup else 0.0,
+        "batch_size_per_process": args.batch_size,
+        "num_processes": accelerator.num_processes,
+        "grad_accum": args.grad_accum,
+        "global_batch_size": global_micro * args.grad_accum,
+        "mixed_precision": args.mixed_precision,
+        "drop_path": args.drop_path,
+        "augment": args.augment,
+        "auto_augment": "rand-m9-mstd0.5-inc1" if args.augment else None,
+        "re_prob": 0.25 if args.augment else 0.0,
+        "mixup": args.mixup if args.use_mixup else 0.0,
+        "cutmix": args.cutmix if args.use_mixup else 0.0,
     }
     state = common.TrainState()
     resume_dir = common.find_checkpoint(args.output_dir, args.resume)
@@ -408,20 +522,35 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         flat = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in run_config.items()}
         accelerator.init_trackers("tocom-distill", config=flat)
 
-    logger.info("bank: %d parameters (R=%d, rank=%d, targets=%s); backbone %s frozen; %d steps of %d images "
-                "(%d process(es) × %d × %d accumulation); direction=%s", bank.num_parameters(), args.r_max,
-                args.rank, ",".join(args.targets), model_info["model"], total_steps,
-                global_micro * args.grad_accum, accelerator.num_processes, args.batch_size, args.grad_accum,
-                args.direction)
+    logger.info(
+        "bank: %d parameters (R=%d, rank=%d, targets=%s); backbone %s frozen; %d steps of %d images "
+        "(%d process(es) × %d × %d accumulation); direction=%s",
+        bank.num_parameters(),
+        args.r_max,
+        args.rank,
+        ",".join(args.targets),
+        model_info["model"],
+        total_steps,
+        global_micro * args.grad_accum,
+        accelerator.num_processes,
+        args.batch_size,
+        args.grad_accum,
+        args.direction,
+    )
     pairs = common.heldout_pairs(args.seed, args.r_max, args.heldout_pairs) if heldout_loader is not None else []
 
     # -- training loop --------------------------------------------------------------------------------
     soft_ce = SoftTargetCrossEntropy()
     step = state.step
     batches_done = step * args.grad_accum
-    epoch, skip = (divmod(batches_done, micro_per_epoch) if micro_per_epoch else (0, batches_done))
-    progress = tqdm(total=total_steps, initial=step, disable=not accelerator.is_local_main_process,
-                    desc="distill", dynamic_ncols=True)
+    epoch, skip = divmod(batches_done, micro_per_epoch) if micro_per_epoch else (0, batches_done)
+    progress = tqdm(
+        total=total_steps,
+        initial=step,
+        disable=not accelerator.is_local_main_process,
+        desc="distill",
+        dynamic_ncols=True,
+    )
     step_times: List[float] = []
     stopped_early = False
     distiller.train()
@@ -506,14 +635,22 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     timed = step_times[1:] or step_times
     if timed:
         med = statistics.median(timed)
-        metrics.update({"median_step_seconds": med,
-                        "images_per_second": global_micro * args.grad_accum / med,
-                        # wall-clock rate over all steps but the first, the device synchronised at both ends
-                        "throughput_images_per_second": ((len(step_times) - 1) * global_micro * args.grad_accum
-                                                         / window_seconds) if window_seconds > 0 else None,
-                        "peak_memory_mb_per_process": _peak_memory_mb(accelerator.device),
-                        "device": str(accelerator.device), "cpu_threads": torch.get_num_threads(),
-                        "platform": platform.platform()})
+        metrics.update(
+            {
+                "median_step_seconds": med,
+                "images_per_second": global_micro * args.grad_accum / med,
+                # wall-clock rate over all steps but the first, the device synchronised at both ends
+                "throughput_images_per_second": (
+                    (len(step_times) - 1) * global_micro * args.grad_accum / window_seconds
+                )
+                if window_seconds > 0
+                else None,
+                "peak_memory_mb_per_process": _peak_memory_mb(accelerator.device),
+                "device": str(accelerator.device),
+                "cpu_threads": torch.get_num_threads(),
+                "platform": platform.platform(),
+            }
+        )
     if accelerator.is_main_process:
         out_bank = unwrapped.bank
         out_bank.config.training_recipe = run_config
@@ -529,8 +666,14 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         name = "l1" if args.kd == "features" else "kl"
         if f"heldout_{name}_no_bank" in metrics:
             a, b = metrics[f"heldout_{name}_no_bank"], metrics[f"heldout_{name}_with_bank"]
-            logger.info("held-out %s over %d pairs: no bank %.6g → with bank %.6g (%+.1f%%)", name.upper(),
-                        len(pairs), a, b, 100.0 * (b - a) / a if a else 0.0)
+            logger.info(
+                "held-out %s over %d pairs: no bank %.6g → with bank %.6g (%+.1f%%)",
+                name.upper(),
+                len(pairs),
+                a,
+                b,
+                100.0 * (b - a) / a if a else 0.0,
+            )
         logger.info("bank saved to %s", args.output_dir)
         if args.push_to_hub:
             out_bank.push_to_hub(args.push_to_hub)

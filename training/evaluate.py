@@ -17,6 +17,7 @@ Examples::
     python training/evaluate.py --finetuned out/ft-r0 --bank out/bank --scales 0.05,0.1,0.15
     python training/evaluate.py --finetuned out/ft-r0 --bank out/bank --matched out/ft-r5 out/ft-r10
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,27 +54,48 @@ def _int_list(text: str) -> List[int]:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="evaluate.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--finetuned", default=None, metavar="DIR",
-                   help="output dir of finetune.py (default: the embedded backbone on photo-crops)")
-    p.add_argument("--source-r", type=int, default=None,
-                   help="source r of the model (default: finetune.json's; 0 for the embedded backbone)")
+    p = argparse.ArgumentParser(
+        prog="evaluate.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--finetuned",
+        default=None,
+        metavar="DIR",
+        help="output dir of finetune.py (default: the embedded backbone on photo-crops)",
+    )
+    p.add_argument(
+        "--source-r",
+        type=int,
+        default=None,
+        help="source r of the model (default: finetune.json's; 0 for the embedded backbone)",
+    )
     p.add_argument("--bank", default=None, metavar="DIR|FILE|REPO", help="ToCom bank (omit: only 'no ToCom')")
-    p.add_argument("--targets", default=None,
-                   help="target r values, e.g. '0,2,4' or '0-10' (default 0…R of the bank, else 0…source r)")
+    p.add_argument(
+        "--targets",
+        default=None,
+        help="target r values, e.g. '0,2,4' or '0-10' (default 0…R of the bank, else 0…source r)",
+    )
     p.add_argument("--scales", default=None, help="comma-separated s values (default: the bank's scale)")
-    p.add_argument("--matched", nargs="*", default=[], metavar="DIR",
-                   help="finetune.py dirs trained at other source r, each evaluated at its own r")
+    p.add_argument(
+        "--matched",
+        nargs="*",
+        default=[],
+        metavar="DIR",
+        help="finetune.py dirs trained at other source r, each evaluated at its own r",
+    )
     p.add_argument("--data", default=None, help="override the dataset recorded in finetune.json")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--split", default="validation", help="split to evaluate on (default validation)")
     p.add_argument("--val-images", type=int, default=None, help="evaluate on the first N images")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--num-workers", type=int, default=2)
-    p.add_argument("--cache-mb", type=int, default=1024,
-                   help="decode the evaluation images once and keep them in memory when they fit in this many "
-                        "MiB (every target r and scale re-reads the split; 0: never cache)")
+    p.add_argument(
+        "--cache-mb",
+        type=int,
+        default=1024,
+        help="decode the evaluation images once and keep them in memory when they fit in this many "
+        "MiB (every target r and scale re-reads the split; 0: never cache)",
+    )
     p.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
     p.add_argument("--output-dir", default="out/eval")
     p.add_argument("--cpu", action="store_true")
@@ -110,15 +132,23 @@ def load_finetuned(path: Optional[str], device: torch.device):
     from safetensors.torch import load_file
 
     if path is None:
-        ns = argparse.Namespace(model=None, model_kwargs=None, pretrained=False, checkpoint=None, img_size=None,
-                                drop_path=0.0)
+        ns = argparse.Namespace(
+            model=None, model_kwargs=None, pretrained=False, checkpoint=None, img_size=None, drop_path=0.0
+        )
         model, info = common.build_backbone(ns)
-        recipe = {**info, "data": common.EMBEDDED_DATA, "method": "tome", "source_r": 0, "mode": "full",
-                  "img_size": common.model_img_size(model)}
+        recipe = {
+            **info,
+            "data": common.EMBEDDED_DATA,
+            "method": "tome",
+            "source_r": 0,
+            "mode": "full",
+            "img_size": common.model_img_size(model),
+        }
         return model.to(device).eval(), recipe, None
     recipe = json.loads((Path(path) / "finetune.json").read_text())
-    model = timm.create_model(recipe["model"], pretrained=False, num_classes=recipe["num_classes"],
-                              **recipe.get("model_kwargs", {}))
+    model = timm.create_model(
+        recipe["model"], pretrained=False, num_classes=recipe["num_classes"], **recipe.get("model_kwargs", {})
+    )
     model.load_state_dict(load_file(str(Path(path) / "model.safetensors")))
     adapters = None
     if recipe.get("mode") == "adaptformer":
@@ -129,11 +159,17 @@ def load_finetuned(path: Optional[str], device: torch.device):
 
 
 def make_loader(args, recipe, model, accelerator):
-    ns = argparse.Namespace(data=args.data or recipe["data"], data_dir=args.data_dir, train_split="train",
-                            val_split=args.split, batch_size=args.batch_size)
+    ns = argparse.Namespace(
+        data=args.data or recipe["data"],
+        data_dir=args.data_dir,
+        train_split="train",
+        val_split=args.split,
+        batch_size=args.batch_size,
+    )
     img_size = common.model_img_size(model)
-    _, val_set, info = common.build_datasets(ns, recipe["data"], img_size, seed=recipe.get("seed", 0),
-                                             val_length=args.val_images)
+    _, val_set, info = common.build_datasets(
+        ns, recipe["data"], img_size, seed=recipe.get("seed", 0), val_length=args.val_images
+    )
     _, eval_tf, _ = common.build_transforms(model, img_size, False, info["kind"] == "embedded")
     n = min(len(val_set), args.val_images or len(val_set))
     ds = common.SeededTransform(torch.utils.data.Subset(val_set, range(n)), eval_tf, 0)
@@ -154,8 +190,9 @@ def plot(result: Dict[str, Any], path: str) -> None:
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     targets = result["targets"]
     src = result["source_r"]
-    ax.plot(targets, [result["no_tocom"][str(t)] for t in targets], "o-", color="0.4",
-            label=f"source r={src}, no ToCom")
+    ax.plot(
+        targets, [result["no_tocom"][str(t)] for t in targets], "o-", color="0.4", label=f"source r={src}, no ToCom"
+    )
     cmap = plt.get_cmap("viridis")
     scales = sorted(result.get("tocom", {}), key=float)
     for i, s in enumerate(scales):
@@ -163,8 +200,13 @@ def plot(result: Dict[str, Any], path: str) -> None:
         ax.plot(targets, [result["tocom"][s][str(t)] for t in targets], "s-", color=color, label=f"+ToCom (s={s})")
     if result.get("matched"):
         rs = sorted(result["matched"], key=int)
-        ax.plot([int(r) for r in rs], [result["matched"][r] for r in rs], "D--", color="tab:red",
-                label="source r = target r")
+        ax.plot(
+            [int(r) for r in rs],
+            [result["matched"][r] for r in rs],
+            "D--",
+            color="tab:red",
+            label="source r = target r",
+        )
     ax.set_xlabel("target r (tokens removed per block)")
     ax.set_ylabel("top-1 (%)")
     ax.set_title(f"{result['model']} on {result['data']} ({result['method']})", fontsize=9)
@@ -190,8 +232,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     if args.bank is not None:
         bank = tocom_hub.ToComBank.from_pretrained(args.bank, device=accelerator.device)
         if bank.method != recipe.get("method", "tome"):
-            raise SystemExit(f"error: the bank was trained for {bank.method!r} but the model uses "
-                             f"{recipe.get('method')!r}")
+            raise SystemExit(
+                f"error: the bank was trained for {bank.method!r} but the model uses {recipe.get('method')!r}"
+            )
         if source_r > bank.r_max:
             raise SystemExit(f"error: source r={source_r} is outside the bank's range 0…{bank.r_max}")
     targets = args.targets or list(range(0, (bank.r_max if bank else source_r) + 1))
@@ -204,10 +247,20 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     scales = args.scales or ([bank.scale] if bank is not None else [])
     loader, n_images = make_loader(args, recipe, model, accelerator)
 
-    result: Dict[str, Any] = {"model": recipe["model"], "data": args.data or recipe["data"], "split": args.split,
-                              "images": n_images, "method": recipe.get("method", "tome"), "source_r": source_r,
-                              "finetuned": args.finetuned, "bank": args.bank, "targets": targets,
-                              "no_tocom": {}, "tocom": {}, "matched": {}}
+    result: Dict[str, Any] = {
+        "model": recipe["model"],
+        "data": args.data or recipe["data"],
+        "split": args.split,
+        "images": n_images,
+        "method": recipe.get("method", "tome"),
+        "source_r": source_r,
+        "finetuned": args.finetuned,
+        "bank": args.bank,
+        "targets": targets,
+        "no_tocom": {},
+        "tocom": {},
+        "matched": {},
+    }
     for t in targets:
         tocom_hub.set_r(model, t)
         result["no_tocom"][str(t)] = common.evaluate_top1(accelerator, model, loader)
@@ -222,8 +275,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
             logger.info("target r=%d: +ToCom (s=%s) %.2f", t, key, result["tocom"][key][str(t)])
         tocom_hub.remove(model)
     if result["tocom"]:
-        gains = {s: sum(acc[str(t)] - result["no_tocom"][str(t)] for t in targets) / len(targets)
-                 for s, acc in result["tocom"].items()}
+        gains = {
+            s: sum(acc[str(t)] - result["no_tocom"][str(t)] for t in targets) / len(targets)
+            for s, acc in result["tocom"].items()
+        }
         result["mean_gain_by_scale"] = gains
     for d in args.matched:
         m_model, m_recipe, _ = load_finetuned(d, accelerator.device)

@@ -26,6 +26,7 @@ Examples::
         --data /data/cifar100 --source-r 16 --lr 5e-5 --epochs 100 --warmup-steps 500 --output-dir out/c100-r16
     python training/finetune.py --mode adaptformer --adapter-scale 0.1 --source-r 10 --output-dir out/pet-r10
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,21 +48,45 @@ from tocom_hub.training import common
 
 logger = logging.getLogger("tocom_hub.training.finetune")
 
-RESUME_MUST_MATCH = ("model", "model_kwargs", "checkpoint_sha256", "data", "method", "source_r", "mode",
-                     "adapter_bottleneck", "adapter_scale", "seed", "global_batch_size", "grad_accum",
-                     "total_steps", "lr", "weight_decay", "augment", "num_classes", "img_size")
+RESUME_MUST_MATCH = (
+    "model",
+    "model_kwargs",
+    "checkpoint_sha256",
+    "data",
+    "method",
+    "source_r",
+    "mode",
+    "adapter_bottleneck",
+    "adapter_scale",
+    "seed",
+    "global_batch_size",
+    "grad_accum",
+    "total_steps",
+    "lr",
+    "weight_decay",
+    "augment",
+    "num_classes",
+    "img_size",
+)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="finetune.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="finetune.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     common.add_model_args(p)
-    p.add_argument("--from-scratch", action="store_true",
-                   help="start from random weights (for the embedded model: do not load its shipped weights)")
+    p.add_argument(
+        "--from-scratch",
+        action="store_true",
+        help="start from random weights (for the embedded model: do not load its shipped weights)",
+    )
     common.add_data_args(p, default_data=common.EMBEDDED_DOWNSTREAM_DATA)
-    p.add_argument("--cache-mb", type=int, default=1024,
-                   help="with --no-augment, keep the decoded train/val images in memory when they fit in this "
-                        "many MiB (0: never)")
+    p.add_argument(
+        "--cache-mb",
+        type=int,
+        default=1024,
+        help="with --no-augment, keep the decoded train/val images in memory when they fit in this many MiB (0: never)",
+    )
     g = p.add_argument_group("fine-tuning")
     g.add_argument("--source-r", type=int, default=0, help="r the model is trained at (default 0)")
     g.add_argument("--mode", default="full", choices=["full", "adaptformer"])
@@ -77,8 +102,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     g.add_argument("--cutmix", type=float, default=1.0, help="cutmix alpha (default 1.0; 0 to disable)")
     g.add_argument("--val-images", type=int, default=None, help="limit validation to the first N images")
     g.add_argument("--eval-every", type=int, default=0, metavar="N", help="validate every N steps (0: at the end)")
-    g.add_argument("--save-dtype", default="fp32", choices=["fp32", "fp16", "bf16"],
-                   help="dtype of model.safetensors (default fp32)")
+    g.add_argument(
+        "--save-dtype",
+        default="fp32",
+        choices=["fp32", "fp16", "bf16"],
+        help="dtype of model.safetensors (default fp32)",
+    )
     common.add_accelerate_args(p)
     args = p.parse_args(argv)
 
@@ -137,9 +166,13 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     from tqdm.auto import tqdm
 
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    accelerator = Accelerator(mixed_precision=args.mixed_precision, gradient_accumulation_steps=args.grad_accum,
-                              log_with=common.resolve_report_to(args.report_to), project_dir=args.output_dir,
-                              cpu=common.use_cpu(args))
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision,
+        gradient_accumulation_steps=args.grad_accum,
+        log_with=common.resolve_report_to(args.report_to),
+        project_dir=args.output_dir,
+        cpu=common.use_cpu(args),
+    )
     setup_cpu_threads(accelerator.device.type, log=logger.info)  # accelerate launch sets OMP_NUM_THREADS=1
     if not accelerator.is_main_process:
         logger.setLevel(logging.WARNING)
@@ -147,9 +180,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 
     # -- data first (the head size comes from it) -----------------------------------------------------
     probe_size = args.img_size or (common.EMBEDDED_MODEL_KWARGS["img_size"] if args.model is None else None)
-    train_set, val_set, data_info = common.build_datasets(args, common.EMBEDDED_DOWNSTREAM_DATA,
-                                                          probe_size or 224, seed=args.seed,
-                                                          val_length=args.val_images)
+    train_set, val_set, data_info = common.build_datasets(
+        args, common.EMBEDDED_DOWNSTREAM_DATA, probe_size or 224, seed=args.seed, val_length=args.val_images
+    )
     num_classes = args.num_classes or data_info["num_classes"]
     if num_classes is None:
         raise SystemExit("error: cannot tell the number of classes of this dataset; pass --num-classes")
@@ -158,8 +191,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     model, model_info = common.build_backbone(args, num_classes=num_classes)
     img_size = common.model_img_size(model)
     if probe_size is None and data_info["kind"] == "embedded":
-        train_set, val_set, data_info = common.build_datasets(args, common.EMBEDDED_DOWNSTREAM_DATA, img_size,
-                                                              seed=args.seed, val_length=args.val_images)
+        train_set, val_set, data_info = common.build_datasets(
+            args, common.EMBEDDED_DOWNSTREAM_DATA, img_size, seed=args.seed, val_length=args.val_images
+        )
     tocom_hub.patch(model, method=args.method, prop_attn=True)
     try:
         tocom_hub.set_r(model, args.source_r)
@@ -173,14 +207,20 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     net = Classifier(model, adapters)
     trainable = [p for p in net.parameters() if p.requires_grad]
 
-    train_tf, eval_tf, data_cfg = common.build_transforms(model, img_size, args.augment,
-                                                          data_info["kind"] == "embedded")
+    train_tf, eval_tf, data_cfg = common.build_transforms(
+        model, img_size, args.augment, data_info["kind"] == "embedded"
+    )
     global_micro = args.batch_size * accelerator.num_processes
-    loader_kwargs = dict(num_workers=args.num_workers, pin_memory=accelerator.device.type == "cuda",
-                         persistent_workers=args.num_workers > 0)
+    loader_kwargs = dict(
+        num_workers=args.num_workers,
+        pin_memory=accelerator.device.type == "cuda",
+        persistent_workers=args.num_workers > 0,
+    )
     if data_info["iterable"]:
-        raise SystemExit("error: finetune.py needs a map-style dataset (folder, embedded or hfds/); "
-                         "streamed datasets are supported by distill.py")
+        raise SystemExit(
+            "error: finetune.py needs a map-style dataset (folder, embedded or hfds/); "
+            "streamed datasets are supported by distill.py"
+        )
     n_val = min(len(val_set), args.val_images or len(val_set))
     sampler = common.EpochSampler(len(train_set), seed=args.seed, multiple_of=global_micro * args.grad_accum)
     train_data = common.SeededTransform(train_set, train_tf, args.seed)
@@ -189,38 +229,74 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         # no random transform: decode / render every image once instead of once per epoch
         train_data = common.InMemory(train_data, args.batch_size, args.num_workers)
         val_data = common.InMemory(val_data, args.batch_size, args.num_workers)
-    train_loader = DataLoader(train_data, sampler=sampler,
-                              batch_size=args.batch_size, drop_last=True,
-                              generator=torch.Generator().manual_seed(args.seed), **loader_kwargs)
+    train_loader = DataLoader(
+        train_data,
+        sampler=sampler,
+        batch_size=args.batch_size,
+        drop_last=True,
+        generator=torch.Generator().manual_seed(args.seed),
+        **loader_kwargs,
+    )
     val_loader = DataLoader(val_data, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers)
 
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay)
     micro_per_epoch = len(sampler) // global_micro
     steps_per_epoch = micro_per_epoch // args.grad_accum
     total_steps = args.max_steps or args.epochs * steps_per_epoch
-    scheduler = CosineLRScheduler(optimizer, t_initial=max(total_steps - args.warmup_steps, 1), lr_min=args.min_lr,
-                                  warmup_t=args.warmup_steps, warmup_lr_init=args.lr * 1e-3, warmup_prefix=True,
-                                  t_in_epochs=False)
-    mixup = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, label_smoothing=args.smoothing,
-                  num_classes=num_classes) if args.use_mixup else None
-    criterion = SoftTargetCrossEntropy() if mixup is not None else (
-        LabelSmoothingCrossEntropy(args.smoothing) if args.smoothing > 0 else nn.CrossEntropyLoss())
+    scheduler = CosineLRScheduler(
+        optimizer,
+        t_initial=max(total_steps - args.warmup_steps, 1),
+        lr_min=args.min_lr,
+        warmup_t=args.warmup_steps,
+        warmup_lr_init=args.lr * 1e-3,
+        warmup_prefix=True,
+        t_in_epochs=False,
+    )
+    mixup = (
+        Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, label_smoothing=args.smoothing, num_classes=num_classes)
+        if args.use_mixup
+        else None
+    )
+    criterion = (
+        SoftTargetCrossEntropy()
+        if mixup is not None
+        else (LabelSmoothingCrossEntropy(args.smoothing) if args.smoothing > 0 else nn.CrossEntropyLoss())
+    )
 
     net, optimizer, train_loader, val_loader = accelerator.prepare(net, optimizer, train_loader, val_loader)
 
     run_config: Dict[str, Any] = {
-        "script": "training/finetune.py", "tocom_hub_version": tocom_hub.__version__,
+        "script": "training/finetune.py",
+        "tocom_hub_version": tocom_hub.__version__,
         **{k: model_info[k] for k in ("model", "model_kwargs", "weights", "checkpoint_sha256")},
-        "from_scratch": args.from_scratch, "num_classes": num_classes, "data": data_info["data"],
-        "img_size": img_size, "data_config": data_cfg, "method": args.method, "prop_attn": True,
-        "source_r": args.source_r, "mode": args.mode, "adapter_bottleneck": args.adapter_bottleneck,
-        "adapter_scale": args.adapter_scale, "seed": args.seed, "optimizer": "AdamW", "lr": args.lr,
-        "weight_decay": args.weight_decay, "min_lr": args.min_lr, "warmup_steps": args.warmup_steps,
-        "total_steps": total_steps, "batch_size_per_process": args.batch_size,
-        "num_processes": accelerator.num_processes, "grad_accum": args.grad_accum,
-        "global_batch_size": global_micro * args.grad_accum, "mixed_precision": args.mixed_precision,
-        "drop_path": args.drop_path, "augment": args.augment, "smoothing": args.smoothing,
-        "mixup": args.mixup if mixup else 0.0, "cutmix": args.cutmix if mixup else 0.0,
+        "from_scratch": args.from_scratch,
+        "num_classes": num_classes,
+        "data": data_info["data"],
+        "img_size": img_size,
+        "data_config": data_cfg,
+        "method": args.method,
+        "prop_attn": True,
+        "source_r": args.source_r,
+        "mode": args.mode,
+        "adapter_bottleneck": args.adapter_bottleneck,
+        "adapter_scale": args.adapter_scale,
+        "seed": args.seed,
+        "optimizer": "AdamW",
+        "lr": args.lr,
+        "weight_decay": args.weight_decay,
+        "min_lr": args.min_lr,
+        "warmup_steps": args.warmup_steps,
+        "total_steps": total_steps,
+        "batch_size_per_process": args.batch_size,
+        "num_processes": accelerator.num_processes,
+        "grad_accum": args.grad_accum,
+        "global_batch_size": global_micro * args.grad_accum,
+        "mixed_precision": args.mixed_precision,
+        "drop_path": args.drop_path,
+        "augment": args.augment,
+        "smoothing": args.smoothing,
+        "mixup": args.mixup if mixup else 0.0,
+        "cutmix": args.cutmix if mixup else 0.0,
     }
     state = common.TrainState()
     resume_dir = common.find_checkpoint(args.output_dir, args.resume)
@@ -231,17 +307,31 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         resumed_from = state.step
         logger.info("resumed from %s at step %d", resume_dir, state.step)
     if accelerator.log_with:
-        accelerator.init_trackers("tocom-finetune", config={k: (v if isinstance(v, (int, float, str, bool)) else str(v))
-                                                           for k, v in run_config.items()})
+        accelerator.init_trackers(
+            "tocom-finetune",
+            config={k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in run_config.items()},
+        )
     n_train = sum(p.numel() for p in trainable)
-    logger.info("%s fine-tuning of %s at source r=%d (%s): %d trainable parameters, %d steps of %d images",
-                args.mode, model_info["model"], args.source_r, args.method, n_train, total_steps,
-                global_micro * args.grad_accum)
+    logger.info(
+        "%s fine-tuning of %s at source r=%d (%s): %d trainable parameters, %d steps of %d images",
+        args.mode,
+        model_info["model"],
+        args.source_r,
+        args.method,
+        n_train,
+        total_steps,
+        global_micro * args.grad_accum,
+    )
 
     step = state.step
     epoch, skip = divmod(step * args.grad_accum, micro_per_epoch)
-    progress = tqdm(total=total_steps, initial=step, disable=not accelerator.is_local_main_process,
-                    desc=f"finetune r={args.source_r}", dynamic_ncols=True)
+    progress = tqdm(
+        total=total_steps,
+        initial=step,
+        disable=not accelerator.is_local_main_process,
+        desc=f"finetune r={args.source_r}",
+        dynamic_ncols=True,
+    )
     history = []
     step_times = []
     stopped_early = False
@@ -301,21 +391,37 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     acc = common.evaluate_top1(accelerator, net, val_loader)
     history.append({"step": step, "val_top1": acc})
     accelerator.log({"val/top1": acc}, step=step)
-    result = {**run_config, "steps": step, "resumed_from_step": resumed_from, "val_top1": acc,
-              "val_images": n_val, "history": history,
-              "median_step_seconds": statistics.median(step_times[1:] or step_times) if step_times else None}
+    result = {
+        **run_config,
+        "steps": step,
+        "resumed_from_step": resumed_from,
+        "val_top1": acc,
+        "val_images": n_val,
+        "history": history,
+        "median_step_seconds": statistics.median(step_times[1:] or step_times) if step_times else None,
+    }
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
         inner = accelerator.unwrap_model(net)
         dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.save_dtype]
-        meta = {"format": "pt", "tocom_finetune": json.dumps({k: v for k, v in result.items() if k != "history"},
-                                                             sort_keys=True, default=str)}
-        save_file({k: v.detach().to("cpu", dtype).contiguous() for k, v in inner.model.state_dict().items()},
-                  os.path.join(args.output_dir, "model.safetensors"), metadata=meta)
+        meta = {
+            "format": "pt",
+            "tocom_finetune": json.dumps(
+                {k: v for k, v in result.items() if k != "history"}, sort_keys=True, default=str
+            ),
+        }
+        save_file(
+            {k: v.detach().to("cpu", dtype).contiguous() for k, v in inner.model.state_dict().items()},
+            os.path.join(args.output_dir, "model.safetensors"),
+            metadata=meta,
+        )
         os.chmod(os.path.join(args.output_dir, "model.safetensors"), 0o644)
         if inner.adapters is not None:
-            save_file({k: v.detach().cpu().contiguous() for k, v in inner.adapters.state_dict().items()},
-                      os.path.join(args.output_dir, "adaptformer.safetensors"), metadata=meta)
+            save_file(
+                {k: v.detach().cpu().contiguous() for k, v in inner.adapters.state_dict().items()},
+                os.path.join(args.output_dir, "adaptformer.safetensors"),
+                metadata=meta,
+            )
         common.write_json(os.path.join(args.output_dir, "finetune.json"), result)
         logger.info("val top-1 at r=%d: %.2f; saved to %s", args.source_r, acc, args.output_dir)
     accelerator.wait_for_everyone()

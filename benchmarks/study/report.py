@@ -1,7 +1,8 @@
 """study.json → study.md (paper Table 2 style) and study.png (paper Fig. 5 style).
 
-    python benchmarks/study/report.py benchmarks/results/study.json    # re-render from the JSON
+python benchmarks/study/report.py benchmarks/results/study.json    # re-render from the JSON
 """
+
 from __future__ import annotations
 
 import json
@@ -40,19 +41,23 @@ def gap_closed(v: Dict[str, Any]) -> Optional[float]:
 def _row(name: str, kind: str, v: Dict[str, Any], R: int, scale: Dict[str, Any]) -> str:
     closed = gap_closed(v)
     a, b = v["src0_tgtR"], v["srcR_tgt0"]
-    return (f"| {name} | {kind} | {v['src0_tgt0']:.2f} | {a['no_tocom']:.2f} "
-            f"| {_pm(a['no_tocom'], a['tocom'], scale.get('0'), seed_changes(v, '0', str(R)), a.get('ci95'))} "
-            f"| {v['srcR_tgtR']:.2f} "
-            f"| {'—' if closed is None else f'{100 * closed:.0f} %'} | {b['no_tocom']:.2f} "
-            f"| {_pm(b['no_tocom'], b['tocom'], scale.get(str(R)), seed_changes(v, str(R), '0'), b.get('ci95'))} |")
+    return (
+        f"| {name} | {kind} | {v['src0_tgt0']:.2f} | {a['no_tocom']:.2f} "
+        f"| {_pm(a['no_tocom'], a['tocom'], scale.get('0'), seed_changes(v, '0', str(R)), a.get('ci95'))} "
+        f"| {v['srcR_tgtR']:.2f} "
+        f"| {'—' if closed is None else f'{100 * closed:.0f} %'} | {b['no_tocom']:.2f} "
+        f"| {_pm(b['no_tocom'], b['tocom'], scale.get(str(R)), seed_changes(v, str(R), '0'), b.get('ci95'))} |"
+    )
 
 
 def table(result: Dict[str, Any]) -> str:
     """The study table (markdown). A ``result["demo"]`` with ``ci95`` intervals (the shipped demo files,
     re-measured by the quickstart) adds a row for them under the tasks."""
     R = result["R"]
-    head = (f"| task | kind | src 0 → tgt 0 | src 0 → tgt {R} | + ToCom | src {R} → tgt {R} (matched) "
-            f"| gap closed | src {R} → tgt 0 | + ToCom |")
+    head = (
+        f"| task | kind | src 0 → tgt 0 | src 0 → tgt {R} | + ToCom | src {R} → tgt {R} (matched) "
+        f"| gap closed | src {R} → tgt 0 | + ToCom |"
+    )
     lines: List[str] = [head, "|" + "---|" * 9]
     for name, v in result["tasks"].items():
         kind = v.get("kind", result.get("kinds", {}).get(name, ""))
@@ -69,17 +74,26 @@ def table(result: Dict[str, Any]) -> str:
 def intervals_note(result: Dict[str, Any]) -> str:
     """What the table can and cannot say about noise (the interval text follows the demo row's numbers)."""
     demo = result.get("demo") or {}
-    text = ("How sure: a 95 % interval of a change needs the per-image predictions (paired bootstrap over the "
-            "test images and the seeds, `tocom_hub.evaluation.paired_bootstrap`). The study run did not keep them; "
-            "the demo task's models ship with tocom-hub, so the row *shipped files* re-measures them (fp16, what "
-            "`python examples/quickstart.py` prints) and gives the interval in square brackets.")
+    text = (
+        "How sure: a 95 % interval of a change needs the per-image predictions (paired bootstrap over the "
+        "test images and the seeds, `tocom_hub.evaluation.paired_bootstrap`). The study run did not keep them; "
+        "the demo task's models ship with tocom-hub, so the row *shipped files* re-measures them (fp16, what "
+        "`python examples/quickstart.py` prints) and gives the interval in square brackets."
+    )
     cis = [demo.get(k, {}).get("ci95") for k in ("src0_tgtR", "srcR_tgt0")]
     if all(cis):
         contains = [lo <= 0 <= hi for lo, hi in cis]
-        verdict = ("both contain 0: on its own, this task's change is not distinguishable from noise"
-                   if all(contains) else "they exclude 0" if not any(contains) else "one of them contains 0")
-        text += (f" Its intervals span {cis[0][1] - cis[0][0]:.1f} and {cis[1][1] - cis[1][0]:.1f} points; "
-                 f"{verdict}. The per-seed values show how much one fine-tuning run moves a change.")
+        verdict = (
+            "both contain 0: on its own, this task's change is not distinguishable from noise"
+            if all(contains)
+            else "they exclude 0"
+            if not any(contains)
+            else "one of them contains 0"
+        )
+        text += (
+            f" Its intervals span {cis[0][1] - cis[0][0]:.1f} and {cis[1][1] - cis[1][0]:.1f} points; "
+            f"{verdict}. The per-seed values show how much one fine-tuning run moves a change."
+        )
     return text
 
 
@@ -88,10 +102,12 @@ def markdown(result: Dict[str, Any]) -> str:
     m0, m1 = bank.get("heldout_kl_no_bank"), bank.get("heldout_kl_with_bank")
     kl_line = ""
     if m0 and m1 is not None:
-        kl_line = (f"- ToCom bank ({bank.get('kd', 'logits')} distillation): held-out "
-                   f"{bank.get('heldout_metric') or 'KL'} on the corpus, mean over "
-                   f"{len(bank.get('heldout_pairs') or [])} (m, n) pairs, without → with the bank: "
-                   f"{m0:.4g} → {m1:.4g} ({100 * (m1 - m0) / m0:+.1f} %).\n")
+        kl_line = (
+            f"- ToCom bank ({bank.get('kd', 'logits')} distillation): held-out "
+            f"{bank.get('heldout_metric') or 'KL'} on the corpus, mean over "
+            f"{len(bank.get('heldout_pairs') or [])} (m, n) pairs, without → with the bank: "
+            f"{m0:.4g} → {m1:.4g} ({100 * (m1 - m0) / m0:+.1f} %).\n"
+        )
     mins = result.get("total_runtime_s", 0) / 60
     return (
         f"# CPU-scale ToCom study\n\n"
@@ -160,8 +176,7 @@ def plot(result: Dict[str, Any], path: Path) -> None:
             highs += hi
             ax.fill_between(t, lo, hi, color=colour, alpha=0.12, lw=0)
             ax.plot(t, ys, style, color=colour, ms=3, label=label)
-        ax.plot([0, R], [g["matched"]["0"], g["matched"][str(R)]], "D", color="tab:red", ms=5,
-                label="source = target")
+        ax.plot([0, R], [g["matched"]["0"], g["matched"][str(R)]], "D", color="tab:red", ms=5, label="source = target")
         lo, hi = min(lows), max(highs)
         if hi - lo < 6.0:
             mid = (lo + hi) / 2
@@ -182,8 +197,11 @@ def plot(result: Dict[str, Any], path: Path) -> None:
         except Exception:
             kw = {}
     size = f", {kw['img_size']} px, depth {kw['depth']}" if {"img_size", "depth"} <= set(kw) else ""
-    fig.suptitle(f"{result['model']}{size} (pre-trained on {result.get('corpus', '?')}), ToMe, R = {R}; "
-                 f"bands: 95 % interval of each point", fontsize=9)
+    fig.suptitle(
+        f"{result['model']}{size} (pre-trained on {result.get('corpus', '?')}), ToMe, R = {R}; "
+        f"bands: 95 % interval of each point",
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
