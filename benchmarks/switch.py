@@ -6,7 +6,7 @@ up, reload down, …) so that load from other processes hits all contenders alik
 
     python benchmarks/switch.py --rounds 200 --json out/switch.json
 
-Acceptance (issue 3): median switch 0 ↔ 16 ≤ 10 ms; fp16 bank file ≤ 2.4 MB.
+Targets (printed as PASS / FAIL): median switch 0 ↔ 16 ≤ 10 ms; fp16 bank file ≤ 2.4 MB.
 """
 
 from __future__ import annotations

@@ -57,7 +57,7 @@ def test_lora_init_is_a_no_op_with_nonzero_down_factors(model):
 def test_deit_base_parameter_count_matches_paper():
     cfg = ToComConfig(embed_dim=768, depth=12, num_heads=12, r_max=16, rank=2)
     bank = ToComBank(cfg, device="meta")
-    assert bank.num_parameters() == 1_179_648  # ALGORITHMS.md: 16 × 12 × 2 × (768·2 + 2·768)
+    assert bank.num_parameters() == 1_179_648  # paper §4.1: 1.2M for DeiT-B = 16 × 12 × 2 × (768·2 + 2·768)
 
 
 def test_attn_dim_and_proj_shapes():

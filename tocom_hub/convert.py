@@ -1,7 +1,8 @@
 """Convert a checkpoint in the official ToCom layout into a :class:`~tocom_hub.bank.ToComBank`.
 
-The official layout (see ``ALGORITHMS.md``) is a pickled ``.pth`` state dict with, for every block
-``i`` and adapted matrix ``t`` (``q``, ``v``), one adapter of inner dim ``R·h``::
+The official layout (the ToCom authors' implementation; no checkpoint in it was ever published) is a
+pickled ``.pth`` state dict with, for every block ``i`` and adapted matrix ``t`` (``q``, ``v``), one
+adapter of inner dim ``R·h``::
 
     blocks.{i}.attn.{t}_tocom.adapter_down.weight   [R·h, d_in]
     blocks.{i}.attn.{t}_tocom.adapter_up.weight     [d_out, R·h]
