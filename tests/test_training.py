@@ -418,6 +418,21 @@ class _Payload:
         return (os.mkdir, (self.marker,))
 
 
+# distill.py at tiny settings, checkpointing at step 2 of 4: the resume tests' run
+TINY_RESUMABLE_RUN = [
+    "--max-steps",
+    "4",
+    "--checkpoint-every",
+    "2",
+    "--batch-size",
+    "8",
+    "--heldout-pairs",
+    "0",
+    "--num-workers",
+    "0",
+]
+
+
 @pytest.fixture(scope="module")
 def stopped_run(tmp_path_factory):
     """A run stopped after its checkpoint at step 2 (default data, tiny settings)."""
@@ -425,18 +440,9 @@ def stopped_run(tmp_path_factory):
     run(
         [
             DISTILL,
-            "--max-steps",
-            "4",
-            "--checkpoint-every",
-            "2",
+            *TINY_RESUMABLE_RUN,
             "--stop-after",
             "2",
-            "--batch-size",
-            "8",
-            "--heldout-pairs",
-            "0",
-            "--num-workers",
-            "0",
             "--output-dir",
             out,
         ]
@@ -457,16 +463,7 @@ def test_resume_never_unpickles_code_from_the_output_dir(stopped_run, tmp_path, 
     proc = run(
         [
             DISTILL,
-            "--max-steps",
-            "4",
-            "--checkpoint-every",
-            "2",
-            "--batch-size",
-            "8",
-            "--heldout-pairs",
-            "0",
-            "--num-workers",
-            "0",
+            *TINY_RESUMABLE_RUN,
             "--output-dir",
             out,
             "--resume",
@@ -490,16 +487,7 @@ def test_resume_reads_the_step_from_json(stopped_run, tmp_path):
     proc = run(
         [
             DISTILL,
-            "--max-steps",
-            "4",
-            "--checkpoint-every",
-            "2",
-            "--batch-size",
-            "8",
-            "--heldout-pairs",
-            "0",
-            "--num-workers",
-            "0",
+            *TINY_RESUMABLE_RUN,
             "--output-dir",
             out,
             "--resume",
@@ -594,16 +582,7 @@ def test_damaged_checkpoint_is_a_clear_error(stopped_run, tmp_path, damage, mess
     proc = run(
         [
             DISTILL,
-            "--max-steps",
-            "4",
-            "--checkpoint-every",
-            "2",
-            "--batch-size",
-            "8",
-            "--heldout-pairs",
-            "0",
-            "--num-workers",
-            "0",
+            *TINY_RESUMABLE_RUN,
             "--output-dir",
             out,
             "--resume",
