@@ -58,7 +58,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import tocom_hub  # noqa: E402
-from tocom_hub.bank import ToComBank  # noqa: E402
+from tocom_hub.core.bank import ToComBank  # noqa: E402
 from tocom_hub.training.common import sample_pair  # noqa: E402
 from tocom_hub.training.distill import Distiller, kd_loss  # noqa: E402
 

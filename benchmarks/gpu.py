@@ -69,7 +69,7 @@ Config = tuple[str, int]  # (method, r): plain, tome, tome-noprop, tome-mask, to
 
 def _truncate_plan(metric, r, num_prefix=0):
     num_tokens = metric.shape[1]
-    r = min(r, tocom_hub.merge.max_merge(num_tokens, num_prefix))
+    r = min(r, tocom_hub.core.merge.max_merge(num_tokens, num_prefix))
     return num_tokens - r if r > 0 else None
 
 

@@ -10,7 +10,7 @@ replaced, everything else — the prose around them — is left alone:
 =========================== ============================================ ===============================
 marker                      JSON                                         rendered by
 =========================== ============================================ ===============================
-``<!-- quickstart-table -->`` ``tocom_hub/assets/study/demo.json``         :func:`quickstart_table`
+``<!-- quickstart-table -->`` ``tocom_hub/demo/assets/study/demo.json``         :func:`quickstart_table`
 ``<!-- throughput-table -->`` ``benchmarks/results/throughput.json``       :func:`throughput_table`
 ``<!-- study-table -->``      ``benchmarks/results/study.json``            ``benchmarks/study/report.py``
 =========================== ============================================ ===============================
@@ -82,7 +82,7 @@ def throughput_table(result: Dict[str, Any]) -> str:
 
 
 TABLES: Dict[str, Callable[[], str]] = {
-    "quickstart-table": lambda: quickstart_table(_load("tocom_hub/assets/study/demo.json")),
+    "quickstart-table": lambda: quickstart_table(_load("tocom_hub/demo/assets/study/demo.json")),
     "throughput-table": lambda: throughput_table(_load("benchmarks/results/throughput.json")),
     "study-table": lambda: report.table(_load("benchmarks/results/study.json")),
 }

@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import tocom_hub  # noqa: E402
-from tocom_hub.bank import CONFIG_NAME, WEIGHTS_NAME, ToComBank  # noqa: E402
+from tocom_hub.core.bank import CONFIG_NAME, WEIGHTS_NAME, ToComBank  # noqa: E402
 
 SWITCH_LIMIT_MS = 10.0
 SIZE_LIMIT_MB = 2.4

@@ -49,7 +49,7 @@ _MERGE_STEP = (_PATCH.bipartite_soft_matching, _PATCH.merge_wavg)
 
 def _truncate_plan(metric, r, num_prefix=0):
     num_tokens = metric.shape[1]
-    r = min(r, tocom_hub.merge.max_merge(num_tokens, num_prefix))
+    r = min(r, tocom_hub.core.merge.max_merge(num_tokens, num_prefix))
     return num_tokens - r if r > 0 else None
 
 

@@ -21,7 +21,7 @@ import timm
 import torch
 
 import tocom_hub
-from tocom_hub.benchmark import time_forward
+from tocom_hub.tools.benchmark import time_forward
 
 
 class SimulatedLoad:

@@ -6,7 +6,7 @@
     python examples/quickstart.py --limit 200 --targets 0,8,16
 
 What it runs is the CPU-scale study (``benchmarks/study/``) in miniature, on files that ship with
-tocom-hub (``tocom_hub/assets/study``): a tiny timm ViT pre-trained on an embedded corpus, downstream
+tocom-hub (``tocom_hub/demo/assets/study``): a tiny timm ViT pre-trained on an embedded corpus, downstream
 models fine-tuned from it at source ``r = 0`` and at source ``r = R`` (AdaptFormer, as the paper does
 on VTAB-1k; one per fine-tuning seed of the study), and the ToCom bank trained for that backbone. For
 every target ``r`` it prints top-1 on the task's embedded test split (mean over the seeds), plain ToMe
@@ -28,8 +28,8 @@ import json
 
 import torch
 
-from tocom_hub.data import get_dataset_spec
 from tocom_hub.demo import demo_info, evaluate_demo
+from tocom_hub.demo.data import get_dataset_spec
 
 
 def parse_targets(text: str, R: int):

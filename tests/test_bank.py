@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from tiny_models import make_timm, make_vit
 
 from tocom_hub import ToComBank, ToComConfig
-from tocom_hub.bank import CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME, _tensors_sha256
+from tocom_hub.core.bank import CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME, _tensors_sha256
 
 
 @pytest.fixture(scope="module")
@@ -372,7 +372,7 @@ def test_banks_the_project_ships_carry_checksums():
 
     import tocom_hub
 
-    files = sorted(Path(tocom_hub.__file__).parent.joinpath("assets").rglob(WEIGHTS_NAME))
+    files = sorted(Path(tocom_hub.__file__).parent.joinpath("demo", "assets").rglob(WEIGHTS_NAME))
     assert files, "the package ships at least the demo bank"
     for path in files:
         with safe_open(str(path), framework="pt") as f:

@@ -13,7 +13,7 @@ from torch import nn
 
 import tocom_hub
 from tocom_hub import ToComBank, compensate
-from tocom_hub.bank import WEIGHTS_NAME
+from tocom_hub.core.bank import WEIGHTS_NAME
 
 R = 6
 X = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))

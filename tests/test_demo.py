@@ -1,4 +1,4 @@
-"""The embedded study demo (tocom_hub/assets/study): it loads through the public paths, the bank fits the
+"""The embedded study demo (tocom_hub/demo/assets/study): it loads through the public paths, the bank fits the
 backbone, and re-evaluating the shipped files reproduces the numbers the study committed."""
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def test_load_demo_model_returns_a_named_tuple_that_still_unpacks():
     model, info = loaded
     assert loaded.model is model and loaded.info is info and info["source_r"] == 0
     assert isinstance(model, torch.nn.Module) and not model.training
-    from tocom_hub.models import DEMO_WEIGHTS, load_model
+    from tocom_hub.demo.models import DEMO_WEIGHTS, load_model
 
     if DEMO_WEIGHTS.is_file():  # the embedded default backbone, the same way
         demo = load_model("demo")

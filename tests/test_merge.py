@@ -9,7 +9,7 @@ from reference import reference_forward
 from tiny_models import make_vit
 
 import tocom_hub
-from tocom_hub import merge as merge_mod
+from tocom_hub.core import merge as merge_mod
 
 patch_mod = __import__("tocom_hub.patch", fromlist=["patch"])
 X = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(1))

@@ -1,4 +1,4 @@
-"""The study datasets (tocom_hub/data.py): determinism, balance, split separation, and labels checked
+"""The study datasets (tocom_hub/demo/data.py): determinism, balance, split separation, and labels checked
 against independent constructions (a jigsaw item un-shuffled by hand, discs found by thresholding)."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tocom_hub import data as D
+from tocom_hub.demo import data as D
 
 STUDY = ("photo-regions", "photo-jigsaw", "shape-count", "shape-location", "textures")
 

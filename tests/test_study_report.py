@@ -144,7 +144,7 @@ def test_readme_tables_are_the_committed_json(tmp_path):
 
     assert [render_readme.stale(f) for f in render_readme.FILES] == [[], []], "run python benchmarks/render_readme.py"
     readme = (STUDY.parents[1] / "README.md").read_text()
-    demo = json.loads((STUDY.parents[1] / "tocom_hub" / "assets" / "study" / "demo.json").read_text())
+    demo = json.loads((STUDY.parents[1] / "tocom_hub" / "demo" / "assets" / "study" / "demo.json").read_text())
     got = demo["committed"]["src0_tgtR"]
     row = f"| r = 0 | r = {demo['R']} | {got['no_tocom']:.2f} | {got['tocom']:.2f} |"
     assert row in readme

@@ -21,8 +21,8 @@ from PIL import Image
 import tocom_hub
 from tocom_hub import ToComBank, cli
 from tocom_hub.compensate import get_state
-from tocom_hub.models import DEMO_WEIGHTS, load_model
-from tocom_hub.visualize import PRUNED_COLOR
+from tocom_hub.demo.models import DEMO_WEIGHTS, load_model
+from tocom_hub.tools.visualize import PRUNED_COLOR
 
 TINY = dict(img_size=64, patch_size=8, depth=2, embed_dim=64, num_heads=2, num_classes=3)
 KW = json.dumps(TINY)
@@ -176,7 +176,7 @@ def test_eval_with_and_without_bank_writes_json_and_png(files, tmp_path, capsys)
 
 def test_evaluate_runs_the_source_r_forward_once_for_both_rows(files):
     """At target r = source r the bank's update is zero: one forward serves the plain and the +ToCom row."""
-    from tocom_hub.evaluation import build_eval_dataset, evaluate
+    from tocom_hub.tools.evaluation import build_eval_dataset, evaluate
 
     model = load_model(str(files / "model")).model
     loader = torch.utils.data.DataLoader(build_eval_dataset(model, str(files / "data")), batch_size=3)
@@ -277,7 +277,7 @@ def test_bench_prints_table_and_json(files, tmp_path, capsys):
 
 
 def test_bench_table_says_noisy_rerun_when_iterations_disagree():
-    from tocom_hub.benchmark import format_table
+    from tocom_hub.tools.benchmark import format_table
 
     def result(spread):
         row = {
@@ -321,7 +321,7 @@ def test_bench_table_says_noisy_rerun_when_iterations_disagree():
 
 
 def test_paired_bootstrap_matches_a_naive_bootstrap_and_closed_forms():
-    from tocom_hub.evaluation import paired_bootstrap
+    from tocom_hub.tools.evaluation import paired_bootstrap
 
     rng = np.random.default_rng(3)
     a = rng.random(400) < 0.6
@@ -355,7 +355,7 @@ def test_help_imports_neither_torch_nor_timm():
         "import sys; from tocom_hub.cli import build_parser; build_parser().format_help(); "
         "assert 'torch' not in sys.modules and 'timm' not in sys.modules, sorted(sys.modules); "
         "import tocom_hub, tocom_hub.patch; assert callable(tocom_hub.patch) and tocom_hub.patch.__module__ "
-        "== 'tocom_hub.patch'; assert tocom_hub.ToComBank.__name__ == 'ToComBank'"
+        "== 'tocom_hub.core.patch'; assert tocom_hub.ToComBank.__name__ == 'ToComBank'"
     )
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
@@ -401,7 +401,7 @@ def test_unreachable_hub_is_one_line_without_retries(hub_server, tmp_path, capfd
 def test_training_threads_under_accelerate_launch(monkeypatch):
     """accelerate launch exports OMP_NUM_THREADS=1 on a CPU machine: the training scripts take the cores back
     (split between the local processes), TOCOM_HUB_CPU_THREADS overrides, anything else is left alone."""
-    from tocom_hub._threads import available_cpus, setup_cpu_threads
+    from tocom_hub.tools._threads import available_cpus, setup_cpu_threads
 
     old = torch.get_num_threads()
     said = []
@@ -495,7 +495,7 @@ def test_visualize_colour_groups_equal_tokens_left(files, tmp_path, capsys, meth
 
 def test_visualize_groups_are_the_source_trace(files, tmp_path):
     """Independent check of the painting: patches sharing a colour are exactly those a token holds."""
-    from tocom_hub.visualize import visualize
+    from tocom_hub.tools.visualize import visualize
 
     model = tiny_model()
     info = visualize(model, files / "img.png", 12, tmp_path / "v.png")

@@ -106,7 +106,7 @@ def test_two_processes_equal_one_process_with_double_batch(tmp_path):
 
 def _image_folder(root: Path, n_per_class: int = 12) -> Path:
     """A tiny ImageNet-layout folder (train/<class>/*.png) cut from the embedded photo crops."""
-    from tocom_hub.data import build_dataset
+    from tocom_hub.demo.data import build_dataset
 
     ds = build_dataset("photo-crops", "train", 32, length=15 * n_per_class)
     for i in range(len(ds)):
@@ -340,7 +340,7 @@ def test_adaptformer_matches_eq10_reference():
     from timm.models.vision_transformer import VisionTransformer
 
     import tocom_hub
-    from tocom_hub.adaptformer import AdaptFormer
+    from tocom_hub.demo.adaptformer import AdaptFormer
 
     torch.manual_seed(0)
     model = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=5).eval()
@@ -376,7 +376,7 @@ def test_adaptformer_matches_eq10_reference():
 def test_embedded_datasets_are_deterministic_and_split():
     import numpy as np
 
-    from tocom_hub.data import build_dataset, list_datasets
+    from tocom_hub.demo.data import build_dataset, list_datasets
 
     assert {"photo-crops", "photo-orientation"} <= set(list_datasets())
     a = build_dataset("photo-crops", "train", 16, length=20)

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from tocom_hub.data import build_dataset
+from tocom_hub.demo.data import build_dataset
 from tocom_hub.training import common
 
 
@@ -164,7 +164,7 @@ def test_benchmark_functions_run_on_cpu_and_return_their_keys():
 
 def test_distill_step_keeps_no_teacher_activations_and_no_backbone_gradients():
     import tocom_hub
-    from tocom_hub.bank import ToComBank
+    from tocom_hub.core.bank import ToComBank
     from tocom_hub.training.distill import Distiller, kd_loss
 
     torch.manual_seed(0)

@@ -14,29 +14,77 @@ The names below are imported on first use (PEP 562), so ``import tocom_hub`` —
 from __future__ import annotations
 
 import importlib
+import importlib.abc
+import importlib.machinery
+import importlib.util
 import sys
 import types
-from typing import Any
+from typing import Any, Optional
 
 __version__ = "0.1.0"
 
-# public name -> submodule that defines it
+# The package in layers; each imports only from the layers above it in this list:
+#   core/   merge.py, prune.py (token maths) -> patch.py (timm surgery) -> bank.py (the bank, its file and
+#           arithmetic) -> compensate.py (the bank applied to a model)
+#   hub/    the Hugging Face Hub: download, push, model card, the bank registry
+#   tools/  evaluation, benchmark, latency controller, visualisation, scale tuning, checkpoint conversion
+#   demo/   the embedded study world: datasets, demo models and adapters, assets
+#   cli.py  the ``tocom-hub`` command;   training/ (installed as tocom_hub.training): the trainers
+# See docs/ARCHITECTURE.md.
+
+# public name -> module that defines it
 _LAZY = {
     # token merging / pruning on timm ViTs
     **dict.fromkeys(
-        ["METHODS", "patch", "unpatch", "set_r", "get_r", "is_patched", "get_method", "get_source", "get_size"], "patch"
+        ["METHODS", "patch", "unpatch", "set_r", "get_r", "is_patched", "get_method", "get_source", "get_size"],
+        "core.patch",
     ),
     # ToCom bank and its weight arithmetic
-    **dict.fromkeys(["ToComBank", "ToComConfig"], "bank"),
-    **dict.fromkeys(["apply", "remove", "set_target_r"], "compensate"),
-    "convert_official": "convert",
-    "tune_scale": "tune",
+    **dict.fromkeys(["ToComBank", "ToComConfig"], "core.bank"),
+    **dict.fromkeys(["apply", "remove", "set_target_r"], "core.compensate"),
+    "convert_official": "tools.convert",
+    "tune_scale": "tools.tune",
     # Hugging Face Hub: download / push banks, bank=None resolution through the registry
     **dict.fromkeys(["register_bank", "unregister_bank", "registered_banks"], "hub"),
     # Tools: hold a latency budget by switching r with the server's load
-    "LatencyController": "latency",
+    "LatencyController": "tools.latency",
 }
-_SUBMODULES = ("compensate", "hub")
+_SUBMODULES = {"compensate": "core.compensate", "hub": "hub"}
+
+# Module paths of earlier releases -> where the module lives now. ``import tocom_hub.bank`` and
+# ``tocom_hub.bank.ToComBank`` keep working and give the very same module object.
+_MOVED = {
+    **{m: f"core.{m}" for m in ("merge", "prune", "patch", "bank", "compensate")},
+    **{m: f"tools.{m}" for m in ("evaluation", "benchmark", "latency", "visualize", "tune", "convert")},
+    **{m: f"demo.{m}" for m in ("data", "models", "adaptformer")},
+}
+
+
+class _MovedModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Import hook: ``tocom_hub.<old name>`` resolves to the module in its sub-package."""
+
+    def __init__(self) -> None:
+        self._real_specs: dict = {}
+
+    def find_spec(
+        self, fullname: str, path: Any = None, target: Any = None
+    ) -> Optional[importlib.machinery.ModuleSpec]:
+        parent, _, name = fullname.rpartition(".")
+        if parent != __name__ or name not in _MOVED:
+            return None
+        return importlib.util.spec_from_loader(fullname, self)
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> types.ModuleType:
+        module = importlib.import_module(f"{__name__}.{_MOVED[spec.name.rpartition('.')[2]]}")
+        self._real_specs[spec.name] = module.__spec__  # the import system overwrites it with the alias spec
+        return module
+
+    def exec_module(self, module: types.ModuleType) -> None:
+        module.__spec__ = self._real_specs[f"{__name__}.{module.__name__.rpartition('.')[2]}"]
+
+
+if not any(isinstance(f, _MovedModules) for f in sys.meta_path):
+    sys.meta_path.append(_MovedModules())
 
 __all__ = [
     "METHODS",
@@ -67,9 +115,11 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     if name in _SUBMODULES:
-        module = importlib.import_module(f".{name}", __name__)
+        module = importlib.import_module(f".{_SUBMODULES[name]}", __name__)
     elif name in _LAZY:
         module = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    elif name in _MOVED:
+        module = importlib.import_module(f".{_MOVED[name]}", __name__)
     else:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     globals()[name] = module
@@ -84,7 +134,7 @@ class _Package(types.ModuleType):
     """Importing the submodule ``tocom_hub.patch`` must not replace the function ``tocom_hub.patch``."""
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if isinstance(value, types.ModuleType) and _LAZY.get(name) == name:
+        if isinstance(value, types.ModuleType) and name in _LAZY:
             value = getattr(value, name)
         super().__setattr__(name, value)
 

@@ -92,7 +92,7 @@ def add_download_parser(subparsers: Any) -> None:
 
 
 def _describe(args: argparse.Namespace) -> Dict[str, Any]:
-    from .bank import ToComBank
+    from .core.bank import ToComBank
     from .hub import bank_facts, download_bank
 
     target = args.repo_id_or_path
@@ -203,7 +203,7 @@ def add_info_parser(subparsers: Any) -> None:
 
 
 def push_command(args: argparse.Namespace) -> int:
-    from .bank import ToComBank
+    from .core.bank import ToComBank
     from .hub import push_bank
 
     if not os.path.exists(args.dir):
@@ -383,8 +383,8 @@ def _load_model(args: argparse.Namespace):
     """``(model, info, device)`` for the model options; rejects unsupported architectures up front."""
     import torch
 
-    from .models import load_model
-    from .patch import patch, unpatch
+    from .core.patch import patch, unpatch
+    from .demo.models import load_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -439,7 +439,7 @@ def _add_bank_options(parser: argparse.ArgumentParser) -> None:
 def _load_bank(args: argparse.Namespace):
     if args.bank is None:
         return None
-    from .bank import ToComBank
+    from .core.bank import ToComBank
 
     return ToComBank.from_pretrained(
         args.bank,
@@ -465,7 +465,14 @@ def _write_json(path: str, obj: Any) -> None:
 def eval_command(args: argparse.Namespace) -> int:
     from torch.utils.data import DataLoader
 
-    from .evaluation import add_intervals, build_eval_dataset, evaluate, format_table, label_warning, plot_accuracy
+    from .tools.evaluation import (
+        add_intervals,
+        build_eval_dataset,
+        evaluate,
+        format_table,
+        label_warning,
+        plot_accuracy,
+    )
 
     for path in (args.json, args.plot):
         if path and os.path.isdir(path):
@@ -574,7 +581,7 @@ def add_eval_parser(subparsers: Any) -> None:
 
 
 def bench_command(args: argparse.Namespace) -> int:
-    from .benchmark import benchmark, format_table
+    from .tools.benchmark import benchmark, format_table
 
     if args.json and os.path.isdir(args.json):
         raise IsADirectoryError(f"{args.json} is a directory; pass a file name such as bench.json")
@@ -631,7 +638,7 @@ def add_bench_parser(subparsers: Any) -> None:
 
 
 def visualize_command(args: argparse.Namespace) -> int:
-    from .visualize import visualize
+    from .tools.visualize import visualize
 
     if not os.path.isfile(args.image):
         raise FileNotFoundError(f"--image {args.image}: no such file")
@@ -713,8 +720,8 @@ def convert_command(args: argparse.Namespace) -> int:
 
     import torch
 
-    from .bank import WEIGHTS_NAME
-    from .convert import convert_official
+    from .core.bank import WEIGHTS_NAME
+    from .tools.convert import convert_official
 
     if not os.path.isfile(args.checkpoint):
         raise FileNotFoundError(f"{args.checkpoint}: no such file (expected an official ToCom .pth checkpoint)")

@@ -40,8 +40,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
 import tocom_hub
-from tocom_hub import data as embedded_data
-from tocom_hub.models import DEMO_MODEL, DEMO_MODEL_KWARGS, DEMO_WEIGHTS
+from tocom_hub.demo import data as embedded_data
+from tocom_hub.demo.models import DEMO_MODEL, DEMO_MODEL_KWARGS, DEMO_WEIGHTS
 
 __all__ = [
     "evaluate_top1",

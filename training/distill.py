@@ -61,9 +61,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import tocom_hub
-from tocom_hub import compensate
-from tocom_hub._threads import setup_cpu_threads
-from tocom_hub.bank import TARGETS, ToComBank
+from tocom_hub.core import compensate
+from tocom_hub.core.bank import TARGETS, ToComBank
+from tocom_hub.tools._threads import setup_cpu_threads
 from tocom_hub.training import common
 
 logger = logging.getLogger("tocom_hub.training.distill")

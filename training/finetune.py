@@ -42,8 +42,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import tocom_hub
-from tocom_hub._threads import setup_cpu_threads
-from tocom_hub.adaptformer import AdaptFormer
+from tocom_hub.demo.adaptformer import AdaptFormer
+from tocom_hub.tools._threads import setup_cpu_threads
 from tocom_hub.training import common
 
 logger = logging.getLogger("tocom_hub.training.finetune")

@@ -76,7 +76,7 @@ def intervals_note(result: Dict[str, Any]) -> str:
     demo = result.get("demo") or {}
     text = (
         "How sure: a 95 % interval of a change needs the per-image predictions (paired bootstrap over the "
-        "test images and the seeds, `tocom_hub.evaluation.paired_bootstrap`). The study run did not keep them; "
+        "test images and the seeds, `tocom_hub.tools.evaluation.paired_bootstrap`). The study run did not keep them; "
         "the demo task's models ship with tocom-hub, so the row *shipped files* re-measures them (fp16, what "
         "`python examples/quickstart.py` prints) and gives the interval in square brackets."
     )
@@ -127,7 +127,7 @@ def markdown(result: Dict[str, Any]) -> str:
 
 def _test_images(task: str) -> Optional[int]:
     try:
-        from tocom_hub.data import get_dataset_spec
+        from tocom_hub.demo.data import get_dataset_spec
 
         return int(get_dataset_spec(task).lengths["test"])
     except Exception:  # an unknown or renamed task: no interval band

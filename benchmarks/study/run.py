@@ -82,7 +82,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--demo-task", default="shape-count", help="the task whose model + bank ship with tocom-hub")
     p.add_argument(
         "--export-demo",
-        default=str(ROOT / "tocom_hub" / "assets" / "study"),
+        default=str(ROOT / "tocom_hub" / "demo" / "assets" / "study"),
         help="where the demo task's model + bank are shipped ('' to skip)",
     )
     return p.parse_args(argv)
@@ -414,7 +414,7 @@ def main(argv: Sequence[str] | None = None) -> Dict[str, Any]:
 def export_demo(
     wd: Path, pre: Path, bank: Path, task: str, R: int, scale: Dict[str, str], seeds: List[int], out: Path, log: Path
 ) -> Dict[str, Any]:
-    """Ship the study's outcome for ``task`` as fp16 safetensors in ``out`` (``tocom_hub/assets/study``):
+    """Ship the study's outcome for ``task`` as fp16 safetensors in ``out`` (``tocom_hub/demo/assets/study``):
     the backbone, the downstream models of every seed at source 0 and R (classifier + AdaptFormer
     adapters) and the bank; then measure them afresh through ``examples/quickstart.py --json`` — the
     path users run, which averages over the shipped seeds as ``study.json`` does."""

@@ -4,7 +4,7 @@
 
 1. **an alias** registered in :data:`MODEL_ALIASES` — ``demo`` is the embedded tiny ViT (a
    ``vit_tiny_patch16_224`` at 32 px, 6 blocks, 96 dims, 3 heads, trained on the embedded
-   ``photo-crops`` task), weights in ``tocom_hub/assets/vit_tiny_photo_crops.safetensors`` (an install
+   ``photo-crops`` task), weights in ``tocom_hub/demo/assets/vit_tiny_photo_crops.safetensors`` (an install
    without them gets a clear error). Add more with :func:`register_model_alias`.
 2. **a saved model directory**:
 
@@ -42,6 +42,8 @@ from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple, Union
 
 import torch
 from torch import nn
+
+from ..tools.images import eval_transform, model_img_size
 
 __all__ = [
     "LoadedModel",
@@ -372,26 +374,3 @@ def _load_model(
         "weights": str(checkpoint) if checkpoint else ("timm-pretrained" if pretrained else "random-init"),
     }
     return model.eval(), info
-
-
-def model_img_size(model: nn.Module) -> Tuple[int, int]:
-    """``(H, W)`` the model's patch embedding was built for."""
-    size = getattr(getattr(model, "patch_embed", None), "img_size", None)
-    if size is None:
-        cfg = getattr(model, "pretrained_cfg", None) or {}
-        size = tuple(cfg.get("input_size", (3, 224, 224))[1:])
-    if isinstance(size, int):
-        return size, size
-    return int(size[0]), int(size[1])
-
-
-def eval_transform(model: nn.Module, *, crop_pct: Optional[float] = None):
-    """timm's evaluation transform for ``model`` (``resolve_data_config`` + ``create_transform``) at the
-    size the model was built for (``model_kwargs`` may have changed it from the pretrained config)."""
-    from timm.data import create_transform, resolve_data_config
-
-    cfg = resolve_data_config({}, model=model)
-    cfg["input_size"] = (cfg["input_size"][0], *model_img_size(model))
-    if crop_pct is not None:
-        cfg["crop_pct"] = crop_pct
-    return create_transform(**cfg, is_training=False), cfg

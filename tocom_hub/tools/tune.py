@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .bank import ToComBank
-from .compensate import apply
+from ..core.bank import ToComBank
+from ..core.compensate import apply
 
 __all__ = ["tune_scale", "PAPER_SCALES"]
 

@@ -25,8 +25,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
+from ..core.patch import get_method, get_r, is_patched, patch, set_r, unpatch
 from ._progress import progress_bar
-from .patch import get_method, get_r, is_patched, patch, set_r, unpatch
 
 __all__ = ["time_forward", "percentile", "tokens_left", "benchmark", "format_table", "NOISY_SPREAD"]
 
@@ -94,7 +94,7 @@ def benchmark(
     time in the same iteration, ``speedup_range`` = its 10th and 90th percentile, ``noisy``, ``samples``)
     and ``noisy`` (any row noisy: rerun before trusting the speed-ups).
     """
-    from .models import model_img_size
+    from .images import model_img_size
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int; got {batch_size!r}")

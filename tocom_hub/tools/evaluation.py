@@ -23,10 +23,10 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
+from ..core.bank import ToComBank
+from ..core.compensate import apply, disabled, get_state, remove, set_target_r
+from ..core.patch import METHODS, get_method, get_r, is_patched, patch, set_r, unpatch
 from ._progress import progress_bar
-from .bank import ToComBank
-from .compensate import apply, disabled, get_state, remove, set_target_r
-from .patch import METHODS, get_method, get_r, is_patched, patch, set_r, unpatch
 
 __all__ = [
     "build_eval_dataset",
@@ -67,13 +67,13 @@ def build_eval_dataset(
     :func:`tocom_hub.data.list_datasets` (offline, no files). ``limit``: the first N images. The
     dataset has ``num_classes`` (or ``None``) set.
     """
-    from .models import eval_transform, model_img_size
+    from .images import eval_transform, model_img_size
 
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit must be a positive int; got {limit!r}")
     embedded: List[str] = []
     try:
-        from . import data as embedded_data
+        from ..demo import data as embedded_data
 
         embedded = embedded_data.list_datasets()
     except ImportError:  # pragma: no cover - optional module

@@ -29,14 +29,14 @@ from typing import Any, Callable, Deque, Dict, List, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
+from ..core.bank import ToComBank
+from ..core.compensate import apply, get_state, remove, set_target_r
+from ..core.merge import max_merge
+from ..core.patch import METHODS, get_method, get_r, is_patched, patch, set_r, unpatch
+from ..core.prune import max_prune
 from ._progress import progress_bar
-from .bank import ToComBank
 from .benchmark import NOISY_SPREAD
 from .benchmark import percentile as _percentile
-from .compensate import apply, get_state, remove, set_target_r
-from .merge import max_merge
-from .patch import METHODS, get_method, get_r, is_patched, patch, set_r, unpatch
-from .prune import max_prune
 
 __all__ = ["LatencyController"]
 
@@ -239,7 +239,7 @@ class LatencyController:
                 raise ValueError(f"latencies must be positive ms; bad entries for r={bad}")
             curve = {r: float(latencies[r]) for r in self.r_values}
         else:
-            from .models import model_img_size
+            from .images import model_img_size
 
             if x is None:
                 param = next(self.model.parameters())

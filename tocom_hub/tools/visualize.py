@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .patch import get_method, get_r, get_source, patch, set_r
+from ..core.patch import get_method, get_r, get_source, patch, set_r
 
 __all__ = ["token_groups", "distinct_colors", "render", "visualize", "PRUNED_COLOR"]
 
@@ -217,12 +217,12 @@ def visualize(
     """
     from PIL import Image
 
-    from .compensate import apply
-    from .models import eval_transform
+    from ..core.compensate import apply
+    from .images import eval_transform
 
     pil = image if isinstance(image, Image.Image) else _load_image(image)
     if bank is not None:
-        from .bank import ToComBank
+        from ..core.bank import ToComBank
 
         bank = bank if isinstance(bank, ToComBank) else ToComBank.from_pretrained(bank)
         if method is not None and method != bank.method:

@@ -2,7 +2,7 @@
 
 ``benchmarks/study/run.py`` pre-trains a tiny timm ViT, trains a ToCom bank for it and fine-tunes it on
 downstream tasks at source ``r = 0`` and ``r = R``; it ships the outcome for one task here, in fp16
-safetensors (``tocom_hub/assets/study/``), so that ``examples/quickstart.py`` can show the paper's
+safetensors (``tocom_hub/demo/assets/study/``), so that ``examples/quickstart.py`` can show the paper's
 effect offline::
 
     from tocom_hub.demo import load_demo_model, demo_bank_path, demo_info
@@ -153,8 +153,8 @@ def evaluate_demo(
     ``srcR_tgtR``, ``srcR_tgt0``), rounded to 2 decimals; the two mismatched pairs also carry ``delta`` and
     ``ci95`` (+ToCom − plain and its 95 % interval, points).
     """
-    from ._progress import progress_bar
-    from .evaluation import build_eval_dataset, evaluate, paired_bootstrap
+    from ..tools._progress import progress_bar
+    from ..tools.evaluation import build_eval_dataset, evaluate, paired_bootstrap
 
     info = demo_info()
     R, seeds, scales, task = info["R"], list(info["seeds"]), info["scale"], info["task"]

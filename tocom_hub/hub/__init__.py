@@ -30,7 +30,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
-from .bank import CONFIG_NAME, METHODS, WEIGHTS_NAME, ToComBank, _looks_local, _read_json_file
+from ..core.bank import CONFIG_NAME, METHODS, WEIGHTS_NAME, ToComBank, _looks_local, _read_json_file
 
 __all__ = [
     "download_bank",
@@ -52,7 +52,7 @@ __all__ = [
 
 REGISTRY_ENV = "TOCOM_HUB_REGISTRY"
 PACKAGE_REGISTRY = Path(__file__).with_name("registry.json")
-MODEL_CARD_TEMPLATE = Path(__file__).with_name("MODEL_CARD.md")
+MODEL_CARD_TEMPLATE = Path(__file__).resolve().parent.parent / "MODEL_CARD.md"
 LIBRARY_NAME = "tocom-hub"
 CARD_NAME = "README.md"
 
@@ -257,7 +257,7 @@ def _download_file(
 ) -> str:
     from huggingface_hub import constants, hf_hub_download
 
-    from . import __version__
+    from .. import __version__
 
     if not local_files_only:
         err = _unreachable(
@@ -528,7 +528,7 @@ def resolve_bank(model: Any, method: Optional[str] = None) -> BankEntry:
 
     Raises :class:`NoBankForModelError` listing the known banks and showing how to pass ``bank=``.
     """
-    from .patch import get_method, is_patched
+    from ..core.patch import get_method, is_patched
 
     if method is None and is_patched(model):
         method = get_method(model)
@@ -713,7 +713,7 @@ def create_model_card(
     """
     from huggingface_hub import ModelCard, ModelCardData
 
-    from . import __version__
+    from .. import __version__
 
     facts = bank_facts(bank, path)
     base_name = facts["base_model"]
@@ -798,7 +798,7 @@ def push_bank(
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
 
-    from . import __version__
+    from .. import __version__
 
     if not isinstance(bank, ToComBank):
         raise TypeError(f"push_bank needs a ToComBank; got {type(bank).__name__}")

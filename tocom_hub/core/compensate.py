@@ -396,7 +396,7 @@ def _resolve_bank(bank: BankLike, model: nn.Module, method: Optional[str], hub_k
             raise TypeError(f"{sorted(hub_kwargs)} only apply when `bank` is a Hub repo id")
         return ToComBank.from_pretrained(bank, trust_unverified=trust)
     try:
-        from .hub import load_bank
+        from ..hub import load_bank
     except ImportError as e:
         what = "resolving a bank for this model" if bank is None else f"loading {bank!r} from the Hub"
         raise ImportError(

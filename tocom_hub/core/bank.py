@@ -386,7 +386,7 @@ class ToComBank(nn.Module):
         """
         from safetensors.torch import save_file
 
-        from . import __version__
+        from .. import __version__
 
         if dtype is not None and not dtype.is_floating_point:
             raise ValueError(f"dtype must be a floating point dtype; got {dtype}")
@@ -450,7 +450,7 @@ class ToComBank(nn.Module):
             if _looks_local(str(pretrained)):
                 raise FileNotFoundError(f"no ToCom bank at {pretrained!s}: the path does not exist")
             try:
-                from .hub import download_bank
+                from ..hub import download_bank
             except ImportError as e:
                 raise ImportError(
                     f"{pretrained!s} is not a local path and Hub support (tocom_hub.hub.download_bank) "
@@ -512,7 +512,7 @@ class ToComBank(nn.Module):
             bank = ToComBank.from_pretrained("my-org/tocom-deit-base")
         """
         try:
-            from .hub import push_bank
+            from ..hub import push_bank
         except ImportError as e:
             raise ImportError(f"Hub support (tocom_hub.hub.push_bank) is not available: {e}") from e
         return push_bank(self, repo_id, **kwargs)

@@ -22,7 +22,7 @@ from typing import Any, Dict, Optional, Union
 
 import torch
 
-from .bank import ToComBank, ToComConfig
+from ..core.bank import ToComBank, ToComConfig
 
 __all__ = ["convert_official", "official_group_slice"]
 

@@ -347,7 +347,7 @@ class PhotoCrops(Dataset):
 
 _SKIMAGE_LICENSE = (
     "scikit-image sample photographs (skimage.data; public domain / CC0 / no known copyright restrictions "
-    "per scikit-image's docstrings; see tocom_hub/data.py)"
+    "per scikit-image's docstrings; see tocom_hub/demo/data.py)"
 )
 
 
@@ -584,7 +584,7 @@ class Textures(_Procedural):
 
 _STUDY_LICENSE = (
     "procedural (tocom-hub, Apache-2.0) on scikit-image sample photographs (public domain / CC0 / "
-    "no known copyright restrictions; see tocom_hub/data.py)"
+    "no known copyright restrictions; see tocom_hub/demo/data.py)"
 )
 
 _STUDY_DATASETS = (
