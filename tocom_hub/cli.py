@@ -24,6 +24,8 @@ import re
 import sys
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
+from .core.checks import METHODS
+
 __all__ = ["main", "build_parser", "COMMANDS", "COMMON"]
 
 # options every sub-command accepts (SUPPRESS: a sub-command must not reset what the top level parsed)
@@ -249,8 +251,6 @@ def add_push_parser(subparsers: Any) -> None:
 # ---------------------------------------------------------------------------------------------------
 # shared by eval / bench / visualize: r values, the model, the bank
 
-_METHODS = ("tome", "evit")  # == tocom_hub.METHODS (not imported: `tocom-hub --help` must not import torch)
-
 
 class _ExamplesFormatter(argparse.HelpFormatter):
     """Wraps the description like argparse does, keeps the ``examples:`` epilog as written."""
@@ -371,7 +371,7 @@ def _add_model_options(parser: argparse.ArgumentParser, *, weights: bool = True)
         )
     g.add_argument(
         "--method",
-        choices=_METHODS,
+        choices=METHODS,
         default=None,
         help="token reduction: tome (merge) or evit (prune); default: the bank's, else tome",
     )
@@ -772,7 +772,7 @@ def add_convert_parser(subparsers: Any) -> None:
     p.add_argument("checkpoint", metavar="official.pth", help="official ToCom checkpoint (.pth)")
     p.add_argument("-o", "--output-dir", required=True, metavar="DIR", help="bank directory to write")
     p.add_argument(
-        "--method", choices=_METHODS, default="tome", help="token reduction the bank was trained for (default tome)"
+        "--method", choices=METHODS, default="tome", help="token reduction the bank was trained for (default tome)"
     )
     p.add_argument("--base-model", default=None, help="timm architecture of the backbone, e.g. deit_base_patch16_224")
     p.add_argument("--pretrained-tag", default=None, help="timm pretrained tag of the backbone, e.g. fb_in1k")

@@ -40,6 +40,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
 import tocom_hub
+from tocom_hub.core.checks import is_int
 from tocom_hub.demo import data as embedded_data
 from tocom_hub.demo.models import DEMO_MODEL, DEMO_MODEL_KWARGS, DEMO_WEIGHTS
 
@@ -946,7 +947,7 @@ def load_checkpoint(accelerator, path: str, state: TrainState) -> None:
             f"cannot resume from {root}: {state_file.name} is missing or unreadable ({e}); "
             f"not a complete checkpoint written by this script"
         ) from None
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+    if not is_int(step) or step < 0:
         raise CheckpointError(f"cannot resume from {root}: {state_file} has step {step!r}; expected an int >= 0")
     named = re.fullmatch(r"step_(\d+)", root.name)
     if named and int(named.group(1)) != step:

@@ -36,6 +36,8 @@ from typing import Any, Dict, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
+from .checks import METHODS, is_int
+
 __all__ = [
     "ToComConfig",
     "ToComBank",
@@ -50,7 +52,6 @@ CONFIG_NAME = "tocom_config.json"
 WEIGHTS_NAME = "tocom.safetensors"
 FORMAT_VERSION = 1
 TARGETS = ("q", "k", "v", "proj")
-METHODS = ("tome", "evit")
 # largest ToCom scale a bank or apply() accepts: the paper searches s in {0.01 … 0.15}; far beyond
 # that the "compensation" replaces the weights rather than correcting them (1e30 overflows fp32)
 MAX_SCALE = 100.0
@@ -112,11 +113,9 @@ class ToComConfig:
     def __post_init__(self) -> None:
         for name in ("embed_dim", "depth", "num_heads", "r_max", "rank"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not is_int(value) or value < 1:
                 raise ValueError(f"ToComConfig.{name} must be a positive int; got {value!r}")
-        if self.attn_dim is not None and (
-            isinstance(self.attn_dim, bool) or not isinstance(self.attn_dim, int) or self.attn_dim < 1
-        ):
+        if self.attn_dim is not None and (not is_int(self.attn_dim) or self.attn_dim < 1):
             raise ValueError(f"ToComConfig.attn_dim must be a positive int or None; got {self.attn_dim!r}")
         if isinstance(self.targets, str):
             raise ValueError(f"ToComConfig.targets must be a sequence such as ('q', 'v'); got {self.targets!r}")
@@ -343,7 +342,7 @@ class ToComBank(nn.Module):
     # -- arithmetic -------------------------------------------------------------------------------
     def _check_step(self, m: int, n: int) -> None:
         for name, v in (("source r", m), ("target r", n)):
-            if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= self.r_max:
+            if not is_int(v) or not 0 <= v <= self.r_max:
                 raise ValueError(f"{name} must be an int in [0, {self.r_max}] for this bank; got {v!r}")
 
     def group_slice(self, m: int, n: int) -> slice:
@@ -363,7 +362,7 @@ class ToComBank(nn.Module):
         """
         if target not in self.A:
             raise ValueError(f"this bank adapts {self.targets}; got target {target!r}")
-        if isinstance(block, bool) or not isinstance(block, int) or not 0 <= block < self.depth:
+        if not is_int(block) or not 0 <= block < self.depth:
             raise ValueError(f"block must be an int in [0, {self.depth}); got {block!r}")
         self._check_step(m, n)
         s = self.scale if scale is None else float(scale)

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .bank import MAX_SCALE, ToComBank, _looks_local, model_dims
+from .checks import is_int
 from .patch import get_method, is_patched, patch, set_r, unpatch
 
 __all__ = [
@@ -376,7 +377,7 @@ def _require_state(model: nn.Module) -> Compensation:
 
 
 def _check_int_r(name: str, r: Any, r_max: int) -> None:
-    if isinstance(r, bool) or not isinstance(r, int) or not 0 <= r <= r_max:
+    if not is_int(r) or not 0 <= r <= r_max:
         raise ValueError(f"{name} must be an int in [0, {r_max}] (the bank covers r = 0 … {r_max}); got {r!r}")
 
 

@@ -22,6 +22,7 @@ from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
+from .checks import METHODS, is_int
 from .merge import bipartite_soft_matching, max_merge, merge_source, merge_wavg
 from .prune import cls_attention, max_prune, prune_source, prune_tokens, select_attentive
 
@@ -32,7 +33,6 @@ except ImportError:  # pragma: no cover
 
 __all__ = ["METHODS", "patch", "unpatch", "set_r", "get_r", "is_patched", "get_method", "get_source", "get_size"]
 
-METHODS = ("tome", "evit")
 RSpec = Union[int, Sequence[int]]
 
 
@@ -290,7 +290,7 @@ def _resolve_r(model: nn.Module, r: RSpec, method: str) -> List[int]:
     else:
         values = [r] * depth
     for v in values:
-        if isinstance(v, bool) or not isinstance(v, int):
+        if not is_int(v):
             raise ValueError(f"r must be a non-negative int or a list of {depth} ints; got {r!r}")
         if v < 0:
             raise ValueError(f"r must be >= 0; got {r!r}")

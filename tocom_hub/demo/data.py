@@ -84,6 +84,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from torch.utils.data import Dataset
 
+from ..core.checks import is_int
+
 __all__ = [
     "DatasetSpec",
     "PhotoCrops",
@@ -232,10 +234,10 @@ def build_dataset(
     """
     spec = get_dataset_spec(name)
     split = canonical_split(split)
-    if isinstance(img_size, bool) or not isinstance(img_size, int) or img_size < 4:
+    if not is_int(img_size) or img_size < 4:
         raise ValueError(f"img_size must be an int >= 4; got {img_size!r}")
     n = spec.lengths[split] if length is None else length
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+    if not is_int(n) or n < 1:
         raise ValueError(f"length must be a positive int; got {length!r}")
     ds = spec.builder(split=split, img_size=img_size, length=n, seed=seed)
     ds.license = spec.license

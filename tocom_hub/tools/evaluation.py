@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils.data import Dataset, Subset
 
 from ..core.bank import ToComBank
+from ..core.checks import is_int
 from ..core.compensate import apply, disabled, get_state, remove, set_target_r
 from ..core.patch import METHODS, get_method, get_r, is_patched, patch, set_r, unpatch
 from ._progress import progress_bar
@@ -69,7 +70,7 @@ def build_eval_dataset(
     """
     from .images import eval_transform, model_img_size
 
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+    if limit is not None and (not is_int(limit) or limit < 1):
         raise ValueError(f"limit must be a positive int; got {limit!r}")
     embedded: List[str] = []
     try:
@@ -120,7 +121,7 @@ def _check_rs(target_rs: Sequence[int]) -> List[int]:
     if not rs:
         raise ValueError("target_rs must not be empty")
     for r in rs:
-        if isinstance(r, bool) or not isinstance(r, int) or r < 0:
+        if not is_int(r) or r < 0:
             raise ValueError(f"target r values must be non-negative ints; got {r!r}")
     return rs
 
@@ -186,7 +187,7 @@ def evaluate(
             )
         method = bank.method
         for name, r in [("source r", source_r)] + [("target r", r) for r in rs]:
-            if isinstance(r, bool) or not isinstance(r, int) or not 0 <= r <= bank.r_max:
+            if not is_int(r) or not 0 <= r <= bank.r_max:
                 raise ValueError(
                     f"{name}={r!r} is outside the bank's range 0…{bank.r_max}; pick r values "
                     f"in 0…{bank.r_max} or a bank trained for larger r"

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from ..core.bank import ToComBank
+from ..core.checks import is_int
 from ..core.compensate import apply, get_state, remove, set_target_r
 from ..core.merge import max_merge
 from ..core.patch import METHODS, get_method, get_r, is_patched, patch, set_r, unpatch
@@ -41,10 +42,6 @@ from .benchmark import percentile as _percentile
 __all__ = ["LatencyController"]
 
 Clock = Callable[[], float]
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 class LatencyController:
@@ -107,7 +104,7 @@ class LatencyController:
             or not (math.isfinite(budget_ms) and budget_ms > 0)
         ):
             raise ValueError(f"budget_ms must be a positive number of milliseconds; got {budget_ms!r}")
-        if not _is_int(batch_size) or batch_size < 1:
+        if not is_int(batch_size) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int; got {batch_size!r}")
         if not 0.0 < target <= 1.0:
             raise ValueError(f"target must be in (0, 1]; got {target!r}")
@@ -117,7 +114,7 @@ class LatencyController:
             ("warmup", warmup, 0),
             ("iters", iters, 1),
         ):
-            if not _is_int(v) or v < low:
+            if not is_int(v) or v < low:
                 raise ValueError(f"{name} must be an int >= {low}; got {v!r}")
         if get_state(model) is not None:
             raise ValueError(
@@ -132,9 +129,9 @@ class LatencyController:
             if method is not None and method != bank.method:
                 raise ValueError(f"the bank was trained for {bank.method!r} but method={method!r} was requested")
             method = bank.method
-            if not _is_int(source_r) or not 0 <= source_r <= bank.r_max:
+            if not is_int(source_r) or not 0 <= source_r <= bank.r_max:
                 raise ValueError(f"source_r must be an int in [0, {bank.r_max}] (the bank's range); got {source_r!r}")
-        elif not _is_int(source_r) or source_r < 0:
+        elif not is_int(source_r) or source_r < 0:
             raise ValueError(f"source_r must be a non-negative int; got {source_r!r}")
         method = method or get_method(model) or "tome"
         limit = self._model_limit(model, method)
@@ -146,7 +143,7 @@ class LatencyController:
                 top = math.ceil(patches / len(model.blocks))
             r_values = range(0, min(top, limit) + 1)
         rs = sorted(set(r_values)) if r_values is not None else []
-        if not rs or not all(_is_int(r) and r >= 0 for r in rs):
+        if not rs or not all(is_int(r) and r >= 0 for r in rs):
             raise ValueError(f"r_values must be a non-empty sequence of non-negative ints; got {r_values!r}")
         if rs[-1] > limit:
             raise ValueError(
