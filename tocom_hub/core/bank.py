@@ -221,6 +221,17 @@ class ToComConfig:
 # bank
 
 
+def signed_group_slice(m: int, n: int, rank: int) -> Tuple[slice, float]:
+    """The bank groups that take a model from r = ``m`` to r = ``n``, and their sign.
+
+    Group ``i`` (step r = i → i+1) is the inner-dimension slice ``[i·rank, (i+1)·rank)``; going up
+    (``n > m``) adds groups ``m … n-1``, going down subtracts groups ``n … m-1`` (paper, Eq. 8–9).
+    Returns ``(slice(min·rank, max·rank), +1.0 or -1.0)``; the slice is empty for ``m == n``.
+    """
+    lo, hi = (m, n) if m <= n else (n, m)
+    return slice(lo * rank, hi * rank), (1.0 if n >= m else -1.0)
+
+
 class ToComBank(nn.Module):
     """A bank of ``R`` LoRA groups (one per step ``r → r+1``) for the q/v (or other) weights of a ViT.
 
@@ -347,8 +358,7 @@ class ToComBank(nn.Module):
 
     def group_slice(self, m: int, n: int) -> slice:
         """Inner-dimension slice holding the groups between degrees ``m`` and ``n`` (either order)."""
-        lo, hi = (m, n) if m <= n else (n, m)
-        return slice(lo * self.rank, hi * self.rank)
+        return signed_group_slice(m, n, self.rank)[0]
 
     def delta(self, block: int, target: str, m: int, n: int, scale: Optional[float] = None) -> torch.Tensor:
         """Dense weight update ``[d_out, d_in]`` (fp32) that takes ``target`` of ``block`` from r=m to r=n.
@@ -366,10 +376,9 @@ class ToComBank(nn.Module):
             raise ValueError(f"block must be an int in [0, {self.depth}); got {block!r}")
         self._check_step(m, n)
         s = self.scale if scale is None else float(scale)
-        sl = self.group_slice(m, n)
+        sl, sign = signed_group_slice(m, n, self.rank)
         up = self.A[target][block, :, sl].detach().float()
         down = self.B[target][block, sl, :].detach().float()
-        sign = 1.0 if n >= m else -1.0
         return (up @ down).mul_(sign * s)
 
     # -- files ------------------------------------------------------------------------------------

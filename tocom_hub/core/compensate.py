@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .bank import MAX_SCALE, ToComBank, _looks_local, model_dims
+from .bank import MAX_SCALE, ToComBank, _looks_local, model_dims, signed_group_slice
 from .checks import is_int
 from .patch import get_method, is_patched, patch, set_r, unpatch
 
@@ -220,17 +220,16 @@ class Compensation:
     def _write_exact(self, m: int, n: int) -> None:
         """Weights ← W₀ + Δ(m → n), derived from the pristine rows (exact: the closed form itself)."""
         self._bind_all()
-        lo, hi = (m, n) if m <= n else (n, m)
-        k0, k1 = lo * self._rank, hi * self._rank
-        alpha = self.scale if n >= m else -self.scale
+        sl, sign = signed_group_slice(m, n, self._rank)
+        alpha = sign * self.scale
         for slot in self._slots:
             view = slot.view
-            if k0 == k1 or alpha == 0.0:
+            if sl.start == sl.stop or alpha == 0.0:
                 view.copy_(slot.pristine)
             elif view.dtype == torch.float32 and slot.pristine.dtype == torch.float32:
-                torch.addmm(slot.pristine, slot.up[:, k0:k1], slot.down[k0:k1], alpha=alpha, out=view)
+                torch.addmm(slot.pristine, slot.up[:, sl], slot.down[sl], alpha=alpha, out=view)
             else:  # fp16 / bf16 model: accumulate in fp32, round once
-                view.copy_(torch.addmm(slot.pristine.float(), slot.up[:, k0:k1], slot.down[k0:k1], alpha=alpha))
+                view.copy_(torch.addmm(slot.pristine.float(), slot.up[:, sl], slot.down[sl], alpha=alpha))
         self._written, self._inexact = (m, n), 0
 
     @torch.no_grad()
@@ -260,12 +259,9 @@ class Compensation:
         ):
             self._write_exact(m, n)
             return
-        old = cur[1]
-        lo, hi = (old, n) if old <= n else (n, old)
-        k0, k1 = lo * self._rank, hi * self._rank
-        alpha = self.scale if n > old else -self.scale
+        sl, sign = signed_group_slice(cur[1], n, self._rank)
         for slot in self._slots:
-            slot.view.addmm_(slot.up[:, k0:k1], slot.down[k0:k1], alpha=alpha)
+            slot.view.addmm_(slot.up[:, sl], slot.down[sl], alpha=sign * self.scale)
         self._written, self._inexact = (m, n), self._inexact + 1
 
     # -- unmerged ----------------------------------------------------------------------------------
@@ -275,8 +271,8 @@ class Compensation:
         table = torch.zeros(R + 1, R + 1, R * h, dtype=torch.float32)
         for m in range(R + 1):
             for n in range(R + 1):
-                lo, hi = (m, n) if m <= n else (n, m)
-                table[m, n, lo * h : hi * h] = self.scale if n > m else -self.scale
+                sl, sign = signed_group_slice(m, n, h)
+                table[m, n, sl] = sign * self.scale
         self._coef_table = table.to(device)
 
     def _install_hooks(self) -> None:
