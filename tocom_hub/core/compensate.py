@@ -3,25 +3,23 @@
 A model fine-tuned at *source* ``r = m`` runs at *target* ``r = n`` with the bank's ``m → n`` update
 on its attention weights (paper Eq. 6/7). Two modes share the same maths and the same bank:
 
-* **merged** (``merge=True``, inference): the update is written into the fused ``attn.qkv`` (and/or
-  ``attn.proj``) weight rows in place, so the forward is the plain ToMe/EViT forward. The original
-  rows are kept (a "pristine" copy). A switch adds only the change of the update (one in-place
-  ``addmm_`` per (block, target) on fp32 factors pre-arranged per block), and the weights are
-  re-derived exactly as ``W₀ + Δ(source → target)`` from the pristine rows whenever the target
-  returns to the source and at least every ``RESYNC_EVERY`` switches: no drift however many
-  switches, and :func:`remove` restores the weights bit-exact.
-* **unmerged** (``merge=False``, training): a forward hook on ``attn.qkv`` / ``attn.proj`` adds
-  ``s · ((x Bᵀ) ⊙ c) Aᵀ`` to the q/k/v output slices, where ``c`` is a ``±1/0`` mask over the ``R·h``
-  inner dims (the official one-adapter formulation). Every bank parameter takes part in every
-  forward (inactive groups get zero gradient, which keeps DDP happy), the backbone weights are never
-  touched, and :func:`set_pair` switches ``(source, target)`` in O(1) (it picks a precomputed mask).
+* **merged** (``merge=True``, inference; :mod:`~tocom_hub.core.lora_merged`): the update is written into
+  the fused ``attn.qkv`` (and/or ``attn.proj``) weight rows in place, so the forward is the plain
+  ToMe/EViT forward; a switch adds only the change of the update, the weights are re-derived exactly
+  from a copy of the original rows at least every ``RESYNC_EVERY`` switches (no drift), and
+  :func:`remove` restores them bit-exact.
+* **unmerged** (``merge=False``, training; :mod:`~tocom_hub.core.lora_hooks`): forward hooks on
+  ``attn.qkv`` / ``attn.proj`` add the masked LoRA path; every bank parameter takes part in every
+  forward, the backbone weights are never touched, and :func:`set_pair` switches in O(1).
 
-Switching is serialised per model: :func:`apply`, :func:`set_target_r`, :func:`set_pair`, :func:`remove`
-and :func:`disabled` hold the model's switch lock (:func:`switch_lock`), so concurrent switches from
-several threads always leave the weights at the closed form of the last one. A forward is not
-locked: a forward that runs while another thread switches may compute some blocks with the old and
-some with the new weights (and token count). Switch between batches in the thread that runs the
-forwards, hold ``switch_lock(model)`` around the forward too, or give each worker its own model copy.
+This module owns the public functions, the validation (everything is checked before anything is
+mutated) and the switch lock. Switching is serialised per model: :func:`apply`, :func:`set_target_r`,
+:func:`set_pair`, :func:`remove` and :func:`disabled` hold the model's switch lock (:func:`switch_lock`),
+so concurrent switches from several threads always leave the weights at the closed form of the last
+one. A forward is not locked: a forward that runs while another thread switches may compute some
+blocks with the old and some with the new weights (and token count). Switch between batches in the
+thread that runs the forwards, hold ``switch_lock(model)`` around the forward too, or give each worker
+its own model copy.
 
 A model carries at most one bank; :func:`apply` on a model that already carries one replaces it (the
 weights are first restored from the pristine copy, so the result equals applying to a fresh model).
@@ -34,15 +32,17 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import threading
-from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Dict, Iterator, Optional, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .bank import MAX_SCALE, ToComBank, _looks_local, model_dims, signed_group_slice
+from .bank import MAX_SCALE, ToComBank, _looks_local, model_dims
 from .checks import is_int
+from .compensation import Compensation
+from .locks import switch_lock
+from .lora_hooks import HookedCompensation
+from .lora_merged import MergedCompensation
 from .patch import get_method, is_patched, patch, set_r, unpatch
 
 __all__ = [
@@ -58,297 +58,13 @@ __all__ = [
 ]
 
 _ATTR = "_tocom_compensation"
-_LOCK_ATTR = "_tocom_switch_lock"
-_LOCK_CREATION = threading.Lock()
 # merged mode: at most this many in-place difference updates between two exact re-derivations. Each
 # update rounds once (≤ ½ ulp), so the distance to the closed form stays ≤ RESYNC_EVERY · 2⁻²⁴ ≈ 4.8e-7
 # of the largest weight (measured: 10,000 random switches, never back to the source: 2.8e-7 with 8,
 # 3e-7 with 16, 3.5e-5 without re-derivation).
 RESYNC_EVERY = 8
-_QKV_INDEX = {"q": 0, "k": 1, "v": 2}
 
 BankLike = Union[ToComBank, str, os.PathLike, None]
-
-
-# ---------------------------------------------------------------------------------------------------
-# state attached to the model
-
-
-class _Slot:
-    """One (block, target) weight matrix of a merged bank: where it lives and what it started as."""
-
-    __slots__ = ("block", "target", "module", "start", "stop", "ptr", "view", "pristine", "up", "down")
-
-    def __init__(self, block: int, target: str, module: nn.Linear, start: int, stop: int) -> None:
-        self.block, self.target, self.module, self.start, self.stop = block, target, module, start, stop
-        self.ptr = -1
-        self.view: Optional[torch.Tensor] = None
-        self.pristine: Optional[torch.Tensor] = None
-        self.up: Optional[torch.Tensor] = None
-        self.down: Optional[torch.Tensor] = None
-
-    def current_view(self) -> torch.Tensor:
-        """The weight rows this slot writes, re-bound if the module's weight was replaced (``.to``,
-        ``.half()``, …); the factor snapshot follows the weight's device."""
-        w = self.module.weight
-        if w.data_ptr() != self.ptr or self.view is None:
-            self.view = w.detach()[self.start : self.stop]
-            self.ptr = w.data_ptr()
-            if self.up.device != w.device:
-                self.up, self.down = self.up.to(w.device), self.down.to(w.device)
-                self.pristine = self.pristine.to(w.device)
-        return self.view
-
-
-class _LoRAHook:
-    """Forward hook of the unmerged mode: adds the masked LoRA path to a Linear's output slices."""
-
-    def __init__(self, state: "Compensation", block: int, entries: List[Tuple[str, int, int]]) -> None:
-        self.state, self.block, self.entries = state, block, entries
-
-    def __call__(self, module: nn.Module, args: Tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
-        st = self.state
-        if not st.enabled:
-            return output
-        x = args[0]
-        bank = st.bank
-        coef = st.coef
-        for target, start, stop in self.entries:
-            down = bank.B[target][self.block]  # [R·h, d_in]
-            up = bank.A[target][self.block]  # [d_out, R·h]
-            if down.device != x.device:
-                raise RuntimeError(
-                    f"ToCom bank is on {down.device} but the model runs on {x.device}; move the bank "
-                    f"with bank.to({str(x.device)!r}) (it is not a submodule of the model)"
-                )
-            xin = x if x.dtype == down.dtype or _autocast_on(x) else x.to(down.dtype)
-            z = F.linear(xin, down)
-            if coef.device != z.device:  # the bank was moved after apply: move the mask table once
-                st._coef_table = st._coef_table.to(z.device)
-                st.coef = coef = st._coef_table[st.source_r, st.target_r]
-            if coef.dtype != z.dtype:
-                coef = coef.to(z.dtype)
-            delta = F.linear(z * coef, up)
-            output[..., start:stop] += delta.to(output.dtype)
-        return output
-
-
-def _autocast_on(x: torch.Tensor) -> bool:
-    try:
-        return torch.is_autocast_enabled(x.device.type)
-    except TypeError:  # pragma: no cover - older torch
-        return torch.is_autocast_enabled()
-
-
-class Compensation:
-    """What :func:`apply` attached to a model; read it with :func:`get_state`.
-
-    Attributes: ``bank``, ``source_r``, ``target_r``, ``scale``, ``merge`` (``True``: weights merged;
-    ``False``: LoRA path in the forward), ``enabled``.
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        bank: ToComBank,
-        source_r: int,
-        target_r: int,
-        scale: float,
-        merge: bool,
-        patched_here: bool,
-    ) -> None:
-        self.bank = bank
-        self.source_r, self.target_r = source_r, target_r
-        self.scale = scale
-        self.merge = merge
-        self.patched_here = patched_here
-        self.enabled = True
-        self._slots: List[_Slot] = []
-        self._written: Optional[Tuple[int, int]] = None  # (m, n) the merged weights hold
-        self._inexact = 0  # in-place difference updates since the last exact write
-        self._hooked: List[nn.Module] = []
-        self._coef_table: Optional[torch.Tensor] = None
-        self.coef: Optional[torch.Tensor] = None
-        rank = bank.rank
-        self._layout: List[Tuple[int, nn.Linear, List[Tuple[str, int, int]]]] = []
-        for b, blk in enumerate(model.blocks):
-            qkv_entries, proj_entries = [], []
-            d = blk.attn.qkv.out_features // 3
-            for t in bank.targets:
-                if t == "proj":
-                    proj_entries.append((t, 0, blk.attn.proj.out_features))
-                else:
-                    i = _QKV_INDEX[t]
-                    qkv_entries.append((t, i * d, (i + 1) * d))
-            if qkv_entries:
-                self._layout.append((b, blk.attn.qkv, qkv_entries))
-            if proj_entries:
-                self._layout.append((b, blk.attn.proj, proj_entries))
-        self._rank = rank
-
-    def __repr__(self) -> str:
-        return (
-            f"Compensation(source_r={self.source_r}, target_r={self.target_r}, scale={self.scale}, "
-            f"merge={self.merge}, targets={self.bank.targets})"
-        )
-
-    # -- merged ------------------------------------------------------------------------------------
-    def _snapshot(self) -> None:
-        """Copy the pristine rows and an fp32 snapshot of the factors (allocations only, no writes)."""
-        slots = []
-        for b, module, entries in self._layout:
-            w = module.weight.detach()
-            for t, start, stop in entries:
-                slot = _Slot(b, t, module, start, stop)
-                slot.pristine = w[start:stop].clone()
-                slot.up = self.bank.A[t][b].detach().to(device=w.device, dtype=torch.float32, copy=True)
-                slot.down = self.bank.B[t][b].detach().to(device=w.device, dtype=torch.float32, copy=True)
-                slot.current_view()
-                slots.append(slot)
-        self._slots = slots
-
-    def _bind_all(self) -> bool:
-        """Re-bind every slot to its module's current weight; ``True`` if any weight was replaced."""
-        moved = False
-        for slot in self._slots:
-            ptr = slot.ptr
-            slot.current_view()
-            moved |= slot.ptr != ptr
-        return moved
-
-    @torch.no_grad()
-    def _write_exact(self, m: int, n: int) -> None:
-        """Weights ← W₀ + Δ(m → n), derived from the pristine rows (exact: the closed form itself)."""
-        self._bind_all()
-        sl, sign = signed_group_slice(m, n, self._rank)
-        alpha = sign * self.scale
-        for slot in self._slots:
-            view = slot.view
-            if sl.start == sl.stop or alpha == 0.0:
-                view.copy_(slot.pristine)
-            elif view.dtype == torch.float32 and slot.pristine.dtype == torch.float32:
-                torch.addmm(slot.pristine, slot.up[:, sl], slot.down[sl], alpha=alpha, out=view)
-            else:  # fp16 / bf16 model: accumulate in fp32, round once
-                view.copy_(torch.addmm(slot.pristine.float(), slot.up[:, sl], slot.down[sl], alpha=alpha))
-        self._written, self._inexact = (m, n), 0
-
-    @torch.no_grad()
-    def _write(self, m: int, n: int) -> None:
-        """Move the weights to W₀ + Δ(m → n) as cheaply as the no-drift guarantee allows.
-
-        With the same source and fp32 weights, only the change ``Δ(n_old → n)`` is added (one
-        in-place ``addmm_`` per slot over ``|n - n_old|·h`` inner dims). Each such step rounds once,
-        so the weights are re-derived exactly from the pristine rows whenever the target returns to
-        the source (a plain copy, cheaper than any update) and after ``RESYNC_EVERY`` inexact steps:
-        the distance to the closed form stays within a few ulps however many switches happen.
-        """
-        moved = self._bind_all()
-        cur = self._written
-        if cur == (m, n) and not moved:
-            return
-        if cur is not None and cur[0] == cur[1]:
-            cur = (m, m)  # the weights are W₀, i.e. Δ(m → m) for any m
-        if (
-            moved
-            or cur is None
-            or m != cur[0]
-            or n == m
-            or self._inexact >= RESYNC_EVERY
-            or not self._slots
-            or self._slots[0].view.dtype != torch.float32
-        ):
-            self._write_exact(m, n)
-            return
-        sl, sign = signed_group_slice(cur[1], n, self._rank)
-        for slot in self._slots:
-            slot.view.addmm_(slot.up[:, sl], slot.down[sl], alpha=sign * self.scale)
-        self._written, self._inexact = (m, n), self._inexact + 1
-
-    # -- unmerged ----------------------------------------------------------------------------------
-    def _build_coef_table(self, device: torch.device) -> None:
-        """``table[m, n]`` = the ``R·h`` inner-dim coefficients ``s·(±1/0)`` of the pair ``m → n``."""
-        R, h = self.bank.r_max, self._rank
-        table = torch.zeros(R + 1, R + 1, R * h, dtype=torch.float32)
-        for m in range(R + 1):
-            for n in range(R + 1):
-                sl, sign = signed_group_slice(m, n, h)
-                table[m, n, sl] = sign * self.scale
-        self._coef_table = table.to(device)
-
-    def _install_hooks(self) -> None:
-        for b, module, entries in self._layout:
-            module.register_forward_hook(_LoRAHook(self, b, entries))
-            self._hooked.append(module)
-
-    def _remove_hooks(self) -> None:
-        for module in self._hooked:
-            ids = [k for k, h in module._forward_hooks.items() if isinstance(h, _LoRAHook) and h.state is self]
-            for k in ids:
-                del module._forward_hooks[k]
-                for extra in ("_forward_hooks_with_kwargs", "_forward_hooks_always_called"):
-                    getattr(module, extra, {}).pop(k, None)
-        self._hooked = []
-
-    # -- lifecycle ---------------------------------------------------------------------------------
-    def _attach(self) -> None:
-        if self.merge:
-            self._snapshot()
-            self._write_exact(self.source_r, self.target_r)
-        else:
-            self._build_coef_table(next(iter(self.bank.parameters())).device)
-            self.coef = self._coef_table[self.source_r, self.target_r]
-            self._install_hooks()
-
-    @torch.no_grad()
-    def _detach(self) -> None:
-        if self.merge:
-            for slot in self._slots:
-                slot.current_view().copy_(slot.pristine)
-            self._slots, self._written = [], None
-        else:
-            self._remove_hooks()
-            self._coef_table = self.coef = None
-
-    def _set(self, m: int, n: int) -> None:
-        if self.merge:
-            if self.enabled:
-                self._write(m, n)
-        else:
-            table = self._coef_table
-            self.coef = table[m, n]
-        self.source_r, self.target_r = m, n
-
-
-class _SwitchLock:
-    """A re-entrant lock stored on the model; copies and pickles of the model get a fresh one."""
-
-    __slots__ = ("lock",)
-
-    def __init__(self) -> None:
-        self.lock = threading.RLock()
-
-    def __reduce__(self):
-        return (_SwitchLock, ())
-
-    def __deepcopy__(self, memo: Any) -> _SwitchLock:
-        return _SwitchLock()
-
-
-def switch_lock(model: nn.Module) -> threading.RLock:
-    """The re-entrant lock that serialises switching on ``model`` (:func:`apply`, :func:`set_target_r`,
-    :func:`set_pair`, :func:`remove`, :func:`disabled` take it). Hold it around a forward that must not
-    overlap a switch from another thread. Example::
-
-        with tocom_hub.compensate.switch_lock(model), torch.no_grad():
-            logits = model(x)      # a control thread's set_target_r waits for this batch
-    """
-    holder = model.__dict__.get(_LOCK_ATTR)
-    if holder is None:
-        with _LOCK_CREATION:
-            holder = model.__dict__.get(_LOCK_ATTR)
-            if holder is None:
-                holder = model.__dict__[_LOCK_ATTR] = _SwitchLock()
-    return holder.lock
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -559,7 +275,10 @@ def _apply_locked(
         raise
     patched_here = (not was_patched) or (old is not None and old.patched_here)
 
-    state = Compensation(model, bank, source_r, target_r, s, merge, patched_here)
+    if merge:
+        state = MergedCompensation(model, bank, source_r, target_r, s, patched_here, resync_every=RESYNC_EVERY)
+    else:
+        state = HookedCompensation(model, bank, source_r, target_r, s, patched_here)
     if old is not None:
         old._detach()
         model.__dict__.pop(_ATTR, None)
@@ -586,7 +305,7 @@ def set_pair(model: nn.Module, source_r: int, target_r: int, *, r: Optional[int]
         _check_int_r("source_r", source_r, r_max)
         _check_int_r("target_r", target_r, r_max)
         set_r(model, target_r if r is None else r)
-        st._set(source_r, target_r)
+        st._switch(source_r, target_r)
 
 
 def set_target_r(model: nn.Module, r: int) -> nn.Module:
@@ -650,9 +369,7 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
         if not st.enabled:
             st = None
         else:
-            st.enabled = False
-            if st.merge:
-                st._write_exact(0, 0)
+            st._set_enabled(False)
     if st is None:
         yield model
         return
@@ -660,6 +377,7 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
         yield model
     finally:
         with switch_lock(model):
-            st.enabled = True
-            if st.merge and get_state(model) is st:
-                st._write(st.source_r, st.target_r)
+            if get_state(model) is st:
+                st._set_enabled(True)
+            else:  # applied again or removed inside the block: nothing of ours left to write
+                st.enabled = True

@@ -1,0 +1,87 @@
+"""What :func:`tocom_hub.apply` attaches to a model: the :class:`Compensation` base class.
+
+A compensation holds the bank, the pair ``source_r → target_r`` and the scale, and knows which weight rows
+of which Linear layers the bank adapts (its *layout*). How the update reaches the forward is the job of a
+subclass: :class:`~tocom_hub.core.lora_merged.MergedCompensation` writes it into the weights,
+:class:`~tocom_hub.core.lora_hooks.HookedCompensation` adds it in forward hooks. The functions of
+:mod:`tocom_hub.core.compensate` validate every input, take the model's switch lock and then call the
+``_attach`` / ``_detach`` / ``_switch`` / ``_set_enabled`` methods defined here; nothing else should.
+"""
+
+from __future__ import annotations
+
+from typing import List, Tuple
+
+from torch import nn
+
+from .bank import ToComBank
+
+__all__ = ["Compensation"]
+
+_QKV_INDEX = {"q": 0, "k": 1, "v": 2}  # timm's fused attn.qkv stacks the q, k and v rows in this order
+
+# (block, Linear, [(target, first row, row after the last)]): the rows of one Linear the bank adapts
+Layout = List[Tuple[int, nn.Linear, List[Tuple[str, int, int]]]]
+
+
+def bank_layout(model: nn.Module, bank: ToComBank) -> Layout:
+    """Where each of the bank's targets lives in ``model``: ``q``/``k``/``v`` are row ranges of the fused
+    ``attn.qkv`` weight, ``proj`` is all of ``attn.proj``; one entry per (block, Linear) that has any."""
+    layout: Layout = []
+    for b, blk in enumerate(model.blocks):
+        qkv_entries, proj_entries = [], []
+        d = blk.attn.qkv.out_features // 3
+        for t in bank.targets:
+            if t == "proj":
+                proj_entries.append((t, 0, blk.attn.proj.out_features))
+            else:
+                i = _QKV_INDEX[t]
+                qkv_entries.append((t, i * d, (i + 1) * d))
+        if qkv_entries:
+            layout.append((b, blk.attn.qkv, qkv_entries))
+        if proj_entries:
+            layout.append((b, blk.attn.proj, proj_entries))
+    return layout
+
+
+class Compensation:
+    """What :func:`apply` attached to a model; read it with :func:`get_state`.
+
+    Attributes: ``bank``, ``source_r``, ``target_r``, ``scale``, ``merge`` (``True``: weights merged;
+    ``False``: LoRA path in the forward), ``enabled``.
+    """
+
+    merge: bool  # set by each subclass
+
+    def __init__(
+        self, model: nn.Module, bank: ToComBank, source_r: int, target_r: int, scale: float, patched_here: bool
+    ) -> None:
+        self.bank = bank
+        self.source_r, self.target_r = source_r, target_r
+        self.scale = scale
+        self.patched_here = patched_here  # apply() patched the model, so remove() unpatches it
+        self.enabled = True
+        self._rank = bank.rank
+        self._layout = bank_layout(model, bank)
+
+    def __repr__(self) -> str:
+        return (
+            f"Compensation(source_r={self.source_r}, target_r={self.target_r}, scale={self.scale}, "
+            f"merge={self.merge}, targets={self.bank.targets})"
+        )
+
+    def _attach(self) -> None:
+        """Put the update ``source_r → target_r`` into the model (the inputs are already validated)."""
+        raise NotImplementedError
+
+    def _detach(self) -> None:
+        """Take the update out: the model is exactly as it was before :meth:`_attach`."""
+        raise NotImplementedError
+
+    def _switch(self, m: int, n: int) -> None:
+        """Move to the pair ``m → n``."""
+        raise NotImplementedError
+
+    def _set_enabled(self, enabled: bool) -> None:
+        """Turn the update off (the plain model) or back on at the current pair."""
+        self.enabled = enabled
