@@ -2,39 +2,16 @@
 
 from __future__ import annotations
 
-import copy
-import random
-
 import pytest
 import torch
-from bank_helpers import clone_state, closed_form, random_groups, rel_err, state_hash, weight_rows
+from bank_helpers import clone_state, rel_err, state_hash, weight_rows
+from compensate_helpers import R, X, assert_closed_form, bank_for, fresh
 from tiny_models import make_vit
 from torch import nn
 
 import tocom_hub
-from tocom_hub import ToComBank, compensate
+from tocom_hub import compensate
 from tocom_hub.core.bank import WEIGHTS_NAME
-
-R = 6
-X = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
-
-
-def fresh(depth: int = 3, **kw):
-    return make_vit("cls_token", depth=depth, **kw)
-
-
-def bank_for(model, r_max=R, targets=("q", "v"), method="tome", seed=1, **kw):
-    bank = ToComBank.for_model(model, r_max=r_max, rank=2, targets=targets, method=method, **kw)
-    return bank, random_groups(bank, seed=seed)
-
-
-def assert_closed_form(model, original, groups, bank, m, n, s=None, tol=1e-6):
-    s = bank.scale if s is None else s
-    for b in range(bank.depth):
-        for t in bank.targets:
-            err = rel_err(weight_rows(model, b, t), closed_form(original, groups, t, b, m, n, s))
-            assert err <= tol, f"block {b} {t}: {m}->{n} rel err {err:.2e}"
-
 
 # -- the closed form and its invariants -----------------------------------------------------------
 
@@ -91,40 +68,6 @@ def test_chain_inverse_and_noop():
     h = state_hash(same)
     tocom_hub.apply(same, 4, 4, bank=bank)
     assert state_hash(same) == h
-
-
-@pytest.fixture
-def one_thread():
-    """Tiny matmuls: one thread avoids OpenMP hand-offs that dominate on a shared 2-core machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-def test_set_target_r_many_switches_drift(one_thread):
-    """10,000 random switches stay within 1e-6 (relative) of the closed form."""
-    model = fresh(depth=2)
-    original = clone_state(model)
-    bank, groups = bank_for(model, r_max=8)
-    source = 3
-    tocom_hub.apply(model, source, 0, bank=bank)
-    refs = {
-        n: {(b, t): closed_form(original, groups, t, b, source, n, bank.scale) for b in range(2) for t in ("q", "v")}
-        for n in range(9)
-    }
-    rng = random.Random(0)
-    worst = 0.0
-    for i in range(10_000):
-        n = rng.randint(0, 8) if i % 20 == 0 else rng.choice([0, 1, 2, 4, 5, 6, 7, 8])  # mostly not the source
-        tocom_hub.set_target_r(model, n)
-        if i % 97 == 0 or i == 9_999:
-            for (b, t), ref in refs[n].items():
-                worst = max(worst, rel_err(weight_rows(model, b, t), ref))
-    assert tocom_hub.get_r(model) == n
-    assert worst <= 1e-6, worst
-    tocom_hub.remove(model)
-    assert all(torch.equal(v, original[k]) for k, v in model.state_dict().items())
 
 
 # -- remove ---------------------------------------------------------------------------------------
@@ -297,43 +240,6 @@ def test_merged_equals_unmerged(method, m, n):
         assert (plain(X) - a).abs().max() > 1e-3  # the bank does change the output
 
 
-def test_unmerged_gradients_reach_every_bank_parameter():
-    model = fresh()
-    model.requires_grad_(False)  # frozen backbone, like the trainer
-    original = clone_state(model)
-    bank, _ = bank_for(model)
-    tocom_hub.apply(model, 1, 4, bank=bank, merge=False)
-    model(X).logsumexp(-1).sum().backward()
-    h = bank.rank
-    for t in bank.targets:
-        for p in (bank.A[t], bank.B[t]):
-            assert p.grad is not None  # DDP needs a gradient (zero or not) for every parameter
-        ga, gb = bank.A[t].grad, bank.B[t].grad
-        assert ga[:, :, 1 * h : 4 * h].abs().sum() > 0 and gb[:, 1 * h : 4 * h].abs().sum() > 0
-        assert not ga[:, :, :h].any() and not ga[:, :, 4 * h :].any()  # inactive groups: zero
-        assert not gb[:, :h].any() and not gb[:, 4 * h :].any()
-    assert all(torch.equal(v, original[k]) for k, v in model.state_dict().items())
-
-
-def test_set_pair_is_cheap_and_matches_merged():
-    """Trainer step: bank pair m → n while the model runs at another r (here the student's r = m)."""
-    model = fresh()
-    bank, _ = bank_for(model)
-    tocom_hub.apply(model, 0, 0, bank=bank, merge=False)
-    params = {k: v.data_ptr() for k, v in model.state_dict().items()}
-    for m, n in [(5, 1), (2, 6), (3, 3)]:
-        compensate.set_pair(model, m, n, r=m)
-        assert tocom_hub.get_r(model) == m
-        ref = fresh()
-        tocom_hub.apply(ref, m, n, bank=bank)
-        tocom_hub.set_r(ref, m)
-        with torch.no_grad():
-            torch.testing.assert_close(model(X), ref(X), rtol=0, atol=1e-5)
-    assert {k: v.data_ptr() for k, v in model.state_dict().items()} == params
-    with pytest.raises(ValueError):
-        compensate.set_pair(model, 0, R + 1)
-
-
 @pytest.mark.parametrize("merge", [True, False])
 def test_disabled_runs_the_plain_model(merge):
     model = fresh()
@@ -349,112 +255,35 @@ def test_disabled_runs_the_plain_model(merge):
     assert (compensated - plain(X)).abs().max() > 1e-3
 
 
-# -- dtypes and devices ---------------------------------------------------------------------------
-
-
-def test_fp16_model_accumulates_in_fp32():
-    model = fresh().half()
-    original = clone_state(model)
-    bank, groups = bank_for(model)
-    assert bank.A["q"].dtype == torch.float32  # banks are fp32 whatever the model's dtype
-    tocom_hub.apply(model, 0, 6, bank=bank)
-    for b in range(3):
-        for t in ("q", "v"):
-            w = weight_rows(model, b, t)
-            assert w.dtype == torch.float16
-            ref = closed_form(original, groups, t, b, 0, 6, bank.scale).half()
-            assert (w.float() - ref.float()).abs().max() <= 2**-10 * ref.float().abs().max()
-    for r in (2, 6, 0, 4):
-        tocom_hub.set_target_r(model, r)
-    tocom_hub.remove(model)
-    assert all(torch.equal(v, original[k]) for k, v in model.state_dict().items())
-
-
-def test_model_converted_after_apply():
+@pytest.mark.parametrize("merge", [True, False])
+def test_disabled_nests_and_survives_a_bank_replaced_inside(merge):
+    """Nested ``disabled`` blocks keep the bank off until the outer one ends; a bank applied inside the
+    block is not touched when the block ends (it is the model's bank now, at its own pair)."""
     model = fresh()
-    bank, groups = bank_for(model)
     original = clone_state(model)
-    tocom_hub.apply(model, 0, 6, bank=bank)
-    model.half()  # replaces the weight tensors: the bank follows
-    tocom_hub.set_target_r(model, 3)
-    for b in range(3):
-        ref = closed_form(original, groups, "q", b, 0, 3, bank.scale).half().float()
-        assert (weight_rows(model, b, "q").float() - ref).abs().max() <= 2**-10 * ref.abs().max()
-    tocom_hub.remove(model)
-    w0_half = fresh().half().state_dict()
-    assert all(torch.equal(v, w0_half[k]) for k, v in model.state_dict().items())
-
-
-def test_deepcopy_of_a_compensated_model_is_independent():
-    model = fresh()
-    bank, _ = bank_for(model)
-    tocom_hub.apply(model, 0, 4, bank=bank, merge=False)
-    twin = copy.deepcopy(model)
-    tocom_hub.remove(twin)
-    assert compensate.get_state(model) is not None and len(model.blocks[0].attn.qkv._forward_hooks) == 1
+    b1, _ = bank_for(model, seed=1)
+    b2, g2 = bank_for(model, seed=2)
+    plain = tocom_hub.patch(fresh())
     with torch.no_grad():
-        torch.testing.assert_close(twin(X), fresh()(X), rtol=0, atol=0)
-
-
-# -- switching from several threads ----------------------------------------------------------------
-
-
-def test_concurrent_switches_keep_the_closed_form(one_thread, monkeypatch):
-    """4 threads switch one merged model at random; the weights always end at W₀ + Δ(source → target)
-    of the last switch, the patcher's r agrees, and remove() still restores the original bit-exact.
-
-    The periodic exact re-derivation is switched off so that a lost or doubled update cannot be
-    healed by a later resync: what remains is the rounding of ~1,600 in-place updates (≈1e-5)."""
-    import sys
-    from concurrent.futures import ThreadPoolExecutor
-
-    monkeypatch.setattr(compensate, "RESYNC_EVERY", 10**9)
-    model = fresh(depth=2)
-    original = clone_state(model)
-    bank, groups = bank_for(model, r_max=8)
-    source = 3
-    tocom_hub.apply(model, source, 0, bank=bank)
-    old_interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)  # hand the GIL over as often as possible
-
-    def hammer(seed):
-        rng = random.Random(seed)
-        for _ in range(400):
-            tocom_hub.set_target_r(model, rng.choice([0, 1, 2, 4, 5, 6, 7, 8]))  # never the source
-
-    try:
-        for trial in range(2):
-            with ThreadPoolExecutor(max_workers=4) as pool:
-                for future in [pool.submit(hammer, 10 * trial + k) for k in range(4)]:
-                    future.result()  # re-raises what a thread raised
-            st = compensate.get_state(model)
-            assert tocom_hub.get_r(model) == st.target_r
-            assert_closed_form(model, original, groups, bank, source, st.target_r, tol=1e-4)
-    finally:
-        sys.setswitchinterval(old_interval)
+        tocom_hub.apply(model, 0, 5, bank=b1, merge=merge)
+        compensated = model(X)
+        with compensate.disabled(model):
+            with compensate.disabled(model):
+                pass
+            tocom_hub.set_r(plain, 5)
+            torch.testing.assert_close(model(X), plain(X), rtol=0, atol=1e-6)  # still off after the inner block
+            tocom_hub.set_target_r(model, 2)  # a switch while off: remembered, applied on exit
+        tocom_hub.set_r(plain, 2)
+        assert (model(X) - plain(X)).abs().max() > 1e-3 and compensate.get_state(model).target_r == 2
+        tocom_hub.set_target_r(model, 5)
+        torch.testing.assert_close(model(X), compensated, rtol=0, atol=1e-6)
+        with compensate.disabled(model):
+            tocom_hub.apply(model, 1, 3, bank=b2, merge=True)
+        st = compensate.get_state(model)
+        assert st.bank is b2 and st.enabled and (st.source_r, st.target_r) == (1, 3)
+        assert_closed_form(model, original, g2, b2, 1, 3)
     tocom_hub.remove(model)
     assert all(torch.equal(v, original[k]) for k, v in model.state_dict().items())
-
-
-def test_switch_lock_serialises_a_forward_with_a_switch():
-    """A forward holding switch_lock(model) sees one consistent r; a switch from another thread waits."""
-    import threading
-
-    model = fresh(depth=2)
-    bank, _ = bank_for(model)
-    tocom_hub.apply(model, 0, 2, bank=bank)
-    lock = compensate.switch_lock(model)
-    assert lock is compensate.switch_lock(model)
-    done = threading.Event()
-    with lock:
-        th = threading.Thread(target=lambda: (tocom_hub.set_target_r(model, 5), done.set()))
-        th.start()
-        assert not done.wait(0.2)  # blocked while we hold the lock
-        assert compensate.get_state(model).target_r == 2
-    th.join()
-    assert done.is_set() and compensate.get_state(model).target_r == 5
-    clone = copy.deepcopy(model)  # the lock is not shared with (nor copied into) a deepcopy
-    assert compensate.switch_lock(clone) is not lock
 
 
 # -- bad banks are refused before anything changes --------------------------------------------------
@@ -546,46 +375,3 @@ def test_apply_refuses_a_bank_file_without_checksum_unless_trusted(tmp_path):
     assert state_hash(model) == before and not tocom_hub.is_patched(model)
     tocom_hub.apply(model, 0, 4, bank=str(tmp_path), trust_unverified=True)
     assert_closed_form(model, original, groups, bank, 0, 4)
-
-
-def test_concurrent_apply_switch_and_remove_keep_the_model_consistent(one_thread):
-    """Threads apply (two banks, various pairs), switch and remove at random: whatever state the
-    model ends in is exact — the closed form of the bank it carries, or the original weights."""
-    import sys
-    from concurrent.futures import ThreadPoolExecutor
-
-    model = fresh(depth=2)
-    original = clone_state(model)
-    banks = [bank_for(model, r_max=6, seed=s) for s in (1, 2)]
-    old_interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)
-
-    def worker(seed):
-        rng = random.Random(seed)
-        for _ in range(150):
-            op = rng.random()
-            try:
-                if op < 0.2:
-                    bank, _ = banks[rng.randrange(2)]
-                    tocom_hub.apply(model, rng.randint(0, 6), rng.randint(0, 6), bank=bank)
-                elif op < 0.3:
-                    tocom_hub.remove(model)
-                else:
-                    tocom_hub.set_target_r(model, rng.randint(0, 6))
-            except ValueError as e:  # set_target_r on a model whose bank another thread just removed
-                assert "carries no ToCom bank" in str(e)
-
-    try:
-        with ThreadPoolExecutor(max_workers=4) as pool:
-            for future in [pool.submit(worker, k) for k in range(4)]:
-                future.result()
-    finally:
-        sys.setswitchinterval(old_interval)
-    st = compensate.get_state(model)
-    if st is not None:
-        bank, groups = next(bg for bg in banks if bg[0] is st.bank)
-        assert tocom_hub.get_r(model) == st.target_r
-        assert_closed_form(model, original, groups, bank, st.source_r, st.target_r)
-    tocom_hub.remove(model)
-    assert not tocom_hub.is_patched(model)
-    assert all(torch.equal(v, original[k]) for k, v in model.state_dict().items())
