@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from .bank import signed_group_slice
+from .bank import ToComBank, signed_group_slice
 from .compensation import Compensation
 
 __all__ = ["HookedCompensation"]
@@ -68,8 +68,10 @@ class HookedCompensation(Compensation):
 
     merge = False
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(
+        self, model: nn.Module, bank: ToComBank, source_r: int, target_r: int, scale: float, patched_here: bool
+    ) -> None:
+        super().__init__(model, bank, source_r, target_r, scale, patched_here)
         self._handles: List[RemovableHandle] = []
         self._coef_table: Optional[torch.Tensor] = None
         self.coef: Optional[torch.Tensor] = None
