@@ -26,7 +26,7 @@ def test_bank_layout_names_the_rows_each_target_adapts(targets):
         for t, start, stop in entries:
             # the rows are the reference's rows of that target (timm stacks q, k, v in attn.qkv)
             assert torch.equal(module.weight.detach()[start:stop], weight_rows(model, b, t))
-            assert stop - start == model.blocks[b].attn.proj.out_features
+            assert stop - start == (module.out_features if t == "proj" else module.out_features // 3)
             seen.add((b, t))
     assert seen == {(b, t) for b in range(len(model.blocks)) for t in targets}
     linears_per_block = ("proj" in targets) + any(t != "proj" for t in targets)

@@ -18,7 +18,9 @@ from .bank import ToComBank
 
 __all__ = ["Compensation"]
 
-_QKV_INDEX = {"q": 0, "k": 1, "v": 2}  # timm's fused attn.qkv stacks the q, k and v rows in this order
+# timm's Attention computes q, k, v with one Linear, ``attn.qkv`` (out_features 3·d), whose output it reshapes
+# to (3, heads, head_dim) and unbinds: rows [0, d) are q, [d, 2d) k, [2d, 3d) v (timm/layers/attention.py).
+_QKV_INDEX = {"q": 0, "k": 1, "v": 2}
 
 # (block, Linear, [(target, first row, row after the last)]): the rows of one Linear the bank adapts
 Layout = List[Tuple[int, nn.Linear, List[Tuple[str, int, int]]]]
