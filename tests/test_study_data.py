@@ -1,4 +1,4 @@
-"""The study datasets (tocom_hub/demo/data.py): determinism, balance, split separation, and labels checked
+"""The study datasets (tocom_hub/demo/data/): determinism, balance, split separation, and labels checked
 against independent constructions (a jigsaw item un-shuffled by hand, discs found by thresholding)."""
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from tocom_hub.demo import data as D
+from tocom_hub.demo.data import procedural
 
 STUDY = ("photo-regions", "photo-jigsaw", "shape-count", "shape-location", "textures")
 
@@ -49,12 +50,12 @@ def _discs(ds, label, seed):
     """Render with a black background and count/locate the discs with a threshold + flood fill."""
     from scipy import ndimage
 
-    orig = D._photo_background
-    D._photo_background = lambda rng, size, **kw: (rng.random(), np.zeros((size, size, 3), np.float32))[1]
+    orig = procedural._photo_background
+    procedural._photo_background = lambda rng, size, **kw: (rng.random(), np.zeros((size, size, 3), np.float32))[1]
     try:
         img = ds.render(np.random.default_rng(seed), label)
     finally:
-        D._photo_background = orig
+        procedural._photo_background = orig
     mask = img.max(axis=2) > 60
     lab, n = ndimage.label(mask)
     centres = ndimage.center_of_mass(mask, lab, range(1, n + 1))
