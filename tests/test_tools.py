@@ -495,11 +495,18 @@ def test_visualize_colour_groups_equal_tokens_left(files, tmp_path, capsys, meth
 
 def test_visualize_groups_are_the_source_trace(files, tmp_path):
     """Independent check of the painting: patches sharing a colour are exactly those a token holds."""
+    from tocom_hub.tools.images import eval_transform
     from tocom_hub.tools.visualize import visualize
 
     model = tiny_model()
     info = visualize(model, files / "img.png", 12, tmp_path / "v.png")
+    assert not tocom_hub.is_patched(model)  # left as found
     cells = flat_panel_cells(tmp_path / "v.png", info).reshape(-1, 3)
+    # the source trace of the same image, recorded independently of visualize()
+    tocom_hub.patch(model, trace_source=True)
+    tocom_hub.set_r(model, 12)
+    with torch.no_grad():
+        model(eval_transform(model)[0](Image.open(files / "img.png").convert("RGB"))[None])
     source = tocom_hub.get_source(model)[0, 1:, 1:]  # drop the class token row and column
     for row in source:
         members = row.nonzero().flatten().tolist()
