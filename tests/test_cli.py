@@ -269,3 +269,21 @@ def test_trust_unverified_flag_loads_a_bank_without_checksum(files, tmp_path, ca
     assert code != 0 and "tocom_sha256" in err, (code, err)
     code, out, err = run([*argv, "--trust-unverified"], capsys)
     assert code == 0, err
+
+
+def test_r_list_is_the_one_r_parser():
+    """``0,4,8`` / ``0-16`` for every command and for training/evaluate.py --targets: sorted, no duplicates,
+    torch-free (see test_help_imports_neither_torch_nor_timm)."""
+    import argparse
+
+    from tocom_hub.cli.types import r_list, r_value
+    from tocom_hub.training import evaluate as training_evaluate
+
+    assert r_list("8, 0,4-6,4") == [0, 4, 5, 6, 8] and r_list("3") == [3] and r_value(" 7 ") == 7
+    for bad, message in (("6-2", "empty r range"), ("-1", "r must be >= 0"), ("a", "non-negative integer"), (",", "expected r values")):
+        with pytest.raises(argparse.ArgumentTypeError, match=message):
+            r_list(bad)
+    args = training_evaluate.parse_args(["--targets", "4,0-2,2"])
+    assert args.targets == [0, 1, 2, 4]
+    with pytest.raises(SystemExit):
+        training_evaluate.parse_args(["--targets", "6-2"])

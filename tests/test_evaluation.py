@@ -186,3 +186,93 @@ def test_paired_bootstrap_matches_a_naive_bootstrap_and_closed_forms():
     assert two["delta"] == 50.0 and two["low"] == 0.0 and two["high"] == 100.0 and two["seeds"] == 2
     with pytest.raises(ValueError, match="same non-empty shape"):
         paired_bootstrap(np.zeros(3), np.zeros(4))
+
+
+def test_plain_false_and_gather_and_the_models_own_patch_settings(files):
+    """What training/evaluate.py relies on: plain=False gives exactly the +ToCom rows of a full run;
+    ``gather`` sees every batch's hits (a gather that repeats them, like two processes with the same
+    images, doubles the count and keeps top-1); a patched model is evaluated with its own prop_attn and left
+    with it."""
+    from tocom_hub.core.patch import get_settings
+    from tocom_hub.tools.evaluation import build_eval_dataset, evaluate
+
+    model = load_model(str(files / "model")).model
+    loader = torch.utils.data.DataLoader(build_eval_dataset(model, str(files / "data")), batch_size=4)
+    bank = ToComBank.from_pretrained(files / "bank")
+    full = evaluate(model, loader, [0, 4, 8], bank=bank, source_r=4, progress=False, keep_correct=True)
+    only = evaluate(model, loader, [0, 4, 8], bank=bank, source_r=4, progress=False, keep_correct=True, plain=False)
+    assert [(r["target_r"], r["tocom"]) for r in only] == [(0, True), (4, True), (8, True)]
+    for row in only:
+        ref = next(f for f in full if f["target_r"] == row["target_r"] and f["tocom"])
+        assert row["top1"] == ref["top1"] and torch.equal(row["correct"], ref["correct"])
+    with pytest.raises(ValueError, match="pass a bank"):
+        evaluate(model, loader, [0], plain=False, progress=False)
+
+    seen = []
+
+    def twice(hits):
+        seen.append(hits.shape[0])
+        return torch.cat([hits, hits])
+
+    (row,) = evaluate(model, loader, [4], progress=False, gather=twice)
+    plain = next(f for f in full if f["target_r"] == 4 and not f["tocom"])
+    assert seen == [4, 4, 1] and row["images"] == 2 * plain["images"] and row["top1"] == plain["top1"]
+
+    for prop_attn in (False, True):
+        tocom_hub.patch(model, prop_attn=prop_attn)
+        tocom_hub.set_r(model, 2)
+        logits = []
+        handle = model.register_forward_hook(lambda m, a, out, _seen=logits: _seen.append(out))
+        evaluate(model, loader, [8], progress=False)
+        handle.remove()
+        assert get_settings(model)["prop_attn"] is prop_attn and tocom_hub.get_r(model) == 2
+        tocom_hub.set_r(model, 8)
+        with torch.no_grad():
+            want = [model(x) for x, _ in loader]
+        tocom_hub.unpatch(model)
+        assert len(logits) == len(want) and all(torch.equal(a, b) for a, b in zip(logits, want))
+    # the two settings really give different logits here (otherwise the check above proves nothing)
+    tocom_hub.patch(model, prop_attn=False)
+    tocom_hub.set_r(model, 8)
+    x = next(iter(loader))[0]
+    with torch.no_grad():
+        off = model(x)
+        tocom_hub.patch(model, prop_attn=True)
+        on = model(x)
+    assert not torch.allclose(off, on)
+
+
+def test_plot_accuracy_draws_one_line_per_scale_and_the_matched_points(tmp_path, monkeypatch):
+    """The one accuracy plotter (tocom-hub eval and training/evaluate.py): one +ToCom line for plain rows,
+    one per scale for rows carrying ``scale``, the matched source = target points, each point where the
+    rows put it."""
+    import matplotlib.pyplot as plt
+
+    from tocom_hub.tools.plots import plot_accuracy
+
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)  # keep the figure to read its legend and points
+    rows = [{"target_r": r, "tocom": False, "top1": 80.0 - r, "images": 50} for r in (0, 2, 4)]
+    one = rows + [{"target_r": r, "tocom": True, "top1": 81.0 - r / 2, "images": 50} for r in (0, 2, 4)]
+    scaled = [(k, s, r) for k, s in ((2, 0.1), (3, 1.0)) for r in (0, 2, 4)]
+    many = rows + [{"target_r": r, "tocom": True, "top1": 80.0 - r / k, "scale": s} for k, s, r in scaled]
+    plot_accuracy({"rows": one, "source_r": 0, "method": "tome", "scale": 0.1}, tmp_path / "one.png")
+    result = {"rows": many, "source_r": 2, "method": "evit", "images": 50, "matched": {"4": 79.0}}
+    plot_accuracy(result, tmp_path / "many.png")
+    labels = [[t.get_text() for t in fig.axes[0].get_legend().get_texts()] for fig in figures]
+    assert sorted(labels[0]) == sorted(["ToMe (no ToCom)", "ToMe + ToCom (s = 0.1)", "source r = 0"])
+    assert sorted(labels[1]) == sorted(
+        [
+            "EViT (no ToCom)",
+            "EViT + ToCom (s = 0.1)",
+            "EViT + ToCom (s = 1)",
+            "source r = target r",
+            "source r = 2",
+        ]
+    )
+    lines = [line for line in figures[1].axes[0].get_lines() if line.get_marker() in ("o", "s")]  # not the caps
+    ys = sorted(tuple(float(v) for v in line.get_ydata()) for line in lines)
+    assert ys == sorted([(80.0, 78.0, 76.0), (80.0, 79.0, 78.0), (80.0, 80 - 2 / 3, 80 - 4 / 3)])
+    for name in ("one.png", "many.png"):
+        with Image.open(tmp_path / name) as img:
+            assert img.format == "PNG" and img.size[0] > 500
