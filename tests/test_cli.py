@@ -280,7 +280,8 @@ def test_r_list_is_the_one_r_parser():
     from tocom_hub.training import evaluate as training_evaluate
 
     assert r_list("8, 0,4-6,4") == [0, 4, 5, 6, 8] and r_list("3") == [3] and r_value(" 7 ") == 7
-    for bad, message in (("6-2", "empty r range"), ("-1", "r must be >= 0"), ("a", "non-negative integer"), (",", "expected r values")):
+    bad_lists = {"6-2": "empty r range", "-1": "r must be >= 0", "a": "non-negative integer", ",": "expected r values"}
+    for bad, message in bad_lists.items():
         with pytest.raises(argparse.ArgumentTypeError, match=message):
             r_list(bad)
     args = training_evaluate.parse_args(["--targets", "4,0-2,2"])
