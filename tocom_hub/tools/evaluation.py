@@ -27,6 +27,7 @@ from ..core.checks import is_int
 from ..core.compensate import apply, disabled, get_state, set_target_r
 from ..core.patch import METHODS, get_method, get_settings, patch, set_r
 from ..core.state import preserved
+from .benchmark import percentile
 from .intervals import add_intervals, paired_bootstrap
 from .plots import plot_accuracy
 
@@ -309,23 +310,14 @@ def _run(model, loader, rs, with_bank, plain, device, progress, keep_correct, so
             "top5": 100.0 * st["correct5"] / n if num_classes and num_classes >= 5 else None,
             "tokens": st["tokens"],
             "images": n,
-            "images_per_s": _quantile(rates, 0.5) if rates else None,
-            "images_per_s_range": [_quantile(rates, 0.1), _quantile(rates, 0.9)] if rates else None,
+            "images_per_s": percentile(rates, 50) if rates else None,
+            "images_per_s_range": [percentile(rates, 10), percentile(rates, 90)] if rates else None,
         }
         if keep_correct:
             row["correct"] = torch.cat(st["hits"])
         rows.append(row)
     rows.sort(key=lambda row: (row["target_r"], row["tocom"]))
     return rows
-
-
-def _quantile(values: Sequence[float], q: float) -> float:
-    """Linear-interpolated ``q``-quantile (``q`` in [0, 1]) of a non-empty sequence."""
-    data = sorted(values)
-    pos = (len(data) - 1) * q
-    lo = int(pos)
-    hi = min(lo + 1, len(data) - 1)
-    return data[lo] + (data[hi] - data[lo]) * (pos - lo)
 
 
 def _ips(row: Dict[str, Any]) -> str:
