@@ -225,7 +225,7 @@ def _count(
     top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
     hit = top == y[:, None]
     if gather is not None:
-        hit = gather(hit)
+        hit = gather(hit.to(torch.uint8)).bool()  # uint8: every collective backend can gather it
     st["correct1"] += int(hit[:, 0].sum())
     st["correct5"] += int(hit.any(dim=-1).sum())
     st["seen"] += int(hit.shape[0])
