@@ -76,6 +76,7 @@ def test_load_demo_model_returns_a_named_tuple_that_still_unpacks():
         assert demo.model is model and demo.info["name"] == "demo" and model(torch.randn(1, 3, 32, 32)).shape[0] == 1
 
 
+@pytest.mark.slow
 def test_evaluate_demo_reproduces_the_committed_demo_numbers():
     """What the quickstart prints (through the same library call, full test split, every seed) is what
     demo.json commits, to 0.1 point (two images of the 2 × 1,000 evaluated), intervals included."""

@@ -187,9 +187,9 @@ def test_finetune_then_evaluate(tmp_path, mode):
         return
     # a bank with non-zero up factors so that +ToCom differs from no ToCom
     import tocom_hub
-    from tocom_hub.training.evaluate import load_finetuned
+    from tocom_hub.demo.models import load_model
 
-    model, _, _ = load_finetuned(str(ft), torch.device("cpu"))
+    model = load_model(str(ft)).model
     bank = tocom_hub.ToComBank.for_model(model, r_max=4)
     with torch.no_grad():
         for a in bank.A.values():

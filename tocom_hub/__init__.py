@@ -29,7 +29,7 @@ __version__ = "0.1.0"
 #   hub/    the Hugging Face Hub: download, push, model card, the bank registry
 #   tools/  evaluation, benchmark, latency controller, visualisation, scale tuning, checkpoint conversion
 #   demo/   the embedded study world: datasets, demo models and adapters, assets
-#   cli.py  the ``tocom-hub`` command;   training/ (installed as tocom_hub.training): the trainers
+#   cli/    the ``tocom-hub`` command;   training/ (installed as tocom_hub.training): the trainers
 # See docs/ARCHITECTURE.md.
 
 # public name -> module that defines it

@@ -26,31 +26,20 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 import torch
 from torch.utils.data import DataLoader
 
 import tocom_hub
-from tocom_hub.demo.adaptformer import AdaptFormer
+from tocom_hub.cli.types import r_list
+from tocom_hub.demo.models import load_model
 from tocom_hub.tools._threads import setup_cpu_threads
+from tocom_hub.tools.evaluation import evaluate
+from tocom_hub.tools.plots import plot_accuracy
 from tocom_hub.training import common
 
 logger = logging.getLogger("tocom_hub.training.evaluate")
-
-
-def _int_list(text: str) -> List[int]:
-    out = []
-    for part in text.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        if "-" in part and not part.startswith("-"):
-            lo, hi = part.split("-", 1)
-            out.extend(range(int(lo), int(hi) + 1))
-        else:
-            out.append(int(part))
-    return out
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -107,9 +96,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if args.bank is not None and os.path.sep in args.bank and not os.path.exists(args.bank):
         p.error(f"--bank {args.bank}: no such file or directory")
     try:
-        args.targets = _int_list(args.targets) if args.targets else None
+        args.targets = r_list(args.targets) if args.targets else None
         args.scales = [float(s) for s in args.scales.split(",") if s.strip()] if args.scales else None
-    except ValueError as e:
+    except (ValueError, argparse.ArgumentTypeError) as e:
         p.error(f"--targets / --scales must be comma-separated numbers ({e})")
     if args.targets is not None and (not args.targets or min(args.targets) < 0):
         p.error(f"--targets must be non-negative ints; got {args.targets}")
@@ -126,36 +115,26 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
-def load_finetuned(path: Optional[str], device: torch.device):
-    """``(model, recipe)`` rebuilt from a finetune.py output dir (or the embedded backbone for ``None``)."""
-    import timm
-    from safetensors.torch import load_file
+def read_recipe(path: Optional[str], model: torch.nn.Module) -> Dict[str, Any]:
+    """What finetune.py recorded in ``path/finetune.json`` (data, method, source r, seed, …); for ``None``
+    (the embedded backbone, ``load_model("demo")``) its pre-training task at source r = 0."""
+    if path is not None:
+        return json.loads((Path(path) / "finetune.json").read_text())
+    return {
+        "model": common.EMBEDDED_MODEL,
+        "data": common.EMBEDDED_DATA,
+        "method": "tome",
+        "source_r": 0,
+        "mode": "full",
+        "img_size": common.model_img_size(model),
+    }
 
-    if path is None:
-        ns = argparse.Namespace(
-            model=None, model_kwargs=None, pretrained=False, checkpoint=None, img_size=None, drop_path=0.0
-        )
-        model, info = common.build_backbone(ns)
-        recipe = {
-            **info,
-            "data": common.EMBEDDED_DATA,
-            "method": "tome",
-            "source_r": 0,
-            "mode": "full",
-            "img_size": common.model_img_size(model),
-        }
-        return model.to(device).eval(), recipe, None
-    recipe = json.loads((Path(path) / "finetune.json").read_text())
-    model = timm.create_model(
-        recipe["model"], pretrained=False, num_classes=recipe["num_classes"], **recipe.get("model_kwargs", {})
-    )
-    model.load_state_dict(load_file(str(Path(path) / "model.safetensors")))
-    adapters = None
-    if recipe.get("mode") == "adaptformer":
-        adapters = AdaptFormer.for_model(model, bottleneck=recipe["adapter_bottleneck"], scale=recipe["adapter_scale"])
-        adapters.load_state_dict(load_file(str(Path(path) / "adaptformer.safetensors")))
-        adapters.attach(model)
-    return model.to(device).eval(), recipe, adapters
+
+def load(path: Optional[str], device: torch.device):
+    """``(model, recipe)``: the model through the one model loader (:func:`tocom_hub.demo.models.load_model`,
+    which rebuilds finetune.py outputs, AdaptFormer adapters included), in eval mode on ``device``."""
+    model = load_model(path if path is not None else "demo").model
+    return model.to(device).eval(), read_recipe(path, model)
 
 
 def make_loader(args, recipe, model, accelerator):
@@ -182,39 +161,20 @@ def make_loader(args, recipe, model, accelerator):
 
 
 def plot(result: Dict[str, Any], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    targets = result["targets"]
-    src = result["source_r"]
-    ax.plot(
-        targets, [result["no_tocom"][str(t)] for t in targets], "o-", color="0.4", label=f"source r={src}, no ToCom"
+    """``eval.png``: ``result`` (what :func:`main` writes to eval.json) drawn by the one accuracy plotter,
+    :func:`tocom_hub.tools.plots.plot_accuracy`: "no ToCom", "+ToCom (s = …)" per scale, "source r = target r"."""
+    rows = [{"target_r": t, "tocom": False, "top1": result["no_tocom"][str(t)]} for t in result["targets"]]
+    for s, acc in result.get("tocom", {}).items():
+        rows += [{"target_r": t, "tocom": True, "top1": acc[str(t)], "scale": float(s)} for t in result["targets"]]
+    plot_accuracy(
+        {
+            **result,
+            "rows": rows,
+            "model_label": f"{result['model']} ({result['method']})",
+            "data_name": f"{result['data']} {result['split']}",
+        },
+        path,
     )
-    cmap = plt.get_cmap("viridis")
-    scales = sorted(result.get("tocom", {}), key=float)
-    for i, s in enumerate(scales):
-        color = cmap(0.15 + 0.7 * i / max(len(scales) - 1, 1))
-        ax.plot(targets, [result["tocom"][s][str(t)] for t in targets], "s-", color=color, label=f"+ToCom (s={s})")
-    if result.get("matched"):
-        rs = sorted(result["matched"], key=int)
-        ax.plot(
-            [int(r) for r in rs],
-            [result["matched"][r] for r in rs],
-            "D--",
-            color="tab:red",
-            label="source r = target r",
-        )
-    ax.set_xlabel("target r (tokens removed per block)")
-    ax.set_ylabel("top-1 (%)")
-    ax.set_title(f"{result['model']} on {result['data']} ({result['method']})", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
@@ -225,7 +185,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=args.cpu)
     setup_cpu_threads(accelerator.device.type, log=logger.info)  # accelerate launch sets OMP_NUM_THREADS=1
 
-    model, recipe, _ = load_finetuned(args.finetuned, accelerator.device)
+    model, recipe = load(args.finetuned, accelerator.device)
     source_r = recipe["source_r"] if args.source_r is None else args.source_r
     tocom_hub.patch(model, method=recipe.get("method", "tome"), prop_attn=recipe.get("prop_attn", True))
     bank = None
@@ -261,19 +221,22 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         "tocom": {},
         "matched": {},
     }
+    # one pass over the data per model and scale, every target r interleaved (tocom_hub.tools.evaluation)
+    run = dict(source_r=source_r, progress=accelerator.is_local_main_process, gather=accelerator.gather_for_metrics)
+    with accelerator.autocast():
+        top1 = {row["target_r"]: row["top1"] for row in evaluate(model, loader, targets, **run)}
+        result["no_tocom"] = {str(t): top1[t] for t in targets}
+        for s in scales:
+            rows = evaluate(model, loader, targets, bank=bank, scale=s, plain=False, **run)
+            top1 = {row["target_r"]: row["top1"] for row in rows}
+            result["tocom"][f"{s:g}"] = {str(t): top1[t] for t in targets}
     for t in targets:
-        tocom_hub.set_r(model, t)
-        result["no_tocom"][str(t)] = common.evaluate_top1(accelerator, model, loader)
-        logger.info("target r=%d: no ToCom %.2f", t, result["no_tocom"][str(t)])
-    for s in scales:
-        key = f"{s:g}"
-        result["tocom"][key] = {}
-        tocom_hub.apply(model, source_r, targets[0], bank=bank, scale=s, merge=True)
-        for t in targets:
-            tocom_hub.set_target_r(model, t)
-            result["tocom"][key][str(t)] = common.evaluate_top1(accelerator, model, loader)
-            logger.info("target r=%d: +ToCom (s=%s) %.2f", t, key, result["tocom"][key][str(t)])
-        tocom_hub.remove(model)
+        logger.info(
+            "target r=%d: no ToCom %.2f%s",
+            t,
+            result["no_tocom"][str(t)],
+            "".join(f", +ToCom (s={k}) {acc[str(t)]:.2f}" for k, acc in result["tocom"].items()),
+        )
     if result["tocom"]:
         gains = {
             s: sum(acc[str(t)] - result["no_tocom"][str(t)] for t in targets) / len(targets)
@@ -281,11 +244,12 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         }
         result["mean_gain_by_scale"] = gains
     for d in args.matched:
-        m_model, m_recipe, _ = load_finetuned(d, accelerator.device)
+        m_model, m_recipe = load(d, accelerator.device)
         tocom_hub.patch(m_model, method=m_recipe.get("method", "tome"), prop_attn=m_recipe.get("prop_attn", True))
-        tocom_hub.set_r(m_model, m_recipe["source_r"])
-        result["matched"][str(m_recipe["source_r"])] = common.evaluate_top1(accelerator, m_model, loader)
         r = m_recipe["source_r"]
+        with accelerator.autocast():
+            (row,) = evaluate(m_model, loader, [r], **{**run, "source_r": r})
+        result["matched"][str(r)] = row["top1"]
         logger.info("matched source=target r=%d: %.2f", r, result["matched"][str(r)])
 
     if accelerator.is_main_process:

@@ -14,7 +14,7 @@ weighted) or an attention-pool head (log-size bias), layer scale, qk-norm, gated
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +31,18 @@ try:  # present in every timm version we support, but keep the import soft
 except ImportError:  # pragma: no cover
     AttentionPoolLatent = ()
 
-__all__ = ["METHODS", "patch", "unpatch", "set_r", "get_r", "is_patched", "get_method", "get_source", "get_size"]
+__all__ = [
+    "METHODS",
+    "patch",
+    "unpatch",
+    "set_r",
+    "get_r",
+    "is_patched",
+    "get_method",
+    "get_settings",
+    "get_source",
+    "get_size",
+]
 
 RSpec = Union[int, Sequence[int]]
 
@@ -413,6 +424,15 @@ def get_r(model: nn.Module) -> RSpec:
 def get_method(model: nn.Module) -> Optional[str]:
     """``"tome"`` or ``"evit"`` for a patched model, ``None`` otherwise."""
     return model._tocom_state.method if is_patched(model) else None
+
+
+def get_settings(model: nn.Module) -> Optional[Dict[str, Any]]:
+    """The keyword arguments :func:`patch` was last called with (``method``, ``prop_attn``, ``trace_source``,
+    ``fuse_token``); ``None`` for an unpatched model. ``patch(model, **get_settings(model))`` changes nothing."""
+    if not is_patched(model):
+        return None
+    st = model._tocom_state
+    return dict(method=st.method, prop_attn=st.prop_attn, trace_source=st.trace_source, fuse_token=st.fuse_token)
 
 
 def get_source(model: nn.Module) -> Optional[torch.Tensor]:

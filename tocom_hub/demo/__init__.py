@@ -153,7 +153,8 @@ def evaluate_demo(
     ``srcR_tgtR``, ``srcR_tgt0``), rounded to 2 decimals; the two mismatched pairs also carry ``delta`` and
     ``ci95`` (+ToCom − plain and its 95 % interval, points).
     """
-    from ..tools._progress import progress_bar
+    from tqdm.auto import tqdm
+
     from ..tools.evaluation import build_eval_dataset, evaluate, paired_bootstrap
 
     info = demo_info()
@@ -173,11 +174,11 @@ def evaluate_demo(
                 if data is None:
                     data = build_eval_dataset(model, task, split="test", limit=limit)
                     loader = torch.utils.data.DataLoader(data, batch_size=batch_size)
-                    bar = progress_bar(
+                    bar = tqdm(
                         total=len(sources) * len(seeds) * len(loader),
                         desc="evaluating",
                         unit="batch",
-                        progress=progress,
+                        **({} if progress else {"disable": True}),  # disable=False would override TQDM_DISABLE
                     )
                 rows = evaluate(
                     model,

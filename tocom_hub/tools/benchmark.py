@@ -26,8 +26,8 @@ import torch
 from torch import nn
 
 from ..core.checks import is_int
-from ..core.patch import get_method, get_r, is_patched, patch, set_r, unpatch
-from ._progress import progress_bar
+from ..core.patch import patch, set_r, unpatch
+from ..core.state import preserved
 
 __all__ = ["time_forward", "percentile", "tokens_left", "benchmark", "format_table", "NOISY_SPREAD"]
 
@@ -95,8 +95,6 @@ def benchmark(
     time in the same iteration, ``speedup_range`` = its 10th and 90th percentile, ``noisy``, ``samples``)
     and ``noisy`` (any row noisy: rerun before trusting the speed-ups).
     """
-    from .images import model_img_size
-
     if not is_int(batch_size) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int; got {batch_size!r}")
     if iters < 1 or warmup < 0:
@@ -105,51 +103,11 @@ def benchmark(
     if not r_values:
         raise ValueError("r_values must not be empty")
 
-    was_patched = is_patched(model)
-    prev_method, prev_r = (get_method(model), get_r(model)) if was_patched else (None, 0)
-    patch(model, method=method)
-    try:
-        for r in r_values:  # validate every r before timing anything
-            set_r(model, r)
-    except BaseException:
-        _restore(model, was_patched, prev_method, prev_r)
-        raise
-
-    param = next(model.parameters())
-    size = tuple(input_size) if input_size is not None else model_img_size(model)
-    x = torch.randn(batch_size, 3, *size, generator=torch.Generator().manual_seed(seed)).to(param.device, param.dtype)
+    with preserved(model):
+        samples, tokens, param, size = _time_configs(
+            model, r_values, method, batch_size, iters, warmup, seed, progress, input_size
+        )
     configs: List[Any] = [None] + r_values  # None: plain timm
-
-    def configure(cfg):
-        if cfg is None:
-            unpatch(model)
-        else:
-            patch(model, method=method)
-            set_r(model, cfg)
-
-    samples: Dict[Any, List[float]] = {cfg: [] for cfg in configs}
-    tokens: Dict[Any, int] = {}
-    rng = random.Random(seed)
-    was_training = model.training
-    model.eval()
-    try:
-        for cfg in configs:
-            configure(cfg)
-            tokens[cfg] = tokens_left(model, x)
-            for _ in range(warmup):
-                time_forward(model, x)
-        bar = progress_bar(total=iters * len(configs), desc="bench", unit="fwd", progress=progress)
-        for _ in range(iters):
-            order = list(configs)
-            rng.shuffle(order)
-            for cfg in order:
-                configure(cfg)
-                samples[cfg].append(time_forward(model, x))
-                bar.update(1)
-        bar.close()
-    finally:
-        model.train(was_training)
-        _restore(model, was_patched, prev_method, prev_r)
 
     rows = []
     for cfg in configs:
@@ -188,12 +146,47 @@ def benchmark(
     }
 
 
-def _restore(model: nn.Module, was_patched: bool, method: Optional[str], r: Any) -> None:
-    if was_patched:
-        patch(model, method=method)
+def _time_configs(model, r_values, method, batch_size, iters, warmup, seed, progress, input_size):
+    """Per-iteration forward times of plain timm (``None``) and of each ``r``, interleaved in a random order.
+    Changes the model's patch state and mode: the caller holds :func:`~tocom_hub.core.state.preserved`."""
+    from tqdm.auto import tqdm
+
+    from .images import model_img_size
+
+    patch(model, method=method)
+    for r in r_values:  # validate every r before timing anything
         set_r(model, r)
-    else:
-        unpatch(model)
+    param = next(model.parameters())
+    size = tuple(input_size) if input_size is not None else model_img_size(model)
+    x = torch.randn(batch_size, 3, *size, generator=torch.Generator().manual_seed(seed)).to(param.device, param.dtype)
+    configs: List[Any] = [None] + r_values  # None: plain timm
+
+    def configure(cfg):
+        if cfg is None:
+            unpatch(model)
+        else:
+            patch(model, method=method)
+            set_r(model, cfg)
+
+    samples: Dict[Any, List[float]] = {cfg: [] for cfg in configs}
+    tokens: Dict[Any, int] = {}
+    rng = random.Random(seed)
+    model.eval()
+    for cfg in configs:
+        configure(cfg)
+        tokens[cfg] = tokens_left(model, x)
+        for _ in range(warmup):
+            time_forward(model, x)
+    off = {} if progress else {"disable": True}  # an explicit disable=False would override TQDM_DISABLE=1
+    with tqdm(total=iters * len(configs), desc="bench", unit="fwd", **off) as bar:
+        for _ in range(iters):
+            order = list(configs)
+            rng.shuffle(order)
+            for cfg in order:
+                configure(cfg)
+                samples[cfg].append(time_forward(model, x))
+                bar.update(1)
+    return samples, tokens, param, size
 
 
 def format_table(result: Dict[str, Any], title: Optional[str] = None) -> str:

@@ -14,10 +14,9 @@ timings of the configurations are interleaved. Example::
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import time
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -25,9 +24,12 @@ from torch.utils.data import Dataset, Subset
 
 from ..core.bank import ToComBank
 from ..core.checks import is_int
-from ..core.compensate import apply, disabled, get_state, remove, set_target_r
-from ..core.patch import METHODS, get_method, get_r, is_patched, patch, set_r, unpatch
-from ._progress import progress_bar
+from ..core.compensate import apply, disabled, get_state, set_target_r
+from ..core.patch import METHODS, get_method, get_settings, patch, set_r
+from ..core.state import preserved
+from .benchmark import percentile
+from .intervals import add_intervals, paired_bootstrap
+from .plots import plot_accuracy
 
 __all__ = [
     "build_eval_dataset",
@@ -139,13 +141,16 @@ def evaluate(
     device: Union[str, torch.device, None] = None,
     progress: bool = True,
     keep_correct: bool = False,
+    plain: bool = True,
+    gather: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
     **hub_kwargs: Any,
 ) -> List[Dict[str, Any]]:
     """Top-1 (and top-5) accuracy and images/s of ``model`` at every target ``r``.
 
     Args:
-        model: a timm ViT (patched or not; it is left as found — patched at its previous ``r``, or
-            unpatched). It must not carry a bank already (:func:`tocom_hub.remove` it first).
+        model: a timm ViT (patched or not; it is left as found — patched at its previous ``r`` and
+            settings, or unpatched; a patched model is evaluated with its own ``prop_attn`` /
+            ``fuse_token`` settings). It must not carry a bank already (:func:`tocom_hub.remove` it first).
         loader: yields ``(images, labels)`` batches.
         target_rs: ``r`` values to evaluate, e.g. ``[0, 4, 8, 16]``.
         bank: a :class:`ToComBank`, a local bank path or a Hub id; ``None`` evaluates plain ToMe/EViT only.
@@ -156,6 +161,9 @@ def evaluate(
         progress: show a tqdm bar over the batches.
         keep_correct: also return, per row, ``correct``: a bool tensor with one entry per image (top-1 hit),
             in loader order — what :func:`paired_bootstrap` / :func:`add_intervals` need.
+        plain: also evaluate without the bank (``False``: only the +ToCom rows; needs ``bank``).
+        gather: applied to every batch's per-image hits before they are counted, e.g.
+            ``accelerator.gather_for_metrics`` to count the images of every process under ``accelerate launch``.
 
     Everything (bank vs model, ``r`` within the bank's range and the model's token count) is
     validated before the first forward. Images/s excludes the first batch (warm-up) when there are
@@ -170,6 +178,8 @@ def evaluate(
         for row in rows: print(row["target_r"], row["tocom"], row["top1"])
     """
     rs = _check_rs(target_rs)
+    if not plain and bank is None:
+        raise ValueError("plain=False evaluates only the +ToCom rows: pass a bank")
     if get_state(model) is not None:
         raise ValueError(
             "the model already carries a ToCom bank; call tocom_hub.remove(model) first and pass "
@@ -194,62 +204,61 @@ def evaluate(
                 )
     method = method or get_method(model) or "tome"
 
-    was_patched = is_patched(model)
-    prev_method, prev_r = (get_method(model), get_r(model)) if was_patched else (None, 0)
-    was_training = model.training
-    patch(model, method=method)
-    try:
+    with preserved(model):
+        patch(model, **{**(get_settings(model) or {}), "method": method})
         for r in rs:  # validate every r (the patcher's token-count limit) before any forward
             set_r(model, r)
         if bank is not None:
             apply(model, source_r, rs[0], bank=bank, scale=scale, merge=True)
-        return _run(model, loader, rs, bank is not None, device, progress, keep_correct, source_r)
-    finally:
-        remove(model)
-        if was_patched:
-            patch(model, method=prev_method)
-            set_r(model, prev_r)
-        else:
-            unpatch(model)
-        model.train(was_training)
+        return _run(model, loader, rs, bank is not None, plain, device, progress, keep_correct, source_r, gather)
 
 
 def _count(
-    st: Dict[str, Any], logits: torch.Tensor, y: torch.Tensor, elapsed: Optional[float], keep_correct: bool
+    st: Dict[str, Any],
+    logits: torch.Tensor,
+    y: torch.Tensor,
+    elapsed: Optional[float],
+    keep_correct: bool,
+    gather: Optional[Callable[[torch.Tensor], torch.Tensor]],
 ) -> None:
     """Add one batch's top-1 / top-5 hits (and its images/s when ``elapsed`` is given) to ``st``."""
     top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
     hit = top == y[:, None]
+    if gather is not None:
+        hit = gather(hit.to(torch.uint8)).bool()  # uint8: every collective backend can gather it
     st["correct1"] += int(hit[:, 0].sum())
     st["correct5"] += int(hit.any(dim=-1).sum())
-    st["seen"] += int(y.numel())
+    st["seen"] += int(hit.shape[0])
     if keep_correct:
         st["hits"].append(hit[:, 0].cpu())
     if elapsed is not None and elapsed > 0:
         st["rates"].append(int(y.numel()) / elapsed)
 
 
-def _run(model, loader, rs, with_bank, device, progress, keep_correct=False, source_r=None) -> List[Dict[str, Any]]:
+def _run(model, loader, rs, with_bank, plain, device, progress, keep_correct, source_r, gather) -> List[Dict[str, Any]]:
+    from tqdm.auto import tqdm
+
     model.eval()
     param = next(model.parameters())
     device = torch.device(device) if device is not None else param.device
     if device != param.device:
         model.to(device)
         param = next(model.parameters())
-    configs = [(r, False) for r in rs] + ([(r, True) for r in rs] if with_bank else [])
+    groups = ((False,) if plain else ()) + ((True,) if with_bank else ())
+    configs = [(r, group) for group in groups for r in rs]
     stats = {c: {"correct1": 0, "correct5": 0, "seen": 0, "rates": [], "hits": [], "tokens": None} for c in configs}
     try:
         total = len(loader)
     except TypeError:
         total = None
     num_classes = None
-    bar = progress_bar(loader, total=total, desc="eval", unit="batch", progress=progress)
+    off = {} if progress else {"disable": True}  # an explicit disable=False would override TQDM_DISABLE=1
+    bar = tqdm(loader, total=total, desc="eval", unit="batch", **off)
     for i, (x, y) in enumerate(bar):
         x = x.to(device=device, dtype=param.dtype if param.dtype.is_floating_point else None)
         y = y.to(device)
         timed = i > 0 or total == 1
         same: Dict[int, Any] = {}  # at target r = source r the bank adds nothing: one forward serves both
-        groups = (False, True) if with_bank else (False,)
         for group_bank in groups if i % 2 == 0 else groups[::-1]:  # alternate which group runs first
             ctx = disabled(model) if (with_bank and not group_bank) else contextlib.nullcontext()
             with ctx:
@@ -259,10 +268,10 @@ def _run(model, loader, rs, with_bank, device, progress, keep_correct=False, sou
                     else:
                         set_r(model, r)
                     st = stats[(r, group_bank)]
-                    if with_bank and r == source_r and r in same:  # Δ(m → m) = 0: the plain model's forward
+                    if r == source_r and r in same:  # Δ(m → m) = 0: the plain model's forward
                         logits, elapsed = same[r]
                         st["tokens"] = st["tokens"] or stats[(r, not group_bank)]["tokens"]
-                        _count(st, logits, y, elapsed if timed else None, keep_correct)
+                        _count(st, logits, y, elapsed if timed else None, keep_correct, gather)
                         continue
                     hook = None
                     if st["tokens"] is None:
@@ -280,10 +289,10 @@ def _run(model, loader, rs, with_bank, device, progress, keep_correct=False, sou
                     if hook is not None:
                         hook.remove()
                         st["tokens"] = seen[-1]
-                    if with_bank and r == source_r:
+                    if len(groups) == 2 and r == source_r:
                         same[r] = (logits, elapsed)
                     num_classes = logits.shape[-1]
-                    _count(st, logits, y, elapsed if timed else None, keep_correct)
+                    _count(st, logits, y, elapsed if timed else None, keep_correct, gather)
         if total:
             first = stats[configs[-1]]
             bar.set_postfix(top1=f"{100.0 * first['correct1'] / max(first['seen'], 1):.1f}")
@@ -301,100 +310,13 @@ def _run(model, loader, rs, with_bank, device, progress, keep_correct=False, sou
             "top5": 100.0 * st["correct5"] / n if num_classes and num_classes >= 5 else None,
             "tokens": st["tokens"],
             "images": n,
-            "images_per_s": _quantile(rates, 0.5) if rates else None,
-            "images_per_s_range": [_quantile(rates, 0.1), _quantile(rates, 0.9)] if rates else None,
+            "images_per_s": percentile(rates, 50) if rates else None,
+            "images_per_s_range": [percentile(rates, 10), percentile(rates, 90)] if rates else None,
         }
         if keep_correct:
             row["correct"] = torch.cat(st["hits"])
         rows.append(row)
     rows.sort(key=lambda row: (row["target_r"], row["tocom"]))
-    return rows
-
-
-def _quantile(values: Sequence[float], q: float) -> float:
-    """Linear-interpolated ``q``-quantile (``q`` in [0, 1]) of a non-empty sequence."""
-    data = sorted(values)
-    pos = (len(data) - 1) * q
-    lo = int(pos)
-    hi = min(lo + 1, len(data) - 1)
-    return data[lo] + (data[hi] - data[lo]) * (pos - lo)
-
-
-def paired_bootstrap(
-    base: Any,
-    other: Any,
-    *,
-    n_boot: int = 10000,
-    level: float = 0.95,
-    seed: int = 0,
-) -> Dict[str, Any]:
-    """Difference in top-1 (points) between two evaluations of the **same images**, with a bootstrap interval.
-
-    ``base`` / ``other``: per-image top-1 hits (bool or 0/1), shape ``(images,)``, or ``(seeds, images)``
-    when several models (e.g. fine-tuning seeds) were evaluated on the same images — row ``k`` of both
-    comes from seed ``k``. Every resample draws the images with replacement (the same draw for every
-    seed: the comparison stays paired) and, with several seeds, the seeds with replacement too; the
-    interval is the percentile interval of the resampled mean difference. With few seeds the seed part
-    of the interval is crude (two seeds cannot say much about seed-to-seed spread). Example::
-
-        ci = paired_bootstrap(plain_row["correct"], tocom_row["correct"])
-        print(f"{ci['delta']:+.2f} [{ci['low']:+.2f}, {ci['high']:+.2f}]")
-
-    Returns ``delta`` (mean of other − base, in points), ``low`` / ``high`` (the interval), ``level``,
-    ``images``, ``seeds``, ``resamples``. Deterministic for a given ``seed``.
-    """
-    import numpy as np
-
-    a = np.atleast_2d(np.asarray(base, dtype=np.int8))
-    b = np.atleast_2d(np.asarray(other, dtype=np.int8))
-    if a.shape != b.shape or a.ndim != 2 or a.shape[1] == 0:
-        raise ValueError(
-            f"base and other must be per-image hits of the same non-empty shape (images,) or "
-            f"(seeds, images); got {a.shape} and {b.shape}"
-        )
-    if not 0 < level < 1 or n_boot < 1:
-        raise ValueError(f"level must lie in (0, 1) and n_boot be >= 1; got level={level}, n_boot={n_boot}")
-    d = (b - a).astype(np.int64)  # (seeds, images) in {-1, 0, 1}
-    seeds, n = d.shape
-    rng = np.random.default_rng(seed)
-    # resampling images with replacement only changes how often each per-image pattern (one value per seed)
-    # occurs, so draw the pattern counts from a multinomial: exact, and cheap for any number of images
-    patterns, counts = np.unique(d.T, axis=0, return_counts=True)  # (k, seeds), (k,)
-    drawn = rng.multinomial(n, counts / n, size=n_boot)  # (n_boot, k)
-    per_seed = drawn @ patterns / n  # (n_boot, seeds)
-    if seeds > 1:
-        pick = rng.integers(seeds, size=(n_boot, seeds))
-        per_seed = np.take_along_axis(per_seed, pick, axis=1)
-    boot = 100.0 * per_seed.mean(axis=1)
-    alpha = (1.0 - level) / 2.0
-    low, high = np.quantile(boot, [alpha, 1.0 - alpha])
-    return {
-        "delta": 100.0 * float(d.mean()),
-        "low": float(low),
-        "high": float(high),
-        "level": level,
-        "images": int(n),
-        "seeds": int(seeds),
-        "resamples": int(n_boot),
-    }
-
-
-def add_intervals(rows: List[Dict[str, Any]], *, drop_correct: bool = True, **kwargs: Any) -> List[Dict[str, Any]]:
-    """Add ``delta`` and ``delta_ci95`` (+ToCom − plain, points, :func:`paired_bootstrap`) to every +ToCom row.
-
-    ``rows`` come from ``evaluate(..., keep_correct=True)``; the per-image ``correct`` tensors are removed
-    afterwards unless ``drop_correct=False`` (they are large and not JSON). Returns ``rows``.
-    """
-    plain = {row["target_r"]: row for row in rows if not row["tocom"]}
-    for row in rows:
-        base = plain.get(row["target_r"])
-        if row["tocom"] and base is not None and "correct" in row and "correct" in base:
-            ci = paired_bootstrap(base["correct"], row["correct"], **kwargs)
-            row["delta"] = ci["delta"]
-            row["delta_ci95"] = [ci["low"], ci["high"]]
-    if drop_correct:
-        for row in rows:
-            row.pop("correct", None)
     return rows
 
 
@@ -459,97 +381,6 @@ def format_table(rows: Sequence[Dict[str, Any]], source_r: Optional[int] = None)
             "`tocom-hub bench`, before comparing speeds"
         )
     return "\n".join(lines)
-
-
-def _wilson(hits: float, n: int, z: float = 1.96) -> Tuple[float, float]:
-    """95 % Wilson score interval (in %) of ``hits`` successes out of ``n``."""
-    if n <= 0:
-        return 0.0, 100.0
-    p = hits / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return 100.0 * max(0.0, centre - half), 100.0 * min(1.0, centre + half)
-
-
-def plot_accuracy(result: Dict[str, Any], path: Union[str, os.PathLike], *, title: Optional[str] = None) -> None:
-    """Top-1 vs target ``r`` (Fig. 5 of the ToCom paper): plain ToMe/EViT and +ToCom, as a PNG (dpi 150).
-
-    Every point carries its 95 % interval (Wilson, from the image count); the y-axis spans at least 5
-    points so that a difference of a few images does not look like a cliff; the title names the model
-    (``result["model_label"]``, else ``model``), the data and the image count. ``result`` needs ``rows``
-    (from :func:`evaluate`), ``source_r``, ``method`` and optionally ``scale``, ``model_label``, ``model``,
-    ``data_name``, ``images``.
-    """
-    try:
-        import matplotlib
-    except ImportError:
-        raise ImportError("plotting needs matplotlib: pip install matplotlib (or tocom-hub[dev])") from None
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = result["rows"]
-    method = result.get("method", "tome")
-    name = {"tome": "ToMe", "evit": "EViT"}.get(method, method)
-    verb = "merged" if method == "tome" else "pruned"
-    n = int(result.get("images") or rows[0]["images"])
-
-    def series(tocom: bool):
-        pts = sorted((r["target_r"], r["top1"]) for r in rows if r["tocom"] == tocom)
-        xs = [p[0] for p in pts]
-        ys = [p[1] for p in pts]
-        cis = [_wilson(y * n / 100.0, n) for y in ys]
-        err = [[y - lo for y, (lo, _) in zip(ys, cis)], [hi - y for y, (_, hi) in zip(ys, cis)]]
-        return xs, ys, err, cis
-
-    lows: List[float] = []
-    highs: List[float] = []
-    with plt.rc_context({"font.size": 12, "axes.titlesize": 11, "legend.fontsize": 10}):
-        fig, ax = plt.subplots(figsize=(6.4, 4.6))
-        xs, ys, err, cis = series(False)
-        lows += [c[0] for c in cis]
-        highs += [c[1] for c in cis]
-        ax.errorbar(xs, ys, yerr=err, fmt="o--", color="0.35", lw=2, ms=6, capsize=3, label=f"{name} (no ToCom)")
-        if any(r["tocom"] for r in rows):
-            xt, yt, errt, cist = series(True)
-            lows += [c[0] for c in cist]
-            highs += [c[1] for c in cist]
-            s = result.get("scale")
-            label = f"{name} + ToCom" + (f" (s = {s:g})" if isinstance(s, (int, float)) else "")
-            ax.errorbar(
-                [x + 0.12 for x in xt], yt, yerr=errt, fmt="s-", color="tab:red", lw=2, ms=6, capsize=3, label=label
-            )
-        src = result.get("source_r")
-        if src is not None:
-            ax.axvline(src, color="0.6", ls=":", lw=1.5, label=f"source r = {src}")
-        lo, hi = min(lows), max(highs)
-        if hi - lo < 5.0:  # at least 5 points: a few images must not look like a cliff
-            mid = (hi + lo) / 2
-            lo, hi = mid - 2.5, mid + 2.5
-        pad = 0.08 * (hi - lo)
-        ax.set_ylim(max(0.0, lo - pad), min(100.0, hi + pad))
-        ax.set_xlabel(f"target r (tokens {verb} per block)")
-        ax.set_ylabel("top-1 accuracy (%)")
-        xs_all = sorted({r["target_r"] for r in rows})
-        if len(xs_all) <= 20:
-            ax.set_xticks(xs_all)
-        model = result.get("model_label") or result.get("model")
-        data = result.get("data_name")
-        ax.set_title(
-            title
-            or (
-                f"{model or ''}\n"
-                + " · ".join(v for v in (str(data) if data else "", f"{n:,} images") if v)
-                + " · bars: 95 % interval per point"
-            ),
-            fontsize=10,
-        )
-        ax.grid(alpha=0.3)
-        ax.legend(loc="best", frameon=False)
-        fig.tight_layout()
-        fig.savefig(os.fspath(path), dpi=150)
-        plt.close(fig)
 
 
 def label_warning(ds: Dataset, model: nn.Module) -> Optional[str]:

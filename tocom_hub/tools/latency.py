@@ -19,6 +19,7 @@ place, a few ms for DeiT-B) or, without a bank, :func:`tocom_hub.set_r` (plain T
 
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
 import time
@@ -31,11 +32,11 @@ from torch import nn
 
 from ..core.bank import ToComBank
 from ..core.checks import is_int
-from ..core.compensate import apply, get_state, remove, set_target_r
+from ..core.compensate import apply, get_state, set_target_r
 from ..core.merge import max_merge
-from ..core.patch import METHODS, get_method, get_r, is_patched, patch, set_r, unpatch
+from ..core.patch import METHODS, get_method, patch, set_r
 from ..core.prune import max_prune
-from ._progress import progress_bar
+from ..core.state import preserved
 from .benchmark import NOISY_SPREAD
 from .benchmark import percentile as _percentile
 
@@ -167,15 +168,15 @@ class LatencyController:
         self.history: List[Dict[str, Any]] = []
 
         # -- attach --------------------------------------------------------------------------------
-        self._was_patched = is_patched(model)
-        self._prev = (get_method(model), get_r(model)) if self._was_patched else None
-        patch(model, method=method)
+        self._restore = contextlib.ExitStack()  # closing it puts the model back as it was (remove())
+        self._restore.enter_context(preserved(model))
         try:
+            patch(model, method=method)
             set_r(model, rs[0])
             if bank is not None:
                 apply(model, source_r, rs[0], bank=bank, scale=scale, merge=True)
         except BaseException:
-            self._restore()
+            self._restore.close()
             raise
         self.r = rs[0]
 
@@ -185,14 +186,6 @@ class LatencyController:
         n = int(model.patch_embed.num_patches) + int(model.num_prefix_tokens)
         p = int(model.num_prefix_tokens)
         return max_merge(n, p) if method == "tome" else max_prune(n, p)
-
-    def _restore(self) -> None:
-        remove(self.model)
-        if self._prev is not None:
-            patch(self.model, method=self._prev[0])
-            set_r(self.model, self._prev[1])
-        elif not self._was_patched:
-            unpatch(self.model)
 
     def _switch(self, r: int) -> None:
         if self.bank is not None:
@@ -236,6 +229,8 @@ class LatencyController:
                 raise ValueError(f"latencies must be positive ms; bad entries for r={bad}")
             curve = {r: float(latencies[r]) for r in self.r_values}
         else:
+            from tqdm.auto import tqdm
+
             from .images import model_img_size
 
             if x is None:
@@ -247,7 +242,8 @@ class LatencyController:
             self.model.eval()
             samples: Dict[int, List[float]] = {r: [] for r in self.r_values}
             rounds = self.warmup + self.iters
-            bar = progress_bar(total=rounds * len(self.r_values), desc="calibrate", unit="fwd", progress=self.progress)
+            off = {} if self.progress else {"disable": True}  # disable=False would override TQDM_DISABLE=1
+            bar = tqdm(total=rounds * len(self.r_values), desc="calibrate", unit="fwd", **off)
             try:
                 for k in range(rounds):
                     order = self.r_values if k % 2 == 0 else self.r_values[::-1]
@@ -374,7 +370,7 @@ class LatencyController:
 
     def remove(self) -> nn.Module:
         """Take the bank out and put the model back as it was before the controller (patch state, ``r``)."""
-        self._restore()
+        self._restore.close()
         return self.model
 
     def __repr__(self) -> str:

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from ..core.patch import get_method, get_r, get_source, patch, set_r
+from ..core.state import preserved
 
 __all__ = ["token_groups", "distinct_colors", "render", "visualize", "PRUNED_COLOR"]
 
@@ -210,7 +211,8 @@ def visualize(
 
     ``image``: a path or a PIL image (resized / cropped with the model's timm eval transform).
     ``bank``: optional ToCom bank applied merged for ``source_r → r`` (it changes what merges).
-    ``json_path`` defaults to ``output`` with ``.json``. The JSON has ``tokens_left`` (non-prefix
+    ``json_path`` defaults to ``output`` with ``.json``. The model is left as found (patch state, ``r``,
+    bank, train/eval mode). The JSON has ``tokens_left`` (non-prefix
     tokens after the last block), ``groups`` (colour groups painted; equal to ``tokens_left``),
     ``pruned_patches``, ``grid``, ``prefix_tokens``, ``cell_px`` and ``panels`` (``[x, y, w, h]`` of
     ``input`` / ``overlay`` / ``groups``).
@@ -229,16 +231,16 @@ def visualize(
             raise ValueError(f"the bank was trained for {bank.method!r} but method={method!r} was requested")
         method = bank.method
     method = method or "tome"
-    patch(model, method=method, trace_source=True)
-    set_r(model, r)  # validates r (ValueError) before anything runs
-    if bank is not None:
-        apply(model, source_r, r, bank=bank, scale=scale, merge=True)
-
-    tf, cfg = eval_transform(model)
-    x = tf(pil)[None]
-    param = next(model.parameters())
-    model.eval()
-    groups, left = token_groups(model, x.to(param.device, param.dtype))
+    with preserved(model):  # the model is left as found: patch state, r, bank, train/eval mode
+        patch(model, method=method, trace_source=True)
+        set_r(model, r)  # validates r (ValueError) before anything runs
+        if bank is not None:
+            apply(model, source_r, r, bank=bank, scale=scale, merge=True)
+        tf, cfg = eval_transform(model)
+        x = tf(pil)[None]
+        param = next(model.parameters())
+        model.eval()
+        groups, left = token_groups(model, x.to(param.device, param.dtype))
     mean = torch.tensor(cfg["mean"]).view(3, 1, 1)
     std = torch.tensor(cfg["std"]).view(3, 1, 1)
     shown = ((x[0].float() * std + mean).clamp(0, 1) * 255 + 0.5).byte().permute(1, 2, 0).numpy()

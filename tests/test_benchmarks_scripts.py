@@ -1,0 +1,55 @@
+"""The scripts in ``benchmarks/`` on tiny models (their numbers come from the real runs, not from here)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from tool_helpers import DEPTH, NAME, PATCHES, TINY
+
+import tocom_hub
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matmuls: one thread avoids OpenMP hand-offs that dominate on a shared 2-core machine."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def test_throughput_benchmark_ceiling_rows_and_restores_the_merge_step():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "throughput.py"
+    spec = importlib.util.spec_from_file_location("throughput_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    patch_module = bench._PATCH
+    real = (patch_module.bipartite_soft_matching, patch_module.merge_wavg)
+
+    model = timm.create_model(NAME, pretrained=False, **TINY).eval()
+    configs = [("plain", 0), ("tome", 4), ("tome-ceiling", 4)]
+    rows = bench.run(model, 1, configs, rounds=1, iters=1, img_size=64)
+    assert [(row["method"], row["r"]) for row in rows] == configs
+    assert all(row["ms_per_batch"] > 0 for row in rows)
+    # the ceiling swaps the merge step out only while it is measured
+    assert (patch_module.bipartite_soft_matching, patch_module.merge_wavg) == real
+    assert not tocom_hub.is_patched(model)
+
+    # the ceiling keeps ToMe's token counts (truncation instead of merging)
+    bench._configure(model, ("tome-ceiling", 4))
+    try:
+        seen = []
+        hooks = [b.register_forward_hook(lambda m, i, o: seen.append(o.shape[1])) for b in model.blocks]
+        with torch.no_grad():
+            model(torch.randn(1, 3, 64, 64))
+        for h in hooks:
+            h.remove()
+    finally:
+        bench._configure(model, ("plain", 0))
+    assert seen == [PATCHES + 1 - 4 * (i + 1) for i in range(DEPTH)]
+    assert (patch_module.bipartite_soft_matching, patch_module.merge_wavg) == real
