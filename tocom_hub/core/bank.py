@@ -32,19 +32,13 @@ import torch
 from huggingface_hub import ModelHubMixin
 from torch import nn
 
-from .bank_config import (
-    CONFIG_NAME,
-    FORMAT_VERSION,
-    MAX_SCALE,
-    METHODS,
-    TARGETS,
-    WEIGHTS_NAME,
-    PathLike,
-    ToComConfig,
-    _read_json_file,
-    model_dims,
-)
-from .bank_file import _looks_local, _tensors_sha256, read_bank, write_bank_file
+from .bank_config import CONFIG_NAME, FORMAT_VERSION, MAX_SCALE, TARGETS, WEIGHTS_NAME, PathLike, ToComConfig
+from .bank_config import METHODS as METHODS  # re-exported: importable from here as in earlier releases
+from .bank_config import _read_json_file as _read_json_file
+from .bank_config import model_dims as model_dims
+from .bank_file import _looks_local as _looks_local
+from .bank_file import _tensors_sha256 as _tensors_sha256
+from .bank_file import read_bank, write_bank_file
 from .checks import is_int
 
 __all__ = [
@@ -56,8 +50,6 @@ __all__ = [
     "TARGETS",
     "MAX_SCALE",
 ]
-# also importable from here, as in earlier releases
-_REEXPORTED = (METHODS, _read_json_file, _tensors_sha256, _looks_local, model_dims)
 
 
 def signed_group_slice(m: int, n: int, rank: int) -> Tuple[slice, float]:

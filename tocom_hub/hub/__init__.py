@@ -23,11 +23,12 @@ upload in ``core/bank_push.py``, the model card in ``core/bank_card.py``, the ``
 from __future__ import annotations
 
 from ..core.bank_card import MODEL_CARD_TEMPLATE, bank_facts, create_model_card
-from ..core.bank_config import LIBRARY_NAME
+from ..core.bank_config import LIBRARY_NAME as LIBRARY_NAME  # module constants of earlier releases
 from ..core.bank_download import BankHubError, BankNotFoundError, download_bank
-from ..core.bank_push import CARD_NAME, push_bank
+from ..core.bank_push import CARD_NAME as CARD_NAME
+from ..core.bank_push import push_bank
+from ..core.registry import PACKAGE_REGISTRY as PACKAGE_REGISTRY
 from ..core.registry import (
-    PACKAGE_REGISTRY,
     REGISTRY_ENV,
     BankEntry,
     NoBankForModelError,
@@ -55,4 +56,3 @@ __all__ = [
     "REGISTRY_ENV",
     "MODEL_CARD_TEMPLATE",
 ]
-_ALSO = (PACKAGE_REGISTRY, LIBRARY_NAME, CARD_NAME)  # module constants of earlier releases
