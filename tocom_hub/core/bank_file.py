@@ -4,12 +4,9 @@ with every check, and atomic writing. No pickle anywhere; nothing here knows abo
 Per adapted matrix ``t`` (``"q"``, ``"k"``, ``"v"``, ``"proj"``) the file holds two stacked factors, ``R·h``
 inner columns each (group ``i`` at ``[i·h, (i+1)·h)``):
 
-=========== ============================== ==============================
-format      down factor ``[depth, R·h, d_in]``  up factor ``[depth, d_out, R·h]``
-=========== ============================== ==============================
-2 (current) ``lora_A.{t}``                  ``lora_B.{t}``   (peft's names)
-1           ``B.{t}``                       ``A.{t}``
-=========== ============================== ==============================
+- format 2 (current, peft's names): ``lora_A.{t}`` the down factor ``[depth, R·h, d_in]``, ``lora_B.{t}`` the
+  up factor ``[depth, d_out, R·h]``;
+- format 1: ``B.{t}`` the down factor, ``A.{t}`` the up factor (same shapes).
 
 String metadata: ``tocom_format_version``, ``tocom_config`` (the config as JSON) and ``tocom_sha256``, a
 SHA-256 over the tensors as named in the file and that config. A version-1 file is read as written
