@@ -12,12 +12,12 @@ from tocom_hub.core.bank import ToComBank
 
 QKV_ROW = {"q": 0, "k": 1, "v": 2}
 
-Groups = Dict[str, List[List[Tuple[torch.Tensor, torch.Tensor]]]]  # groups[t][block][i] = (A_i, B_i)
+Groups = Dict[str, List[List[Tuple[torch.Tensor, torch.Tensor]]]]  # groups[t][block][i] = (up_i, down_i)
 
 
 def random_groups(bank: ToComBank, seed: int = 0, std: float = 0.3) -> Groups:
-    """Random per-group factors ``A_i [d_out, h]``, ``B_i [h, d_in]``, written into ``bank`` through its
-    documented layout (group ``i`` = inner slice ``[i·h, (i+1)·h)``), and returned for the reference."""
+    """Random per-group factors ``up_i [d_out, h]`` (``lora_B``), ``down_i [h, d_in]`` (``lora_A``), written into
+    ``bank`` through its documented layout (group ``i`` = inner slice ``[i·h, (i+1)·h)``), and returned."""
     g = torch.Generator().manual_seed(seed)
     cfg = bank.config
     h = cfg.rank
@@ -29,27 +29,27 @@ def random_groups(bank: ToComBank, seed: int = 0, std: float = 0.3) -> Groups:
             for b in range(cfg.depth):
                 per_block = []
                 for i in range(cfg.r_max):
-                    A = torch.randn(d_out, h, generator=g) * std
-                    B = torch.randn(h, d_in, generator=g) * std
-                    bank.A[t][b, :, i * h : (i + 1) * h] = A
-                    bank.B[t][b, i * h : (i + 1) * h, :] = B
-                    per_block.append((A, B))
+                    up = torch.randn(d_out, h, generator=g) * std
+                    down = torch.randn(h, d_in, generator=g) * std
+                    bank.lora_B[t][b, :, i * h : (i + 1) * h] = up
+                    bank.lora_A[t][b, i * h : (i + 1) * h, :] = down
+                    per_block.append((up, down))
                 groups[t].append(per_block)
     return groups
 
 
 def naive_delta(groups: Groups, t: str, b: int, m: int, n: int, s: float) -> torch.Tensor:
-    """``s · Σ_{i=m}^{n-1} A_i B_i`` (n > m) or ``-s · Σ_{i=n}^{m-1} A_i B_i`` (n < m), float64."""
+    """``s · Σ_{i=m}^{n-1} up_i down_i`` (n > m) or ``-s · Σ_{i=n}^{m-1} up_i down_i`` (n < m), float64."""
     d_out, d_in = groups[t][b][0][0].shape[0], groups[t][b][0][1].shape[1]
     total = torch.zeros(d_out, d_in, dtype=torch.float64)
     if n > m:
         for i in range(m, n):
-            A, B = groups[t][b][i]
-            total += s * (A.double() @ B.double())
+            up, down = groups[t][b][i]
+            total += s * (up.double() @ down.double())
     else:
         for i in range(n, m):
-            A, B = groups[t][b][i]
-            total -= s * (A.double() @ B.double())
+            up, down = groups[t][b][i]
+            total -= s * (up.double() @ down.double())
     return total
 
 

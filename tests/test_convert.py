@@ -114,7 +114,7 @@ def test_wrapped_and_prefixed_checkpoint(tmp_path):
     assert bank.method == "evit" and bank.scale == 0.05 and bank.config.base_model == "vit_tiny_patch16_224"
     plain = convert_official(save(official_state(seed=2), tmp_path / "plain.pth"), num_heads=2)
     for t in ("q", "v"):
-        assert torch.equal(bank.A[t], plain.A[t]) and torch.equal(bank.B[t], plain.B[t])
+        assert torch.equal(bank.lora_A[t], plain.lora_A[t]) and torch.equal(bank.lora_B[t], plain.lora_B[t])
 
 
 def test_num_heads_default_warns(tmp_path):
@@ -127,7 +127,20 @@ def test_round_trip_through_our_format(tmp_path):
     bank = convert_official(save(official_state(seed=3), tmp_path / "t.pth"), num_heads=2)
     bank.half().save_pretrained(tmp_path / "bank")
     again = tocom_hub.ToComBank.from_pretrained(tmp_path / "bank")
-    assert again.config == bank.config and torch.equal(again.A["v"], bank.A["v"])
+    assert again.config == bank.config and torch.equal(again.lora_A["v"], bank.lora_A["v"])
+
+
+def test_down_becomes_lora_A_and_up_becomes_lora_B_group_by_group(tmp_path):
+    sd = official_state(seed=4)
+    bank = convert_official(save(sd, tmp_path / "t.pth"), num_heads=2)
+    for t in ("q", "v"):
+        for i in range(DEPTH):
+            down = sd[f"blocks.{i}.attn.{t}_tocom.adapter_down.weight"]
+            up = sd[f"blocks.{i}.attn.{t}_tocom.adapter_up.weight"]
+            for g in range(K):  # official group g sits at [16h − h(g+1), 16h − hg); ours at [g·h, (g+1)·h)
+                official = slice(K * H - H * (g + 1), K * H - H * g)
+                assert torch.equal(bank.lora_A[t][i, g * H : (g + 1) * H], down[official])
+                assert torch.equal(bank.lora_B[t][i, :, g * H : (g + 1) * H], up[:, official])
 
 
 class NotAllowed:  # anything weights_only=True must refuse to unpickle

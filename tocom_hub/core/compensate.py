@@ -108,14 +108,8 @@ def _resolve_bank(bank: BankLike, model: nn.Module, method: Optional[str], hub_k
         if hub_kwargs:
             raise TypeError(f"{sorted(hub_kwargs)} only apply when `bank` is a Hub repo id")
         return ToComBank.from_pretrained(bank, trust_unverified=trust)
-    try:
-        from ..hub import load_bank
-    except ImportError as e:
-        what = "resolving a bank for this model" if bank is None else f"loading {bank!r} from the Hub"
-        raise ImportError(
-            f"{what} needs tocom_hub.hub.load_bank, which is not available: {e}. "
-            f"Pass bank=ToComBank(...) or a local directory / .safetensors file."
-        ) from e
+    from .registry import load_bank  # the registry lookup, then huggingface_hub's download
+
     if bank is None and method is not None:
         hub_kwargs = dict(hub_kwargs, method=method)
     loaded = load_bank(bank, model=model, trust_unverified=trust, **hub_kwargs)

@@ -8,7 +8,8 @@ adapter of inner dim ``R·h``::
     blocks.{i}.attn.{t}_tocom.adapter_up.weight     [d_out, R·h]
 
 where the group for step ``g → g+1`` occupies inner rows/cols ``[R·h − h(g+1), R·h − h·g)`` (the last
-group first). Our bank stores group ``g`` at ``[g·h, (g+1)·h)``, so conversion is a permutation of
+group first). ``adapter_down`` becomes the bank's ``lora_A`` and ``adapter_up`` its ``lora_B`` (peft's
+names); our bank stores group ``g`` at ``[g·h, (g+1)·h)``, so conversion is a permutation of
 the inner dimension; the products — and the model outputs — are unchanged. The file is read with
 ``torch.load(weights_only=True)``: no arbitrary code runs.
 """
@@ -150,6 +151,6 @@ def convert_official(
     bank = ToComBank(config, dtype=dtype)
     with torch.no_grad():
         for t in targets:
-            bank.A[t].copy_(torch.stack([found[t][b]["up"][:, perm] for b in range(depth)]))
-            bank.B[t].copy_(torch.stack([found[t][b]["down"][perm, :] for b in range(depth)]))
+            bank.lora_A[t].copy_(torch.stack([found[t][b]["down"][perm, :] for b in range(depth)]))
+            bank.lora_B[t].copy_(torch.stack([found[t][b]["up"][:, perm] for b in range(depth)]))
     return bank
