@@ -134,7 +134,7 @@ def step_rates(
     frozen.requires_grad_(False)
     bank = ToComBank.for_model(frozen, r_max=r_max, rank=rank, method=method)
     with torch.no_grad():  # a trained-looking bank (fresh up factors are zero)
-        for a in bank.A.values():
+        for a in bank.lora_B.values():
             a.normal_(0.0, 0.02)
     frozen.to(dev)
     bank.to(dev)

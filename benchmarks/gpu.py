@@ -53,9 +53,10 @@ import tocom_hub
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/distill_step.py (training rows)
 
-_PATCH = importlib.import_module("tocom_hub.patch")  # the module (``tocom_hub.patch`` is the function)
+_PATCH = importlib.import_module("tocom_hub.core.patch")  # the module (``tocom_hub.patch`` is the function)
+_ATTENTION = importlib.import_module("tocom_hub.core.attention")
 _MERGE_STEP = (_PATCH.bipartite_soft_matching, _PATCH.merge_wavg)
-_FOLD = _PATCH.FOLD_BIAS_DEVICES
+_FOLD = _ATTENTION.FOLD_BIAS_DEVICES
 _ALL_DEVICES = ("cpu", "cuda", "xpu", "mps")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 SECTIONS = ("check", "eager", "vit_large", "compiled", "cuda_graph", "reduce_overhead", "bf16", "training")
@@ -83,7 +84,7 @@ def configure(model: torch.nn.Module, cfg: Config) -> None:
     method, r = cfg
     ceiling = method == "tome-ceiling"
     _PATCH.bipartite_soft_matching, _PATCH.merge_wavg = (_truncate_plan, _truncate) if ceiling else _MERGE_STEP
-    _PATCH.FOLD_BIAS_DEVICES = {"tome-mask": (), "tome-fold": _ALL_DEVICES}.get(method, _FOLD)
+    _ATTENTION.FOLD_BIAS_DEVICES = {"tome-mask": (), "tome-fold": _ALL_DEVICES}.get(method, _FOLD)
     if method == "plain":
         tocom_hub.unpatch(model)
         return

@@ -56,7 +56,7 @@ def main(argv=None) -> dict:
     model = timm.create_model(args.model, pretrained=False).eval()
     bank = ToComBank.for_model(model, r_max=args.r_max, rank=args.rank, targets=("q", "v"))
     with torch.no_grad():  # a trained-looking bank (the fresh one has zero up factors)
-        for a in bank.A.values():
+        for a in bank.lora_B.values():
             a.normal_(0.0, 0.02)
     R = args.r_max
 

@@ -78,7 +78,7 @@ def main():
         bank = tocom_hub.ToComBank.for_model(model, r_max=max(r_values), rank=2)
         with torch.no_grad():  # stand-in for a trained bank: small random factors
             for t in bank.targets:
-                bank.A[t].normal_(0.0, 0.02)
+                bank.lora_B[t].normal_(0.0, 0.02)
 
     budget = args.budget_ms
     if budget is None:

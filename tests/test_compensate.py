@@ -295,9 +295,9 @@ def test_apply_refuses_an_in_memory_bank_with_non_finite_values(bad, merge):
     model = fresh()
     bank, _ = bank_for(model)
     with torch.no_grad():
-        bank.B["v"][1, 3, 5] = bad
+        bank.lora_A["v"][1, 3, 5] = bad
     before = state_hash(model)
-    with pytest.raises(ValueError, match=r"lora_A\.v contains NaN or inf"):  # the down factor (bank.B)
+    with pytest.raises(ValueError, match=r"lora_A\.v contains NaN or inf"):  # the down factor (bank.lora_A)
         tocom_hub.apply(model, 0, 4, bank=bank, merge=merge)
     assert state_hash(model) == before and not tocom_hub.is_patched(model)
     assert compensate.get_state(model) is None

@@ -45,8 +45,8 @@ def reference_top1(model, data_dir, r=None, bank=None, source_r=0, scale=0.1):
             for b, blk in enumerate(model.blocks):
                 for t, row in (("q", 0), ("v", 2)):
                     for g in range(source_r, r):
-                        up = bank.A[t][b][:, g * h : (g + 1) * h]
-                        down = bank.B[t][b][g * h : (g + 1) * h]
+                        up = bank.lora_B[t][b][:, g * h : (g + 1) * h]
+                        down = bank.lora_A[t][b][g * h : (g + 1) * h]
                         blk.attn.qkv.weight[row * d : (row + 1) * d] += scale * up @ down
     if r:
         tocom_hub.patch(model)
@@ -114,7 +114,8 @@ def test_eval_with_and_without_bank_writes_json_and_png(files, tmp_path, capsys)
 
 def test_evaluate_runs_the_source_r_forward_once_for_both_rows(files):
     """At target r = source r the bank's update is zero: one forward serves the plain and the +ToCom row."""
-    from tocom_hub.tools.evaluation import build_eval_dataset, evaluate
+    from tocom_hub.demo.data import build_eval_dataset
+    from tocom_hub.tools.evaluation import evaluate
 
     model = load_model(str(files / "model")).model
     loader = torch.utils.data.DataLoader(build_eval_dataset(model, str(files / "data")), batch_size=3)
@@ -194,7 +195,8 @@ def test_plain_false_and_gather_and_the_models_own_patch_settings(files):
     images, doubles the count and keeps top-1); a patched model is evaluated with its own prop_attn and left
     with it."""
     from tocom_hub.core.patch import get_settings
-    from tocom_hub.tools.evaluation import build_eval_dataset, evaluate
+    from tocom_hub.demo.data import build_eval_dataset
+    from tocom_hub.tools.evaluation import evaluate
 
     model = load_model(str(files / "model")).model
     loader = torch.utils.data.DataLoader(build_eval_dataset(model, str(files / "data")), batch_size=4)

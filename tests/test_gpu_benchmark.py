@@ -19,7 +19,7 @@ def _load():
 def test_gpu_benchmark_small_cpu_run_writes_json_and_markdown(tmp_path):
     bench = _load()
     patch_module = bench._PATCH
-    real = (patch_module.bipartite_soft_matching, patch_module.merge_wavg, patch_module.FOLD_BIAS_DEVICES)
+    real = (patch_module.bipartite_soft_matching, patch_module.merge_wavg, bench._ATTENTION.FOLD_BIAS_DEVICES)
     out, md = tmp_path / "gpu.json", tmp_path / "gpu.md"
     try:
         bench.main(
@@ -76,7 +76,7 @@ def test_gpu_benchmark_small_cpu_run_writes_json_and_markdown(tmp_path):
     text = md.read_text()
     assert "| eager |" in text and "| compiled |" in text
     # the ceiling and mask rows swap module functions only while they run
-    assert (patch_module.bipartite_soft_matching, patch_module.merge_wavg, patch_module.FOLD_BIAS_DEVICES) == real
+    assert (patch_module.bipartite_soft_matching, patch_module.merge_wavg, bench._ATTENTION.FOLD_BIAS_DEVICES) == real
 
 
 def test_gpu_benchmark_training_hook_skips_with_a_reason_when_functions_are_missing(tmp_path, monkeypatch):

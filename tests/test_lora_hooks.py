@@ -23,9 +23,9 @@ def test_unmerged_gradients_reach_every_bank_parameter():
     model(X).logsumexp(-1).sum().backward()
     h = bank.rank
     for t in bank.targets:
-        for p in (bank.A[t], bank.B[t]):
+        for p in (bank.lora_B[t], bank.lora_A[t]):
             assert p.grad is not None  # DDP needs a gradient (zero or not) for every parameter
-        ga, gb = bank.A[t].grad, bank.B[t].grad
+        ga, gb = bank.lora_B[t].grad, bank.lora_A[t].grad
         assert ga[:, :, 1 * h : 4 * h].abs().sum() > 0 and gb[:, 1 * h : 4 * h].abs().sum() > 0
         assert not ga[:, :, :h].any() and not ga[:, :, 4 * h :].any()  # inactive groups: zero
         assert not gb[:, :h].any() and not gb[:, 4 * h :].any()

@@ -43,7 +43,7 @@ def test_fp16_model_accumulates_in_fp32():
     model = fresh().half()
     original = clone_state(model)
     bank, groups = bank_for(model)
-    assert bank.A["q"].dtype == torch.float32  # banks are fp32 whatever the model's dtype
+    assert bank.lora_B["q"].dtype == torch.float32  # banks are fp32 whatever the model's dtype
     tocom_hub.apply(model, 0, 6, bank=bank)
     for b in range(3):
         for t in ("q", "v"):

@@ -12,6 +12,7 @@ import tocom_hub
 from tocom_hub.core import merge as merge_mod
 
 patch_mod = __import__("tocom_hub.patch", fromlist=["patch"])
+attention_mod = __import__("tocom_hub.core.attention", fromlist=["attend"])
 X = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(1))
 
 
@@ -46,7 +47,7 @@ def test_sdpa_key_bias_fold_gradients_match_mask():
 @pytest.mark.parametrize("variant", ["cls_token", "gap", "registers", "map_head"])
 def test_folded_proportional_attention_matches_reference(variant, monkeypatch):
     # the device-type switch picks the folded path on GPUs; force it on the CPU
-    monkeypatch.setattr(patch_mod, "FOLD_BIAS_DEVICES", ("cpu",))
+    monkeypatch.setattr(attention_mod, "FOLD_BIAS_DEVICES", ("cpu",))
     model = make_vit(variant)
     patched = tocom_hub.patch(copy.deepcopy(model))
     tocom_hub.set_r(patched, 7)
@@ -57,7 +58,7 @@ def test_folded_proportional_attention_matches_reference(variant, monkeypatch):
         calls.append(kwargs.get("attn_mask"))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(patch_mod.F, "scaled_dot_product_attention", spy)
+    monkeypatch.setattr(attention_mod.F, "scaled_dot_product_attention", spy)
     with torch.no_grad():
         out = patched(X)
         ref, _, _ = reference_forward(model, X, 7, "tome")

@@ -76,7 +76,7 @@ def test_default_distill_run_writes_metrics_and_bank(tmp_path):
     assert bank.config.training_recipe["direction"] == "inference"
     assert bank.config.training_recipe["total_steps"] == 30
     assert bank.config.eval_results["heldout_kl_with_bank"] == metrics["heldout_kl_with_bank"]
-    assert any(a.abs().max() > 0 for a in bank.A.values())  # it trained
+    assert any(a.abs().max() > 0 for a in bank.lora_B.values())  # it trained
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -192,7 +192,7 @@ def test_finetune_then_evaluate(tmp_path, mode):
     model = load_model(str(ft)).model
     bank = tocom_hub.ToComBank.for_model(model, r_max=4)
     with torch.no_grad():
-        for a in bank.A.values():
+        for a in bank.lora_B.values():
             a.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
     bank.save_pretrained(tmp_path / "bank")
     ev = tmp_path / "eval"

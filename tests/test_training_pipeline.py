@@ -173,7 +173,7 @@ def test_distill_step_keeps_no_teacher_activations_and_no_backbone_gradients():
     model.requires_grad_(False)  # what training/distill.py does before plugging the bank in
     bank = ToComBank.for_model(model, r_max=2, rank=2, method="tome")
     with torch.no_grad():
-        for a in bank.A.values():
+        for a in bank.lora_B.values():
             a.normal_(0.0, 0.02)
     tocom_hub.apply(model, 0, 0, bank=bank, merge=False)
     distiller = Distiller(model, bank).train()

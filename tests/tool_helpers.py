@@ -36,7 +36,7 @@ def make_files(root):
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for t in bank.targets:
-            bank.A[t].copy_(torch.randn(bank.A[t].shape, generator=g) * 0.5)
+            bank.lora_B[t].copy_(torch.randn(bank.lora_B[t].shape, generator=g) * 0.5)
     bank.save_pretrained(root / "bank")
     rng = np.random.default_rng(0)
     for c in ("ant", "bee", "cat"):

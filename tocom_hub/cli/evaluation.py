@@ -26,9 +26,9 @@ from .types import non_negative_int, positive_int, r_list
 def eval_command(args: argparse.Namespace) -> int:
     from torch.utils.data import DataLoader
 
+    from ..demo.data import build_eval_dataset
     from ..tools.evaluation import (
         add_intervals,
-        build_eval_dataset,
         evaluate,
         format_table,
         label_warning,

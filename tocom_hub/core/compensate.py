@@ -155,8 +155,8 @@ def _check_compatible(model: nn.Module, bank: ToComBank, method: Optional[str], 
             f"tocom_hub.patch(model, method={cfg.method!r}) first or pick a bank for {patched_method!r}"
         )
     for t in cfg.targets:
-        if tuple(bank.A[t].shape) != (cfg.depth, cfg.target_shape(t)[0], cfg.r_max * cfg.rank) or tuple(
-            bank.B[t].shape
+        if tuple(bank.lora_B[t].shape) != (cfg.depth, cfg.target_shape(t)[0], cfg.r_max * cfg.rank) or tuple(
+            bank.lora_A[t].shape
         ) != (cfg.depth, cfg.r_max * cfg.rank, cfg.target_shape(t)[1]):
             raise ValueError(f"bank tensors for target {t!r} do not match its config; rebuild the bank")
     weight = model.blocks[0].attn.qkv.weight
@@ -202,7 +202,7 @@ def apply(
 
     Patches the model if needed (with the bank's method), validates everything before mutating
     anything (bank vs model dims / depth / heads / method, ``0 <= r <= R``, ``target_r`` supported
-    by the model's token count), then either merges ``s · (±Σ A_i B_i)`` into the fused ``qkv``
+    by the model's token count), then either merges ``s · (±Σ B_i A_i)`` into the fused ``qkv``
     weight rows (``merge=True``; computed in fp32, stored in the model's dtype) or installs the
     LoRA path in the forward (``merge=False``, for training). Sets the patcher's ``r = target_r``.
 

@@ -1,6 +1,6 @@
 """The bank as forward hooks (``merge=False``, training): :class:`HookedCompensation`.
 
-A forward hook on ``attn.qkv`` / ``attn.proj`` adds ``s · ((x Bᵀ) ⊙ c) Aᵀ`` to the q/k/v output slices,
+A forward hook on ``attn.qkv`` / ``attn.proj`` adds ``s · ((x Aᵀ) ⊙ c) Bᵀ`` to the q/k/v output slices,
 where ``c`` is a ``±1/0`` mask over the ``R·h`` inner dims: paper Eq. 6/7 as one adapter whose groups
 are switched on (sign ±1) or off. Every bank parameter takes part in every forward (inactive
 groups get zero gradient, which keeps DDP happy), the backbone weights are never touched, and a switch of
@@ -44,8 +44,8 @@ class _LoRAHook:
         bank = st.bank
         coef = st.coef
         for target, start, stop in self.entries:
-            down = bank.B[target][self.block]  # [R·h, d_in]
-            up = bank.A[target][self.block]  # [d_out, R·h]
+            down = bank.lora_A[target][self.block]  # [R·h, d_in]
+            up = bank.lora_B[target][self.block]  # [d_out, R·h]
             if down.device != x.device:
                 raise RuntimeError(
                     f"ToCom bank is on {down.device} but the model runs on {x.device}; move the bank "

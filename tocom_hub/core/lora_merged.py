@@ -1,6 +1,6 @@
 """The bank merged into the weights (``merge=True``, inference): :class:`MergedCompensation`.
 
-The update ``s · (±Σ A_i B_i)`` (paper Eq. 6/7) is written into the fused ``attn.qkv`` (and/or ``attn.proj``)
+The update ``s · (±Σ B_i A_i)`` (paper Eq. 6/7) is written into the fused ``attn.qkv`` (and/or ``attn.proj``)
 weight rows in place, so the forward is the plain ToMe/EViT forward. The original rows are kept (a
 "pristine" copy). A switch adds only the change of the update (one in-place ``addmm_`` per (block, target)
 on fp32 factors pre-arranged per block), and the weights are re-derived exactly as ``W₀ + Δ(source →
@@ -106,8 +106,8 @@ class MergedCompensation(Compensation):
             for t, start, stop in entries:
                 slot = _Slot(b, t, module, start, stop)
                 slot.pristine = w[start:stop].clone()
-                slot.up = self.bank.A[t][b].detach().to(device=w.device, dtype=torch.float32, copy=True)
-                slot.down = self.bank.B[t][b].detach().to(device=w.device, dtype=torch.float32, copy=True)
+                slot.up = self.bank.lora_B[t][b].detach().to(device=w.device, dtype=torch.float32, copy=True)
+                slot.down = self.bank.lora_A[t][b].detach().to(device=w.device, dtype=torch.float32, copy=True)
                 slot.current_view()
                 slots.append(slot)
         self._slots = slots

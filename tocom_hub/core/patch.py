@@ -17,11 +17,11 @@ from __future__ import annotations
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
+from .attention import FOLD_BIAS_DEVICES, attend, sdpa_key_bias  # noqa: F401 (re-exported)
 from .checks import METHODS, is_int
 from .merge import bipartite_soft_matching, max_merge, merge_source, merge_wavg
 from .prune import cls_attention, max_prune, prune_source, prune_tokens, select_attentive
@@ -78,68 +78,13 @@ class TokenState:
 
 
 # ---------------------------------------------------------------------------------------------------
-# attention + block
-
-
-# Device types on which proportional attention folds log(size) into q and k instead of passing an
-# additive mask to SDPA. On CUDA a mask forces SDPA off the flash kernel (measured ~3x slower on an H200
-# at N = 197, while one more head-dim block costs ~1.4x); on the CPU the mask is cheaper than the padding.
-FOLD_BIAS_DEVICES = ("cuda", "xpu", "mps")
-
-
-def sdpa_key_bias(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    bias: torch.Tensor,
-    scale: float,
-    dropout_p: float = 0.0,
-    fold: bool = True,
-) -> torch.Tensor:
-    """``softmax(q·kᵀ·scale + bias) v`` for a per-key ``bias`` (``[B, 1, 1, N]``), by SDPA.
-
-    With ``fold=True`` no mask is passed: the head dim is padded by ``p = 8 - D % 8`` channels, q's
-    extra channels hold ``1 / (p · scale)`` and k's hold ``bias``, so the extra ``p`` products add
-    exactly ``bias`` to every logit (``q·k + log s_j`` is a dot product with more channels); v is
-    zero-padded and the output sliced back. SDPA then keeps its mask-free (flash) kernels.
-    """
-    if not fold:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), dropout_p=dropout_p)
-    batch, heads, num_tokens, dim = k.shape
-    pad = 8 - dim % 8
-    q = F.pad(q, (0, pad), value=1.0 / (pad * scale))
-    k = torch.cat([k, bias.to(k.dtype).view(batch, 1, num_tokens, 1).expand(batch, heads, num_tokens, pad)], dim=-1)
-    v = F.pad(v, (0, pad))
-    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)[..., :dim]
+# block
 
 
 def _attention(attn: Attention, x: torch.Tensor, bias: Optional[torch.Tensor], state: TokenState, info: bool):
-    """timm ``Attention.forward`` with a per-key bias (``[B, 1, 1, N]``, log token size, or ``None``).
-
-    Returns ``(out, info)``: ``info`` is the metric for ToMe (keys averaged over heads, ``[B, N, D]``)
-    or the class-token attentiveness for EViT (``[B, N]``); ``None`` when ``info`` is false.
-    """
-    B, N, _ = x.shape
-    gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
-    qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
-    q, k = attn.q_norm(q), attn.k_norm(k)
-    dropout_p = attn.attn_drop.p if attn.training else 0.0
-    if attn.fused_attn and bias is None:
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
-    elif attn.fused_attn:
-        fold = q.device.type in FOLD_BIAS_DEVICES
-        out = sdpa_key_bias(q, k, v, bias, attn.scale, dropout_p=dropout_p, fold=fold)
-    else:
-        scores = (q * attn.scale) @ k.transpose(-2, -1)
-        if bias is not None:
-            scores = scores + bias.to(scores.dtype)
-        out = attn.attn_drop(scores.softmax(dim=-1)) @ v
-    out = attn.norm(out.transpose(1, 2).reshape(B, N, -1))
-    if gate is not None:
-        out = out * gate
-    out = attn.proj_drop(attn.proj(out))
-
+    """:func:`attend`, plus (when ``info``) the metric for ToMe (keys summed over heads, ``[B, N, D]``)
+    or the class-token attentiveness for EViT (``[B, N]``); ``None`` when ``info`` is false."""
+    out, q, k = attend(attn, x, bias)
     if not info:
         return out, None
     if state.method == "tome":

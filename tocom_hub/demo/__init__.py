@@ -155,7 +155,8 @@ def evaluate_demo(
     """
     from tqdm.auto import tqdm
 
-    from ..tools.evaluation import build_eval_dataset, evaluate, paired_bootstrap
+    from ..tools.evaluation import evaluate, paired_bootstrap
+    from .data import build_eval_dataset
 
     info = demo_info()
     R, seeds, scales, task = info["R"], list(info["seeds"]), info["scale"], info["task"]

@@ -6,7 +6,8 @@ into the weights for ``source_r → r`` (:func:`tocom_hub.apply` once, then
 through every configuration, so the data pipeline costs the same as a single evaluation and the
 timings of the configurations are interleaved. Example::
 
-    from tocom_hub.evaluation import build_eval_dataset, evaluate
+    from tocom_hub.demo.data import build_eval_dataset      # an ImageFolder root or an embedded dataset name
+    from tocom_hub.tools.evaluation import evaluate
     loader = torch.utils.data.DataLoader(build_eval_dataset(model, "data/imagenet"), batch_size=64)
     rows = evaluate(model, loader, target_rs=[0, 4, 8, 16], bank="out/bank", source_r=0)
 """
@@ -20,7 +21,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Unio
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Dataset
 
 from ..core.bank import ToComBank
 from ..core.checks import is_int
@@ -32,7 +33,6 @@ from .intervals import add_intervals, paired_bootstrap
 from .plots import plot_accuracy
 
 __all__ = [
-    "build_eval_dataset",
     "evaluate",
     "paired_bootstrap",
     "add_intervals",
@@ -40,82 +40,6 @@ __all__ = [
     "plot_accuracy",
     "label_warning",
 ]
-
-
-class _Transformed(Dataset):
-    def __init__(self, dataset: Dataset, transform) -> None:
-        self.dataset, self.transform = dataset, transform
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, i: int):
-        img, label = self.dataset[i][:2]
-        return self.transform(img), label
-
-
-def build_eval_dataset(
-    model: nn.Module,
-    data: str,
-    *,
-    split: str = "validation",
-    limit: Optional[int] = None,
-    class_map: Optional[str] = None,
-) -> Dataset:
-    """Images and labels for ``model`` with timm's evaluation transform (``resolve_data_config`` +
-    ``create_transform`` at the size the model was built for).
-
-    ``data``: an ImageFolder root (one sub-folder per class; a ``val/`` / ``validation/`` sub-folder
-    is used when present, see ``timm.data.create_dataset``), or an embedded dataset name from
-    :func:`tocom_hub.data.list_datasets` (offline, no files). ``limit``: the first N images. The
-    dataset has ``num_classes`` (or ``None``) set.
-    """
-    from .images import eval_transform, model_img_size
-
-    if limit is not None and (not is_int(limit) or limit < 1):
-        raise ValueError(f"limit must be a positive int; got {limit!r}")
-    embedded: List[str] = []
-    try:
-        from ..demo import data as embedded_data
-
-        embedded = embedded_data.list_datasets()
-    except ImportError:  # pragma: no cover - optional module
-        embedded_data = None
-    if data in embedded and not os.path.isdir(data):
-        h, w = model_img_size(model)
-        if h != w:
-            raise ValueError(f"embedded datasets are square; the model takes {h}x{w} images")
-        split = "val" if split in ("validation", "val", "eval") else split
-        raw = embedded_data.build_dataset(data, split, img_size=h, length=limit)
-        tf, _ = eval_transform(model, crop_pct=1.0)  # already at the model's size: no resize/crop
-        ds = _Transformed(raw, tf)
-        ds.num_classes = getattr(raw, "num_classes", None)
-        return ds
-    if not os.path.isdir(data):
-        raise FileNotFoundError(
-            f"--data {data}: no such directory (expected an ImageFolder root with one sub-folder per class"
-            + (f", or an embedded dataset: {', '.join(embedded)}" if embedded else "")
-            + ")"
-        )
-    from timm.data import create_dataset
-
-    if class_map is not None and not os.path.isfile(class_map):
-        raise FileNotFoundError(f"--class-map {class_map}: no such file")
-    tf, _ = eval_transform(model)
-    try:
-        ds = create_dataset("", root=data, split=split, class_map=class_map or "", transform=tf)
-    except (RuntimeError, FileNotFoundError) as e:
-        raise FileNotFoundError(
-            f"{data}: no images found ({' '.join(str(e).split())}); expected DIR/<class>/<image>.jpg|png"
-        ) from None
-    if len(ds) == 0:
-        raise FileNotFoundError(f"{data}: no images found; expected DIR/<class>/<image>.jpg|png")
-    class_to_idx = getattr(getattr(ds, "reader", None), "class_to_idx", None) or {}
-    num_classes = len(class_to_idx) or None
-    if limit is not None and limit < len(ds):
-        ds = Subset(ds, range(limit))
-    ds.num_classes = num_classes
-    return ds
 
 
 def _check_rs(target_rs: Sequence[int]) -> List[int]:

@@ -40,6 +40,7 @@ photographs, their provenance and licenses, ``photo-crops`` / ``photo-orientatio
 study datasets drawn on them or from scratch).
 """
 
+from .eval_dataset import build_eval_dataset
 from .photos import ORIENTATION_PHOTOS, PHOTOS, PhotoCrops
 from .procedural import (
     PhotoJigsaw,
@@ -70,6 +71,7 @@ __all__ = [
     "ORIENTATION_PHOTOS",
     "register_dataset",
     "build_dataset",
+    "build_eval_dataset",
     "list_datasets",
     "get_dataset_spec",
     "SPLITS",
