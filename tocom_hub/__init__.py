@@ -86,31 +86,7 @@ class _MovedModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 if not any(isinstance(f, _MovedModules) for f in sys.meta_path):
     sys.meta_path.append(_MovedModules())
 
-__all__ = [
-    "METHODS",
-    "patch",
-    "unpatch",
-    "set_r",
-    "get_r",
-    "is_patched",
-    "get_method",
-    "get_source",
-    "get_size",
-    "__version__",
-    "ToComBank",
-    "ToComConfig",
-    "apply",
-    "set_target_r",
-    "remove",
-    "compensate",
-    "convert_official",
-    "tune_scale",
-    "hub",
-    "register_bank",
-    "unregister_bank",
-    "registered_banks",
-    "LatencyController",
-]
+__all__ = ["__version__", *_LAZY, *_SUBMODULES]
 
 
 def __getattr__(name: str) -> Any:

@@ -7,7 +7,7 @@ import json
 import os
 from typing import Any, Dict, List
 
-from .options import COMMON, _add_hub_options, _add_trust_option
+from .options import _add_hub_options, _add_trust_option, command_parser
 
 # ---------------------------------------------------------------------------------------------------
 # download
@@ -29,9 +29,9 @@ def download_command(args: argparse.Namespace) -> int:
 
 
 def add_download_parser(subparsers: Any) -> None:
-    p = subparsers.add_parser(
+    p = command_parser(
+        subparsers,
         "download",
-        parents=[COMMON],
         help="download a bank into the Hugging Face cache",
         description="Download a ToCom bank (tocom.safetensors + tocom_config.json) into the "
         "Hugging Face cache and print its local directory.",
@@ -139,9 +139,9 @@ def info_command(args: argparse.Namespace) -> int:
 
 
 def add_info_parser(subparsers: Any) -> None:
-    p = subparsers.add_parser(
+    p = command_parser(
+        subparsers,
         "info",
-        parents=[COMMON],
         help="print a bank's metadata and size",
         description="Print what a ToCom bank is: base model, method, r range, rank, "
         "targets, parameter count, size on disk, scale and format version.",
@@ -179,9 +179,9 @@ def push_command(args: argparse.Namespace) -> int:
 
 
 def add_push_parser(subparsers: Any) -> None:
-    p = subparsers.add_parser(
+    p = command_parser(
+        subparsers,
         "push",
-        parents=[COMMON],
         help="upload a bank directory with a model card",
         description="Upload tocom.safetensors, tocom_config.json and a generated README.md "
         "model card to a Hub repo (created if needed); prints the commit URL.",

@@ -8,14 +8,13 @@ import sys
 from typing import Any
 
 from .options import (
-    COMMON,
     _add_bank_options,
     _add_model_options,
-    _ExamplesFormatter,
     _load_bank,
     _load_model,
     _model_label,
     _write_json,
+    command_parser,
 )
 from .types import non_negative_int, positive_int, r_list
 
@@ -96,10 +95,9 @@ def eval_command(args: argparse.Namespace) -> int:
 
 
 def add_eval_parser(subparsers: Any) -> None:
-    p = subparsers.add_parser(
+    p = command_parser(
+        subparsers,
         "eval",
-        parents=[COMMON],
-        formatter_class=_ExamplesFormatter,
         help="accuracy and images/s per target r, with/without a bank",
         description="Top-1 accuracy and images/s of a model at every target r: plain ToMe/EViT ('no ToCom') and, with "
         "--bank, the bank merged for source r -> target r, with the 95 % interval of the difference "

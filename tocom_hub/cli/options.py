@@ -48,6 +48,12 @@ class _ExamplesFormatter(argparse.HelpFormatter):
         return super()._fill_text(text, width, indent)
 
 
+def command_parser(subparsers: Any, name: str, **kwargs: Any) -> argparse.ArgumentParser:
+    """A sub-command's parser with the options every command shares (``--debug``) and the examples epilog
+    kept as written."""
+    return subparsers.add_parser(name, parents=[COMMON], formatter_class=_ExamplesFormatter, **kwargs)
+
+
 _MODEL_HELP = (
     "a timm model name (built with pretrained=False unless --pretrained), a model alias ('demo': the "
     "embedded tiny ViT, offline), or a saved model: a directory with timm's config.json + model.safetensors "

@@ -9,14 +9,13 @@ from typing import Any
 
 from ..core.checks import METHODS
 from .options import (
-    COMMON,
     _add_bank_options,
     _add_model_options,
-    _ExamplesFormatter,
     _load_bank,
     _load_model,
     _model_label,
     _write_json,
+    command_parser,
 )
 from .types import finite_float, fraction, non_negative_int, positive_int, r_list, r_value
 
@@ -42,10 +41,9 @@ def bench_command(args: argparse.Namespace) -> int:
 
 
 def add_bench_parser(subparsers: Any) -> None:
-    p = subparsers.add_parser(
+    p = command_parser(
+        subparsers,
         "bench",
-        parents=[COMMON],
-        formatter_class=_ExamplesFormatter,
         help="latency / throughput table per r vs plain timm",
         description="Latency (median and p90, ms per batch) and throughput (images/s) of a model at each r, next to "
         "plain timm, with the speed-up. Measurements are interleaved (each iteration visits every "
@@ -122,10 +120,9 @@ def visualize_command(args: argparse.Namespace) -> int:
 
 
 def add_visualize_parser(subparsers: Any) -> None:
-    p = subparsers.add_parser(
+    p = command_parser(
+        subparsers,
         "visualize",
-        parents=[COMMON],
-        formatter_class=_ExamplesFormatter,
         help="paint the patches merged into each token",
         description="Run one image through the model at r with source tracing and paint every token's patches one "
         "colour. The PNG has three panels: the input (as the model saw it), the groups over it with "
@@ -200,10 +197,9 @@ def convert_command(args: argparse.Namespace) -> int:
 
 
 def add_convert_parser(subparsers: Any) -> None:
-    p = subparsers.add_parser(
+    p = command_parser(
+        subparsers,
         "convert",
-        parents=[COMMON],
-        formatter_class=_ExamplesFormatter,
         help="convert an official ToCom checkpoint into a bank",
         description="Read a checkpoint in the official ToCom layout (blocks.{i}.attn.{q,v}_tocom.adapter_{down,up}."
         "weight; loaded with torch.load(weights_only=True), no code runs) and save it as a tocom-hub bank "
