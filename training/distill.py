@@ -64,6 +64,7 @@ import tocom_hub
 from tocom_hub.core import compensate
 from tocom_hub.core.bank import TARGETS, ToComBank
 from tocom_hub.tools._threads import setup_cpu_threads
+from tocom_hub.tools.images import model_img_size
 from tocom_hub.training import common
 
 logger = logging.getLogger("tocom_hub.training.distill")
@@ -384,7 +385,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     except ValueError as e:
         raise SystemExit(f"error: --r-max {args.r_max} does not fit this model: {e}") from None
     model.requires_grad_(False)
-    img_size = common.model_img_size(model)
+    img_size = model_img_size(model)[0]
     bank = ToComBank.for_model(
         model,
         r_max=args.r_max,

@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader
 import tocom_hub
 from tocom_hub.demo.adaptformer import AdaptFormer
 from tocom_hub.tools._threads import setup_cpu_threads
+from tocom_hub.tools.images import model_img_size
 from tocom_hub.training import common
 
 logger = logging.getLogger("tocom_hub.training.evaluate")
@@ -142,7 +143,7 @@ def load_finetuned(path: Optional[str], device: torch.device):
             "method": "tome",
             "source_r": 0,
             "mode": "full",
-            "img_size": common.model_img_size(model),
+            "img_size": model_img_size(model)[0],
         }
         return model.to(device).eval(), recipe, None
     recipe = json.loads((Path(path) / "finetune.json").read_text())
@@ -166,7 +167,7 @@ def make_loader(args, recipe, model, accelerator):
         val_split=args.split,
         batch_size=args.batch_size,
     )
-    img_size = common.model_img_size(model)
+    img_size = model_img_size(model)[0]
     _, val_set, info = common.build_datasets(
         ns, recipe["data"], img_size, seed=recipe.get("seed", 0), val_length=args.val_images
     )

@@ -44,6 +44,7 @@ from torch.utils.data import DataLoader
 import tocom_hub
 from tocom_hub.demo.adaptformer import AdaptFormer
 from tocom_hub.tools._threads import setup_cpu_threads
+from tocom_hub.tools.images import model_img_size
 from tocom_hub.training import common
 
 logger = logging.getLogger("tocom_hub.training.finetune")
@@ -189,7 +190,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 
     # -- model ----------------------------------------------------------------------------------------
     model, model_info = common.build_backbone(args, num_classes=num_classes)
-    img_size = common.model_img_size(model)
+    img_size = model_img_size(model)[0]
     if probe_size is None and data_info["kind"] == "embedded":
         train_set, val_set, data_info = common.build_datasets(
             args, common.EMBEDDED_DOWNSTREAM_DATA, img_size, seed=args.seed, val_length=args.val_images
