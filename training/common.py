@@ -63,7 +63,7 @@ from tocom_hub.training.data import (
     fits_in_memory,
 )
 from tocom_hub.training.metrics import evaluate_top1
-from tocom_hub.training.seeds import derive_seed, heldout_pairs, sample_pair, seed_everything, seeded_rngs
+from tocom_hub.training.seeds import derive_seed, heldout_pairs, sample_pair, seeded_rngs
 
 __all__ = [
     "evaluate_top1",
@@ -74,7 +74,6 @@ __all__ = [
     "EMBEDDED_CHECKPOINT",
     "EMBEDDED_R_MAX",
     "derive_seed",
-    "seed_everything",
     "seeded_rngs",
     "sample_pair",
     "heldout_pairs",

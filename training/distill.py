@@ -557,20 +557,19 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     distiller.train()
     t_last = time.perf_counter()
     while step < total_steps and not stopped_early:
+        # a resumed run skips what the checkpointed steps consumed (streamed data: read and dropped)
+        loader = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
         if sampler is not None:
-            loader = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
             loader.set_epoch(epoch)  # accelerate re-applies its own epoch counter on __iter__: keep it ours
             sampler.set_epoch(epoch)
-        else:
-            if hasattr(train_set, "set_epoch"):
-                train_set.set_epoch(epoch)
-            loader = _fast_forward(train_loader, skip)
+        elif hasattr(train_set, "set_epoch"):
+            train_set.set_epoch(epoch)
         skip = 0
         micro = 0
         for batch in loader:
             x, y = common.device_batch(batch, accelerator.device, normalize)
             m, n = common.sample_pair(args.seed, step, args.r_max)
-            common.seed_everything(common.derive_seed(args.seed, "micro", step, micro, accelerator.process_index))
+            set_seed(common.derive_seed(args.seed, "micro", step, micro, accelerator.process_index))
             target = None
             if mixup is not None:
                 x, target = mixup(x, y)
@@ -693,14 +692,6 @@ def _hub_dataset_id(data: str) -> Optional[str]:
     """``imagenet-1k`` for ``--data hfds/imagenet-1k`` (what the bank's model card lists); else ``None``."""
     prefix, _, rest = data.partition("/")
     return rest if prefix.lower() in ("hfds", "hfids") and rest else None
-
-
-def _fast_forward(loader, skip: int):
-    """Iterate ``loader`` after discarding ``skip`` batches (streamed datasets cannot seek)."""
-    it = iter(loader)
-    for _ in range(skip):
-        next(it, None)
-    return it
 
 
 if __name__ == "__main__":

@@ -344,7 +344,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         sampler.set_epoch(epoch)
         skip, micro = 0, 0
         for x, y in loader:
-            common.seed_everything(common.derive_seed(args.seed, "micro", step, micro, accelerator.process_index))
+            set_seed(common.derive_seed(args.seed, "micro", step, micro, accelerator.process_index))
             if mixup is not None:
                 x, y = mixup(x, y)
             with accelerator.accumulate(net):

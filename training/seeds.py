@@ -17,20 +17,13 @@ from typing import Iterator, List, Tuple
 import numpy as np
 import torch
 
-__all__ = ["derive_seed", "seed_everything", "seeded_rngs", "sample_pair", "heldout_pairs"]
+__all__ = ["derive_seed", "seeded_rngs", "sample_pair", "heldout_pairs"]
 
 
 def derive_seed(*parts: object) -> int:
     """A 31-bit seed that is a stable function of ``parts`` (no Python hash salt, no global state)."""
     digest = hashlib.sha256("|".join(str(p) for p in parts).encode()).digest()
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python's ``random``, NumPy's legacy global RNG (timm's Mixup uses it) and torch."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 @contextlib.contextmanager
