@@ -12,7 +12,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 
-from tocom_hub.demo.models import DEMO_MODEL, DEMO_MODEL_KWARGS, DEMO_WEIGHTS
+from tocom_hub.demo.models import DEMO_MODEL, DEMO_MODEL_KWARGS, DEMO_WEIGHTS, load_model, read_state_dict
 from tocom_hub.training.checkpoints import sha256_file
 
 __all__ = [
@@ -40,17 +40,25 @@ EMBEDDED_CHECKPOINT = DEMO_WEIGHTS
 EMBEDDED_R_MAX = 10
 
 
-def _read_state_dict(path: str) -> Dict[str, torch.Tensor]:
-    from timm.models import load_state_dict
+def _checkpoint_classes(path: str) -> int:
+    """The classifier size of the weights file ``path`` (0: it has no ``head.weight``, a head-less backbone)."""
+    if path.endswith(".safetensors"):
+        from safetensors import safe_open
 
-    try:
-        sd = load_state_dict(path, use_ema=False, weights_only=True)
-    except Exception as e:
-        raise ValueError(
-            f"{path}: cannot read a state_dict ({type(e).__name__}: {e}); expected a .safetensors file or a "
-            f"torch file saved with torch.save(model.state_dict()) (loaded with weights_only=True)"
-        ) from None
-    return {k[len("module.") :] if k.startswith("module.") else k: v for k, v in sd.items()}
+        try:
+            with safe_open(path, framework="pt") as f:  # reads the header only
+                keys = set(f.keys())
+                name = next((k for k in ("head.weight", "module.head.weight") if k in keys), None)
+                shape = f.get_slice(name).get_shape() if name else []
+        except Exception:
+            return read_state_dict_classes(path)  # let the loader's reader say what is wrong with the file
+        return int(shape[0]) if len(shape) == 2 else 0
+    return read_state_dict_classes(path)
+
+
+def read_state_dict_classes(path: str) -> int:
+    head = read_state_dict(path).get("head.weight")
+    return int(head.shape[0]) if head is not None and head.ndim == 2 else 0
 
 
 def build_backbone(
@@ -58,13 +66,12 @@ def build_backbone(
 ) -> Tuple[torch.nn.Module, Dict[str, Any]]:
     """The timm backbone described by ``--model / --model-kwargs / --pretrained / --checkpoint``.
 
-    ``num_classes=None`` keeps the checkpoint's (or timm's pretrained) classifier; an int replaces the
-    head when it differs (``reset_classifier``). Returns ``(model, info)``; ``info`` records what was
-    built and from which weights (for recipes and the bank config).
+    Loaded by :func:`tocom_hub.demo.models.load_model` (so ``--model`` also takes what it takes: a model
+    alias or a saved model directory). ``num_classes=None`` keeps the checkpoint's (or timm's pretrained)
+    classifier, a head-less checkpoint builds a head-less model; an int replaces the head when it differs
+    (``reset_classifier``). Returns ``(model, info)`` in train mode; ``info`` records what was built and
+    from which weights (for recipes and the bank config).
     """
-    import timm
-    from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
-
     embedded = args.model is None
     name = EMBEDDED_MODEL if embedded else args.model
     kwargs: Dict[str, Any] = dict(EMBEDDED_MODEL_KWARGS) if embedded else {}
@@ -79,28 +86,11 @@ def build_backbone(
                 f"the embedded backbone weights are missing ({EMBEDDED_CHECKPOINT}); rebuild them with the "
                 f"command in README.md ('Embedded default backbone') or pass --checkpoint"
             )
-    state_dict = _read_state_dict(checkpoint) if checkpoint else None
-    ckpt_classes: Optional[int] = None
-    if state_dict is not None:
-        head = state_dict.get("head.weight")
-        ckpt_classes = int(head.shape[0]) if head is not None and head.ndim == 2 else 0
-    build_classes = ckpt_classes if ckpt_classes is not None else num_classes
-    create_kwargs = dict(kwargs)
+    create = dict(kwargs, drop_path_rate=args.drop_path if drop_path is None else drop_path)
+    build_classes = _checkpoint_classes(checkpoint) if checkpoint else num_classes
     if build_classes is not None:
-        create_kwargs["num_classes"] = build_classes
-    dp = args.drop_path if drop_path is None else drop_path
-    model = timm.create_model(name, pretrained=bool(args.pretrained), drop_path_rate=dp, **create_kwargs)
-    if state_dict is not None:
-        if isinstance(model, VisionTransformer):
-            state_dict = checkpoint_filter_fn(state_dict, model)
-        missing, unexpected = model.load_state_dict(state_dict, strict=False)
-        if missing or unexpected:
-            raise ValueError(
-                f"{checkpoint} does not fit {name} {kwargs}: missing keys {missing[:6]}"
-                f"{'…' if len(missing) > 6 else ''}, unexpected keys {unexpected[:6]}"
-                f"{'…' if len(unexpected) > 6 else ''}; pass the matching "
-                f"--model / --model-kwargs"
-            )
+        create["num_classes"] = build_classes
+    model = load_model(name, model_kwargs=create, pretrained=bool(args.pretrained), checkpoint=checkpoint).model
     if num_classes is not None and model.num_classes != num_classes:
         model.reset_classifier(num_classes)
     info = {
@@ -113,4 +103,4 @@ def build_backbone(
         "checkpoint_sha256": sha256_file(checkpoint) if checkpoint else None,
         "num_classes": int(model.num_classes),
     }
-    return model, info
+    return model.train(), info

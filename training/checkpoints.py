@@ -76,6 +76,9 @@ def _write_failure(tmp: Path, e: BaseException) -> CheckpointError:
     )
 
 
+# Not ProjectConfiguration(automatic_checkpoint_naming=True, total_limit=...), measured with accelerate 1.15: it
+# ignores save_state's output_dir (no write-then-rename), rotates *before* writing, and a write killed by a
+# file-size limit left checkpoints/checkpoint_2/ empty, which load_state() then picked and failed on.
 def save_checkpoint(accelerator, output_dir: str, step: int, run_config: Dict[str, Any]) -> str:
     """``accelerator.save_state`` into ``OUTPUT_DIR/checkpoints/step_XXXXXXXX``, atomically.
 

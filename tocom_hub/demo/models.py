@@ -51,6 +51,7 @@ __all__ = [
     "MODEL_ALIASES",
     "register_model_alias",
     "load_model",
+    "read_state_dict",
     "model_img_size",
     "eval_transform",
     "DEMO_MODEL",
@@ -130,7 +131,9 @@ def _looks_like_path(s: str) -> bool:
     ) and not s.startswith("hf-hub:")
 
 
-def _read_state_dict(path: PathLike) -> Dict[str, torch.Tensor]:
+def read_state_dict(path: PathLike) -> Dict[str, torch.Tensor]:
+    """The state dict in ``path`` (``.safetensors``, or a torch file read with ``weights_only=True``);
+    ``model`` / ``state_dict`` nesting and ``module.`` prefixes are unwrapped."""
     from timm.models import load_state_dict
 
     path = os.fspath(path)
@@ -157,7 +160,7 @@ def _head_classes(sd: Dict[str, torch.Tensor], kwargs: Dict[str, Any]) -> Dict[s
 def _load_weights(model: nn.Module, path: PathLike, name: str, sd: Optional[Dict[str, torch.Tensor]] = None) -> None:
     from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
-    sd = _read_state_dict(path) if sd is None else sd
+    sd = read_state_dict(path) if sd is None else sd
     if isinstance(model, VisionTransformer):
         sd = checkpoint_filter_fn(sd, model)  # timm's remapping (pos-embed resize, …)
     missing, unexpected = model.load_state_dict(sd, strict=False)
@@ -308,7 +311,7 @@ def _load_model(
             raise FileNotFoundError(f"model {name_or_path!r}: weights file {weights} is missing; {alias.missing_hint}")
         create = dict(alias.model_kwargs, **kwargs)
         w = checkpoint or weights
-        sd = _read_state_dict(w) if w is not None and not pretrained else None
+        sd = read_state_dict(w) if w is not None and not pretrained else None
         if sd is not None:
             create = _head_classes(sd, create)
         model = _create(alias.model, pretrained, create)
@@ -361,7 +364,7 @@ def _load_model(
             f"({', '.join(sorted(MODEL_ALIASES))}) or an existing path"
             + (f"; similar timm names: {', '.join(close)}" if close else "")
         )
-    sd = _read_state_dict(checkpoint) if checkpoint is not None else None
+    sd = read_state_dict(checkpoint) if checkpoint is not None else None
     if sd is not None:
         kwargs = _head_classes(sd, kwargs)
     model = _create(name_or_path, pretrained, kwargs)
