@@ -9,10 +9,12 @@ later lets it run at any other target r (``training/evaluate.py``). Two modes:
                          the backbone is frozen, adapters + classifier head train
                          (``tocom_hub.adaptformer``; hooks, so it works on patched ToMe blocks)
 
-Outputs in ``--output-dir``: ``model.safetensors`` (the timm model's state_dict, new head included;
-the recipe is in the file's metadata), ``adaptformer.safetensors`` (PET mode), ``finetune.json``
-(model name/kwargs, method, source r, data config, recipe, validation top-1) and checkpoints.
-``evaluate.py --finetuned OUTPUT_DIR`` rebuilds the model from these files.
+Outputs in ``--output-dir``, in timm's ``save_for_hf`` layout: ``config.json`` (timm's model config,
+plus the recipe under ``"tocom_finetune"``) and ``model.safetensors`` (the timm model's state_dict, new
+head included; the recipe is in the file's metadata too), ``adaptformer.safetensors`` (PET mode);
+``finetune.json`` (recipe, validation top-1 and its history) and checkpoints.
+``tocom_hub.demo.models.load_model(OUTPUT_DIR)`` (``tocom-hub eval --model OUTPUT_DIR``,
+``evaluate.py --finetuned OUTPUT_DIR``) rebuilds the model from these files, adapters attached.
 
 The same loop (seeded sampler, per-sample seeded augmentation, ``save_state`` / ``--resume``)
 as ``distill.py``. Without ``--data`` it fine-tunes the embedded tiny ViT on the embedded
@@ -30,7 +32,6 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import statistics
@@ -46,6 +47,7 @@ from tocom_hub.demo.adaptformer import AdaptFormer
 from tocom_hub.tools._threads import setup_cpu_threads
 from tocom_hub.tools.images import model_img_size
 from tocom_hub.training import common
+from tocom_hub.training.export import save_finetuned
 
 logger = logging.getLogger("tocom_hub.training.finetune")
 
@@ -160,7 +162,6 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     args = parse_args(argv)
     from accelerate import Accelerator
     from accelerate.utils import set_seed
-    from safetensors.torch import save_file
     from timm.data import Mixup
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
     from timm.scheduler import CosineLRScheduler
@@ -402,27 +403,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         "median_step_seconds": statistics.median(step_times[1:] or step_times) if step_times else None,
     }
     if accelerator.is_main_process:
-        os.makedirs(args.output_dir, exist_ok=True)
         inner = accelerator.unwrap_model(net)
         dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.save_dtype]
-        meta = {
-            "format": "pt",
-            "tocom_finetune": json.dumps(
-                {k: v for k, v in result.items() if k != "history"}, sort_keys=True, default=str
-            ),
-        }
-        save_file(
-            {k: v.detach().to("cpu", dtype).contiguous() for k, v in inner.model.state_dict().items()},
-            os.path.join(args.output_dir, "model.safetensors"),
-            metadata=meta,
-        )
-        os.chmod(os.path.join(args.output_dir, "model.safetensors"), 0o644)
-        if inner.adapters is not None:
-            save_file(
-                {k: v.detach().cpu().contiguous() for k, v in inner.adapters.state_dict().items()},
-                os.path.join(args.output_dir, "adaptformer.safetensors"),
-                metadata=meta,
-            )
+        recipe = {k: v for k, v in result.items() if k != "history"}
+        save_finetuned(inner.model, args.output_dir, recipe, adapters=inner.adapters, dtype=dtype)
         common.write_json(os.path.join(args.output_dir, "finetune.json"), result)
         logger.info("val top-1 at r=%d: %.2f; saved to %s", args.source_r, acc, args.output_dir)
     accelerator.wait_for_everyone()

@@ -13,9 +13,10 @@
      ``model.safetensors`` (or ``pytorch_model.bin``). Write one with
      ``timm.models.save_for_hf(model, "my-model", safe_serialization=True)`` (``timm.models.push_to_hf_hub``
      uploads the same files); it is rebuilt with ``timm.create_model("local-dir:my-model", pretrained=True)``.
-   * an output directory of ``training/finetune.py`` — ``finetune.json`` (``model``, ``model_kwargs``,
-     ``num_classes``, ``method``, ``source_r``) next to ``model.safetensors`` (and
-     ``adaptformer.safetensors`` for AdaptFormer models, attached with their hooks).
+   * an output directory of ``training/finetune.py`` — the same layout, with the fine-tuning recipe
+     (``method``, ``source_r``, ``mode``, …) under ``config.json``'s ``"tocom_finetune"`` and, for
+     AdaptFormer models, ``adaptformer.safetensors`` (attached with their hooks). Outputs of older
+     versions (``finetune.json`` instead of ``config.json``) still load.
 3. **a weights file** (``.safetensors``) that describes itself: one written by ``finetune.py``
    (its metadata holds the recipe) or one lying next to a timm ``config.json``.
 4. **a timm model name** (``timm.list_models()``) or ``hf-hub:org/name``, built with
@@ -57,6 +58,9 @@ __all__ = [
     "DEMO_MODEL",
     "DEMO_MODEL_KWARGS",
     "DEMO_WEIGHTS",
+    "FINETUNE_KEY",
+    "FINETUNE_FORMAT",
+    "ADAPTERS_FILE",
 ]
 
 PathLike = Union[str, os.PathLike]
@@ -65,6 +69,13 @@ PathLike = Union[str, os.PathLike]
 DEMO_MODEL = "vit_tiny_patch16_224"
 DEMO_MODEL_KWARGS: Dict[str, Any] = dict(img_size=32, patch_size=4, depth=6, embed_dim=96, num_heads=3)
 DEMO_WEIGHTS = Path(__file__).resolve().parent / "assets" / "vit_tiny_photo_crops.safetensors"
+
+# A fine-tuned model (training/finetune.py) is timm's save_for_hf layout: config.json (with the recipe under
+# FINETUNE_KEY, "format_version": FINETUNE_FORMAT) + model.safetensors (the recipe also in its metadata) and,
+# for AdaptFormer models, ADAPTERS_FILE. Format 1 (older outputs) had finetune.json instead of config.json.
+FINETUNE_KEY = "tocom_finetune"
+FINETUNE_FORMAT = 2
+ADAPTERS_FILE = "adaptformer.safetensors"
 
 
 class LoadedModel(NamedTuple):
@@ -199,36 +210,41 @@ def _finetune_safetensors_recipe(path: Path) -> Optional[Dict[str, Any]]:
             meta = f.metadata() or {}
     except Exception as e:
         raise ValueError(f"{path}: not a readable .safetensors file ({e})") from None
-    text = meta.get("tocom_finetune")
+    text = meta.get(FINETUNE_KEY)
     return json.loads(text) if text else None
 
 
+def _with_recipe(model: nn.Module, info: Dict[str, Any], recipe: Dict[str, Any], adapters: Path, required: bool):
+    """Record ``recipe`` in ``info`` and attach the AdaptFormer adapters it names (``adapters``)."""
+    info.update(method=recipe.get("method"), source_r=recipe.get("source_r"), recipe=recipe)
+    if recipe.get("mode") != "adaptformer":
+        return
+    if not adapters.is_file():
+        if required:
+            raise FileNotFoundError(f"{adapters} is missing: the model was fine-tuned with AdaptFormer adapters")
+        return
+    from safetensors.torch import load_file
+
+    from .adaptformer import AdaptFormer
+
+    af = AdaptFormer.for_model(model, bottleneck=recipe["adapter_bottleneck"], scale=recipe["adapter_scale"])
+    af.load_state_dict(load_file(str(adapters)))
+    af.attach(model)
+    model._tocom_adaptformer = af  # keep the adapters alive with the model
+    info["adaptformer"] = str(adapters)
+
+
 def _from_finetune(recipe: Dict[str, Any], weights: Path, kwargs: Dict[str, Any], source: str):
+    """Format 1, for outputs of older finetune.py versions: ``finetune.json`` (or the weights' metadata)
+    names the timm model; newer outputs are timm's ``config.json`` layout (:func:`_from_timm_dir`)."""
     create = dict(recipe.get("model_kwargs") or {})
     create.update(kwargs)
     if recipe.get("num_classes") is not None:
         create.setdefault("num_classes", int(recipe["num_classes"]))
     model = _create(recipe["model"], False, create)
     _load_weights(model, weights, recipe["model"])
-    info = {
-        "model": recipe["model"],
-        "model_kwargs": create,
-        "source": source,
-        "weights": str(weights),
-        "method": recipe.get("method"),
-        "source_r": recipe.get("source_r"),
-    }
-    adapters = weights.parent / "adaptformer.safetensors"
-    if recipe.get("mode") == "adaptformer" and adapters.is_file():
-        from safetensors.torch import load_file
-
-        from .adaptformer import AdaptFormer
-
-        af = AdaptFormer.for_model(model, bottleneck=recipe["adapter_bottleneck"], scale=recipe["adapter_scale"])
-        af.load_state_dict(load_file(str(adapters)))
-        af.attach(model)
-        model._tocom_adaptformer = af  # keep the adapters alive with the model
-        info["adaptformer"] = str(adapters)
+    info = {"model": recipe["model"], "model_kwargs": create, "source": source, "weights": str(weights)}
+    _with_recipe(model, info, recipe, weights.parent / ADAPTERS_FILE, required=False)
     return model, info
 
 
@@ -253,6 +269,9 @@ def _from_timm_dir(path: Path, kwargs: Dict[str, Any], checkpoint: Optional[Path
         "source": str(path),
         "weights": str(checkpoint) if checkpoint else str(path),
     }
+    recipe = cfg.get(FINETUNE_KEY)
+    if isinstance(recipe, dict):  # written by training/finetune.py (format 2)
+        _with_recipe(model, info, recipe, path / ADAPTERS_FILE, required=True)
     return model, info
 
 
@@ -271,9 +290,9 @@ def load_model(
 
     Returns ``(model, info)`` as a :class:`LoadedModel` (``.model``, ``.info``); ``info`` records ``name``
     (as given), ``model`` (timm architecture), ``model_kwargs``, ``source`` and ``weights``
-    (``"random-init"`` for a bare timm name), plus ``method`` / ``source_r`` when the directory records
-    them (finetune.py). Raises ``FileNotFoundError`` for a missing path / weights file and ``ValueError``
-    for an unknown name.
+    (``"random-init"`` for a bare timm name), plus ``method`` / ``source_r`` / ``recipe`` (the whole
+    fine-tuning recipe) for a finetune.py output. Raises ``FileNotFoundError`` for a missing path / weights
+    file and ``ValueError`` for an unknown name.
     Example::
 
         model, info = load_model("vit_tiny_patch16_224", model_kwargs={"img_size": 64, "depth": 2})
