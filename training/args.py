@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -16,9 +17,11 @@ from typing import List, Optional, Sequence
 
 import torch
 
+from tocom_hub.core.bank import TARGETS
 from tocom_hub.core.checks import METHODS
 from tocom_hub.demo import data as embedded_data
-from tocom_hub.training.backbone import EMBEDDED_MODEL, EMBEDDED_MODEL_KWARGS
+from tocom_hub.training.backbone import EMBEDDED_MODEL, EMBEDDED_MODEL_KWARGS, EMBEDDED_R_MAX
+from tocom_hub.training.distiller import DIRECTIONS
 
 __all__ = [
     "add_model_args",
@@ -28,6 +31,8 @@ __all__ = [
     "output_dir_problem",
     "use_cpu",
     "resolve_report_to",
+    "add_distill_args",
+    "check_distill_args",
 ]
 
 
@@ -230,3 +235,113 @@ def resolve_report_to(value: str) -> Optional[List[str]]:
         found = [n for n, ok in (("tensorboard", is_tensorboard_available()), ("wandb", is_wandb_available())) if ok]
         return found or None
     return [value]
+
+
+# ---------------------------------------------------------------------------------------------------
+# distill.py's own flags
+
+
+def add_distill_args(p: argparse.ArgumentParser) -> None:
+    """The bank, distillation and held-out/export groups of ``distill.py``."""
+    g = p.add_argument_group("bank")
+    g.add_argument(
+        "--r-max",
+        type=int,
+        default=None,
+        help=f"R, the largest r the bank covers (default 16; {EMBEDDED_R_MAX} for the embedded model)",
+    )
+    g.add_argument("--rank", type=int, default=2, help="LoRA rank h of every group (default 2)")
+    g.add_argument("--targets", default="q,v", help=f"comma-separated subset of {','.join(TARGETS)} (default q,v)")
+    g.add_argument("--scale", type=float, default=0.1, help="s during training (default 0.1)")
+    g = p.add_argument_group("distillation")
+    g.add_argument(
+        "--direction",
+        default="inference",
+        choices=DIRECTIONS,
+        help="inference (default): teacher r=m no bank, student r=n + bank m→n — what "
+        "tocom_hub.apply(model, source_r=m, target_r=n) runs; paper-eq8: teacher r=n, student "
+        "r=m + bank m→n (Eq. 8 as printed; learns the negated bank under the inference convention)",
+    )
+    g.add_argument(
+        "--kd",
+        default="logits",
+        choices=["logits", "features"],
+        help="logits: KL on soft targets; features: L1 on pooled final features (head-less backbones)",
+    )
+    g.add_argument("--temperature", type=float, default=1.0, help="KD temperature T (default 1)")
+    g.add_argument(
+        "--cls-loss",
+        action="store_true",
+        help="ablation (Table 5): cross-entropy on the labels instead of distillation",
+    )
+    g.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
+    g.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (default 0.05)")
+    g.add_argument("--min-lr", type=float, default=1e-5, help="cosine schedule floor (default 1e-5; no warm-up)")
+    g.add_argument("--mixup", type=float, default=0.8, help="mixup alpha (default 0.8; images only for KD)")
+    g.add_argument("--cutmix", type=float, default=1.0, help="cutmix alpha (default 1.0)")
+    g = p.add_argument_group("held-out evaluation and export")
+    g.add_argument(
+        "--heldout-pairs",
+        type=int,
+        default=8,
+        metavar="K",
+        help="number of fixed (m, n) pairs for the held-out KL (default 8; 0 skips it)",
+    )
+    g.add_argument("--heldout-images", type=int, default=512, help="held-out images (default 512)")
+    g.add_argument(
+        "--eval-every",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also log the held-out KL every N steps (default 0: only at the end)",
+    )
+    g.add_argument("--push-to-hub", default=None, metavar="ORG/NAME", help="upload the bank when done")
+    g.add_argument(
+        "--dataset-id",
+        default=None,
+        metavar="HUB_DATASET",
+        help="Hub dataset id of the training data for the bank's model card, e.g. imagenet-1k "
+        "(default: taken from --data hfds/<id> / hfids/<id>)",
+    )
+
+
+def check_distill_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Validate and complete :func:`add_distill_args`'s flags (after :func:`check_common_args`)."""
+    if args.r_max is None:
+        args.r_max = EMBEDDED_R_MAX if args.model is None else 16
+    if args.r_max < 1:
+        p.error(f"--r-max must be >= 1 (the bank needs at least one step r → r+1); got {args.r_max}")
+    if args.rank < 1:
+        p.error(f"--rank must be >= 1; got {args.rank}")
+    targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
+    bad = [t for t in targets if t not in TARGETS]
+    if not targets or bad or len(set(targets)) != len(targets):
+        p.error(f"--targets must be distinct names from {','.join(TARGETS)}; got {args.targets!r}")
+    args.targets = targets
+    if not math.isfinite(args.scale) or args.scale == 0:
+        p.error(f"--scale must be a finite, non-zero number; got {args.scale}")
+    if not args.temperature > 0:
+        p.error(f"--temperature must be > 0; got {args.temperature}")
+    if args.cls_loss and args.kd == "features":
+        p.error("--cls-loss trains on labels; it cannot be combined with --kd features")
+    if args.heldout_pairs < 0 or args.heldout_images < 1 or args.eval_every < 0:
+        p.error("--heldout-pairs and --eval-every must be >= 0 and --heldout-images >= 1")
+    if args.lr <= 0 or args.weight_decay < 0 or args.min_lr < 0:
+        p.error("--lr must be > 0, --weight-decay and --min-lr >= 0")
+    args.augment = not args.no_augment
+    args.use_mixup = args.augment and (args.mixup > 0 or args.cutmix > 0)
+    if args.use_mixup and args.batch_size % 2:
+        p.error(
+            f"mixup/cutmix pair up images inside a batch: --batch-size must be even (got {args.batch_size}); "
+            f"or pass --mixup 0 --cutmix 0 / --no-augment"
+        )
+    if args.push_to_hub is not None:
+        if args.push_to_hub.count("/") != 1:
+            p.error(f"--push-to-hub expects a repo id 'org/name'; got {args.push_to_hub!r}")
+        try:
+            import tocom_hub.hub  # noqa: F401
+        except ImportError as e:
+            p.error(
+                f"--push-to-hub needs tocom_hub.hub, which is not available ({e}); train without it and upload "
+                f"OUTPUT_DIR with `hf upload ORG/NAME OUTPUT_DIR`"
+            )

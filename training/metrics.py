@@ -1,10 +1,14 @@
-"""Measurements a training script takes along the way: top-1 on a loader, peak memory."""
+"""Measurements a training script takes along the way: top-1 on a loader, step speed, peak memory."""
 
 from __future__ import annotations
 
+import platform
+import statistics
+from typing import Any, Dict, List
+
 import torch
 
-__all__ = ["evaluate_top1"]
+__all__ = ["evaluate_top1", "peak_memory_mb", "synchronize", "step_metrics"]
 
 
 @torch.no_grad()
@@ -25,3 +29,43 @@ def evaluate_top1(accelerator, model: torch.nn.Module, loader) -> float:
         total += int(y.numel())
     model.train(was_training)
     return 100.0 * correct / max(total, 1)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of this process in MiB: allocated on a CUDA device, else the resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - Windows
+        return float("nan")
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB → MiB
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for ``device`` to finish its queued work (timing)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def step_metrics(
+    step_times: List[float], window_seconds: float, images_per_step: int, device: torch.device
+) -> Dict[str, Any]:
+    """Speed and memory of a run: median step time and images/s (all steps but the first, which warms up
+    the loader workers), wall-clock throughput over ``window_seconds``, peak memory, device, platform."""
+    timed = step_times[1:] or step_times
+    if not timed:
+        return {}
+    med = statistics.median(timed)
+    return {
+        "median_step_seconds": med,
+        "images_per_second": images_per_step / med,
+        # wall-clock rate over all steps but the first, the device synchronised at both ends
+        "throughput_images_per_second": ((len(step_times) - 1) * images_per_step / window_seconds)
+        if window_seconds > 0
+        else None,
+        "peak_memory_mb_per_process": peak_memory_mb(device),
+        "device": str(device),
+        "cpu_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+    }
