@@ -49,8 +49,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import time
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -62,7 +61,7 @@ from tocom_hub.tools.images import model_img_size
 from tocom_hub.training import common, run
 from tocom_hub.training.args import add_distill_args, check_distill_args
 from tocom_hub.training.distiller import Distiller, heldout_eval, kd_loss
-from tocom_hub.training.metrics import step_metrics, synchronize
+from tocom_hub.training.metrics import StepTimer, step_metrics
 
 logger = logging.getLogger("tocom_hub.training.distill")
 
@@ -272,10 +271,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         desc="distill",
         dynamic_ncols=True,
     )
-    step_times: List[float] = []
+    timer = StepTimer(accelerator.device)
     stop = False
     distiller.train()
-    t_last = time.perf_counter()
     while step < total_steps and not stop:
         loader = run.epoch_loader(accelerator, train_loader, sampler, epoch, skip, train_set)
         skip = 0
@@ -296,41 +294,26 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                     loss = F.cross_entropy(student.float(), target) if hard else soft_ce(student.float(), target)
                 else:
                     loss = kd_loss(student, teacher, args.kd, args.temperature)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    scheduler.step_update(step)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                run.backward_step(accelerator, loss, optimizer, scheduler, step)
             micro += 1
             if not accelerator.sync_gradients:
                 continue
             micro = 0
             step += 1
             state.step = step
-            now = time.perf_counter()
-            step_times.append(now - t_last)
-            t_last = now
-            if len(step_times) == 1:  # the throughput window starts after the first step (workers warm up)
-                synchronize(accelerator.device)
-                t_window = time.perf_counter()
+            timer.tick()
             progress.update(1)
             if step % args.log_every == 0 or step == total_steps:
-                loss_val = accelerator.reduce(loss.detach(), "mean").item()
-                lr = optimizer.param_groups[0]["lr"]
-                progress.set_postfix(loss=f"{loss_val:.4g}", m=m, n=n)
-                accelerator.log({"train/loss": loss_val, "train/lr": lr, "train/m": m, "train/n": n}, step=step)
+                run.log_loss(accelerator, progress, loss, optimizer, step, m=m, n=n)
             if args.eval_every and step % args.eval_every == 0 and step < total_steps and heldout_loader is not None:
                 ev = heldout_eval(accelerator, unwrapped, heldout_loader, pairs, args.kd)
                 accelerator.log({f"heldout/{k}": v for k, v in ev.items() if isinstance(v, float)}, step=step)
                 logger.info("step %d: %s", step, {k: round(v, 6) for k, v in ev.items() if isinstance(v, float)})
             stop = run.after_step(args, accelerator, step, run_config, logger)
-            if stop:
-                break
-            if step >= total_steps:
+            if stop or step >= total_steps:
                 break
         epoch += 1
-    synchronize(accelerator.device)
-    window_seconds = time.perf_counter() - t_window if len(step_times) > 1 else 0.0
+    window_seconds = timer.window_seconds()
     progress.close()
     if run.stopped_early(args, accelerator, step, total_steps, logger):
         return {"stopped_at": step}
@@ -340,7 +323,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     if heldout_loader is not None and pairs:
         metrics.update(heldout_eval(accelerator, unwrapped, heldout_loader, pairs, args.kd))
         accelerator.log({f"heldout/{k}": v for k, v in metrics.items() if isinstance(v, float)}, step=step)
-    metrics.update(step_metrics(step_times, window_seconds, global_micro * args.grad_accum, accelerator.device))
+    metrics.update(step_metrics(timer, window_seconds, global_micro * args.grad_accum))
     if accelerator.is_main_process:
         out_bank = unwrapped.bank
         out_bank.config.training_recipe = run_config

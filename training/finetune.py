@@ -34,8 +34,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import statistics
-import time
 from typing import Any, Dict, Optional, Sequence
 
 import torch
@@ -47,6 +45,7 @@ from tocom_hub.demo.adaptformer import AdaptFormer
 from tocom_hub.tools.images import model_img_size
 from tocom_hub.training import common, run
 from tocom_hub.training.export import save_finetuned
+from tocom_hub.training.metrics import StepTimer
 
 logger = logging.getLogger("tocom_hub.training.finetune")
 
@@ -286,10 +285,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         dynamic_ncols=True,
     )
     history = []
-    step_times = []
+    timer = StepTimer(accelerator.device)
     stop = False
     net.train()
-    t_last = time.perf_counter()
     while step < total_steps and not stop:
         loader = run.epoch_loader(accelerator, train_loader, sampler, epoch, skip)
         skip, micro = 0, 0
@@ -299,34 +297,24 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                 x, y = mixup(x, y)
             with accelerator.accumulate(net):
                 loss = criterion(net(x).float(), y)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    scheduler.step_update(step)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                run.backward_step(accelerator, loss, optimizer, scheduler, step)
             micro += 1
             if not accelerator.sync_gradients:
                 continue
             micro = 0
             step += 1
             state.step = step
-            now = time.perf_counter()
-            step_times.append(now - t_last)
-            t_last = now
+            timer.tick()
             progress.update(1)
             if step % args.log_every == 0 or step == total_steps:
-                loss_val = accelerator.reduce(loss.detach(), "mean").item()
-                progress.set_postfix(loss=f"{loss_val:.4g}")
-                accelerator.log({"train/loss": loss_val, "train/lr": optimizer.param_groups[0]["lr"]}, step=step)
+                run.log_loss(accelerator, progress, loss, optimizer, step)
             if args.eval_every and step % args.eval_every == 0 and step < total_steps:
                 acc = common.evaluate_top1(accelerator, net, val_loader)
                 history.append({"step": step, "val_top1": acc})
                 accelerator.log({"val/top1": acc}, step=step)
                 logger.info("step %d: val top-1 %.2f", step, acc)
             stop = run.after_step(args, accelerator, step, run_config, logger)
-            if stop:
-                break
-            if step >= total_steps:
+            if stop or step >= total_steps:
                 break
         epoch += 1
     progress.close()
@@ -343,7 +331,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         "val_top1": acc,
         "val_images": n_val,
         "history": history,
-        "median_step_seconds": statistics.median(step_times[1:] or step_times) if step_times else None,
+        "median_step_seconds": timer.median(),
     }
     if accelerator.is_main_process:
         inner = accelerator.unwrap_model(net)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import platform
 import statistics
-from typing import Any, Dict, List
+import time
+from typing import Any, Dict, Optional
 
 import torch
 
-__all__ = ["evaluate_top1", "peak_memory_mb", "synchronize", "step_metrics"]
+__all__ = ["evaluate_top1", "peak_memory_mb", "synchronize", "StepTimer", "step_metrics"]
 
 
 @torch.no_grad()
@@ -48,24 +49,49 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def step_metrics(
-    step_times: List[float], window_seconds: float, images_per_step: int, device: torch.device
-) -> Dict[str, Any]:
+class StepTimer:
+    """Wall-clock time of every optimizer step; the throughput window starts after the first step (the
+    loader workers warm up during it) and the device is synchronised at both ends of the window."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.times = device, []
+        self._last, self._window_start = time.perf_counter(), 0.0
+
+    def tick(self) -> None:
+        """Call once per optimizer step, after it."""
+        now = time.perf_counter()
+        self.times.append(now - self._last)
+        self._last = now
+        if len(self.times) == 1:
+            synchronize(self.device)
+            self._window_start = time.perf_counter()
+
+    def window_seconds(self) -> float:
+        """Seconds from the end of the first step to now (0.0 for fewer than two steps)."""
+        synchronize(self.device)
+        return time.perf_counter() - self._window_start if len(self.times) > 1 else 0.0
+
+    def median(self) -> Optional[float]:
+        """Median step time in seconds, the first step left out when there are others."""
+        timed = self.times[1:] or self.times
+        return statistics.median(timed) if timed else None
+
+
+def step_metrics(timer: StepTimer, window_seconds: float, images_per_step: int) -> Dict[str, Any]:
     """Speed and memory of a run: median step time and images/s (all steps but the first, which warms up
     the loader workers), wall-clock throughput over ``window_seconds``, peak memory, device, platform."""
-    timed = step_times[1:] or step_times
-    if not timed:
+    med = timer.median()
+    if med is None:
         return {}
-    med = statistics.median(timed)
     return {
         "median_step_seconds": med,
         "images_per_second": images_per_step / med,
         # wall-clock rate over all steps but the first, the device synchronised at both ends
-        "throughput_images_per_second": ((len(step_times) - 1) * images_per_step / window_seconds)
+        "throughput_images_per_second": ((len(timer.times) - 1) * images_per_step / window_seconds)
         if window_seconds > 0
         else None,
-        "peak_memory_mb_per_process": peak_memory_mb(device),
-        "device": str(device),
+        "peak_memory_mb_per_process": peak_memory_mb(timer.device),
+        "device": str(timer.device),
         "cpu_threads": torch.get_num_threads(),
         "platform": platform.platform(),
     }

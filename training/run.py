@@ -23,7 +23,17 @@ from tocom_hub.training.checkpoints import (
     save_checkpoint,
 )
 
-__all__ = ["RESUME_MUST_MATCH", "start", "recipe", "resume", "epoch_loader", "after_step", "stopped_early"]
+__all__ = [
+    "RESUME_MUST_MATCH",
+    "start",
+    "recipe",
+    "resume",
+    "epoch_loader",
+    "backward_step",
+    "log_loss",
+    "after_step",
+    "stopped_early",
+]
 
 # recipe entries that must not change between a run and its --resume (each script adds its own)
 RESUME_MUST_MATCH = (
@@ -140,6 +150,24 @@ def epoch_loader(accelerator, train_loader, sampler, epoch: int, skip: int, data
     elif hasattr(dataset, "set_epoch"):
         dataset.set_epoch(epoch)
     return loader
+
+
+def backward_step(accelerator, loss, optimizer, scheduler, step: int) -> None:
+    """``accelerator.backward(loss)`` and the optimizer step (a no-op until the gradients are accumulated);
+    timm's scheduler moves per optimizer step. Call inside ``accelerator.accumulate(model)``."""
+    accelerator.backward(loss)
+    if accelerator.sync_gradients:
+        scheduler.step_update(step)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def log_loss(accelerator, progress, loss, optimizer, step: int, **extra: Any) -> None:
+    """The loss (mean over processes) and learning rate to the progress bar and the trackers."""
+    loss_val = accelerator.reduce(loss.detach(), "mean").item()
+    progress.set_postfix(loss=f"{loss_val:.4g}", **extra)
+    logs = {"train/loss": loss_val, "train/lr": optimizer.param_groups[0]["lr"]}
+    accelerator.log({**logs, **{f"train/{k}": v for k, v in extra.items()}}, step=step)
 
 
 def after_step(args: argparse.Namespace, accelerator, step: int, run_config: Dict[str, Any], logger) -> bool:
