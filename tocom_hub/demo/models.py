@@ -65,7 +65,7 @@ __all__ = [
 
 PathLike = Union[str, os.PathLike]
 
-# The embedded demo model (training/common.py's EMBEDDED_* defaults point here).
+# The embedded demo model (training/backbone.py's EMBEDDED_* defaults point here).
 DEMO_MODEL = "vit_tiny_patch16_224"
 DEMO_MODEL_KWARGS: Dict[str, Any] = dict(img_size=32, patch_size=4, depth=6, embed_dim=96, num_heads=3)
 DEMO_WEIGHTS = Path(__file__).resolve().parent / "assets" / "vit_tiny_photo_crops.safetensors"
@@ -168,6 +168,9 @@ def _head_classes(sd: Dict[str, torch.Tensor], kwargs: Dict[str, Any]) -> Dict[s
     return kwargs
 
 
+# Not timm.create_model(checkpoint_path=...) / pretrained_cfg_overlay=dict(file=...), measured with timm 1.0.31 on the
+# demo weights: checkpoint_path= skips checkpoint_filter_fn (at img_size 48: pos_embed size mismatch), the overlay
+# re-initialised the 3-class head (its cfg says 1000 classes), and both raise a multi-line RuntimeError on a misfit.
 def _load_weights(model: nn.Module, path: PathLike, name: str, sd: Optional[Dict[str, torch.Tensor]] = None) -> None:
     from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
