@@ -136,22 +136,7 @@ def test_disk_full_during_a_checkpoint_write_is_clear_and_leaves_no_partial_fold
     def small_files():  # every file this process writes is capped at 100 kB: writes beyond fail (EFBIG)
         resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
 
-    cmd = [
-        sys.executable,
-        DISTILL,
-        "--max-steps",
-        "4",
-        "--checkpoint-every",
-        "2",
-        "--batch-size",
-        "8",
-        "--heldout-pairs",
-        "0",
-        "--num-workers",
-        "0",
-        "--output-dir",
-        str(out),
-    ]
+    cmd = [sys.executable, DISTILL, *TINY_RESUMABLE_RUN, "--output-dir", str(out)]
     proc = subprocess.run(
         cmd,
         capture_output=True,
