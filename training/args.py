@@ -1,8 +1,10 @@
-"""The command-line flags ``distill.py`` and ``finetune.py`` share, and their validation.
+"""The command-line flags of the training scripts, and their validation.
 
-Each ``add_*_args`` adds one argument group; :func:`check_common_args` checks them before anything
-heavy runs (``p.error`` exits with status 2). :func:`use_cpu` and :func:`resolve_report_to` turn
-flags into ``Accelerator`` arguments.
+``add_model_args`` / ``add_data_args`` / ``add_accelerate_args`` add the groups ``distill.py`` and
+``finetune.py`` share, :func:`check_common_args` checks them before anything heavy runs (``p.error``
+exits with status 2); :func:`add_distill_args` / :func:`check_distill_args` are ``distill.py``'s own
+groups (bank, distillation, held-out evaluation and export). :func:`use_cpu` and
+:func:`resolve_report_to` turn flags into ``Accelerator`` arguments.
 """
 
 from __future__ import annotations

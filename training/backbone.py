@@ -51,12 +51,12 @@ def _checkpoint_classes(path: str) -> int:
                 name = next((k for k in ("head.weight", "module.head.weight") if k in keys), None)
                 shape = f.get_slice(name).get_shape() if name else []
         except Exception:
-            return read_state_dict_classes(path)  # let the loader's reader say what is wrong with the file
+            return _state_dict_classes(path)  # let the loader's reader say what is wrong with the file
         return int(shape[0]) if len(shape) == 2 else 0
-    return read_state_dict_classes(path)
+    return _state_dict_classes(path)
 
 
-def read_state_dict_classes(path: str) -> int:
+def _state_dict_classes(path: str) -> int:
     head = read_state_dict(path).get("head.weight")
     return int(head.shape[0]) if head is not None and head.ndim == 2 else 0
 
