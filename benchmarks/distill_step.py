@@ -59,17 +59,13 @@ sys.path.insert(0, ROOT)
 
 import tocom_hub  # noqa: E402
 from tocom_hub.core.bank import ToComBank  # noqa: E402
-from tocom_hub.training.common import sample_pair  # noqa: E402
-from tocom_hub.training.distill import Distiller, kd_loss  # noqa: E402
+from tocom_hub.training.distiller import Distiller, kd_loss  # noqa: E402
+from tocom_hub.training.metrics import synchronize  # noqa: E402
+from tocom_hub.training.seeds import sample_pair  # noqa: E402
 
 TARGET_RATIO = 1.1  # distill step ÷ full fine-tuning step
 TARGET_END_TO_END = 0.8  # distill.py images/s ÷ raw distill step images/s
 PRECISIONS = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def step_rates(
@@ -152,11 +148,11 @@ def step_rates(
         bank_opt.zero_grad(set_to_none=True)
 
     def timed(fn, i: int) -> float:
-        _sync(dev)
+        synchronize(dev)
         t0 = time.perf_counter()
         for k in range(steps_per_round):
             fn(i * steps_per_round + k)
-        _sync(dev)
+        synchronize(dev)
         return (time.perf_counter() - t0) / steps_per_round
 
     for i in range(warmup):
@@ -227,23 +223,23 @@ def _distill_parts(distiller, opt, x, seed, r_max, rounds, autocast, dev) -> Dic
     parts: Dict[str, list] = {"teacher_forward": [], "student_forward": [], "backward": [], "optimizer": []}
     for i in range(rounds):
         m, n = sample_pair(seed, i, r_max)
-        _sync(dev)
+        synchronize(dev)
         t0 = time.perf_counter()
         with autocast():
             teacher = distiller.teacher(x, m, n)
-        _sync(dev)
+        synchronize(dev)
         t1 = time.perf_counter()
         with autocast():
             student = distiller.student(x, m, n)
             loss = kd_loss(student, teacher, "logits")
-        _sync(dev)
+        synchronize(dev)
         t2 = time.perf_counter()
         loss.backward()
-        _sync(dev)
+        synchronize(dev)
         t3 = time.perf_counter()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        _sync(dev)
+        synchronize(dev)
         t4 = time.perf_counter()
         for k, (a, b) in zip(parts, ((t0, t1), (t1, t2), (t2, t3), (t3, t4))):
             parts[k].append((b - a) * 1e3)
@@ -264,22 +260,24 @@ def loader_rate(
 ) -> Dict[str, Any]:
     """Images/s of ``training/distill.py``'s training input pipeline alone, batches ready on the device.
 
-    Builds the loader exactly as the script does (``common.build_train_loader``: seeded per-sample
-    augmentation, uint8 batches, pinned on CUDA), moves each batch to ``device`` and normalises it there
-    (``common.device_batch``). ``model`` only supplies timm's data config (mean/std, interpolation). The
+    Builds the loader exactly as the script does (``build_train_loader``: seeded per-sample augmentation,
+    uint8 batches, pinned on CUDA), moves each batch to ``device`` and normalises it there
+    (``device_batch``). ``model`` only supplies timm's data config (mean/std, interpolation). The
     first batch (worker start-up) is not timed. Returns ``img_per_s``, ``ms_per_batch``, the settings,
     ``cpu_count`` and the number of CPUs this process may use (``cpu_affinity``).
     """
-    from tocom_hub.training import common
+    from tocom_hub.training.backbone import EMBEDDED_DATA
+    from tocom_hub.training.batches import device_batch
+    from tocom_hub.training.data import build_datasets, build_train_loader, build_transforms
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     net = timm.create_model(model, pretrained=False, img_size=img_size)
     args = argparse.Namespace(
         data=data, data_dir=None, train_split="train", val_split="validation", batch_size=batch_size
     )
-    train_set, _, info = common.build_datasets(args, common.EMBEDDED_DATA, img_size, need_val=False, seed=seed)
-    train_tf, _, _ = common.build_transforms(net, img_size, augment, info["kind"] == "embedded")
-    loader, _, normalize = common.build_train_loader(
+    train_set, _, info = build_datasets(args, EMBEDDED_DATA, img_size, need_val=False, seed=seed)
+    train_tf, _, _ = build_transforms(net, img_size, augment, info["kind"] == "embedded")
+    loader, _, normalize = build_train_loader(
         train_set,
         train_tf,
         iterable=info["iterable"],
@@ -290,8 +288,8 @@ def loader_rate(
         pin_memory=dev.type == "cuda",
     )
     it = iter(loader)
-    common.device_batch(next(it), dev, normalize)
-    _sync(dev)
+    device_batch(next(it), dev, normalize)
+    synchronize(dev)
     t0 = time.perf_counter()
     done = 0
     for _ in range(batches):
@@ -299,9 +297,9 @@ def loader_rate(
             batch = next(it)
         except StopIteration:
             break
-        common.device_batch(batch, dev, normalize)
+        device_batch(batch, dev, normalize)
         done += 1
-    _sync(dev)
+    synchronize(dev)
     dt = time.perf_counter() - t0
     del it
     return {

@@ -110,3 +110,21 @@ def test_training_scripts_evaluate_the_split_they_are_asked_for():
     assert np.array_equal(first("validation"), ref_val)
     assert np.array_equal(first("test"), ref_test)
     assert not np.array_equal(ref_val, ref_test)
+
+
+def test_embedded_datasets_are_deterministic_and_split():
+    import numpy as np
+
+    from tocom_hub.demo.data import build_dataset, list_datasets
+
+    assert {"photo-crops", "photo-orientation"} <= set(list_datasets())
+    a = build_dataset("photo-crops", "train", 16, length=20)
+    b = build_dataset("photo-crops", "train", 16, length=20)
+    v = build_dataset("photo-crops", "val", 16, length=20)
+    for i in (0, 7, 19):
+        assert np.array_equal(np.asarray(a[i][0]), np.asarray(b[i][0])) and a[i][1] == b[i][1]
+        assert a[i][0].size == (16, 16) and a[i][0].mode == "RGB"
+    assert not np.array_equal(np.asarray(a[3][0]), np.asarray(v[3][0]))
+    assert sorted({a[i][1] for i in range(15)}) == list(range(15))
+    with pytest.raises(KeyError, match="photo-crops"):
+        build_dataset("nope")

@@ -21,7 +21,6 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
@@ -36,6 +35,7 @@ from tocom_hub.cli.types import r_list
 from tocom_hub.demo.models import load_model
 from tocom_hub.tools._threads import setup_cpu_threads
 from tocom_hub.tools.evaluation import evaluate
+from tocom_hub.tools.images import model_img_size
 from tocom_hub.tools.plots import plot_accuracy
 from tocom_hub.training import common
 
@@ -115,26 +115,25 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
-def read_recipe(path: Optional[str], model: torch.nn.Module) -> Dict[str, Any]:
-    """What finetune.py recorded in ``path/finetune.json`` (data, method, source r, seed, …); for ``None``
-    (the embedded backbone, ``load_model("demo")``) its pre-training task at source r = 0."""
-    if path is not None:
-        return json.loads((Path(path) / "finetune.json").read_text())
-    return {
-        "model": common.EMBEDDED_MODEL,
-        "data": common.EMBEDDED_DATA,
-        "method": "tome",
-        "source_r": 0,
-        "mode": "full",
-        "img_size": common.model_img_size(model),
-    }
-
-
 def load(path: Optional[str], device: torch.device):
     """``(model, recipe)``: the model through the one model loader (:func:`tocom_hub.demo.models.load_model`,
-    which rebuilds finetune.py outputs, AdaptFormer adapters included), in eval mode on ``device``."""
-    model = load_model(path if path is not None else "demo").model
-    return model.to(device).eval(), read_recipe(path, model)
+    which rebuilds finetune.py outputs, AdaptFormer adapters included), in eval mode on ``device``, and what
+    finetune.py recorded (data, method, source r, seed, …); for ``None`` (the embedded backbone,
+    ``load_model("demo")``) its pre-training task at source r = 0."""
+    if path is None:
+        model = load_model("demo").model
+        recipe = {
+            "model": common.EMBEDDED_MODEL,
+            "data": common.EMBEDDED_DATA,
+            "method": "tome",
+            "source_r": 0,
+            "mode": "full",
+            "img_size": model_img_size(model)[0],
+        }
+    else:
+        model, info = load_model(path)
+        recipe = info["recipe"]
+    return model.to(device).eval(), recipe
 
 
 def make_loader(args, recipe, model, accelerator):
@@ -145,7 +144,7 @@ def make_loader(args, recipe, model, accelerator):
         val_split=args.split,
         batch_size=args.batch_size,
     )
-    img_size = common.model_img_size(model)
+    img_size = model_img_size(model)[0]
     _, val_set, info = common.build_datasets(
         ns, recipe["data"], img_size, seed=recipe.get("seed", 0), val_length=args.val_images
     )

@@ -9,10 +9,12 @@ later lets it run at any other target r (``training/evaluate.py``). Two modes:
                          the backbone is frozen, adapters + classifier head train
                          (``tocom_hub.adaptformer``; hooks, so it works on patched ToMe blocks)
 
-Outputs in ``--output-dir``: ``model.safetensors`` (the timm model's state_dict, new head included;
-the recipe is in the file's metadata), ``adaptformer.safetensors`` (PET mode), ``finetune.json``
-(model name/kwargs, method, source r, data config, recipe, validation top-1) and checkpoints.
-``evaluate.py --finetuned OUTPUT_DIR`` rebuilds the model from these files.
+Outputs in ``--output-dir``, in timm's ``save_for_hf`` layout: ``config.json`` (timm's model config,
+plus the recipe under ``"tocom_finetune"``) and ``model.safetensors`` (the timm model's state_dict, new
+head included; the recipe is in the file's metadata too), ``adaptformer.safetensors`` (PET mode);
+``finetune.json`` (recipe, validation top-1 and its history) and checkpoints.
+``tocom_hub.demo.models.load_model(OUTPUT_DIR)`` (``tocom-hub eval --model OUTPUT_DIR``,
+``evaluate.py --finetuned OUTPUT_DIR``) rebuilds the model from these files, adapters attached.
 
 The same loop (seeded sampler, per-sample seeded augmentation, ``save_state`` / ``--resume``)
 as ``distill.py``. Without ``--data`` it fine-tunes the embedded tiny ViT on the embedded
@@ -30,11 +32,8 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
-import statistics
-import time
 from typing import Any, Dict, Optional, Sequence
 
 import torch
@@ -43,30 +42,20 @@ from torch.utils.data import DataLoader
 
 import tocom_hub
 from tocom_hub.demo.adaptformer import AdaptFormer
-from tocom_hub.tools._threads import setup_cpu_threads
-from tocom_hub.training import common
+from tocom_hub.tools.images import model_img_size
+from tocom_hub.training import common, run
+from tocom_hub.training.export import save_finetuned
+from tocom_hub.training.metrics import StepTimer
 
 logger = logging.getLogger("tocom_hub.training.finetune")
 
-RESUME_MUST_MATCH = (
-    "model",
-    "model_kwargs",
-    "checkpoint_sha256",
-    "data",
-    "method",
+# flags that must not change between a run and its --resume (besides run.RESUME_MUST_MATCH)
+RESUME_MUST_MATCH = run.RESUME_MUST_MATCH + (
     "source_r",
     "mode",
     "adapter_bottleneck",
     "adapter_scale",
-    "seed",
-    "global_batch_size",
-    "grad_accum",
-    "total_steps",
-    "lr",
-    "weight_decay",
-    "augment",
     "num_classes",
-    "img_size",
 )
 
 
@@ -157,26 +146,13 @@ class Classifier(nn.Module):
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     args = parse_args(argv)
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
-    from safetensors.torch import save_file
     from timm.data import Mixup
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
     from timm.scheduler import CosineLRScheduler
     from tqdm.auto import tqdm
 
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    accelerator = Accelerator(
-        mixed_precision=args.mixed_precision,
-        gradient_accumulation_steps=args.grad_accum,
-        log_with=common.resolve_report_to(args.report_to),
-        project_dir=args.output_dir,
-        cpu=common.use_cpu(args),
-    )
-    setup_cpu_threads(accelerator.device.type, log=logger.info)  # accelerate launch sets OMP_NUM_THREADS=1
-    if not accelerator.is_main_process:
-        logger.setLevel(logging.WARNING)
-    set_seed(args.seed)
+    accelerator = run.start(args, logger)
 
     # -- data first (the head size comes from it) -----------------------------------------------------
     probe_size = args.img_size or (common.EMBEDDED_MODEL_KWARGS["img_size"] if args.model is None else None)
@@ -189,7 +165,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 
     # -- model ----------------------------------------------------------------------------------------
     model, model_info = common.build_backbone(args, num_classes=num_classes)
-    img_size = common.model_img_size(model)
+    img_size = model_img_size(model)[0]
     if probe_size is None and data_info["kind"] == "embedded":
         train_set, val_set, data_info = common.build_datasets(
             args, common.EMBEDDED_DOWNSTREAM_DATA, img_size, seed=args.seed, val_length=args.val_images
@@ -266,51 +242,27 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     net, optimizer, train_loader, val_loader = accelerator.prepare(net, optimizer, train_loader, val_loader)
 
     run_config: Dict[str, Any] = {
-        "script": "training/finetune.py",
-        "tocom_hub_version": tocom_hub.__version__,
-        **{k: model_info[k] for k in ("model", "model_kwargs", "weights", "checkpoint_sha256")},
+        **run.recipe(
+            "training/finetune.py",
+            args,
+            accelerator,
+            model_info,
+            data_info,
+            img_size=img_size,
+            data_config=data_cfg,
+            total_steps=total_steps,
+            use_mixup=mixup is not None,
+        ),
         "from_scratch": args.from_scratch,
         "num_classes": num_classes,
-        "data": data_info["data"],
-        "img_size": img_size,
-        "data_config": data_cfg,
-        "method": args.method,
-        "prop_attn": True,
         "source_r": args.source_r,
         "mode": args.mode,
         "adapter_bottleneck": args.adapter_bottleneck,
         "adapter_scale": args.adapter_scale,
-        "seed": args.seed,
-        "optimizer": "AdamW",
-        "lr": args.lr,
-        "weight_decay": args.weight_decay,
-        "min_lr": args.min_lr,
         "warmup_steps": args.warmup_steps,
-        "total_steps": total_steps,
-        "batch_size_per_process": args.batch_size,
-        "num_processes": accelerator.num_processes,
-        "grad_accum": args.grad_accum,
-        "global_batch_size": global_micro * args.grad_accum,
-        "mixed_precision": args.mixed_precision,
-        "drop_path": args.drop_path,
-        "augment": args.augment,
         "smoothing": args.smoothing,
-        "mixup": args.mixup if mixup else 0.0,
-        "cutmix": args.cutmix if mixup else 0.0,
     }
-    state = common.TrainState()
-    resume_dir = common.find_checkpoint(args.output_dir, args.resume)
-    resumed_from = None
-    if resume_dir is not None:
-        common.check_resume_config(resume_dir, run_config, RESUME_MUST_MATCH)
-        common.load_checkpoint(accelerator, resume_dir, state)  # JSON step + weights_only loads, no pickle
-        resumed_from = state.step
-        logger.info("resumed from %s at step %d", resume_dir, state.step)
-    if accelerator.log_with:
-        accelerator.init_trackers(
-            "tocom-finetune",
-            config={k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in run_config.items()},
-        )
+    state, resumed_from = run.resume(args, accelerator, run_config, RESUME_MUST_MATCH, logger, "tocom-finetune")
     n_train = sum(p.numel() for p in trainable)
     logger.info(
         "%s fine-tuning of %s at source r=%d (%s): %d trainable parameters, %d steps of %d images",
@@ -333,59 +285,40 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         dynamic_ncols=True,
     )
     history = []
-    step_times = []
-    stopped_early = False
+    timer = StepTimer(accelerator.device)
+    stop = False
     net.train()
-    t_last = time.perf_counter()
-    while step < total_steps and not stopped_early:
-        loader = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
-        loader.set_epoch(epoch)  # accelerate re-applies its own epoch counter on __iter__: keep it ours
-        sampler.set_epoch(epoch)
+    while step < total_steps and not stop:
+        loader = run.epoch_loader(accelerator, train_loader, sampler, epoch, skip)
         skip, micro = 0, 0
         for x, y in loader:
-            common.seed_everything(common.derive_seed(args.seed, "micro", step, micro, accelerator.process_index))
+            set_seed(common.derive_seed(args.seed, "micro", step, micro, accelerator.process_index))
             if mixup is not None:
                 x, y = mixup(x, y)
             with accelerator.accumulate(net):
                 loss = criterion(net(x).float(), y)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    scheduler.step_update(step)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                run.backward_step(accelerator, loss, optimizer, scheduler, step)
             micro += 1
             if not accelerator.sync_gradients:
                 continue
             micro = 0
             step += 1
             state.step = step
-            now = time.perf_counter()
-            step_times.append(now - t_last)
-            t_last = now
+            timer.tick()
             progress.update(1)
             if step % args.log_every == 0 or step == total_steps:
-                loss_val = accelerator.reduce(loss.detach(), "mean").item()
-                progress.set_postfix(loss=f"{loss_val:.4g}")
-                accelerator.log({"train/loss": loss_val, "train/lr": optimizer.param_groups[0]["lr"]}, step=step)
+                run.log_loss(accelerator, progress, loss, optimizer, step)
             if args.eval_every and step % args.eval_every == 0 and step < total_steps:
                 acc = common.evaluate_top1(accelerator, net, val_loader)
                 history.append({"step": step, "val_top1": acc})
                 accelerator.log({"val/top1": acc}, step=step)
                 logger.info("step %d: val top-1 %.2f", step, acc)
-            if args.checkpoint_every and step % args.checkpoint_every == 0:
-                path = common.save_checkpoint(accelerator, args.output_dir, step, run_config)
-                logger.info("saved checkpoint %s", path)
-            if args.stop_after is not None and step >= args.stop_after:
-                stopped_early = True
-                break
-            if step >= total_steps:
+            stop = run.after_step(args, accelerator, step, run_config, logger)
+            if stop or step >= total_steps:
                 break
         epoch += 1
     progress.close()
-    accelerator.wait_for_everyone()
-    if stopped_early and step < total_steps:
-        logger.info("--stop-after %d: stopping at step %d of %d without export", args.stop_after, step, total_steps)
-        accelerator.end_training()
+    if run.stopped_early(args, accelerator, step, total_steps, logger):
         return {"stopped_at": step}
 
     acc = common.evaluate_top1(accelerator, net, val_loader)
@@ -398,30 +331,13 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         "val_top1": acc,
         "val_images": n_val,
         "history": history,
-        "median_step_seconds": statistics.median(step_times[1:] or step_times) if step_times else None,
+        "median_step_seconds": timer.median(),
     }
     if accelerator.is_main_process:
-        os.makedirs(args.output_dir, exist_ok=True)
         inner = accelerator.unwrap_model(net)
         dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.save_dtype]
-        meta = {
-            "format": "pt",
-            "tocom_finetune": json.dumps(
-                {k: v for k, v in result.items() if k != "history"}, sort_keys=True, default=str
-            ),
-        }
-        save_file(
-            {k: v.detach().to("cpu", dtype).contiguous() for k, v in inner.model.state_dict().items()},
-            os.path.join(args.output_dir, "model.safetensors"),
-            metadata=meta,
-        )
-        os.chmod(os.path.join(args.output_dir, "model.safetensors"), 0o644)
-        if inner.adapters is not None:
-            save_file(
-                {k: v.detach().cpu().contiguous() for k, v in inner.adapters.state_dict().items()},
-                os.path.join(args.output_dir, "adaptformer.safetensors"),
-                metadata=meta,
-            )
+        recipe = {k: v for k, v in result.items() if k != "history"}
+        save_finetuned(inner.model, args.output_dir, recipe, adapters=inner.adapters, dtype=dtype)
         common.write_json(os.path.join(args.output_dir, "finetune.json"), result)
         logger.info("val top-1 at r=%d: %.2f; saved to %s", args.source_r, acc, args.output_dir)
     accelerator.wait_for_everyone()

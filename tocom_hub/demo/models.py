@@ -13,9 +13,10 @@
      ``model.safetensors`` (or ``pytorch_model.bin``). Write one with
      ``timm.models.save_for_hf(model, "my-model", safe_serialization=True)`` (``timm.models.push_to_hf_hub``
      uploads the same files); it is rebuilt with ``timm.create_model("local-dir:my-model", pretrained=True)``.
-   * an output directory of ``training/finetune.py`` — ``finetune.json`` (``model``, ``model_kwargs``,
-     ``num_classes``, ``method``, ``source_r``) next to ``model.safetensors`` (and
-     ``adaptformer.safetensors`` for AdaptFormer models, attached with their hooks).
+   * an output directory of ``training/finetune.py`` — the same layout, with the fine-tuning recipe
+     (``method``, ``source_r``, ``mode``, …) under ``config.json``'s ``"tocom_finetune"`` and, for
+     AdaptFormer models, ``adaptformer.safetensors`` (attached with their hooks). Outputs of older
+     versions (``finetune.json`` instead of ``config.json``) still load.
 3. **a weights file** (``.safetensors``) that describes itself: one written by ``finetune.py``
    (its metadata holds the recipe) or one lying next to a timm ``config.json``.
 4. **a timm model name** (``timm.list_models()``) or ``hf-hub:org/name``, built with
@@ -51,19 +52,30 @@ __all__ = [
     "MODEL_ALIASES",
     "register_model_alias",
     "load_model",
+    "read_state_dict",
     "model_img_size",
     "eval_transform",
     "DEMO_MODEL",
     "DEMO_MODEL_KWARGS",
     "DEMO_WEIGHTS",
+    "FINETUNE_KEY",
+    "FINETUNE_FORMAT",
+    "ADAPTERS_FILE",
 ]
 
 PathLike = Union[str, os.PathLike]
 
-# The embedded demo model (training/common.py's EMBEDDED_* defaults point here).
+# The embedded demo model (training/backbone.py's EMBEDDED_* defaults point here).
 DEMO_MODEL = "vit_tiny_patch16_224"
 DEMO_MODEL_KWARGS: Dict[str, Any] = dict(img_size=32, patch_size=4, depth=6, embed_dim=96, num_heads=3)
 DEMO_WEIGHTS = Path(__file__).resolve().parent / "assets" / "vit_tiny_photo_crops.safetensors"
+
+# A fine-tuned model (training/finetune.py) is timm's save_for_hf layout: config.json (with the recipe under
+# FINETUNE_KEY, "format_version": FINETUNE_FORMAT) + model.safetensors (the recipe also in its metadata) and,
+# for AdaptFormer models, ADAPTERS_FILE. Format 1 (older outputs) had finetune.json instead of config.json.
+FINETUNE_KEY = "tocom_finetune"
+FINETUNE_FORMAT = 2
+ADAPTERS_FILE = "adaptformer.safetensors"
 
 
 class LoadedModel(NamedTuple):
@@ -130,7 +142,9 @@ def _looks_like_path(s: str) -> bool:
     ) and not s.startswith("hf-hub:")
 
 
-def _read_state_dict(path: PathLike) -> Dict[str, torch.Tensor]:
+def read_state_dict(path: PathLike) -> Dict[str, torch.Tensor]:
+    """The state dict in ``path`` (``.safetensors``, or a torch file read with ``weights_only=True``);
+    ``model`` / ``state_dict`` nesting and ``module.`` prefixes are unwrapped."""
     from timm.models import load_state_dict
 
     path = os.fspath(path)
@@ -154,10 +168,13 @@ def _head_classes(sd: Dict[str, torch.Tensor], kwargs: Dict[str, Any]) -> Dict[s
     return kwargs
 
 
+# Not timm.create_model(checkpoint_path=...) / pretrained_cfg_overlay=dict(file=...), measured with timm 1.0.31 on the
+# demo weights: checkpoint_path= skips checkpoint_filter_fn (at img_size 48: pos_embed size mismatch), the overlay
+# re-initialised the 3-class head (its cfg says 1000 classes), and both raise a multi-line RuntimeError on a misfit.
 def _load_weights(model: nn.Module, path: PathLike, name: str, sd: Optional[Dict[str, torch.Tensor]] = None) -> None:
     from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
-    sd = _read_state_dict(path) if sd is None else sd
+    sd = read_state_dict(path) if sd is None else sd
     if isinstance(model, VisionTransformer):
         sd = checkpoint_filter_fn(sd, model)  # timm's remapping (pos-embed resize, …)
     missing, unexpected = model.load_state_dict(sd, strict=False)
@@ -196,36 +213,41 @@ def _finetune_safetensors_recipe(path: Path) -> Optional[Dict[str, Any]]:
             meta = f.metadata() or {}
     except Exception as e:
         raise ValueError(f"{path}: not a readable .safetensors file ({e})") from None
-    text = meta.get("tocom_finetune")
+    text = meta.get(FINETUNE_KEY)
     return json.loads(text) if text else None
 
 
+def _with_recipe(model: nn.Module, info: Dict[str, Any], recipe: Dict[str, Any], adapters: Path, required: bool):
+    """Record ``recipe`` in ``info`` and attach the AdaptFormer adapters it names (``adapters``)."""
+    info.update(method=recipe.get("method"), source_r=recipe.get("source_r"), recipe=recipe)
+    if recipe.get("mode") != "adaptformer":
+        return
+    if not adapters.is_file():
+        if required:
+            raise FileNotFoundError(f"{adapters} is missing: the model was fine-tuned with AdaptFormer adapters")
+        return
+    from safetensors.torch import load_file
+
+    from .adaptformer import AdaptFormer
+
+    af = AdaptFormer.for_model(model, bottleneck=recipe["adapter_bottleneck"], scale=recipe["adapter_scale"])
+    af.load_state_dict(load_file(str(adapters)))
+    af.attach(model)
+    model._tocom_adaptformer = af  # keep the adapters alive with the model
+    info["adaptformer"] = str(adapters)
+
+
 def _from_finetune(recipe: Dict[str, Any], weights: Path, kwargs: Dict[str, Any], source: str):
+    """Format 1, for outputs of older finetune.py versions: ``finetune.json`` (or the weights' metadata)
+    names the timm model; newer outputs are timm's ``config.json`` layout (:func:`_from_timm_dir`)."""
     create = dict(recipe.get("model_kwargs") or {})
     create.update(kwargs)
     if recipe.get("num_classes") is not None:
         create.setdefault("num_classes", int(recipe["num_classes"]))
     model = _create(recipe["model"], False, create)
     _load_weights(model, weights, recipe["model"])
-    info = {
-        "model": recipe["model"],
-        "model_kwargs": create,
-        "source": source,
-        "weights": str(weights),
-        "method": recipe.get("method"),
-        "source_r": recipe.get("source_r"),
-    }
-    adapters = weights.parent / "adaptformer.safetensors"
-    if recipe.get("mode") == "adaptformer" and adapters.is_file():
-        from safetensors.torch import load_file
-
-        from .adaptformer import AdaptFormer
-
-        af = AdaptFormer.for_model(model, bottleneck=recipe["adapter_bottleneck"], scale=recipe["adapter_scale"])
-        af.load_state_dict(load_file(str(adapters)))
-        af.attach(model)
-        model._tocom_adaptformer = af  # keep the adapters alive with the model
-        info["adaptformer"] = str(adapters)
+    info = {"model": recipe["model"], "model_kwargs": create, "source": source, "weights": str(weights)}
+    _with_recipe(model, info, recipe, weights.parent / ADAPTERS_FILE, required=False)
     return model, info
 
 
@@ -250,6 +272,9 @@ def _from_timm_dir(path: Path, kwargs: Dict[str, Any], checkpoint: Optional[Path
         "source": str(path),
         "weights": str(checkpoint) if checkpoint else str(path),
     }
+    recipe = cfg.get(FINETUNE_KEY)
+    if isinstance(recipe, dict):  # written by training/finetune.py (format 2)
+        _with_recipe(model, info, recipe, path / ADAPTERS_FILE, required=True)
     return model, info
 
 
@@ -268,9 +293,9 @@ def load_model(
 
     Returns ``(model, info)`` as a :class:`LoadedModel` (``.model``, ``.info``); ``info`` records ``name``
     (as given), ``model`` (timm architecture), ``model_kwargs``, ``source`` and ``weights``
-    (``"random-init"`` for a bare timm name), plus ``method`` / ``source_r`` when the directory records
-    them (finetune.py). Raises ``FileNotFoundError`` for a missing path / weights file and ``ValueError``
-    for an unknown name.
+    (``"random-init"`` for a bare timm name), plus ``method`` / ``source_r`` / ``recipe`` (the whole
+    fine-tuning recipe) for a finetune.py output. Raises ``FileNotFoundError`` for a missing path / weights
+    file and ``ValueError`` for an unknown name.
     Example::
 
         model, info = load_model("vit_tiny_patch16_224", model_kwargs={"img_size": 64, "depth": 2})
@@ -308,7 +333,7 @@ def _load_model(
             raise FileNotFoundError(f"model {name_or_path!r}: weights file {weights} is missing; {alias.missing_hint}")
         create = dict(alias.model_kwargs, **kwargs)
         w = checkpoint or weights
-        sd = _read_state_dict(w) if w is not None and not pretrained else None
+        sd = read_state_dict(w) if w is not None and not pretrained else None
         if sd is not None:
             create = _head_classes(sd, create)
         model = _create(alias.model, pretrained, create)
@@ -361,7 +386,7 @@ def _load_model(
             f"({', '.join(sorted(MODEL_ALIASES))}) or an existing path"
             + (f"; similar timm names: {', '.join(close)}" if close else "")
         )
-    sd = _read_state_dict(checkpoint) if checkpoint is not None else None
+    sd = read_state_dict(checkpoint) if checkpoint is not None else None
     if sd is not None:
         kwargs = _head_classes(sd, kwargs)
     model = _create(name_or_path, pretrained, kwargs)
