@@ -26,6 +26,7 @@ from tocom_hub.training.backbone import EMBEDDED_MODEL, EMBEDDED_MODEL_KWARGS, E
 from tocom_hub.training.distiller import DIRECTIONS
 
 __all__ = [
+    "script_parser",
     "add_model_args",
     "add_data_args",
     "add_accelerate_args",
@@ -36,6 +37,13 @@ __all__ = [
     "add_distill_args",
     "check_distill_args",
 ]
+
+
+def script_parser(prog: str, doc: str) -> argparse.ArgumentParser:
+    """The parser of a training script (``prog``, its module docstring as the description) with the model flags."""
+    p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p)
+    return p
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:

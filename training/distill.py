@@ -83,10 +83,7 @@ RESUME_MUST_MATCH = run.RESUME_MUST_MATCH + (
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="distill.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    common.add_model_args(p)
+    p = common.script_parser("distill.py", __doc__)
     common.add_data_args(p, default_data=common.EMBEDDED_DATA)
     add_distill_args(p)
     common.add_accelerate_args(p)
@@ -261,7 +258,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 
     # -- training loop --------------------------------------------------------------------------------
     soft_ce = SoftTargetCrossEntropy()
-    step = state.step
+    pos = run.LoopPosition(state)
+    step = pos.step
     batches_done = step * args.grad_accum
     epoch, skip = divmod(batches_done, micro_per_epoch) if micro_per_epoch else (0, batches_done)
     progress = tqdm(
@@ -277,11 +275,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     while step < total_steps and not stop:
         loader = run.epoch_loader(accelerator, train_loader, sampler, epoch, skip, train_set)
         skip = 0
-        micro = 0
+        pos.micro = 0
         for batch in loader:
             x, y = common.device_batch(batch, accelerator.device, normalize)
             m, n = common.sample_pair(args.seed, step, args.r_max)
-            set_seed(common.derive_seed(args.seed, "micro", step, micro, accelerator.process_index))
+            set_seed(common.derive_seed(args.seed, "micro", step, pos.micro, accelerator.process_index))
             target = None
             if mixup is not None:
                 x, target = mixup(x, y)
@@ -295,14 +293,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                 else:
                     loss = kd_loss(student, teacher, args.kd, args.temperature)
                 run.backward_step(accelerator, loss, optimizer, scheduler, step)
-            micro += 1
-            if not accelerator.sync_gradients:
+            if not pos.micro_done(accelerator, timer, progress):
                 continue
-            micro = 0
-            step += 1
-            state.step = step
-            timer.tick()
-            progress.update(1)
+            step = pos.step
             if step % args.log_every == 0 or step == total_steps:
                 run.log_loss(accelerator, progress, loss, optimizer, step, m=m, n=n)
             if args.eval_every and step % args.eval_every == 0 and step < total_steps and heldout_loader is not None:

@@ -60,10 +60,7 @@ RESUME_MUST_MATCH = run.RESUME_MUST_MATCH + (
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="finetune.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    common.add_model_args(p)
+    p = common.script_parser("finetune.py", __doc__)
     p.add_argument(
         "--from-scratch",
         action="store_true",
@@ -275,7 +272,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         global_micro * args.grad_accum,
     )
 
-    step = state.step
+    pos = run.LoopPosition(state)
+    step = pos.step
     epoch, skip = divmod(step * args.grad_accum, micro_per_epoch)
     progress = tqdm(
         total=total_steps,
@@ -290,22 +288,17 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     net.train()
     while step < total_steps and not stop:
         loader = run.epoch_loader(accelerator, train_loader, sampler, epoch, skip)
-        skip, micro = 0, 0
+        skip, pos.micro = 0, 0
         for x, y in loader:
-            set_seed(common.derive_seed(args.seed, "micro", step, micro, accelerator.process_index))
+            set_seed(common.derive_seed(args.seed, "micro", step, pos.micro, accelerator.process_index))
             if mixup is not None:
                 x, y = mixup(x, y)
             with accelerator.accumulate(net):
                 loss = criterion(net(x).float(), y)
                 run.backward_step(accelerator, loss, optimizer, scheduler, step)
-            micro += 1
-            if not accelerator.sync_gradients:
+            if not pos.micro_done(accelerator, timer, progress):
                 continue
-            micro = 0
-            step += 1
-            state.step = step
-            timer.tick()
-            progress.update(1)
+            step = pos.step
             if step % args.log_every == 0 or step == total_steps:
                 run.log_loss(accelerator, progress, loss, optimizer, step)
             if args.eval_every and step % args.eval_every == 0 and step < total_steps:

@@ -24,6 +24,7 @@ from tocom_hub.training.checkpoints import (
 )
 
 __all__ = [
+    "LoopPosition",
     "RESUME_MUST_MATCH",
     "start",
     "recipe",
@@ -186,3 +187,24 @@ def stopped_early(args: argparse.Namespace, accelerator, step: int, total_steps:
     logger.info("--stop-after %d: stopping at step %d of %d without export", args.stop_after, step, total_steps)
     accelerator.end_training()
     return True
+
+
+class LoopPosition:
+    """Where a training loop is: optimizer steps done (``step``, mirrored into the checkpointed
+    :class:`~tocom_hub.training.checkpoints.TrainState`) and micro-batches accumulated since the last one
+    (``micro``); the per-micro-batch seeds derive from both."""
+
+    def __init__(self, state: Any) -> None:
+        self.state, self.step, self.micro = state, state.step, 0
+
+    def micro_done(self, accelerator: Any, timer: Any, progress: Any) -> bool:
+        """Count one micro-batch; ``True`` when it completed an optimizer step (gradients synchronised)."""
+        self.micro += 1
+        if not accelerator.sync_gradients:
+            return False
+        self.micro = 0
+        self.step += 1
+        self.state.step = self.step
+        timer.tick()
+        progress.update(1)
+        return True
