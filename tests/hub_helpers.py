@@ -1,4 +1,5 @@
-"""Shared helpers of the Hub tests (test_bank_download, test_bank_push, test_bank_card, test_registry, test_hub).
+"""Shared helpers of the Hub tests (test_bank_repo, test_hub_download, test_hub_push, test_bank_card, test_registry,
+test_hub).
 
 The real huggingface_hub client talks HTTP to ``tests/hub_server.py`` (``HF_ENDPOINT`` is set in
 conftest.py); nothing in huggingface_hub is patched. Expected values come from independent sources: the

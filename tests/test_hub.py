@@ -147,6 +147,52 @@ def _imports(path: Path) -> set:
     return names
 
 
+def _module_file(name: str):
+    """The file of module ``name`` of ours, or ``None`` (a library, or a name imported from a module)."""
+    if name != "tocom_hub" and not name.startswith("tocom_hub."):
+        return None
+    base = ROOT.joinpath(*name.split("."))
+    for path in (base.with_suffix(".py"), base / "__init__.py"):
+        if path.is_file():
+            return path
+    return None
+
+
+def _our_imports(path: Path) -> set:
+    return {f for f in map(_module_file, _imports(path)) if f is not None and f != path}
+
+
+def _identifiers(path: Path) -> set:
+    """Every name the code of ``path`` uses (names, attributes, imported names; not strings or docstrings)."""
+    import ast
+
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Name):
+            names.add(node.id)
+        elif isinstance(node, ast.Attribute):
+            names.add(node.attr)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names |= {a.name.rsplit(".", 1)[-1] for a in node.names}
+    return names
+
+
+# huggingface_hub calls that make requests
+_NETWORK_CALLS = {
+    "hf_hub_download",
+    "snapshot_download",
+    "HfApi",
+    "get_hf_file_metadata",
+    "list_repo_refs",
+    "create_repo",
+    "create_branch",
+    "upload_folder",
+    "create_commit",
+    "model_info",
+    "repo_info",
+}
+
+
 def test_the_core_imports_nothing_from_the_hub_namespace():
     core = sorted((ROOT / "tocom_hub" / "core").glob("*.py"))
     assert len(core) > 5
@@ -157,11 +203,53 @@ def test_the_core_imports_nothing_from_the_hub_namespace():
     assert "tocom_hub.core.registry" in _imports(ROOT / "tocom_hub" / "hub" / "__init__.py")
 
 
-def test_bank_is_a_model_hub_mixin_and_the_hub_names_are_the_core_objects():
+def test_bank_imports_no_network_code_of_ours():
+    """bank.py may call huggingface_hub itself (the ModelHubMixin side); every module of ours it imports,
+    directly, lazily or transitively, makes no request: the hub layer (probe, refs listing) is not among them."""
+    bank = ROOT / "tocom_hub" / "core" / "bank.py"
+    seen, todo = set(), [bank]
+    while todo:
+        path = todo.pop()
+        if path not in seen:
+            seen.add(path)
+            todo.extend(_our_imports(path))
+    names = {p.relative_to(ROOT / "tocom_hub").as_posix() for p in seen}
+    assert {"core/bank_card.py", "core/bank_file.py", "core/checks.py"} <= names  # the scan follows imports
+    assert not [n for n in names if n.startswith("hub/")], names
+    for path in seen - {bank}:
+        assert not _identifiers(path) & _NETWORK_CALLS, (path.name, _identifiers(path) & _NETWORK_CALLS)
+    assert {"hf_hub_download", "HfApi"} <= _identifiers(bank)  # the scan sees the calls that are there
+    hub = ROOT / "tocom_hub" / "hub" / "download.py"
+    assert {"get_hf_file_metadata", "list_repo_refs"} <= _identifiers(hub)
+
+
+def test_no_import_circle_in_core_and_hub():
+    files = sorted((ROOT / "tocom_hub" / "core").glob("*.py")) + sorted((ROOT / "tocom_hub" / "hub").glob("*.py"))
+    graph = {f: _our_imports(f) & set(files) for f in files}
+    assert graph[ROOT / "tocom_hub" / "hub" / "download.py"]  # the scan sees the edges
+
+    def circle(path, stack):
+        if path in stack:
+            return stack[stack.index(path) :] + [path]
+        for nxt in graph[path]:
+            found = circle(nxt, stack + [path])
+            if found:
+                return found
+        return None
+
+    for f in files:
+        found = circle(f, [])
+        assert found is None, " -> ".join(p.name for p in found)
+
+
+def test_bank_is_a_model_hub_mixin_and_the_hub_names_are_the_same_objects():
     from huggingface_hub import ModelHubMixin
 
-    from tocom_hub.core import bank_download, registry
+    from tocom_hub.core import bank_card, bank_repo, registry
+    from tocom_hub.hub import download, push
 
     assert issubclass(ToComBank, ModelHubMixin)
-    assert tocom_hub.hub.download_bank is bank_download.download_bank
-    assert tocom_hub.register_bank is registry.register_bank and tocom_hub.hub.load_bank is registry.load_bank
+    assert tocom_hub.hub.download_bank is download.download_bank and tocom_hub.hub.load_bank is download.load_bank
+    assert tocom_hub.hub.push_bank is push.push_bank and tocom_hub.hub.bank_facts is bank_card.bank_facts
+    assert tocom_hub.hub.BankNotFoundError is bank_repo.BankNotFoundError
+    assert tocom_hub.register_bank is registry.register_bank is tocom_hub.hub.register_bank

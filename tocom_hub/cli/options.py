@@ -156,15 +156,11 @@ def _load_bank(args: argparse.Namespace):
     if args.bank is None:
         return None
     from ..core.bank import ToComBank
+    from ..hub.download import bank_path
 
-    return ToComBank.from_pretrained(
-        args.bank,
-        revision=args.revision,
-        cache_dir=args.cache_dir,
-        token=args.token,
-        local_files_only=args.local_files_only,
-        trust_unverified=args.trust_unverified,
-    )
+    hub = dict(revision=args.revision, cache_dir=args.cache_dir, token=args.token)
+    path = bank_path(args.bank, local_files_only=args.local_files_only, **hub)
+    return ToComBank.from_pretrained(path, trust_unverified=args.trust_unverified)
 
 
 def _write_json(path: str, obj: Any) -> None:

@@ -12,19 +12,19 @@ parameter ``lora_A[t]`` of shape ``[depth, R·h, d_in]`` and one ``lora_B[t]`` o
 group ``i`` owns inner indices ``[i·h, (i+1)·h)``. The sum over groups ``m … n-1`` is therefore the
 single product ``lora_B[t][b][:, m·h:n·h] @ lora_A[t][b][m·h:n·h]``, and an inner-dimension ``±1/0`` mask
 turns the bank into one adapter of inner dim ``R·h`` (the official formulation, used by the training path).
-``bank.A`` / ``bank.B`` (the names of format 1: ``A`` = up, ``B`` = down) are read-only aliases of
-``lora_B`` / ``lora_A``.
+``bank.A`` / ``bank.B`` (format 1's names: ``A`` = up, ``B`` = down) are read-only aliases of ``lora_B`` / ``lora_A``.
 
-Files: :mod:`.bank_config` (``tocom_config.json``) and :mod:`.bank_file` (``tocom.safetensors``, its
-format versions and checks). The class is a ``huggingface_hub.ModelHubMixin``: ``from_pretrained`` also
-takes a Hub repo id and ``push_to_hub`` uploads, through huggingface_hub (:mod:`.bank_download`,
-:mod:`.bank_push`).
+Files: :mod:`.bank_config` (``tocom_config.json``), :mod:`.bank_file` (``tocom.safetensors``, its format versions
+and checks). The class is a ``huggingface_hub.ModelHubMixin``: ``from_pretrained`` also takes a Hub repo id
+(``hf_hub_download``) and ``push_to_hub`` uploads (``HfApi``); the library owns the network, :mod:`.bank_repo`
+(no network) says what its errors mean. ``tocom_hub.hub`` builds on this class; nothing here imports it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import tempfile
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
@@ -32,24 +32,27 @@ import torch
 from huggingface_hub import ModelHubMixin
 from torch import nn
 
-from .bank_config import CONFIG_NAME, FORMAT_VERSION, MAX_SCALE, TARGETS, WEIGHTS_NAME, PathLike, ToComConfig
+from .bank_card import CARD_NAME, create_model_card, write_upload_folder
+from .bank_config import (
+    CONFIG_NAME,
+    FORMAT_VERSION,
+    LIBRARY_NAME,
+    MAX_SCALE,
+    TARGETS,
+    WEIGHTS_NAME,
+    PathLike,
+    ToComConfig,
+)
 from .bank_config import METHODS as METHODS  # re-exported: importable from here as in earlier releases
 from .bank_config import _read_json_file as _read_json_file
 from .bank_config import model_dims as model_dims
 from .bank_file import _looks_local as _looks_local
 from .bank_file import _tensors_sha256 as _tensors_sha256
 from .bank_file import read_bank, write_bank_file
+from .bank_repo import explain_push_error, fetch_bank_files
 from .checks import is_int
 
-__all__ = [
-    "ToComConfig",
-    "ToComBank",
-    "CONFIG_NAME",
-    "WEIGHTS_NAME",
-    "FORMAT_VERSION",
-    "TARGETS",
-    "MAX_SCALE",
-]
+__all__ = ["ToComConfig", "ToComBank", "CONFIG_NAME", "WEIGHTS_NAME", "FORMAT_VERSION", "TARGETS", "MAX_SCALE"]
 
 
 def signed_group_slice(m: int, n: int, rank: int) -> Tuple[slice, float]:
@@ -284,14 +287,14 @@ class ToComBank(nn.Module, ModelHubMixin, library_name="tocom-hub", paper_url="h
     ) -> "ToComBank":
         """Load a bank from a directory, a ``.safetensors`` file, or a Hub repo id.
 
-        Local paths are read directly; any other string is fetched with huggingface_hub
-        (``tocom_hub.hub.download_bank``: ``revision``, ``cache_dir``, ``token``, ``local_files_only``,
-        ``force_download`` apply there). Files of every bank format version load (format 1 is renamed
-        to the current tensor names in memory). Tensors keep the file's dtype unless ``dtype`` is given. A truncated or
-        modified file, missing tensors, shapes that disagree with the config, a config field of the
-        wrong type or out of range (``scale`` in ``[0, MAX_SCALE]``), or a ``tocom_config.json`` that
-        disagrees with the config embedded in ``tocom.safetensors`` raise ``ValueError`` naming the
-        file. A file without the ``tocom_sha256`` checksum (not written by ``save_pretrained``) is
+        Local paths are read directly; any other string is fetched with huggingface_hub's ``hf_hub_download``
+        (``revision``, ``cache_dir``, ``token``, ``local_files_only``, ``force_download`` apply there; its failures
+        become ``BankNotFoundError`` / ``BankHubError`` that say what to do, see :mod:`.bank_repo`). Files of every
+        bank format version load (format 1 is renamed to the current tensor names in memory). Tensors keep the
+        file's dtype unless ``dtype`` is given. A truncated or modified file, missing tensors, shapes that disagree
+        with the config, a config field of the wrong type or out of range (``scale`` in ``[0, MAX_SCALE]``), or a
+        ``tocom_config.json`` that disagrees with the config embedded in ``tocom.safetensors`` raise ``ValueError``
+        naming the file. A file without the ``tocom_sha256`` checksum (not written by ``save_pretrained``) is
         refused unless ``trust_unverified=True``: its tensors and config cannot be checked. Example::
 
             bank = ToComBank.from_pretrained("out/bank")
@@ -328,29 +331,10 @@ class ToComBank(nn.Module, ModelHubMixin, library_name="tocom-hub", paper_url="h
     ) -> "ToComBank":
         path = Path(model_id)
         if not path.exists():
-            from .bank_download import download_bank
+            from huggingface_hub import hf_hub_download
 
-            path = Path(
-                download_bank(
-                    model_id,
-                    revision=revision,
-                    cache_dir=cache_dir,
-                    token=token,
-                    local_files_only=local_files_only,
-                    force_download=force_download,
-                )
-            )
-        return cls._from_local(path, dtype=dtype, device=device, trust_unverified=trust_unverified)
-
-    @classmethod
-    def _from_local(
-        cls,
-        path: Path,
-        *,
-        dtype: Optional[torch.dtype] = None,
-        device: Union[str, torch.device, None] = None,
-        trust_unverified: bool = False,
-    ) -> "ToComBank":
+            hub = dict(revision=revision, cache_dir=cache_dir, token=token, force_download=force_download)
+            path = Path(fetch_bank_files(hf_hub_download, model_id, local_files_only=local_files_only, **hub))
         tensors, config = read_bank(path, trust_unverified=trust_unverified)
         bank = cls(config, device="meta")
         bank.load_state_dict(tensors, assign=True)
@@ -358,21 +342,58 @@ class ToComBank(nn.Module, ModelHubMixin, library_name="tocom-hub", paper_url="h
             bank.to(device=device, dtype=dtype)
         return bank
 
-    def push_to_hub(self, repo_id: str, **kwargs: Any) -> Any:
-        """Upload the bank (and a model card) to the Hugging Face Hub; see ``tocom_hub.hub.push_bank``.
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        revision: Optional[str] = None,
+        private: Optional[bool] = None,
+        token: Union[str, bool, None] = None,
+        commit_message: Optional[str] = None,
+        commit_description: Optional[str] = None,
+        create_pr: bool = False,
+        license: Optional[str] = None,
+        dtype: Optional[torch.dtype] = None,
+    ) -> Any:
+        """Upload ``tocom.safetensors``, ``tocom_config.json`` and a ``README.md`` model card to ``repo_id``.
 
-        Example::
+        ``HfApi.create_repo(exist_ok=True)`` (``private`` only applies to a new repo), then one
+        ``upload_folder`` commit; a ``revision`` branch that does not exist yet is created from ``main``.
+        The model card is regenerated on every push (:meth:`generate_model_card`; ``license=`` sets its
+        license). Returns huggingface_hub's ``CommitInfo``. Example::
 
             bank = ToComBank.from_pretrained("out/bank")
             bank.half().push_to_hub("my-org/tocom-deit-base", private=True)
             bank = ToComBank.from_pretrained("my-org/tocom-deit-base")
         """
-        from .bank_push import push_bank
+        from huggingface_hub import HfApi
+        from huggingface_hub.errors import HfHubHTTPError
 
-        return push_bank(self, repo_id, **kwargs)
+        from .. import __version__
+
+        api = HfApi(token=token, library_name=LIBRARY_NAME, library_version=__version__)
+        cfg = self.config
+        message = commit_message or (
+            f"Upload ToCom bank ({cfg.method}, r 0-{cfg.r_max}, rank {cfg.rank}, {'+'.join(cfg.targets)})"
+        )
+        try:
+            api.create_repo(repo_id, private=private, exist_ok=True)
+            if revision is not None:
+                api.create_branch(repo_id, branch=revision, exist_ok=True)
+            with tempfile.TemporaryDirectory(prefix="tocom-push-") as tmp:
+                write_upload_folder(self, tmp, repo_id=repo_id, dtype=dtype, license=license)
+                return api.upload_folder(
+                    repo_id=repo_id,
+                    folder_path=tmp,
+                    revision=revision,
+                    commit_message=message,
+                    commit_description=commit_description,
+                    create_pr=create_pr,
+                    allow_patterns=[WEIGHTS_NAME, CONFIG_NAME, CARD_NAME],
+                )
+        except HfHubHTTPError as e:
+            raise explain_push_error(e, repo_id, revision) from e
 
     def generate_model_card(self, *args: Any, **kwargs: Any) -> Any:
         """The model card :meth:`push_to_hub` uploads (``tocom_hub.hub.create_model_card``)."""
-        from .bank_card import create_model_card
-
         return create_model_card(self, **kwargs)

@@ -1,10 +1,12 @@
 """The model card of a bank: its facts (:func:`bank_facts`, also ``tocom-hub info``) rendered from
-``tocom_hub/MODEL_CARD.md`` with ``huggingface_hub.ModelCard``. No network.
+``tocom_hub/MODEL_CARD.md`` with ``huggingface_hub.ModelCard``, and the folder ``push_to_hub`` uploads
+(:func:`write_upload_folder`). No network.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
@@ -12,8 +14,9 @@ from torch import nn
 
 from .bank_config import LIBRARY_NAME, WEIGHTS_NAME, PathLike
 
-__all__ = ["bank_facts", "create_model_card", "MODEL_CARD_TEMPLATE"]
+__all__ = ["bank_facts", "create_model_card", "write_upload_folder", "MODEL_CARD_TEMPLATE", "CARD_NAME"]
 
+CARD_NAME = "README.md"
 MODEL_CARD_TEMPLATE = Path(__file__).resolve().parent.parent / "MODEL_CARD.md"
 _METHOD_NAMES = {"tome": "ToMe token merging", "evit": "EViT token pruning"}
 
@@ -176,3 +179,13 @@ def create_model_card(
         eval_table=_markdown_table(facts["eval_results"]),
         tocom_hub_version=__version__,
     )
+
+
+def write_upload_folder(
+    bank: nn.Module, folder: PathLike, *, repo_id: str, dtype: Any = None, license: Optional[str] = None
+) -> None:
+    """Write what ``push_to_hub`` uploads into ``folder``: ``tocom.safetensors``, ``tocom_config.json`` and the
+    ``README.md`` model card, whose facts are those of the files as written (their dtype and format version)."""
+    bank.save_pretrained(folder, dtype=dtype)
+    card = create_model_card(type(bank).from_pretrained(folder), repo_id=repo_id, path=folder, license=license)
+    card.save(os.path.join(folder, CARD_NAME))

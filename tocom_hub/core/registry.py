@@ -1,5 +1,7 @@
 """Which bank for which model: the registry ``tocom_hub.apply(model, source_r, target_r)`` consults when it
-gets ``bank=None``, and :func:`load_bank` (a bank object, a local path, a Hub repo id, or the registry entry).
+gets ``bank=None``, and :func:`load_bank` (a bank object, a local path, a Hub repo id, or the registry entry;
+a repo id is fetched by ``ToComBank.from_pretrained``, i.e. huggingface_hub, or by the ``download`` function
+given: ``tocom_hub.hub.load_bank`` passes ``tocom_hub.hub.download_bank``).
 
 ``bank=None`` looks the model's timm pretrained name (``model.pretrained_cfg``: architecture + tag,
 e.g. ``deit_base_patch16_224.fb_in1k``) up in layers, highest priority first: entries added in this process
@@ -12,12 +14,12 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Union
 
 from .bank import ToComBank
 from .bank_config import METHODS, PathLike, _read_json_file
-from .bank_download import _rev, download_bank
 from .bank_file import _looks_local
+from .bank_repo import _rev
 
 __all__ = [
     "register_bank",
@@ -215,16 +217,21 @@ def load_bank(
     force_download: bool = False,
     method: Optional[str] = None,
     trust_unverified: bool = False,
+    download: Optional[Callable[..., str]] = None,
 ) -> ToComBank:
     """A :class:`ToComBank` from a Hub repo id, a local path, or (``bank=None``) the registry entry for ``model``.
 
     This is what :func:`tocom_hub.apply` calls when it gets a repo id or ``bank=None``. ``revision``
     overrides the revision a registry entry pins; ``trust_unverified=True`` accepts a bank file
-    without checksum (see :meth:`ToComBank.from_pretrained`). Example::
+    without checksum (see :meth:`ToComBank.from_pretrained`). A repo id is fetched by
+    ``ToComBank.from_pretrained`` (huggingface_hub's ``hf_hub_download``), or by ``download`` when it is
+    given (``download_bank``'s signature, returning the local folder). Example::
 
         bank = tocom_hub.hub.load_bank("org/tocom-deit-base", revision="v1.0")
         bank = tocom_hub.hub.load_bank(None, model=model)      # via tocom_hub.register_bank / registry.json
     """
+    from huggingface_hub.errors import HFValidationError
+
     if isinstance(bank, ToComBank):
         return bank
     if bank is None:
@@ -236,15 +243,14 @@ def load_bank(
         repo_id = os.fspath(bank)
         if os.path.exists(repo_id) or _looks_local(repo_id):
             return ToComBank.from_pretrained(repo_id, trust_unverified=trust_unverified)
-    folder = download_bank(
-        repo_id,
-        revision=revision,
-        cache_dir=cache_dir,
-        token=token,
-        local_files_only=local_files_only,
-        force_download=force_download,
-    )
+    hub = dict(revision=revision, cache_dir=cache_dir, token=token, force_download=force_download)
+    if download is not None:
+        source, hub = download(repo_id, local_files_only=local_files_only, **hub), {}
+    else:
+        source, hub = repo_id, dict(hub, local_files_only=local_files_only)
     try:
-        return ToComBank.from_pretrained(folder, trust_unverified=trust_unverified)
+        return ToComBank.from_pretrained(source, trust_unverified=trust_unverified, **hub)
     except ValueError as e:
+        if isinstance(e.__cause__, HFValidationError):  # not a repo id: nothing was loaded
+            raise
         raise ValueError(f"ToCom bank {repo_id!r} (revision {_rev(revision)!r}) cannot be loaded: {e}") from e

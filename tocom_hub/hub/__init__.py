@@ -14,30 +14,32 @@ Three ways in::
     tocom_hub.apply(model, source_r=0, target_r=16, bank="org/tocom-deit-base")
     tocom_hub.apply(model, source_r=0, target_r=16)   # bank found through the registry
 
-``ToComBank`` is a ``huggingface_hub.ModelHubMixin``, so the Hub side belongs to the bank itself and lives
-next to it in the core (no module there imports this package): download in ``core/bank_download.py``,
-upload in ``core/bank_push.py``, the model card in ``core/bank_card.py``, the ``bank=None`` registry in
-``core/registry.py``. This module is their public namespace.
+The layer sits on top of the core. ``ToComBank`` is a ``huggingface_hub.ModelHubMixin`` whose
+``from_pretrained`` / ``push_to_hub`` call the library directly (``core/bank.py``; what its errors mean:
+``core/bank_repo.py``; the model card: ``core/bank_card.py``; the ``bank=None`` registry: ``core/registry.py``).
+This package adds the network code of ours: :func:`download_bank` / :func:`load_bank` with their extra
+diagnostics (``hub/download.py``) and :func:`push_bank` (``hub/push.py``). Nothing in ``tocom_hub.core``
+imports it.
 """
 
 from __future__ import annotations
 
+from ..core.bank_card import CARD_NAME as CARD_NAME
 from ..core.bank_card import MODEL_CARD_TEMPLATE, bank_facts, create_model_card
 from ..core.bank_config import LIBRARY_NAME as LIBRARY_NAME  # module constants of earlier releases
-from ..core.bank_download import BankHubError, BankNotFoundError, download_bank
-from ..core.bank_push import CARD_NAME as CARD_NAME
-from ..core.bank_push import push_bank
+from ..core.bank_repo import BankHubError, BankNotFoundError
 from ..core.registry import PACKAGE_REGISTRY as PACKAGE_REGISTRY
 from ..core.registry import (
     REGISTRY_ENV,
     BankEntry,
     NoBankForModelError,
-    load_bank,
     register_bank,
     registered_banks,
     resolve_bank,
     unregister_bank,
 )
+from .download import download_bank, load_bank
+from .push import push_bank
 
 __all__ = [
     "download_bank",

@@ -1,6 +1,8 @@
-"""Fetching a bank from the Hub (core/bank_download.py): cache, revisions, offline mode, missing and corrupt files.
+"""Fetching a bank from the Hub with full diagnostics (hub/download.py: download_bank, load_bank): cache,
+revisions, missing and corrupt files, the branches and tags of a repo for a bad revision.
 
-Online calls run in-process with a per-test ``cache_dir``; offline mode runs in a subprocess (``hub_client``).
+The same fetch without the extra requests (``ToComBank.from_pretrained("org/name")``, core/bank.py +
+core/bank_repo.py) is tested in test_bank_repo.py. Calls run in-process with a per-test ``cache_dir``.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ import os
 from pathlib import Path
 
 import pytest
-from hub_helpers import R_MAX, assert_same_bank, bank_files, commit_bank_repo, make_bank, state_hash, tiny_vit
+from hub_helpers import assert_same_bank, bank_files, commit_bank_repo, make_bank, tiny_vit
 from huggingface_hub.errors import (
     LocalEntryNotFoundError,
     RemoteEntryNotFoundError,
@@ -17,9 +19,8 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
-import tocom_hub
 from tocom_hub import ToComBank
-from tocom_hub.hub import BankHubError, BankNotFoundError, download_bank
+from tocom_hub.hub import BankNotFoundError, download_bank, load_bank
 
 
 @pytest.fixture
@@ -71,30 +72,6 @@ def test_config_file_is_optional(hub_server, tmp_path):
     assert_same_bank(ToComBank.from_pretrained(folder), bank)  # config embedded in the weights
 
 
-def test_offline_mode_subprocess(hub_server, hub_client, bank_repo):
-    bank, _, sha = bank_repo
-    download_bank("org/bank", cache_dir=hub_client.cache_dir)  # fill the subprocess's cache
-    hub_server.clear_requests()
-    code = f"""
-import tocom_hub
-from tocom_hub.hub import BankNotFoundError
-bank = tocom_hub.ToComBank.from_pretrained("org/bank")
-pinned = tocom_hub.ToComBank.from_pretrained("org/bank", revision="{sha}")
-result = {{"sums": [float(sum(p.double().sum() for p in b.parameters())) for b in (bank, pinned)]}}
-try:
-    tocom_hub.ToComBank.from_pretrained("org/never-downloaded")
-except BankNotFoundError as e:
-    result["error"], result["cause"] = str(e), type(e.__cause__).__name__
-"""
-    out = hub_client.run(code, offline=True).unwrap()
-    expected = float(sum(p.detach().double().sum() for p in bank.parameters()))
-    assert out["sums"] == pytest.approx([expected, expected], rel=1e-12)
-    assert out["cause"] == "LocalEntryNotFoundError"
-    for part in ("org/never-downloaded", "tocom.safetensors", "'main'", "HF_HUB_OFFLINE=1", "tocom-hub download"):
-        assert part in out["error"]
-    assert hub_server.requests == []  # offline: not a single request
-
-
 def test_missing_repo_file_revision_and_empty_cache(hub_server, bank_repo, tmp_path):
     hub_server.tag("org/bank", "v1")
     hub_server.commit("org/not-a-bank", {"README.md": "hello"})
@@ -135,46 +112,7 @@ def test_missing_repo_file_revision_and_empty_cache(hub_server, bank_repo, tmp_p
         download_bank("org/private", cache_dir=cache)
     assert Path(download_bank("org/private", cache_dir=cache, token=hub_server.token), "tocom.safetensors").is_file()
 
-    # the same errors reach ToComBank.from_pretrained and tocom_hub.apply (model untouched)
-    with pytest.raises(BankNotFoundError, match="org/missing"):
-        ToComBank.from_pretrained("org/missing", cache_dir=cache)
-    model = tiny_vit()
-    before = state_hash(model)
-    with pytest.raises(BankNotFoundError, match="'v9'"):
-        tocom_hub.apply(model, source_r=0, target_r=R_MAX, bank="org/bank", revision="v9", cache_dir=cache)
-    assert state_hash(model) == before and not tocom_hub.is_patched(model)
-
-
-def test_invalid_bank_file_on_hub_names_the_repo(hub_server, tmp_path):
-    hub_server.commit("org/garbage", {"tocom.safetensors": os.urandom(256)})  # intact download, not a bank
-    model = tiny_vit()
-    before = state_hash(model)
-    with pytest.raises(ValueError, match="'org/garbage'.*not a readable safetensors file"):
-        tocom_hub.apply(model, source_r=0, target_r=R_MAX, bank="org/garbage", cache_dir=tmp_path / "cache")
-    assert state_hash(model) == before and not tocom_hub.is_patched(model)
-
-
-@pytest.mark.parametrize("kind", ["truncated", "tampered"])
-def test_corrupt_download_is_a_clear_error_and_model_untouched(hub_server, bank_repo, tmp_path, kind):
-    bank, files, _ = bank_repo
-    weights = files["tocom.safetensors"]
-    if kind == "truncated":
-        served, expected = weights[:-64], "incomplete or corrupted"
-    else:  # same length, flipped bytes in the tensor data: only a content hash can tell
-        bad = bytearray(weights)
-        bad[-8:] = bytes(b ^ 0xFF for b in bad[-8:])
-        served, expected = bytes(bad), "is corrupted: its SHA-256"
-    hub_server.corrupt("org/bank", "tocom.safetensors", served)
-    cache = tmp_path / "cache"
-    with pytest.raises(BankHubError, match=expected) as info:
-        download_bank("org/bank", cache_dir=cache)
-    assert "'org/bank'" in str(info.value) and "tocom.safetensors" in str(info.value)
-
-    model = tiny_vit()
-    before = state_hash(model)
-    with pytest.raises(BankHubError, match=expected):
-        tocom_hub.apply(model, source_r=0, target_r=R_MAX, bank="org/bank", cache_dir=cache)
-    assert state_hash(model) == before and not tocom_hub.is_patched(model)
-
-    hub_server.clear_corruption()  # nothing bad stayed in the cache: the next call gets the real file
-    assert_same_bank(ToComBank.from_pretrained("org/bank", cache_dir=cache), bank)
+    # load_bank goes through download_bank: the same diagnostics, then the bank
+    with pytest.raises(BankNotFoundError, match="'v9'.*branches: main; tags: v1"):
+        load_bank("org/bank", revision="v9", cache_dir=cache)
+    assert_same_bank(load_bank("org/bank", revision="v1", cache_dir=cache), bank_repo[0])

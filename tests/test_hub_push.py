@@ -1,4 +1,5 @@
-"""Uploading a bank (core/bank_push.py): the files, the model card, a new branch, no write access."""
+"""Uploading a bank (hub/push.py: push_bank, which is ToComBank.push_to_hub of core/bank.py): the files, the model
+card, a new branch, no write access."""
 
 from __future__ import annotations
 

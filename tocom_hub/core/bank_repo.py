@@ -1,26 +1,34 @@
-"""A bank's files from the Hugging Face Hub, through the real ``huggingface_hub`` client: ``hf_hub_download``
-(etag cache, revisions, ``HF_HUB_OFFLINE`` / ``local_files_only``), with the cached files checked against the
-hash the Hub announced and errors that say what to do. ``ToComBank.from_pretrained("org/name")`` (the
-``ModelHubMixin`` side of the bank) and ``tocom_hub.hub.download_bank`` both come here. Imports nothing
-of ours but the bank's file names.
+"""A bank repo on the Hugging Face Hub, without any network code: the error types, what huggingface_hub's
+exceptions mean for a bank (:func:`explain_download_error`, :func:`explain_push_error`), the order a bank's two
+files are fetched in (:func:`fetch_bank_files`: the weights pin the commit, the optional config follows at that
+commit) and the check of a cached file against the hash the Hub announced (:func:`verify_cached_file`, which
+reads the local cache only).
+
+The fetching itself is the caller's ``download`` function: ``ToComBank.from_pretrained`` passes huggingface_hub's
+``hf_hub_download``; ``tocom_hub.hub.download_bank`` passes its own, which first checks that the Hub can be
+reached and lists a repo's branches and tags when a revision does not exist.
 """
 
 from __future__ import annotations
 
 import os
 import re
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 from .bank_config import CONFIG_NAME, LIBRARY_NAME, WEIGHTS_NAME, PathLike
 
-__all__ = ["download_bank", "BankHubError", "BankNotFoundError"]
+__all__ = [
+    "BankHubError",
+    "BankNotFoundError",
+    "explain_download_error",
+    "explain_push_error",
+    "unreachable_error",
+    "fetch_bank_files",
+    "verify_cached_file",
+]
 
 _COMMIT_HASH = re.compile(r"[0-9a-f]{40}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
-
-
-# ---------------------------------------------------------------------------------------------------
-# errors
 
 
 class BankHubError(OSError):
@@ -48,10 +56,6 @@ class BankNotFoundError(BankHubError, FileNotFoundError):
     """The repo, the revision or a bank file does not exist, or is not in the cache while offline."""
 
 
-# ---------------------------------------------------------------------------------------------------
-# download
-
-
 def _rev(revision: Optional[str]) -> str:
     return revision or "main"
 
@@ -62,29 +66,19 @@ def _hub_url(repo_id: str) -> str:
     return f"{constants.ENDPOINT.rstrip('/')}/{repo_id}"
 
 
-def _available_refs(repo_id: str, token: Union[str, bool, None]) -> str:
-    """``" (branches: main, dev; tags: v1)"`` or ``""`` when the refs cannot be listed."""
-    from huggingface_hub import HfApi
-
-    try:
-        refs = HfApi().list_repo_refs(repo_id, token=token)
-    except Exception:  # best effort: the message is still useful without it
-        return ""
-    branches = ", ".join(b.name for b in refs.branches) or "none"
-    tags = ", ".join(t.name for t in refs.tags) or "none"
-    return f" (branches: {branches}; tags: {tags})"
-
-
-def _explain(
+def explain_download_error(
     err: BaseException,
     repo_id: str,
     filename: str,
     revision: Optional[str],
     cache_dir: Optional[PathLike],
     local_files_only: bool,
-    token: Union[str, bool, None],
+    refs: str = "",
 ) -> BaseException:
-    """Turn a huggingface_hub exception into one that says what to do (the original becomes ``__cause__``)."""
+    """The error to raise for huggingface_hub's ``err``: one that says what to do, or ``err`` itself.
+
+    ``refs`` (e.g. ``" (branches: main; tags: v1)"``) is added to the message of a revision that does not exist.
+    """
     from huggingface_hub import constants, errors
     from huggingface_hub.errors import (
         EntryNotFoundError,
@@ -103,6 +97,8 @@ def _explain(
 
     rev = _rev(revision)
     where = dict(repo_id=repo_id, revision=rev, filename=filename)
+    if isinstance(err, BankHubError):
+        return err
     if isinstance(err, HFValidationError):
         return ValueError(f"{repo_id!r} is neither an existing local path nor a valid Hub repo id ('org/name'): {err}")
     if isinstance(err, GatedRepoError):
@@ -120,8 +116,8 @@ def _explain(
         )
     if isinstance(err, RevisionNotFoundError):
         return BankNotFoundError(
-            f"revision {rev!r} does not exist in ToCom bank repo {repo_id!r}"
-            f"{_available_refs(repo_id, token)}: pass an existing branch, tag or commit sha",
+            f"revision {rev!r} does not exist in ToCom bank repo {repo_id!r}{refs}: pass an existing branch, tag "
+            f"or commit sha",
             **where,
         )
     if isinstance(err, (LocalEntryNotFoundError, OfflineModeIsEnabled)):
@@ -132,9 +128,8 @@ def _explain(
                 f"run once with network access (e.g. `tocom-hub download {repo_id}"
                 f"{'' if revision is None else f' --revision {revision}'}`) to fill the cache"
             )
-        else:
-            why = f"the Hub ({constants.ENDPOINT}) could not be reached"
-            todo = "check your connection and retry"
+        else:  # huggingface_hub raises this when the Hub did not answer; its cause is the connection error
+            return unreachable_error(repo_id, filename, revision, cache_dir, err.__cause__)
         return BankNotFoundError(
             f"{filename} of ToCom bank {repo_id!r} (revision {rev!r}) is not in the cache ({cache}) and {why}: {todo}",
             **where,
@@ -163,97 +158,56 @@ def _explain(
     return err
 
 
-def _unreachable(
+def unreachable_error(
     repo_id: str,
     filename: str,
-    *,
     revision: Optional[str],
     cache_dir: Optional[PathLike],
-    token: Union[str, bool, None],
-    force_download: bool,
-) -> Optional[BaseException]:
-    """The connection error when the Hub cannot be reached for a file the cache does not hold, else ``None``.
+    reason: Optional[BaseException],
+) -> BankNotFoundError:
+    """The error for a file the cache does not hold when the Hub could not be reached (``reason``: why)."""
+    from huggingface_hub import constants
 
-    For such a file huggingface_hub retries a failed connection five times with back-off (about 25 s of
-    "Retrying in …" lines) before it gives up; one HEAD request without retries (``get_hf_file_metadata``,
-    timeout ``HF_HUB_ETAG_TIMEOUT``) tells an unreachable Hub at once. A cached file needs no probe:
-    huggingface_hub falls back to it immediately.
-    """
-    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
-    from huggingface_hub.errors import HfHubHTTPError, HFValidationError
+    why = " ".join(str(reason).split())[:200] or type(reason).__name__ if reason is not None else ""
+    return BankNotFoundError(
+        f"{filename} of ToCom bank {repo_id!r} (revision {_rev(revision)!r}) is not in the cache "
+        f"({cache_dir or constants.HF_HUB_CACHE}) and the Hub ({constants.ENDPOINT}) could not be reached"
+        f"{f' ({why})' if why else ''}: check your connection and retry, or fill the cache once with network "
+        f"access (`tocom-hub download {repo_id}`) and set HF_HUB_OFFLINE=1",
+        repo_id=repo_id,
+        revision=_rev(revision),
+        filename=filename,
+    )
 
-    if constants.HF_HUB_OFFLINE:
-        return None
-    try:
-        cached = try_to_load_from_cache(repo_id, filename, cache_dir=cache_dir, revision=revision)
-        if isinstance(cached, str) and not force_download:
-            return None
-        get_hf_file_metadata(
-            hf_hub_url(repo_id, filename, revision=revision), token=token, timeout=constants.HF_HUB_ETAG_TIMEOUT
+
+def explain_push_error(err: BaseException, repo_id: str, revision: Optional[str]) -> BankHubError:
+    """The error to raise for huggingface_hub's HTTP error ``err`` while pushing a bank."""
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    status = getattr(getattr(err, "response", None), "status_code", None)
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if status in (401, 403) or isinstance(err, RepositoryNotFoundError):
+        todo = (
+            ": check that you may write to it: pass a write token (token=... / --token) or log in with `hf auth login`"
         )
-    except (HfHubHTTPError, HFValidationError, ValueError):
-        return None  # the Hub answered (404, 401, …) or a bad id: hf_hub_download raises the precise error
-    except Exception as e:  # no answer at all: DNS, refused connection, timeout
-        return e
-    return None
+    elif status in (412, 429) or (status or 0) >= 500:
+        todo = ": retry later"
+    else:
+        todo = ""
+    return BankHubError(
+        f"pushing the ToCom bank to {repo_id!r} failed (HTTP {status}: {first}){todo}",
+        repo_id=repo_id,
+        revision=_rev(revision),
+    )
 
 
-def _download_file(
-    repo_id: str,
-    filename: str,
-    *,
-    revision: Optional[str],
-    cache_dir: Optional[PathLike],
-    token: Union[str, bool, None],
-    local_files_only: bool,
-    force_download: bool,
-) -> str:
-    from huggingface_hub import constants, hf_hub_download
-
-    from .. import __version__
-
-    if not local_files_only:
-        err = _unreachable(
-            repo_id, filename, revision=revision, cache_dir=cache_dir, token=token, force_download=force_download
-        )
-        if err is not None:
-            reason = " ".join(str(err).split())[:200] or type(err).__name__
-            raise BankNotFoundError(
-                f"{filename} of ToCom bank {repo_id!r} (revision {_rev(revision)!r}) is not in the cache "
-                f"({cache_dir or constants.HF_HUB_CACHE}) and the Hub ({constants.ENDPOINT}) could not be reached "
-                f"({reason}): check your connection and retry, or fill the cache once with network access "
-                f"(`tocom-hub download {repo_id}`) and set HF_HUB_OFFLINE=1",
-                repo_id=repo_id,
-                revision=_rev(revision),
-                filename=filename,
-            ) from None
-
-    try:
-        return hf_hub_download(
-            repo_id,
-            filename,
-            revision=revision,
-            cache_dir=cache_dir,
-            token=token,
-            local_files_only=local_files_only,
-            force_download=force_download,
-            library_name=LIBRARY_NAME,
-            library_version=__version__,
-        )
-    except Exception as e:
-        explained = _explain(e, repo_id, filename, revision, cache_dir, local_files_only, token)
-        if explained is e:
-            raise
-        raise explained from e
-
-
-def _verify_cached_file(path: str, *, repo_id: str, filename: str, revision: str) -> None:
+def verify_cached_file(path: str, *, repo_id: str, filename: str, revision: str) -> None:
     """Check a cached file against the hash the Hub announced for it, and evict it when it differs.
 
     The huggingface_hub cache stores every file as ``blobs/<etag>`` (symlinked from ``snapshots/``): the
     git blob sha1 for regular files, the SHA-256 of the content for LFS files. ``hf_hub_download``
     only checks the size, so a download that was altered on the way (same length) would otherwise
-    stay in the cache and be served again and again.
+    stay in the cache and be served again and again. Reads the local file only.
     """
     from huggingface_hub.utils.sha import git_hash, sha_fileobj
 
@@ -291,7 +245,8 @@ def _verify_cached_file(path: str, *, repo_id: str, filename: str, revision: str
     )
 
 
-def download_bank(
+def fetch_bank_files(
+    download: Callable[..., str],
     repo_id: str,
     *,
     revision: Optional[str] = None,
@@ -299,39 +254,50 @@ def download_bank(
     token: Union[str, bool, None] = None,
     local_files_only: bool = False,
     force_download: bool = False,
+    refs: Optional[Callable[[], str]] = None,
 ) -> str:
-    """Download (or find in the cache) a bank's files; return the local snapshot directory.
+    """Fetch a bank's files with ``download`` (``hf_hub_download``'s signature); return the snapshot directory.
 
-    ``tocom.safetensors`` is fetched first and pins the commit; ``tocom_config.json`` is then fetched
-    at that same commit, so the two files always belong together (the config is optional: the
-    weights carry it in their metadata). Files come from the huggingface_hub cache when their etag is
-    unchanged, from the cache alone with ``local_files_only=True`` / ``HF_HUB_OFFLINE=1`` or when the
-    Hub cannot be reached, and are checked against the hash the Hub announced. Example::
-
-        path = tocom_hub.hub.download_bank("org/tocom-deit-base", revision="v1.0")
-        bank = tocom_hub.ToComBank.from_pretrained(path)
-
-    Raises:
-        BankNotFoundError: the repo / revision / ``tocom.safetensors`` does not exist, or is not cached
-            while offline (a ``FileNotFoundError``; ``__cause__`` is huggingface_hub's exception).
-        BankHubError: corrupted or incomplete download, or any other Hub failure.
+    ``tocom.safetensors`` is fetched first and pins the commit; ``tocom_config.json`` is then fetched at that
+    same commit, so the two files always belong together (the config is optional: the weights carry it in
+    their metadata). Each file is checked with :func:`verify_cached_file`; huggingface_hub's errors become
+    ours (:func:`explain_download_error`; ``refs()`` names the repo's branches and tags for a bad revision).
     """
-    opts = dict(cache_dir=cache_dir, token=token, local_files_only=local_files_only, force_download=force_download)
-    weights = _download_file(repo_id, WEIGHTS_NAME, revision=revision, **opts)
-    _verify_cached_file(weights, repo_id=repo_id, filename=WEIGHTS_NAME, revision=_rev(revision))
-    folder = os.path.dirname(weights)
-    commit = os.path.basename(folder)  # the cache layout is .../snapshots/<commit sha>/<file>
-    pinned = commit if _COMMIT_HASH.fullmatch(commit) else revision
-    try:
-        config = _download_file(repo_id, CONFIG_NAME, revision=pinned, **opts)
-    except BankNotFoundError as e:
-        from huggingface_hub.errors import EntryNotFoundError
+    from huggingface_hub.errors import EntryNotFoundError, RevisionNotFoundError
 
+    from .. import __version__
+
+    def fetch(filename: str, rev: Optional[str]) -> str:
+        try:
+            path = download(
+                repo_id,
+                filename,
+                revision=rev,
+                cache_dir=cache_dir,
+                token=token,
+                local_files_only=local_files_only,
+                force_download=force_download,
+                library_name=LIBRARY_NAME,
+                library_version=__version__,
+            )
+        except Exception as e:
+            listed = refs() if refs is not None and isinstance(e, RevisionNotFoundError) else ""
+            explained = explain_download_error(e, repo_id, filename, rev, cache_dir, local_files_only, listed)
+            if explained is e:
+                raise
+            raise explained from e
+        verify_cached_file(path, repo_id=repo_id, filename=filename, revision=_rev(revision))
+        return path
+
+    folder = os.path.dirname(fetch(WEIGHTS_NAME, revision))
+    commit = os.path.basename(folder)  # the cache layout is .../snapshots/<commit sha>/<file>
+    try:
+        config = fetch(CONFIG_NAME, commit if _COMMIT_HASH.fullmatch(commit) else revision)
+    except BankNotFoundError as e:
         if not isinstance(e.__cause__, EntryNotFoundError):
             raise
         # no tocom_config.json in the repo (or not cached): the config embedded in the weights is used
     else:
-        _verify_cached_file(config, repo_id=repo_id, filename=CONFIG_NAME, revision=_rev(revision))
         if os.path.dirname(config) != folder:  # pragma: no cover - defensive, same commit by construction
             raise BankHubError(
                 f"{CONFIG_NAME} and {WEIGHTS_NAME} of {repo_id!r} resolved to different commits",
