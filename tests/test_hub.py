@@ -199,7 +199,9 @@ def test_the_core_imports_nothing_from_the_hub_namespace():
     for path in core:
         bad = {n for n in _imports(path) if n == "tocom_hub.hub" or n.startswith("tocom_hub.hub.")}
         assert not bad, (path.name, bad)
-    assert "tocom_hub.hub" in _imports(ROOT / "tocom_hub" / "cli.py")  # the scan sees relative imports
+    assert "tocom_hub.hub.download" in _imports(
+        ROOT / "tocom_hub" / "cli" / "options.py"
+    )  # the scan sees relative imports
     assert "tocom_hub.core.registry" in _imports(ROOT / "tocom_hub" / "hub" / "__init__.py")
 
 
@@ -218,9 +220,9 @@ def test_bank_imports_no_network_code_of_ours():
     assert not [n for n in names if n.startswith("hub/")], names
     for path in seen - {bank}:
         assert not _identifiers(path) & _NETWORK_CALLS, (path.name, _identifiers(path) & _NETWORK_CALLS)
-    assert {"hf_hub_download", "HfApi"} <= _identifiers(bank)  # the scan sees the calls that are there
+    assert {"hf_hub_download", "HfApi", "get_hf_file_metadata"} <= _identifiers(bank)  # the scan sees them
     hub = ROOT / "tocom_hub" / "hub" / "download.py"
-    assert {"get_hf_file_metadata", "list_repo_refs"} <= _identifiers(hub)
+    assert "list_repo_refs" in _identifiers(hub)
 
 
 def test_no_import_circle_in_core_and_hub():

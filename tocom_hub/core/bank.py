@@ -49,7 +49,7 @@ from .bank_config import model_dims as model_dims
 from .bank_file import _looks_local as _looks_local
 from .bank_file import _tensors_sha256 as _tensors_sha256
 from .bank_file import read_bank, write_bank_file
-from .bank_repo import explain_push_error, fetch_bank_files
+from .bank_repo import explain_push_error, fetch_bank_files, unreachable_error
 from .checks import is_int
 
 __all__ = ["ToComConfig", "ToComBank", "CONFIG_NAME", "WEIGHTS_NAME", "FORMAT_VERSION", "TARGETS", "MAX_SCALE"]
@@ -64,6 +64,27 @@ def signed_group_slice(m: int, n: int, rank: int) -> Tuple[slice, float]:
     """
     lo, hi = (m, n) if m <= n else (n, m)
     return slice(lo * rank, hi * rank), (1.0 if n >= m else -1.0)
+
+
+def hub_download(repo_id: str, filename: str, **kwargs: Any) -> str:
+    """``hf_hub_download``, after one HEAD request without retries (``get_hf_file_metadata``) made sure the Hub
+    answers: for a file the cache does not hold, huggingface_hub would otherwise retry a dead connection for
+    ~25 s ("Retrying in …") before it gives up. Cached files, ``local_files_only`` and ``HF_HUB_OFFLINE`` skip it."""
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_download, hf_hub_url, try_to_load_from_cache
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError
+
+    revision, cache_dir = kwargs.get("revision"), kwargs.get("cache_dir")
+    if not (kwargs.get("local_files_only") or constants.HF_HUB_OFFLINE):
+        try:
+            cached = try_to_load_from_cache(repo_id, filename, cache_dir=cache_dir, revision=revision)
+            if not isinstance(cached, str) or kwargs.get("force_download"):
+                url = hf_hub_url(repo_id, filename, revision=revision)
+                get_hf_file_metadata(url, token=kwargs.get("token"), timeout=constants.HF_HUB_ETAG_TIMEOUT)
+        except (HfHubHTTPError, HFValidationError, ValueError):
+            pass  # the Hub answered (404, 401, …) or a bad id: hf_hub_download raises the precise error
+        except Exception as e:  # no answer at all: DNS, refused connection, timeout
+            raise unreachable_error(repo_id, filename, revision, cache_dir, e) from None
+    return hf_hub_download(repo_id, filename, **kwargs)
 
 
 class ToComBank(nn.Module, ModelHubMixin, library_name="tocom-hub", paper_url="https://arxiv.org/abs/2408.06798"):
@@ -331,10 +352,8 @@ class ToComBank(nn.Module, ModelHubMixin, library_name="tocom-hub", paper_url="h
     ) -> "ToComBank":
         path = Path(model_id)
         if not path.exists():
-            from huggingface_hub import hf_hub_download
-
             hub = dict(revision=revision, cache_dir=cache_dir, token=token, force_download=force_download)
-            path = Path(fetch_bank_files(hf_hub_download, model_id, local_files_only=local_files_only, **hub))
+            path = Path(fetch_bank_files(hub_download, model_id, local_files_only=local_files_only, **hub))
         tensors, config = read_bank(path, trust_unverified=trust_unverified)
         bank = cls(config, device="meta")
         bank.load_state_dict(tensors, assign=True)

@@ -4,8 +4,7 @@ registry).
 
 On top of what ``ToComBank.from_pretrained("org/name")`` does with ``hf_hub_download`` (the order of the two
 files, cached-file checks and error messages of ``tocom_hub.core.bank_repo``), this module makes the extra
-requests that make errors precise: one quick probe that tells an unreachable Hub at once (instead of
-huggingface_hub's retries with back-off) and, for a revision that does not exist, the repo's branches and tags.
+request that makes errors precise: for a revision that does not exist, the repo's branches and tags.
 """
 
 from __future__ import annotations
@@ -13,10 +12,10 @@ from __future__ import annotations
 import os
 from typing import Any, Optional, Union
 
-from ..core.bank import ToComBank
+from ..core.bank import ToComBank, hub_download
 from ..core.bank_config import PathLike
 from ..core.bank_file import _looks_local
-from ..core.bank_repo import fetch_bank_files, unreachable_error
+from ..core.bank_repo import fetch_bank_files
 from ..core.registry import load_bank as _load_bank
 
 __all__ = ["download_bank", "load_bank", "bank_path"]
@@ -33,60 +32,6 @@ def _available_refs(repo_id: str, token: Union[str, bool, None]) -> str:
     branches = ", ".join(b.name for b in refs.branches) or "none"
     tags = ", ".join(t.name for t in refs.tags) or "none"
     return f" (branches: {branches}; tags: {tags})"
-
-
-def _unreachable(
-    repo_id: str,
-    filename: str,
-    *,
-    revision: Optional[str],
-    cache_dir: Optional[PathLike],
-    token: Union[str, bool, None],
-    force_download: bool,
-) -> Optional[BaseException]:
-    """The connection error when the Hub cannot be reached for a file the cache does not hold, else ``None``.
-
-    For such a file huggingface_hub retries a failed connection five times with back-off (about 25 s of
-    "Retrying in …" lines) before it gives up; one HEAD request without retries (``get_hf_file_metadata``,
-    timeout ``HF_HUB_ETAG_TIMEOUT``) tells an unreachable Hub at once. A cached file needs no probe:
-    huggingface_hub falls back to it immediately.
-    """
-    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
-    from huggingface_hub.errors import HfHubHTTPError, HFValidationError
-
-    if constants.HF_HUB_OFFLINE:
-        return None
-    try:
-        cached = try_to_load_from_cache(repo_id, filename, cache_dir=cache_dir, revision=revision)
-        if isinstance(cached, str) and not force_download:
-            return None
-        get_hf_file_metadata(
-            hf_hub_url(repo_id, filename, revision=revision), token=token, timeout=constants.HF_HUB_ETAG_TIMEOUT
-        )
-    except (HfHubHTTPError, HFValidationError, ValueError):
-        return None  # the Hub answered (404, 401, …) or a bad id: hf_hub_download raises the precise error
-    except Exception as e:  # no answer at all: DNS, refused connection, timeout
-        return e
-    return None
-
-
-def _probe_then_download(repo_id: str, filename: str, **kwargs: Any) -> str:
-    """``hf_hub_download``, after :func:`_unreachable` made sure the Hub answers (or the file is cached)."""
-    from huggingface_hub import hf_hub_download
-
-    revision, cache_dir = kwargs.get("revision"), kwargs.get("cache_dir")
-    if not kwargs.get("local_files_only"):
-        err = _unreachable(
-            repo_id,
-            filename,
-            revision=revision,
-            cache_dir=cache_dir,
-            token=kwargs.get("token"),
-            force_download=bool(kwargs.get("force_download")),
-        )
-        if err is not None:
-            raise unreachable_error(repo_id, filename, revision, cache_dir, err) from None
-    return hf_hub_download(repo_id, filename, **kwargs)
 
 
 def download_bank(
@@ -115,7 +60,7 @@ def download_bank(
         BankHubError: corrupted or incomplete download, or any other Hub failure.
     """
     return fetch_bank_files(
-        _probe_then_download,
+        hub_download,
         repo_id,
         revision=revision,
         cache_dir=cache_dir,
