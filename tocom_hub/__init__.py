@@ -23,14 +23,15 @@ from typing import Any, Optional
 
 __version__ = "0.1.0"
 
-# The package in layers; each imports only from the layers above it in this list:
-#   core/   merge.py, prune.py (token maths) -> patch.py (timm surgery) -> bank.py (the bank, its file and
-#           arithmetic) -> compensate.py (the bank applied to a model)
-#   hub/    the Hugging Face Hub: download, push, model card, the bank registry
+# The package in layers, each importing only from those before it (docs/ARCHITECTURE.md; checked by
+# tests/test_architecture.py):
+#   core/   token maths (merge, prune), timm surgery (attention, patch), the bank (bank, bank_config,
+#           bank_file, bank_repo, bank_card, registry) and its application to a model (compensate, lora_merged,
+#           lora_hooks, state)
+#   hub/    the Hugging Face Hub layer on top of the bank: download_bank / load_bank / push_bank
 #   tools/  evaluation, benchmark, latency controller, visualisation, scale tuning, checkpoint conversion
-#   demo/   the embedded study world: datasets, demo models and adapters, assets
+#   demo/   the embedded world: datasets, the model loader, adapters, assets, evaluate_demo
 #   cli/    the ``tocom-hub`` command;   training/ (installed as tocom_hub.training): the trainers
-# See docs/ARCHITECTURE.md.
 
 # public name -> module that defines it
 _LAZY = {
