@@ -114,7 +114,7 @@ def _resolve_bank(bank: BankLike, model: nn.Module, method: Optional[str], hub_k
         hub_kwargs = dict(hub_kwargs, method=method)
     loaded = load_bank(bank, model=model, trust_unverified=trust, **hub_kwargs)
     if not isinstance(loaded, ToComBank):
-        raise TypeError(f"tocom_hub.hub.load_bank returned {type(loaded).__name__}, expected a ToComBank")
+        raise TypeError(f"load_bank returned {type(loaded).__name__}, expected a ToComBank")
     return loaded
 
 
@@ -210,7 +210,7 @@ def apply(
         model: a timm ViT (patched or not).
         source_r / target_r: degrees the model was fine-tuned at / will run at, in ``[0, R]``.
         bank: a :class:`ToComBank`, a local directory or ``.safetensors`` file, a Hub repo id, or
-            ``None`` (resolve a bank for the model through ``tocom_hub.hub.load_bank``).
+            ``None`` (resolve a bank for the model through the registry, ``tocom_hub.core.registry.load_bank``).
         scale: ``s``; ``None`` uses ``bank.config.scale``.
         method: ``"tome"`` / ``"evit"`` to insist on; ``None`` uses the bank's.
         merge: merged (inference) or unmerged (training) mode.
