@@ -10,7 +10,9 @@ paper's Fig. 5). Without ``--finetuned`` the embedded backbone is evaluated on i
 task (``photo-crops``) at source r = ``--source-r``.
 
 Writes ``eval.json`` and ``eval.png`` (accuracy vs target r: "no ToCom", "+ToCom (s=…)" per scale,
-and "source = target" when given) into ``--output-dir``.
+and "source = target" when given) into ``--output-dir``; with ``--save-correct`` also ``correct.safetensors``
+(one uint8 0/1 per test image and configuration, keys ``no_tocom.r{t}`` / ``tocom.s{s}.r{t}``: what a paired
+bootstrap of "with − without ToCom" over the images needs).
 
 Examples::
 
@@ -87,6 +89,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     )
     p.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
     p.add_argument("--output-dir", default="out/eval")
+    p.add_argument(
+        "--save-correct",
+        action="store_true",
+        help="also write correct.safetensors: per image and configuration, was the top-1 prediction right",
+    )
     p.add_argument("--cpu", action="store_true")
     args = p.parse_args(argv)
 
@@ -222,13 +229,18 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     }
     # one pass over the data per model and scale, every target r interleaved (tocom_hub.tools.evaluation)
     run = dict(source_r=source_r, progress=accelerator.is_local_main_process, gather=accelerator.gather_for_metrics)
+    run["keep_correct"] = args.save_correct
+    correct: Dict[str, torch.Tensor] = {}
     with accelerator.autocast():
-        top1 = {row["target_r"]: row["top1"] for row in evaluate(model, loader, targets, **run)}
+        rows = evaluate(model, loader, targets, **run)
+        top1 = {row["target_r"]: row["top1"] for row in rows}
         result["no_tocom"] = {str(t): top1[t] for t in targets}
+        correct.update({f"no_tocom.r{row['target_r']}": row["correct"] for row in rows if "correct" in row})
         for s in scales:
             rows = evaluate(model, loader, targets, bank=bank, scale=s, plain=False, **run)
             top1 = {row["target_r"]: row["top1"] for row in rows}
             result["tocom"][f"{s:g}"] = {str(t): top1[t] for t in targets}
+            correct.update({f"tocom.s{s:g}.r{row['target_r']}": row["correct"] for row in rows if "correct" in row})
     for t in targets:
         logger.info(
             "target r=%d: no ToCom %.2f%s",
@@ -254,6 +266,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
         common.write_json(os.path.join(args.output_dir, "eval.json"), result)
+        if args.save_correct:
+            from safetensors.torch import save_file
+
+            hits = {k: v.to(torch.uint8).contiguous() for k, v in correct.items()}
+            save_file(hits, os.path.join(args.output_dir, "correct.safetensors"))
         plot(result, os.path.join(args.output_dir, "eval.png"))
         logger.info("wrote %s/eval.json and eval.png", args.output_dir)
     return result

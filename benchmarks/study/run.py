@@ -355,6 +355,7 @@ def main(argv: Sequence[str] | None = None) -> Dict[str, Any]:
                         str(ev),
                         "--num-workers",
                         "0",
+                        "--save-correct",  # per-image hits: benchmarks/study/intervals.py bootstraps them
                     ],
                     log,
                     ev,
