@@ -81,10 +81,16 @@ def throughput_table(result: Dict[str, Any]) -> str:
     return "\n".join(line.replace("|  |", "| |").replace("|  |", "| |") for line in lines)
 
 
+def _intervals():
+    """The study's per-task 95 % intervals (``benchmarks/study/intervals.py``), when they were measured."""
+    path = ROOT / "benchmarks" / "results" / "study_intervals.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 TABLES: Dict[str, Callable[[], str]] = {
     "quickstart-table": lambda: quickstart_table(_load("tocom_hub/demo/assets/study/demo.json")),
     "throughput-table": lambda: throughput_table(_load("benchmarks/results/throughput.json")),
-    "study-table": lambda: report.table(_load("benchmarks/results/study.json")),
+    "study-table": lambda: report.table(report.with_intervals(_load("benchmarks/results/study.json"), _intervals())),
 }
 
 

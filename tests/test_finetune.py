@@ -69,10 +69,18 @@ def test_finetune_then_evaluate(tmp_path, mode):
             "0",
             "--output-dir",
             ev,
+            "--save-correct",
         ]
     )
     result = json.loads((ev / "eval.json").read_text())
     assert result["source_r"] == 2 and result["targets"] == [0, 2, 4]
+    from safetensors.torch import load_file
+
+    hits = load_file(str(ev / "correct.safetensors"))  # per image: the paired bootstrap's input
+    assert len(hits) == 3 * 3 and all(v.shape == (result["images"],) for v in hits.values())
+    for t in (0, 2, 4):  # they give exactly the accuracies of eval.json
+        assert 100.0 * int(hits[f"no_tocom.r{t}"].sum()) / result["images"] == result["no_tocom"][str(t)]
+        assert 100.0 * int(hits[f"tocom.s1.r{t}"].sum()) / result["images"] == result["tocom"]["1"][str(t)]
     assert set(result["tocom"]) == {"0.1", "1"}
     # at target == source the bank's update is zero: identical accuracy
     assert result["tocom"]["1"]["2"] == result["no_tocom"]["2"]

@@ -12,6 +12,7 @@ import pytest
 STUDY = Path(__file__).resolve().parents[1] / "benchmarks" / "study"
 sys.path.insert(0, str(STUDY))
 
+import intervals  # noqa: E402
 import report  # noqa: E402
 import run as study  # noqa: E402
 
@@ -154,3 +155,57 @@ def test_readme_tables_are_the_committed_json(tmp_path):
     assert render_readme.main(["--check", "--readme", str(edited)]) == 1
     assert render_readme.main(["--readme", str(edited)]) == 0 and render_readme.stale(edited) == []
     assert edited.read_text() == readme
+
+
+def _hits_workdir(tmp_path, R=2, seeds=(0, 1), n=200):
+    """A study workdir whose eval stages hold known per-image hits, and the results those hits give."""
+    import numpy as np
+    import torch
+    from safetensors.torch import save_file
+
+    rng = np.random.default_rng(0)
+    results = {"R": R, "seeds": list(seeds), "bank": {"kd": "logits"}, "tasks": {"t": {"scale": {}, "per_seed": {}}}}
+    truth = {}
+    for src, tgt, s in ((0, R, 0.1), (R, 0, 0.05)):
+        results["tasks"]["t"]["scale"][str(src)] = s
+        runs = []
+        for seed in seeds:
+            base = rng.random(n) < 0.5
+            other = base | (rng.random(n) < 0.2)  # ToCom only adds hits: the change is positive
+            stage = tmp_path / "downstream" / "t" / f"src{src}-seed{seed}" / f"eval-logits-s{s:g}"
+            stage.mkdir(parents=True)
+            save_file(
+                {
+                    f"no_tocom.r{tgt}": torch.tensor(base, dtype=torch.uint8),
+                    f"tocom.s{s:g}.r{tgt}": torch.tensor(other, dtype=torch.uint8),
+                },
+                str(stage / "correct.safetensors"),
+            )
+            runs.append(
+                {"no_tocom": {str(tgt): 100.0 * int(base.sum()) / n}, "tocom": {str(tgt): 100.0 * int(other.sum()) / n}}
+            )
+            truth.setdefault((src, tgt), []).append(100.0 * (int(other.sum()) - int(base.sum())) / n)
+        results["tasks"]["t"]["per_seed"][str(src)] = runs
+        results["tasks"]["t"]["src0_tgtR" if src == 0 else "srcR_tgt0"] = {"no_tocom": 0.0, "tocom": 0.0}
+    return results, truth
+
+
+def test_intervals_bootstrap_the_kept_hits_and_refuse_other_models(tmp_path):
+
+    results, truth = _hits_workdir(tmp_path)
+    out = intervals.intervals(tmp_path, results)
+    for cell, key in (("src0_tgtR", (0, 2)), ("srcR_tgt0", (2, 0))):
+        c = out["tasks"]["t"][cell]
+        assert c["delta"] == pytest.approx(sum(truth[key]) / 2, abs=1e-3)  # the mean change over the seeds
+        assert c["ci95"][0] <= c["delta"] <= c["ci95"][1] and c["ci95"][0] > 0  # only added hits: all > 0
+        assert (c["images"], c["seeds"]) == (200, 2)
+    table = report.table(
+        report.with_intervals(
+            results | {"tasks": {"t": {**results["tasks"]["t"], "srcR_tgtR": 1.0, "src0_tgt0": 1.0}}}, out
+        )
+    )
+    lo, hi = out["tasks"]["t"]["src0_tgtR"]["ci95"]
+    assert f"[{report._signed(lo)}, {report._signed(hi)}]" in table
+    results["tasks"]["t"]["per_seed"]["0"][1]["tocom"]["2"] += 0.5  # committed numbers of other models
+    with pytest.raises(SystemExit, match="not those of the committed models"):
+        intervals.intervals(tmp_path, results)

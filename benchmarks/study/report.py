@@ -5,6 +5,7 @@ python benchmarks/study/report.py benchmarks/results/study.json    # re-render f
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import sys
@@ -36,6 +37,17 @@ def gap_closed(v: Dict[str, Any]) -> Optional[float]:
     """Share of the "source 0 → target R" vs matched gap that ToCom closes (``None`` without a gap)."""
     gap = v["srcR_tgtR"] - v["src0_tgtR"]["no_tocom"]
     return (v["src0_tgtR"]["tocom"] - v["src0_tgtR"]["no_tocom"]) / gap if gap > 0 else None
+
+
+def with_intervals(result: Dict[str, Any], intervals: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    """``result`` (study.json) with each task cell's 95 % interval (``ci95``) from ``intervals``
+    (study_intervals.json, written by ``benchmarks/study/intervals.py``); ``result`` itself is not changed."""
+    out = copy.deepcopy(result)
+    for task, cells in ((intervals or {}).get("tasks") or {}).items():
+        for cell, c in cells.items():
+            if task in out["tasks"]:
+                out["tasks"][task][cell]["ci95"] = c["ci95"]
+    return out
 
 
 def _row(name: str, kind: str, v: Dict[str, Any], R: int, scale: Dict[str, Any]) -> str:
@@ -74,6 +86,15 @@ def table(result: Dict[str, Any]) -> str:
 def intervals_note(result: Dict[str, Any]) -> str:
     """What the table can and cannot say about noise (the interval text follows the demo row's numbers)."""
     demo = result.get("demo") or {}
+    task_cis = [v[c].get("ci95") for v in result["tasks"].values() for c in ("src0_tgtR", "srcR_tgt0")]
+    if task_cis and all(task_cis):
+        excluding = sum(1 for lo, hi in task_cis if not lo <= 0 <= hi)
+        return (
+            "How sure: in square brackets, the 95 % interval of each change (paired bootstrap over the test "
+            "images and the seeds, `tocom_hub.tools.evaluation.paired_bootstrap`, from the per-image hits the "
+            "study kept; `benchmarks/study/intervals.py` checks they give exactly the numbers in the table). "
+            f"{excluding} of the {len(task_cis)} task-level intervals exclude 0."
+        )
     text = (
         "How sure: a 95 % interval of a change needs the per-image predictions (paired bootstrap over the "
         "test images and the seeds, `tocom_hub.tools.evaluation.paired_bootstrap`). The study run did not keep them; "
@@ -217,4 +238,8 @@ def write_reports(result: Dict[str, Any], out_dir: Path) -> None:
 
 if __name__ == "__main__":
     path = Path(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).resolve().parents[1] / "results" / "study.json")
-    write_reports(json.loads(path.read_text()), path.parent)
+    intervals = path.with_name("study_intervals.json")
+    result = json.loads(path.read_text())
+    if intervals.is_file():
+        result = with_intervals(result, json.loads(intervals.read_text()))
+    write_reports(result, path.parent)
