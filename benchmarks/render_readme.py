@@ -81,16 +81,20 @@ def throughput_table(result: Dict[str, Any]) -> str:
     return "\n".join(line.replace("|  |", "| |").replace("|  |", "| |") for line in lines)
 
 
-def _intervals():
-    """The study's per-task 95 % intervals (``benchmarks/study/intervals.py``), when they were measured."""
+def _with_intervals(rel: str) -> Dict[str, Any]:
+    """The study results ``rel`` with the 95 % intervals of ``study_intervals.json`` when they were measured
+    for exactly these results (``benchmarks/study/intervals.py`` records which)."""
+    result = _load(rel)
     path = ROOT / "benchmarks" / "results" / "study_intervals.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+    intervals = json.loads(path.read_text()) if path.is_file() else None
+    return report.with_intervals(result, intervals) if intervals and intervals.get("results") == rel else result
 
 
 TABLES: Dict[str, Callable[[], str]] = {
     "quickstart-table": lambda: quickstart_table(_load("tocom_hub/demo/assets/study/demo.json")),
     "throughput-table": lambda: throughput_table(_load("benchmarks/results/throughput.json")),
-    "study-table": lambda: report.table(report.with_intervals(_load("benchmarks/results/study.json"), _intervals())),
+    "study-table": lambda: report.table(_with_intervals("benchmarks/results/study.json")),
+    "study-rerun-table": lambda: report.table(_with_intervals("benchmarks/results/study_rerun.json")),
 }
 
 

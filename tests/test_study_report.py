@@ -209,3 +209,20 @@ def test_intervals_bootstrap_the_kept_hits_and_refuse_other_models(tmp_path):
     results["tasks"]["t"]["per_seed"]["0"][1]["tocom"]["2"] += 0.5  # committed numbers of other models
     with pytest.raises(SystemExit, match="not those of the committed models"):
         intervals.intervals(tmp_path, results)
+
+
+def test_committed_intervals_belong_to_the_rerun_they_name():
+    """study_intervals.json names the results it was measured for; each cell's bootstrap change is that
+    table's change (to rounding) and lies inside its interval."""
+    results_dir = STUDY.parents[0] / "results"
+    intervals = json.loads((results_dir / "study_intervals.json").read_text())
+    result = json.loads((STUDY.parents[1] / intervals["results"]).read_text())
+    assert intervals["results"] != "benchmarks/results/study.json"  # the first run kept no hits
+    assert set(intervals["tasks"]) == set(result["tasks"])
+    for task, cells in intervals["tasks"].items():
+        for cell, c in cells.items():
+            v = result["tasks"][task][cell]
+            assert c["delta"] == pytest.approx(v["tocom"] - v["no_tocom"], abs=0.011), (task, cell)
+            assert c["ci95"][0] <= c["delta"] <= c["ci95"][1] and c["seeds"] == len(result["seeds"])
+    table = report.table(report.with_intervals(result, intervals))
+    assert table.count(" [") == 2 * len(result["tasks"])  # every task-level change carries its interval

@@ -90,11 +90,17 @@ def intervals(workdir: Path, results: Dict[str, Any]) -> Dict[str, Any]:
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", required=True, help="the --workdir of a run.py run that kept the hits")
-    p.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "study.json"))
+    p.add_argument(
+        "--results",
+        default=str(ROOT / "benchmarks" / "results" / "study.json"),
+        help="the run's study.json: the intervals are refused unless the hits give exactly its per-seed numbers",
+    )
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "study_intervals.json"))
     a = p.parse_args(argv)
     results = json.loads(Path(a.results).read_text())
     out = intervals(Path(a.workdir), results)
+    path = Path(a.results).resolve()
+    out = {"results": path.relative_to(ROOT).as_posix() if path.is_relative_to(ROOT) else str(path), **out}
     Path(a.out).write_text(json.dumps(out, indent=1) + "\n")
     for task, cells in out["tasks"].items():
         for cell, c in cells.items():

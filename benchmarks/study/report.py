@@ -76,7 +76,7 @@ def table(result: Dict[str, Any]) -> str:
         lines.append(_row(name, kind, v, R, v.get("scale", {})))
     demo = result.get("demo") or {}
     if demo.get("src0_tgtR", {}).get("ci95") and demo.get("task") in result["tasks"]:
-        scale = result["tasks"][demo["task"]].get("scale", {})
+        scale = demo.get("scale") or result["tasks"][demo["task"]].get("scale", {})  # the shipped files' own s
         lines.append(_row(f"{demo['task']}, shipped files", "quickstart", demo, R, scale))
     if result.get("average"):
         lines.append(_row("**average**", "", result["average"], R, {}))
@@ -93,7 +93,7 @@ def intervals_note(result: Dict[str, Any]) -> str:
             "How sure: in square brackets, the 95 % interval of each change (paired bootstrap over the test "
             "images and the seeds, `tocom_hub.tools.evaluation.paired_bootstrap`, from the per-image hits the "
             "study kept; `benchmarks/study/intervals.py` checks they give exactly the numbers in the table). "
-            f"{excluding} of the {len(task_cis)} task-level intervals exclude 0."
+            f"{excluding} of the {len(task_cis)} task-level intervals {'excludes' if excluding == 1 else 'exclude'} 0."
         )
     text = (
         "How sure: a 95 % interval of a change needs the per-image predictions (paired bootstrap over the "
@@ -240,6 +240,8 @@ if __name__ == "__main__":
     path = Path(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).resolve().parents[1] / "results" / "study.json")
     intervals = path.with_name("study_intervals.json")
     result = json.loads(path.read_text())
-    if intervals.is_file():
-        result = with_intervals(result, json.loads(intervals.read_text()))
+    if intervals.is_file():  # only the intervals measured for these results (intervals.py records which)
+        measured = json.loads(intervals.read_text())
+        if Path(measured.get("results", "")).name == path.name:
+            result = with_intervals(result, measured)
     write_reports(result, path.parent)
