@@ -47,3 +47,11 @@ def test_unknown_names_still_fail():
         importlib.import_module("tocom_hub.no_such_module")
     with pytest.raises(AttributeError):
         tocom_hub.no_such_name  # noqa: B018
+
+
+def test_names_that_moved_between_layers_keep_their_old_import_paths():
+    from tocom_hub.demo.data import build_eval_dataset
+    from tocom_hub.evaluation import build_eval_dataset as old
+
+    assert old is build_eval_dataset
+    from tocom_hub.hub import PathLike  # noqa: F401
