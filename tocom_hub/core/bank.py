@@ -26,7 +26,7 @@ import dataclasses
 import math
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Optional, Sequence, Tuple, Union
 
 import torch
 from huggingface_hub import ModelHubMixin
@@ -46,9 +46,9 @@ from .bank_config import (
 from .bank_config import METHODS as METHODS  # re-exported: importable from here as in earlier releases
 from .bank_config import _read_json_file as _read_json_file
 from .bank_config import model_dims as model_dims
+from .bank_file import Format1Names, read_bank, write_bank_file
 from .bank_file import _looks_local as _looks_local
 from .bank_file import _tensors_sha256 as _tensors_sha256
-from .bank_file import read_bank, write_bank_file
 from .bank_repo import explain_push_error, fetch_bank_files, unreachable_error
 from .checks import is_int
 
@@ -87,7 +87,9 @@ def hub_download(repo_id: str, filename: str, **kwargs: Any) -> str:
     return hf_hub_download(repo_id, filename, **kwargs)
 
 
-class ToComBank(nn.Module, ModelHubMixin, library_name="tocom-hub", paper_url="https://arxiv.org/abs/2408.06798"):
+class ToComBank(
+    Format1Names, nn.Module, ModelHubMixin, library_name="tocom-hub", paper_url="https://arxiv.org/abs/2408.06798"
+):
     """A bank of ``R`` LoRA groups (one per step ``r → r+1``) for the q/v (or other) weights of a ViT.
 
     Build a fresh one with :meth:`for_model`, load one with :meth:`from_pretrained`, plug it into a
@@ -118,31 +120,6 @@ class ToComBank(nn.Module, ModelHubMixin, library_name="tocom-hub", paper_url="h
             self.lora_B[t] = nn.Parameter(torch.empty(config.depth, d_out, inner, **dd))
             self.lora_A[t] = nn.Parameter(torch.empty(config.depth, inner, d_in, **dd))
         self.reset_parameters()
-
-    _ALIASES = {"A": "lora_B", "B": "lora_A"}
-
-    @property
-    def A(self) -> nn.ParameterDict:
-        """Read-only alias of :attr:`lora_B` (the up factors; format 1 called them ``A``)."""
-        return self.lora_B
-
-    @property
-    def B(self) -> nn.ParameterDict:
-        """Read-only alias of :attr:`lora_A` (the down factors; format 1 called them ``B``)."""
-        return self.lora_A
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name in ("A", "B"):  # nn.Module would register a module under the alias's name
-            raise AttributeError(f"ToComBank.{name} is a read-only alias of {self._ALIASES[name]}; change that instead")
-        super().__setattr__(name, value)
-
-    def _load_from_state_dict(self, state_dict: Dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
-        # state dicts written before the rename (``A.q`` = up, ``B.q`` = down, e.g. in training checkpoints)
-        for t in self.config.targets:
-            for old, new in self._ALIASES.items():
-                if f"{prefix}{old}.{t}" in state_dict and f"{prefix}{new}.{t}" not in state_dict:
-                    state_dict[f"{prefix}{new}.{t}"] = state_dict.pop(f"{prefix}{old}.{t}")
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # -- construction -----------------------------------------------------------------------------
     def reset_parameters(self) -> None:

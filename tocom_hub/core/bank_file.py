@@ -1,5 +1,6 @@
 """The bank's weights file, ``tocom.safetensors``: tensor names per format version, the checksum, reading
-with every check, and atomic writing. No pickle anywhere; nothing here knows about ``nn.Module``.
+with every check, and atomic writing; :class:`Format1Names` keeps format 1's tensor names working on the bank
+module. No pickle anywhere; nothing here imports ``torch.nn``.
 
 Per adapted matrix ``t`` (``"q"``, ``"k"``, ``"v"``, ``"proj"``) the file holds two stacked factors, ``R·h``
 inner columns each (group ``i`` at ``[i·h, (i+1)·h)``):
@@ -20,7 +21,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 
@@ -223,3 +224,33 @@ def write_bank_file(path: Path, tensors: Dict[str, torch.Tensor], config: ToComC
     except BaseException:
         _unlink_quiet(tmp)
         raise
+
+
+class Format1Names:
+    """What a bank module keeps of format 1's names (``A`` = up, ``B`` = down): read-only aliases of
+    ``lora_B`` / ``lora_A``, and state dicts with the old keys (training checkpoints) load."""
+
+    _ALIASES = {"A": "lora_B", "B": "lora_A"}
+
+    @property
+    def A(self) -> Any:
+        """Read-only alias of :attr:`lora_B` (the up factors; format 1 called them ``A``)."""
+        return self.lora_B
+
+    @property
+    def B(self) -> Any:
+        """Read-only alias of :attr:`lora_A` (the down factors; format 1 called them ``B``)."""
+        return self.lora_A
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in ("A", "B"):  # nn.Module would register a module under the alias's name
+            raise AttributeError(f"ToComBank.{name} is a read-only alias of {self._ALIASES[name]}; change that instead")
+        super().__setattr__(name, value)
+
+    def _load_from_state_dict(self, state_dict: Dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        # state dicts written before the rename (``A.q`` = up, ``B.q`` = down, e.g. in training checkpoints)
+        for t in self.config.targets:
+            for old, new in self._ALIASES.items():
+                if f"{prefix}{old}.{t}" in state_dict and f"{prefix}{new}.{t}" not in state_dict:
+                    state_dict[f"{prefix}{new}.{t}"] = state_dict.pop(f"{prefix}{old}.{t}")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
