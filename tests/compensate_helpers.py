@@ -3,7 +3,6 @@ models, a bank with known per-group factors, and the closed-form check against t
 
 from __future__ import annotations
 
-import pytest
 import torch
 from bank_helpers import closed_form, random_groups, rel_err, weight_rows
 from tiny_models import make_vit
@@ -29,12 +28,3 @@ def assert_closed_form(model, original, groups, bank, m, n, s=None, tol=1e-6):
         for t in bank.targets:
             err = rel_err(weight_rows(model, b, t), closed_form(original, groups, t, b, m, n, s))
             assert err <= tol, f"block {b} {t}: {m}->{n} rel err {err:.2e}"
-
-
-@pytest.fixture
-def one_thread():
-    """Tiny matmuls: one thread avoids OpenMP hand-offs that dominate on a shared 2-core machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)

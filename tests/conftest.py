@@ -34,10 +34,12 @@ os.environ["HF_HUB_DISABLE_UPDATE_CHECK"] = "1"
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import contextlib  # noqa: E402
 import shutil  # noqa: E402
 from collections.abc import Iterator  # noqa: E402
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 from hub_server import HubClient, HubServer  # noqa: E402
 
 
@@ -77,3 +79,37 @@ def hub_server(_hub_server_session: HubServer) -> Iterator[HubServer]:
 def hub_client(hub_server: HubServer, tmp_path) -> HubClient:
     """Runs client code in subprocesses against ``hub_server`` with a per-test ``HF_HOME``."""
     return HubClient(hub_server, tmp_path / "hf_home")
+
+
+@contextlib.contextmanager
+def _one_torch_thread() -> Iterator[None]:
+    """Tiny matmuls: one thread avoids OpenMP hand-offs that dominate on a shared 2-core machine."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One torch thread for this test."""
+    with _one_torch_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def one_thread_module() -> Iterator[None]:
+    """One torch thread for the whole test module (``pytestmark = pytest.mark.usefixtures(...)``)."""
+    with _one_torch_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """The tools' and CLI's inputs (tool_helpers.make_files): a saved tiny model (timm's config.json +
+    model.safetensors), a bank, an ImageFolder, an image; one set per test module."""
+    from tool_helpers import make_files
+
+    return make_files(tmp_path_factory.mktemp("tools"))

@@ -6,23 +6,9 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
-from tool_helpers import KW, NAME, make_files, run
+from tool_helpers import KW, NAME, run
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls: one thread avoids OpenMP hand-offs that dominate on a shared 2-core machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    """A saved tiny model (timm's config.json + model.safetensors), a bank, an ImageFolder, an image."""
-    return make_files(tmp_path_factory.mktemp("tools"))
+pytestmark = pytest.mark.usefixtures("one_thread_module")  # conftest.py: one torch thread for the module
 
 
 def test_bench_prints_table_and_json(files, tmp_path, capsys):

@@ -11,14 +11,7 @@ from tool_helpers import DEPTH, NAME, PATCHES, TINY
 
 import tocom_hub
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls: one thread avoids OpenMP hand-offs that dominate on a shared 2-core machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread_module")  # conftest.py: one torch thread for the module
 
 
 def test_throughput_benchmark_ceiling_rows_and_restores_the_merge_step():

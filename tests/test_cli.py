@@ -10,25 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from tool_helpers import DEPTH, NAME, make_files, run
+from tool_helpers import DEPTH, NAME, run
 
 from tocom_hub import ToComBank, cli
 from tocom_hub.demo.models import DEMO_WEIGHTS
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls: one thread avoids OpenMP hand-offs that dominate on a shared 2-core machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    """A saved tiny model (timm's config.json + model.safetensors), a bank, an ImageFolder, an image."""
-    return make_files(tmp_path_factory.mktemp("tools"))
+pytestmark = pytest.mark.usefixtures("one_thread_module")  # conftest.py: one torch thread for the module
 
 
 @pytest.mark.parametrize("command", ["eval", "bench", "visualize", "convert"])

@@ -10,26 +10,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tool_helpers import DEPTH, KW, NAME, PATCHES, make_files, run
+from tool_helpers import DEPTH, KW, NAME, PATCHES, run
 
 import tocom_hub
 from tocom_hub import ToComBank
 from tocom_hub.demo.models import load_model
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls: one thread avoids OpenMP hand-offs that dominate on a shared 2-core machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    """A saved tiny model (timm's config.json + model.safetensors), a bank, an ImageFolder, an image."""
-    return make_files(tmp_path_factory.mktemp("tools"))
+pytestmark = pytest.mark.usefixtures("one_thread_module")  # conftest.py: one torch thread for the module
 
 
 def reference_top1(model, data_dir, r=None, bank=None, source_r=0, scale=0.1):

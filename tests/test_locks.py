@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 from bank_helpers import clone_state
-from compensate_helpers import assert_closed_form, bank_for, fresh, one_thread  # noqa: F401 (one_thread is a fixture)
+from compensate_helpers import assert_closed_form, bank_for, fresh
 
 import tocom_hub
 from tocom_hub import compensate

@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 from bank_helpers import clone_state, closed_form, rel_err, weight_rows
-from compensate_helpers import bank_for, fresh, one_thread  # noqa: F401 (one_thread is a fixture)
+from compensate_helpers import bank_for, fresh
 
 import tocom_hub
 

@@ -8,26 +8,13 @@ import json
 
 import pytest
 import torch
-from tool_helpers import NAME, TINY, make_files, tiny_model
+from tool_helpers import NAME, TINY, tiny_model
 
 from tocom_hub.demo.adaptformer import AdaptFormer
 from tocom_hub.demo.models import DEMO_WEIGHTS, load_model
 from tocom_hub.training.export import save_finetuned
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls: one thread avoids OpenMP hand-offs that dominate on a shared 2-core machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    """A saved tiny model (timm's config.json + model.safetensors), a bank, an ImageFolder, an image."""
-    return make_files(tmp_path_factory.mktemp("tools"))
+pytestmark = pytest.mark.usefixtures("one_thread_module")  # conftest.py: one torch thread for the module
 
 
 def test_load_model_saved_directories(files, tmp_path):

@@ -9,25 +9,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tool_helpers import DEPTH, NAME, PATCHES, TINY, make_files, run, tiny_model
+from tool_helpers import DEPTH, NAME, PATCHES, TINY, run, tiny_model
 
 import tocom_hub
 from tocom_hub.tools.visualize import PRUNED_COLOR
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls: one thread avoids OpenMP hand-offs that dominate on a shared 2-core machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    """A saved tiny model (timm's config.json + model.safetensors), a bank, an ImageFolder, an image."""
-    return make_files(tmp_path_factory.mktemp("tools"))
+pytestmark = pytest.mark.usefixtures("one_thread_module")  # conftest.py: one torch thread for the module
 
 
 def flat_panel_cells(png, info):
