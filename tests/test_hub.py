@@ -17,7 +17,6 @@ import torch
 from hub_helpers import (
     R_MAX,
     RANK,
-    ROOT,
     TIMM_NAME,
     assert_same_bank,
     bank_files,
@@ -28,6 +27,7 @@ from hub_helpers import (
     state_hash,
     tiny_vit,
 )
+from import_graph import GRAPH, MODULES, circles, reachable
 
 import tocom_hub
 from tocom_hub import ToComBank, cli
@@ -131,37 +131,6 @@ def test_python_dash_m_entry_point(monkeypatch, capsys):
 # layering
 
 
-def _imports(path: Path) -> set:
-    """Absolute names of every module ``path`` imports (at the top or inside functions)."""
-    import ast
-
-    package = ".".join(["tocom_hub", *path.relative_to(ROOT / "tocom_hub").with_suffix("").parts[:-1]])
-    names = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            names |= {a.name for a in node.names}
-        elif isinstance(node, ast.ImportFrom):
-            base = package.rsplit(".", node.level - 1)[0] if node.level else ""
-            module = ".".join(p for p in (base, node.module) if p)
-            names |= {module} | {f"{module}.{a.name}" for a in node.names}
-    return names
-
-
-def _module_file(name: str):
-    """The file of module ``name`` of ours, or ``None`` (a library, or a name imported from a module)."""
-    if name != "tocom_hub" and not name.startswith("tocom_hub."):
-        return None
-    base = ROOT.joinpath(*name.split("."))
-    for path in (base.with_suffix(".py"), base / "__init__.py"):
-        if path.is_file():
-            return path
-    return None
-
-
-def _our_imports(path: Path) -> set:
-    return {f for f in map(_module_file, _imports(path)) if f is not None and f != path}
-
-
 def _identifiers(path: Path) -> set:
     """Every name the code of ``path`` uses (names, attributes, imported names; not strings or docstrings)."""
     import ast
@@ -194,54 +163,33 @@ _NETWORK_CALLS = {
 
 
 def test_the_core_imports_nothing_from_the_hub_namespace():
-    core = sorted((ROOT / "tocom_hub" / "core").glob("*.py"))
+    core = [name for name in GRAPH if name.startswith("tocom_hub.core.")]
     assert len(core) > 5
-    for path in core:
-        bad = {n for n in _imports(path) if n == "tocom_hub.hub" or n.startswith("tocom_hub.hub.")}
-        assert not bad, (path.name, bad)
-    assert "tocom_hub.hub.download" in _imports(
-        ROOT / "tocom_hub" / "cli" / "options.py"
-    )  # the scan sees relative imports
-    assert "tocom_hub.core.registry" in _imports(ROOT / "tocom_hub" / "hub" / "__init__.py")
+    for name in core:
+        bad = {n for n in GRAPH[name] if n == "tocom_hub.hub" or n.startswith("tocom_hub.hub.")}
+        assert not bad, (name, bad)
+    assert "tocom_hub.hub.download" in GRAPH["tocom_hub.cli.options"]  # the scan sees relative imports
+    assert "tocom_hub.core.registry" in GRAPH["tocom_hub.hub"]
 
 
 def test_bank_imports_no_network_code_of_ours():
     """bank.py may call huggingface_hub itself (the ModelHubMixin side); every module of ours it imports,
     directly, lazily or transitively, makes no request: the hub layer (probe, refs listing) is not among them."""
-    bank = ROOT / "tocom_hub" / "core" / "bank.py"
-    seen, todo = set(), [bank]
-    while todo:
-        path = todo.pop()
-        if path not in seen:
-            seen.add(path)
-            todo.extend(_our_imports(path))
-    names = {p.relative_to(ROOT / "tocom_hub").as_posix() for p in seen}
-    assert {"core/bank_card.py", "core/bank_file.py", "core/checks.py"} <= names  # the scan follows imports
-    assert not [n for n in names if n.startswith("hub/")], names
-    for path in seen - {bank}:
-        assert not _identifiers(path) & _NETWORK_CALLS, (path.name, _identifiers(path) & _NETWORK_CALLS)
+    seen = reachable("tocom_hub.core.bank")
+    assert {"tocom_hub.core.bank_card", "tocom_hub.core.bank_file", "tocom_hub.core.checks"} <= seen  # followed
+    assert not [n for n in seen if n == "tocom_hub.hub" or n.startswith("tocom_hub.hub.")], seen
+    for name in seen - {"tocom_hub.core.bank"}:
+        found = _identifiers(MODULES[name]) & _NETWORK_CALLS
+        assert not found, (name, found)
+    bank = MODULES["tocom_hub.core.bank"]
     assert {"hf_hub_download", "HfApi", "get_hf_file_metadata"} <= _identifiers(bank)  # the scan sees them
-    hub = ROOT / "tocom_hub" / "hub" / "download.py"
-    assert "list_repo_refs" in _identifiers(hub)
+    assert "list_repo_refs" in _identifiers(MODULES["tocom_hub.hub.download"])
 
 
 def test_no_import_circle_in_core_and_hub():
-    files = sorted((ROOT / "tocom_hub" / "core").glob("*.py")) + sorted((ROOT / "tocom_hub" / "hub").glob("*.py"))
-    graph = {f: _our_imports(f) & set(files) for f in files}
-    assert graph[ROOT / "tocom_hub" / "hub" / "download.py"]  # the scan sees the edges
-
-    def circle(path, stack):
-        if path in stack:
-            return stack[stack.index(path) :] + [path]
-        for nxt in graph[path]:
-            found = circle(nxt, stack + [path])
-            if found:
-                return found
-        return None
-
-    for f in files:
-        found = circle(f, [])
-        assert found is None, " -> ".join(p.name for p in found)
+    names = [n for n in GRAPH if n.startswith(("tocom_hub.core.", "tocom_hub.hub"))]
+    assert GRAPH["tocom_hub.hub.download"] & set(names)  # the scan sees the edges
+    assert circles(names) == []
 
 
 def test_bank_is_a_model_hub_mixin_and_the_hub_names_are_the_same_objects():
