@@ -12,6 +12,7 @@ marker                      JSON                                         rendere
 =========================== ============================================ ===============================
 ``<!-- quickstart-table -->`` ``tocom_hub/demo/assets/study/demo.json``         :func:`quickstart_table`
 ``<!-- throughput-table -->`` ``benchmarks/results/throughput.json``       :func:`throughput_table`
+``<!-- throughput-compiled-table -->`` ``benchmarks/results/throughput_compiled.json`` :func:`throughput_table`
 ``<!-- study-table -->``      ``benchmarks/results/study.json``            ``benchmarks/study/report.py``
 =========================== ============================================ ===============================
 """
@@ -56,28 +57,34 @@ def quickstart_table(demo: Dict[str, Any]) -> str:
 
 
 def throughput_table(result: Dict[str, Any]) -> str:
-    """``benchmarks/throughput.py``'s results: images/s and paired speed-up (range over rounds) per batch and r."""
+    """``benchmarks/throughput.py``'s results: images/s and paired speed-up (range over rounds) per batch and r;
+    with an "of ceiling" column (ToMe's speed-up ÷ the ceiling's, median over rounds) when the rows have it."""
     rows = result["rows"]
     cell: Dict[Any, Dict[str, Any]] = {(r["batch_size"], r["method"], r["r"]): r for r in rows}
+    of_ceiling = any("of_ceiling" in r for r in rows)
 
     def speed(row):
         return f"{row['speedup']:.2f}× ({row['speedup_min']:.2f}–{row['speedup_max']:.2f})"
 
     lines = [
         "| batch | r | ToMe images/s | ToMe speed-up | EViT images/s | EViT speed-up "
-        "| ToMe ceiling (merge step free) |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
+        "| ToMe ceiling (merge step free) |" + (" ToMe ÷ ceiling |" if of_ceiling else ""),
+        "|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if of_ceiling else ""),
     ]
     for batch in sorted({r["batch_size"] for r in rows}):
         plain = cell[(batch, "plain", 0)]
-        lines.append(f"| {batch} | plain timm | {plain['images_per_s']:.2f} | 1.00× | | | |")
+        extra = " |" if of_ceiling else ""
+        lines.append(f"| {batch} | plain timm | {plain['images_per_s']:.2f} | 1.00× | | | |{extra}")
         for r in sorted({r["r"] for r in rows if r["batch_size"] == batch and r["method"] == "tome"}):
             tome, evit, ceil = (cell.get((batch, m, r)) for m in ("tome", "evit", "tome-ceiling"))
             evit_ips = "" if evit is None else f"{evit['images_per_s']:.2f}"
-            lines.append(
+            line = (
                 f"| {batch} | {r} | {tome['images_per_s']:.2f} | {speed(tome)} | {evit_ips} | "
                 f"{'' if evit is None else speed(evit)} | {'' if ceil is None else speed(ceil)} |"
             )
+            if of_ceiling:
+                line += f" {tome['of_ceiling']:.3f} |" if "of_ceiling" in tome else " |"
+            lines.append(line)
     return "\n".join(line.replace("|  |", "| |").replace("|  |", "| |") for line in lines)
 
 
@@ -93,6 +100,7 @@ def _with_intervals(rel: str) -> Dict[str, Any]:
 TABLES: Dict[str, Callable[[], str]] = {
     "quickstart-table": lambda: quickstart_table(_load("tocom_hub/demo/assets/study/demo.json")),
     "throughput-table": lambda: throughput_table(_load("benchmarks/results/throughput.json")),
+    "throughput-compiled-table": lambda: throughput_table(_load("benchmarks/results/throughput_compiled.json")),
     "study-table": lambda: report.table(_with_intervals("benchmarks/results/study.json")),
     "study-rerun-table": lambda: report.table(_with_intervals("benchmarks/results/study_rerun.json")),
 }

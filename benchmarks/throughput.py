@@ -9,17 +9,25 @@ the configurations come in a fresh random order, and each one alternates forward
 (``--iters`` each); the round's ratio is ``median(plain) / median(config)``. A configuration's
 speed-up is the median of its per-round ratios.
 ``--check`` exits non-zero unless the acceptance targets hold (r=16 ≥ 1.90× at batch 8, ≥ 1.75× at
-batch 1, patched r=0 ≤ 1.02× plain time).
+batch 1, patched r=0 ≤ 1.02× plain time; with ``--ceiling``, batch-1 ToMe r=16 ≥ 0.97× its ceiling).
 
 ``--ceiling`` adds a diagnostic row per ToMe ``r > 0``, method ``tome-ceiling``: the same patched
 model with bipartite matching and merging replaced by truncation to the same token counts. Its
 outputs are meaningless; its time is what any ToMe implementation would cost here if the merge step
 itself were free, so ``tome`` vs ``tome-ceiling`` is the merge step's whole cost in the forward.
+A ToMe row then also carries ``of_ceiling``: the median over rounds of its speed-up ÷ the ceiling's.
+
+``--compile`` times ``torch.compile``d models (default mode, inductor) instead of eager ones: a
+compiled graph does not follow in-place re-patching, so every configuration gets its own copy of the
+model, compiled once before the rounds (``compile_s``: its first two forwards), and the rounds pair
+each compiled configuration with compiled plain timm in the same way. It writes
+``benchmarks/results/throughput_compiled.json`` unless ``--json`` says otherwise.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib
 import json
 import platform
@@ -58,10 +66,16 @@ def _truncate(num_out, x, size=None):
     return x[:, :num_out].contiguous(), size
 
 
+def _set_merge_step(cfg):
+    """The real merge step, or truncation for a ceiling configuration (module globals of the patch layer)."""
+    ceiling = cfg[0] == "tome-ceiling"
+    _PATCH.bipartite_soft_matching, _PATCH.merge_wavg = (_truncate_plan, _truncate) if ceiling else _MERGE_STEP
+
+
 def _configure(model, cfg):
     method, r = cfg
     ceiling = method == "tome-ceiling"
-    _PATCH.bipartite_soft_matching, _PATCH.merge_wavg = (_truncate_plan, _truncate) if ceiling else _MERGE_STEP
+    _set_merge_step(cfg)
     if method == "plain":
         tocom_hub.unpatch(model)
     else:
@@ -69,12 +83,34 @@ def _configure(model, cfg):
         tocom_hub.set_r(model, r)
 
 
-def run(model, batch_size, configs, rounds, iters, img_size, seed=0):
+def _compile_each(model, configs, x, backend="inductor"):
+    """One compiled copy of ``model`` per configuration, warmed up; returns ``(models, seconds to compile)``.
+
+    Dynamo guards on the patch layer's merge-step globals, so a ceiling copy (compiled with truncation in
+    place) and a ToMe copy never share a graph; :func:`_set_merge_step` before each call picks the one
+    its copy was compiled with.
+    """
+    models, seconds = {}, {}
+    for cfg in configs:
+        copied = copy.deepcopy(model)
+        _configure(copied, cfg)
+        models[cfg] = torch.compile(copied, backend=backend)
+        start = time.perf_counter()
+        for _ in range(2):  # the first call compiles; the second shows no recompile is pending
+            models[cfg](x)
+        seconds[cfg] = time.perf_counter() - start
+    _set_merge_step(("plain", 0))
+    return models, seconds
+
+
+def run(model, batch_size, configs, rounds, iters, img_size, seed=0, compile=False, backend="inductor"):
     """Paired A/B timing: every measurement of a configuration sits next to one of plain timm.
 
     Each round visits the configurations in a fresh random order; for each it alternates
     ``plain, config, plain, config, …`` (``iters`` forwards each) and records the ratio of the two
-    medians. Slow drifts of machine load hit both sides of a pair alike.
+    medians. Slow drifts of machine load hit both sides of a pair alike. With ``compile``, each
+    configuration (plain timm included) runs as its own compiled copy of ``model`` (``backend``: a
+    ``torch.compile`` backend); ``model`` itself is left unpatched.
     """
     x = torch.randn(batch_size, 3, img_size, img_size)
     rng = random.Random(seed)
@@ -82,10 +118,22 @@ def run(model, batch_size, configs, rounds, iters, img_size, seed=0):
     others = [cfg for cfg in configs if cfg != plain_cfg]
     times = {cfg: [] for cfg in configs}
     ratios = {cfg: [] for cfg in others}
+    compile_s = {}
     with torch.inference_mode():
+        if compile:
+            compiled, compile_s = _compile_each(model, configs, x, backend)
+
+            def use(cfg):
+                _set_merge_step(cfg)
+                return compiled[cfg]
+        else:
+
+            def use(cfg):
+                _configure(model, cfg)
+                return model
+
         for cfg in configs:  # warm-up
-            _configure(model, cfg)
-            model(x)
+            use(cfg)(x)
         for _ in range(rounds):
             order = list(others)
             rng.shuffle(order)
@@ -93,8 +141,8 @@ def run(model, batch_size, configs, rounds, iters, img_size, seed=0):
                 t_plain, t_cfg = [], []
                 for i in range(iters):
                     for which in (plain_cfg, cfg) if i % 2 == 0 else (cfg, plain_cfg):
-                        _configure(model, which)
-                        (t_plain if which == plain_cfg else t_cfg).append(_time_forward(model, x, 1))
+                        forward = use(which)
+                        (t_plain if which == plain_cfg else t_cfg).append(_time_forward(forward, x, 1))
                 times[plain_cfg] += t_plain
                 times[cfg].append(statistics.median(t_cfg))
                 ratios[cfg].append(statistics.median(t_plain) / statistics.median(t_cfg))
@@ -102,19 +150,24 @@ def run(model, batch_size, configs, rounds, iters, img_size, seed=0):
     rows = []
     for cfg in configs:
         r = ratios.get(cfg, [1.0])
-        rows.append(
-            {
-                "batch_size": batch_size,
-                "method": cfg[0],
-                "r": cfg[1],
-                "ms_per_batch": 1e3 * statistics.median(times[cfg]),
-                "images_per_s": batch_size / statistics.median(times[cfg]),
-                "speedup": statistics.median(r),
-                "speedup_min": min(r),
-                "speedup_max": max(r),
-                "time_ratio_vs_plain": statistics.median([1.0 / v for v in r]),
-            }
-        )
+        row = {
+            "batch_size": batch_size,
+            "method": cfg[0],
+            "r": cfg[1],
+            "compiled": bool(compile),
+            "ms_per_batch": 1e3 * statistics.median(times[cfg]),
+            "images_per_s": batch_size / statistics.median(times[cfg]),
+            "speedup": statistics.median(r),
+            "speedup_min": min(r),
+            "speedup_max": max(r),
+            "time_ratio_vs_plain": statistics.median([1.0 / v for v in r]),
+        }
+        ceiling = ratios.get(("tome-ceiling", cfg[1]))
+        if cfg[0] == "tome" and ceiling:  # per round: speed-up of ToMe / speed-up of its ceiling
+            row["of_ceiling"] = statistics.median([a / b for a, b in zip(r, ceiling)])
+        if compile:
+            row["compile_s"] = compile_s[cfg]
+        rows.append(row)
     return rows
 
 
@@ -129,14 +182,23 @@ def main(argv=None):
         "--iters", type=int, default=None, help="forwards per side of a pair (default: 4 at batch 1, 2 otherwise)"
     )
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--json", default="benchmarks/results/throughput.json")
+    parser.add_argument(
+        "--json",
+        default=None,
+        help="results file (default: benchmarks/results/throughput.json, or throughput_compiled.json with --compile)",
+    )
     parser.add_argument("--check", action="store_true", help="fail unless the acceptance targets hold")
     parser.add_argument(
         "--ceiling",
         action="store_true",
         help="add 'tome-ceiling' rows: ToMe's token counts with a free merge step (timing only)",
     )
+    parser.add_argument(
+        "--compile", action="store_true", help="time torch.compile'd copies (default mode) instead of eager models"
+    )
     args = parser.parse_args(argv)
+    if args.json is None:
+        args.json = f"benchmarks/results/throughput{'_compiled' if args.compile else ''}.json"
 
     torch.set_num_threads(args.threads)
     model = timm.create_model(args.model, pretrained=False).eval()
@@ -151,21 +213,27 @@ def main(argv=None):
         rounds = args.rounds or (7 if bs == 1 else 3)
         iters = args.iters or (4 if bs == 1 else 2)
         start = time.perf_counter()
-        rows += run(model, bs, configs, rounds, iters, img_size)
+        rows += run(model, bs, configs, rounds, iters, img_size, compile=args.compile)
         print(f"batch {bs}: {rounds} rounds x {iters} iters in {time.perf_counter() - start:.0f} s", flush=True)
 
-    print(f"\n{args.model}, fp32, {args.threads} threads, torch {torch.__version__}, timm {timm.__version__}")
-    print("| batch | method | r | ms / batch | images/s | speed-up vs plain (median) | range over rounds |")
-    print("|---:|---|---:|---:|---:|---:|---|")
+    mode = "torch.compile (inductor)" if args.compile else "eager"
+    print(f"\n{args.model}, fp32, {mode}, {args.threads} threads, torch {torch.__version__}, timm {timm.__version__}")
+    print(
+        "| batch | method | r | ms / batch | images/s | speed-up vs plain (median) | range over rounds | of ceiling |"
+    )
+    print("|---:|---|---:|---:|---:|---:|---|---:|")
     for row in rows:
+        of_ceiling = f"{row['of_ceiling']:.3f}" if "of_ceiling" in row else ""
         print(
             f"| {row['batch_size']} | {row['method']} | {row['r']} | {row['ms_per_batch']:.1f} | "
-            f"{row['images_per_s']:.2f} | {row['speedup']:.3f}x | {row['speedup_min']:.2f}-{row['speedup_max']:.2f} |"
+            f"{row['images_per_s']:.2f} | {row['speedup']:.3f}x | {row['speedup_min']:.2f}-{row['speedup_max']:.2f} "
+            f"| {of_ceiling} |"
         )
 
     result = {
         "model": args.model,
         "threads": args.threads,
+        "compiled": bool(args.compile),
         "torch": torch.__version__,
         "timm": timm.__version__,
         "machine": platform.machine(),
@@ -184,6 +252,13 @@ def main(argv=None):
                 need = 1.90 if row["batch_size"] >= 8 else 1.75
                 if row["speedup"] < need:
                     failures.append(f"tome r=16 batch {row['batch_size']}: {row['speedup']:.3f}x < {need}x")
+            if (
+                row["method"] == "tome"
+                and row["r"] == 16
+                and row["batch_size"] == 1
+                and row.get("of_ceiling", 1) < 0.97
+            ):
+                failures.append(f"tome r=16 batch 1: {row['of_ceiling']:.3f} of the merge-free ceiling < 0.97")
             if row["method"] in ("tome", "evit") and row["r"] == 0 and row["time_ratio_vs_plain"] > 1.02:
                 failures.append(
                     f"{row['method']} r=0 batch {row['batch_size']}: {row['time_ratio_vs_plain']:.3f}x plain time"

@@ -14,13 +14,18 @@ import tocom_hub
 pytestmark = pytest.mark.usefixtures("one_thread_module")  # conftest.py: one torch thread for the module
 
 
-def test_throughput_benchmark_ceiling_rows_and_restores_the_merge_step():
+def _throughput_bench():
     import importlib.util
 
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "throughput.py"
     spec = importlib.util.spec_from_file_location("throughput_bench", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_throughput_benchmark_ceiling_rows_and_restores_the_merge_step():
+    bench = _throughput_bench()
     patch_module = bench._PATCH
     real = (patch_module.bipartite_soft_matching, patch_module.merge_wavg)
 
@@ -46,3 +51,39 @@ def test_throughput_benchmark_ceiling_rows_and_restores_the_merge_step():
         bench._configure(model, ("plain", 0))
     assert seen == [PATCHES + 1 - 4 * (i + 1) for i in range(DEPTH)]
     assert (patch_module.bipartite_soft_matching, patch_module.merge_wavg) == real
+
+
+def test_throughput_benchmark_compiled_copies_run_their_own_configuration():
+    """``--compile``: one compiled copy per configuration; each gives its eager configuration's outputs
+    (the ceiling copy truncates, the ToMe copy merges) whatever ran before it, and the model passed in
+    stays unpatched with the real merge step in place."""
+    bench = _throughput_bench()
+    patch_module = bench._PATCH
+    real = (patch_module.bipartite_soft_matching, patch_module.merge_wavg)
+    torch._dynamo.reset()
+    model = timm.create_model(NAME, pretrained=False, **TINY).eval()
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    configs = [("plain", 0), ("tome", 4), ("tome-ceiling", 4), ("evit", 4)]
+    eager = {}
+    with torch.no_grad():
+        for cfg in configs:
+            bench._configure(model, cfg)
+            eager[cfg] = model(x)
+        bench._configure(model, ("plain", 0))
+        assert not torch.allclose(eager[("tome", 4)], eager[("tome-ceiling", 4)], atol=1e-3)
+        compiled, seconds = bench._compile_each(model, configs, x, backend="eager")
+        assert set(seconds) == set(configs) and all(s > 0 for s in seconds.values())
+        for cfg in configs[::-1] + configs:
+            bench._set_merge_step(cfg)
+            assert torch.allclose(compiled[cfg](x), eager[cfg], atol=1e-5), cfg
+    bench._set_merge_step(("plain", 0))
+    assert not tocom_hub.is_patched(model)
+
+    rows = bench.run(model, 1, configs, rounds=2, iters=1, img_size=64, compile=True, backend="eager")
+    assert [(row["method"], row["r"]) for row in rows] == configs
+    assert all(row["compiled"] and row["compile_s"] > 0 for row in rows)
+    tome = rows[1]
+    assert tome["of_ceiling"] > 0 and "of_ceiling" not in rows[3]
+    assert (patch_module.bipartite_soft_matching, patch_module.merge_wavg) == real
+    assert not tocom_hub.is_patched(model)
+    torch._dynamo.reset()
