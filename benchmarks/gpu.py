@@ -18,8 +18,13 @@ Sections (each a list of rows, each row caught on its own: an exception becomes 
   the rows' base is compiled plain timm; compile times are recorded.
 * ``cuda_graph`` — batch 1 fp16, each configuration captured once with ``torch.cuda.CUDAGraph`` and
   replayed; ``reduce_overhead`` — the same with ``torch.compile(mode="reduce-overhead")``.
-* ``training`` — distillation step vs full fine-tuning step and ``training/distill.py`` end to end, from
-  the functions of ``benchmarks/distill_step.py`` (skipped with a message when they are absent).
+* ``profile`` — ``torch.profiler`` over a few forwards of plain, ToMe r=16, EViT r=16 and the ceiling at
+  the first batch size, and of plain / ToMe r=16 at batch 1: per configuration the total device time
+  (CPU time on a CPU) per forward and the operators that take most of it, so a GPU run brings back the
+  profile that says where the time goes, next to the numbers.
+* ``training`` — distillation step vs full fine-tuning step (with the step's parts: teacher forward,
+  student forward, backward, optimizer) and ``training/distill.py`` end to end, from the functions of
+  ``benchmarks/distill_step.py`` (skipped with a message when they are absent).
 
 Timing: every configuration of a section is timed in interleaved rounds (fresh random order each round)
 on the *same* model object (patched/unpatched in place), with plain timm in every round; CUDA events
@@ -59,7 +64,7 @@ _MERGE_STEP = (_PATCH.bipartite_soft_matching, _PATCH.merge_wavg)
 _FOLD = _ATTENTION.FOLD_BIAS_DEVICES
 _ALL_DEVICES = ("cpu", "cuda", "xpu", "mps")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-SECTIONS = ("check", "eager", "vit_large", "compiled", "cuda_graph", "reduce_overhead", "bf16", "training")
+SECTIONS = ("check", "eager", "vit_large", "compiled", "cuda_graph", "profile", "reduce_overhead", "bf16", "training")
 
 Config = tuple[str, int]  # (method, r): plain, tome, tome-noprop, tome-mask, tome-fold, evit, tome-ceiling
 
@@ -369,6 +374,65 @@ def reduce_overhead_rows(run: Run, name: str, dtype: str, cfgs: list[Config]) ->
     run.add("reduce_overhead", rows, model=name, dtype=dtype, mode="torch.compile(reduce-overhead)")
 
 
+def profile_rows(run: Run, name: str, dtype: str, batch: int, cfgs: list[Config], top: int = 12) -> None:
+    """``torch.profiler`` of ``iters`` forwards per configuration: total and top operators per forward.
+
+    Times are self times (an operator's own, children excluded), on the device for CUDA (kernels launched
+    by the operator) and on the CPU otherwise; ``share`` is the operator's part of the configuration's total.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    model = run.model(name, dtype)
+    x = run.image(model, batch, dtype)
+    cuda = run.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    iters = run.args.iters_b1 if batch == 1 else run.args.iters
+    rows = []
+    with torch.inference_mode():
+        for c in cfgs:
+            configure(model, c)
+            for _ in range(2):
+                model(x)
+            run.timer.sync()
+            with profile(activities=activities) as prof:
+                for _ in range(iters):
+                    model(x)
+                run.timer.sync()
+            events = prof.key_averages()
+
+            def self_us(e: Any) -> float:
+                if not cuda:
+                    return e.self_cpu_time_total
+                return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)
+
+            total = sum(self_us(e) for e in events) or 1.0
+            ranked = sorted(events, key=self_us, reverse=True)[:top]
+            rows.append(
+                {
+                    "method": c[0],
+                    "r": c[1],
+                    "batch": batch,
+                    "clock": "device" if cuda else "cpu",
+                    "total_ms_per_forward": round(total / 1e3 / iters, 4),
+                    "top": [
+                        {
+                            "op": e.key,
+                            "calls_per_forward": round(e.count / iters, 2),
+                            "ms_per_forward": round(self_us(e) / 1e3 / iters, 4),
+                            "share": round(self_us(e) / total, 4),
+                        }
+                        for e in ranked
+                    ],
+                }
+            )
+        configure(model, ("plain", 0))
+    for row in rows:
+        ops = ", ".join(f"{o['op']} {100 * o['share']:.0f}%" for o in row["top"][:5])
+        label = _label((row["method"], row["r"]))
+        print(f"  profile b={batch} {label:18s} {row['total_ms_per_forward']:.3f} ms: {ops}", flush=True)
+    run.add("profile", rows, model=name, dtype=dtype, mode="eager, torch.profiler")
+
+
 def check_rows(run: Run, name: str) -> None:
     """fp32 correctness on the device (max abs logit differences); compiled rows carry their own."""
     model = run.model(name, "fp32")
@@ -415,9 +479,11 @@ def training_rows(run: Run) -> None:
             "precision": "no",
             "rounds": 2,
             "warmup": 1,
+            "r_max": 2,  # 4 patches: at most 2 tokens go in the first block
         }
     else:
         kw = {"model": "deit_base_patch16_224", "batch_size": 128, "precision": "bf16", "rounds": 5}
+    kw["breakdown"] = True  # the step's parts: teacher forward, student forward, backward, optimizer
     try:
         rates = distill_step.step_rates(device=dev, **kw)
         run.add("training", [{"what": "distill step vs full fine-tuning step", **kw, **_jsonable(rates)}])
@@ -479,6 +545,13 @@ def markdown(result: dict[str, Any]) -> str:
     for section, rows in result["sections"].items():
         for row in rows:
             if "speedup" in row:
+                continue
+            if "top" in row:  # a profile row
+                ops = ", ".join(f"{o['op']} {100 * o['share']:.1f} %" for o in row["top"][:8])
+                lines.append(
+                    f"\nprofile {row.get('dtype', '')} b={row['batch']} {_label((row['method'], row['r']))}: "
+                    f"{row['total_ms_per_forward']:.3f} ms {row['clock']} time per forward; {ops}"
+                )
                 continue
             lines.append(f"\n{section}: " + ", ".join(f"{k}={v}" for k, v in row.items() if k != "traceback"))
     if result.get("skipped"):
@@ -571,6 +644,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
     if "cuda_graph" in wanted and device.type == "cuda":
         plan.append(("cuda_graph", 15, lambda: cuda_graph_rows(run, args.model, dtypes[0], lean)))
+    if "profile" in wanted:
+        prof_cfgs = [("plain", 0), ("tome", r_top), ("evit", r_top), ("tome-ceiling", r_top)]
+        plan.append(("profile", 20, lambda: profile_rows(run, args.model, dtypes[0], batches[0], prof_cfgs)))
+        if batches[-1] == 1 and batches[0] != 1:
+            b1 = [("plain", 0), ("tome", r_top)]
+            plan.append(("profile", 10, lambda: profile_rows(run, args.model, dtypes[0], 1, b1)))
     if "eager" in wanted:
         for b in batches[1:]:
             plan.append(("eager", 10, lambda b=b: eager_rows(run, "eager", args.model, dtypes[0], b, full)))

@@ -40,7 +40,7 @@ def test_gpu_benchmark_small_cpu_run_writes_json_and_markdown(tmp_path):
                 "--r",
                 "0,3",
                 "--only",
-                "check,eager,compiled",
+                "check,eager,compiled,profile,training",
                 "--json",
                 str(out),
                 "--markdown",
@@ -72,9 +72,23 @@ def test_gpu_benchmark_small_cpu_run_writes_json_and_markdown(tmp_path):
     assert set(compiled) == {("plain", 0), ("tome", 3), ("evit", 3), ("tome-ceiling", 3)}
     for key in (("plain", 0), ("tome", 3), ("evit", 3)):
         assert compiled[key]["max_abs_diff_vs_eager"] <= 1e-5  # (the ceiling's outputs are meaningless)
+    profiled = {(row["method"], row["r"]): row for row in sections["profile"]}
+    assert set(profiled) == {("plain", 0), ("tome", 3), ("evit", 3), ("tome-ceiling", 3)}
+    for row in profiled.values():
+        assert row["clock"] == "cpu" and row["total_ms_per_forward"] > 0
+        assert 0 < sum(op["share"] for op in row["top"]) <= 1.0 + 1e-6
+    step = sections["training"][0]  # the distillation step vs full fine-tuning, with the step's parts
+    assert step["ratio"] > 0 and set(step["distill_parts_ms"]) == {
+        "teacher_forward",
+        "student_forward",
+        "backward",
+        "optimizer",
+    }
+    ops = {op["op"] for op in profiled[("tome", 3)]["top"]}
+    assert ops & {"aten::index_select", "aten::sort", "aten::index_add_", "aten::cat", "aten::mm"}, ops
     assert not any("error" in row for rows in sections.values() for row in rows)
     text = md.read_text()
-    assert "| eager |" in text and "| compiled |" in text
+    assert "| eager |" in text and "| compiled |" in text and "\nprofile fp32 b=2 tome r=3:" in text
     # the ceiling and mask rows swap module functions only while they run
     assert (patch_module.bipartite_soft_matching, patch_module.merge_wavg, bench._ATTENTION.FOLD_BIAS_DEVICES) == real
 
