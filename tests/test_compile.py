@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 from bank_helpers import random_groups
-from tiny_models import make_vit
+from tiny_models import SUPPORTED, make_vit
 from torch._dynamo.testing import CompileCounter
 
 import tocom_hub
@@ -56,6 +56,24 @@ def test_fullgraph_one_graph_per_r_and_no_recompile_when_cycling(case):
             if kwargs.get("trace_source") and r:
                 assert torch.equal(tocom_hub.get_source(model), tocom_hub.get_source(eager))
     assert counter.frame_count == len(rs)  # cycling compiled nothing new
+
+
+@pytest.mark.parametrize("method", ["tome", "evit"])
+@pytest.mark.parametrize("variant", sorted(SUPPORTED))
+def test_every_supported_variant_compiles_fullgraph(variant, method):
+    """Every ViT variant the patcher supports (class / register / no-class tokens, pooling heads, layer
+    scale, qk-norm, dynamic image size, …): one graph per r, the eager outputs, no recompile on return."""
+    model = make_vit(variant, depth=2)
+    tocom_hub.patch(model, method=method)
+    eager = copy.deepcopy(model)
+    counter = CompileCounter()
+    compiled = torch.compile(model, backend=counter, fullgraph=True)
+    with torch.no_grad():
+        for r in (0, 5, 0, 5):
+            tocom_hub.set_r(model, r)
+            tocom_hub.set_r(eager, r)
+            assert (compiled(X) - eager(X)).abs().max() <= 1e-5
+    assert counter.frame_count == 2
 
 
 @pytest.mark.parametrize("method", ["tome", "evit"])
