@@ -18,6 +18,11 @@ Sections (each a list of rows, each row caught on its own: an exception becomes 
   the rows' base is compiled plain timm; compile times are recorded.
 * ``cuda_graph`` — batch 1 fp16, each configuration captured once with ``torch.cuda.CUDAGraph`` and
   replayed; ``reduce_overhead`` — the same with ``torch.compile(mode="reduce-overhead")``.
+* ``flex`` — proportional attention three ways at the first batch size, r=16: the default on the device
+  (log(size) folded into q/k on CUDA), ``tome-mask`` (an additive SDPA mask) and ``tome-flex``
+  (``torch.nn.attention.flex_attention`` with a ``score_mod`` adding log(size) per key; compiled on
+  CUDA, eager elsewhere), with each one's largest logit difference to the default and the ceiling, so
+  one run says which of the exact forms is fastest.
 * ``profile`` — ``torch.profiler`` over a few forwards of plain, ToMe r=16, EViT r=16 and the ceiling at
   the first batch size, and of plain / ToMe r=16 at batch 1: per configuration the total device time
   (CPU time on a CPU) per forward and the operators that take most of it, so a GPU run brings back the
@@ -64,9 +69,38 @@ _MERGE_STEP = (_PATCH.bipartite_soft_matching, _PATCH.merge_wavg)
 _FOLD = _ATTENTION.FOLD_BIAS_DEVICES
 _ALL_DEVICES = ("cpu", "cuda", "xpu", "mps")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-SECTIONS = ("check", "eager", "vit_large", "compiled", "cuda_graph", "profile", "reduce_overhead", "bf16", "training")
+SECTIONS = (
+    "check",
+    "eager",
+    "vit_large",
+    "compiled",
+    "cuda_graph",
+    "profile",
+    "flex",
+    "reduce_overhead",
+    "bf16",
+    "training",
+)
 
-Config = tuple[str, int]  # (method, r): plain, tome, tome-noprop, tome-mask, tome-fold, evit, tome-ceiling
+Config = tuple[str, int]  # (method, r): plain, tome, tome-noprop, tome-mask, tome-fold, tome-flex, evit, tome-ceiling
+_SDPA_KEY_BIAS = _ATTENTION.sdpa_key_bias
+_FLEX: dict[str, Callable[..., torch.Tensor]] = {}  # device type -> flex_attention (compiled on CUDA)
+
+
+def flex_key_bias(q, k, v, bias, scale, dropout_p=0.0, fold=True):
+    """``softmax(q·kᵀ·scale + bias) v`` by ``flex_attention``: a ``score_mod`` adds ``bias[b, key]``."""
+    if dropout_p:
+        raise ValueError("the flex_attention variant is for inference (dropout_p=0)")
+    if q.device.type not in _FLEX:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _FLEX[q.device.type] = torch.compile(flex_attention) if q.device.type == "cuda" else flex_attention
+    per_key = bias.reshape(bias.shape[0], -1)  # [B, N], float32 log(size)
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return score + per_key[b, kv_idx].to(score.dtype)
+
+    return _FLEX[q.device.type](q, k, v, score_mod=score_mod, scale=scale)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -90,6 +124,7 @@ def configure(model: torch.nn.Module, cfg: Config) -> None:
     ceiling = method == "tome-ceiling"
     _PATCH.bipartite_soft_matching, _PATCH.merge_wavg = (_truncate_plan, _truncate) if ceiling else _MERGE_STEP
     _ATTENTION.FOLD_BIAS_DEVICES = {"tome-mask": (), "tome-fold": _ALL_DEVICES}.get(method, _FOLD)
+    _ATTENTION.sdpa_key_bias = flex_key_bias if method == "tome-flex" else _SDPA_KEY_BIAS
     if method == "plain":
         tocom_hub.unpatch(model)
         return
@@ -433,6 +468,35 @@ def profile_rows(run: Run, name: str, dtype: str, batch: int, cfgs: list[Config]
     run.add("profile", rows, model=name, dtype=dtype, mode="eager, torch.profiler")
 
 
+def flex_rows(run: Run, name: str, dtype: str, batch: int, r: int) -> None:
+    """Proportional attention as fold (the device default), SDPA mask and flex_attention, timed together."""
+    model = run.model(name, dtype)
+    x = run.image(model, batch, dtype)
+    cfgs = [("plain", 0), ("tome", r), ("tome-mask", r), ("tome-flex", r), ("tome-ceiling", r)]
+    diff: dict[Config, float] = {}
+    with torch.inference_mode():
+        configure(model, ("tome", r))
+        ref = model(x).float()
+        for c in cfgs[2:4]:
+            configure(model, c)
+            t0 = time.perf_counter()
+            diff[c] = (model(x).float() - ref).abs().max().item()  # (first call: compiles flex on CUDA)
+            run.timer.sync()
+            print(f"  {_label(c)}: first forward {time.perf_counter() - t0:.1f} s", flush=True)
+
+        def forward() -> None:
+            model(x)
+
+        iters = run.args.iters_b1 if batch == 1 else run.args.iters
+        rows = interleaved(
+            {c: forward for c in cfgs}, run.timer, run.args.rounds, iters, batch, before=lambda c: configure(model, c)
+        )
+    for row in rows:
+        if (row["method"], row["r"]) in diff:
+            row["max_abs_diff_vs_tome"] = diff[(row["method"], row["r"])]
+    run.add("flex", rows, model=name, dtype=dtype, mode="eager (flex_attention compiled on CUDA)")
+
+
 def check_rows(run: Run, name: str) -> None:
     """fp32 correctness on the device (max abs logit differences); compiled rows carry their own."""
     model = run.model(name, "fp32")
@@ -650,6 +714,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if batches[-1] == 1 and batches[0] != 1:
             b1 = [("plain", 0), ("tome", r_top)]
             plan.append(("profile", 10, lambda: profile_rows(run, args.model, dtypes[0], 1, b1)))
+    if "flex" in wanted:
+        plan.append(("flex", 60, lambda: flex_rows(run, args.model, dtypes[0], batches[0], r_top)))
     if "eager" in wanted:
         for b in batches[1:]:
             plan.append(("eager", 10, lambda b=b: eager_rows(run, "eager", args.model, dtypes[0], b, full)))

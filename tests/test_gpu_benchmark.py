@@ -19,7 +19,13 @@ def _load():
 def test_gpu_benchmark_small_cpu_run_writes_json_and_markdown(tmp_path):
     bench = _load()
     patch_module = bench._PATCH
-    real = (patch_module.bipartite_soft_matching, patch_module.merge_wavg, bench._ATTENTION.FOLD_BIAS_DEVICES)
+    attention = bench._ATTENTION
+    real = (
+        patch_module.bipartite_soft_matching,
+        patch_module.merge_wavg,
+        attention.FOLD_BIAS_DEVICES,
+        attention.sdpa_key_bias,
+    )
     out, md = tmp_path / "gpu.json", tmp_path / "gpu.md"
     try:
         bench.main(
@@ -40,7 +46,7 @@ def test_gpu_benchmark_small_cpu_run_writes_json_and_markdown(tmp_path):
                 "--r",
                 "0,3",
                 "--only",
-                "check,eager,compiled,profile,training",
+                "check,eager,compiled,profile,flex,training",
                 "--json",
                 str(out),
                 "--markdown",
@@ -77,6 +83,10 @@ def test_gpu_benchmark_small_cpu_run_writes_json_and_markdown(tmp_path):
     for row in profiled.values():
         assert row["clock"] == "cpu" and row["total_ms_per_forward"] > 0
         assert 0 < sum(op["share"] for op in row["top"]) <= 1.0 + 1e-6
+    flex = {(row["method"], row["r"]): row for row in sections["flex"]}
+    assert set(flex) == {("plain", 0), ("tome", 3), ("tome-mask", 3), ("tome-flex", 3), ("tome-ceiling", 3)}
+    assert flex[("tome-flex", 3)]["max_abs_diff_vs_tome"] <= 1e-5  # flex_attention's score_mod: the same logits
+    assert flex[("tome-mask", 3)]["max_abs_diff_vs_tome"] <= 1e-5
     step = sections["training"][0]  # the distillation step vs full fine-tuning, with the step's parts
     assert step["ratio"] > 0 and set(step["distill_parts_ms"]) == {
         "teacher_forward",
@@ -90,7 +100,13 @@ def test_gpu_benchmark_small_cpu_run_writes_json_and_markdown(tmp_path):
     text = md.read_text()
     assert "| eager |" in text and "| compiled |" in text and "\nprofile fp32 b=2 tome r=3:" in text
     # the ceiling and mask rows swap module functions only while they run
-    assert (patch_module.bipartite_soft_matching, patch_module.merge_wavg, bench._ATTENTION.FOLD_BIAS_DEVICES) == real
+    now = (
+        patch_module.bipartite_soft_matching,
+        patch_module.merge_wavg,
+        attention.FOLD_BIAS_DEVICES,
+        attention.sdpa_key_bias,
+    )
+    assert now == real
 
 
 def test_gpu_benchmark_training_hook_skips_with_a_reason_when_functions_are_missing(tmp_path, monkeypatch):
