@@ -716,12 +716,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             plan.append(("profile", 10, lambda: profile_rows(run, args.model, dtypes[0], 1, b1)))
     if "flex" in wanted:
         plan.append(("flex", 60, lambda: flex_rows(run, args.model, dtypes[0], batches[0], r_top)))
-    if "eager" in wanted:
-        for b in batches[1:]:
-            plan.append(("eager", 10, lambda b=b: eager_rows(run, "eager", args.model, dtypes[0], b, full)))
-    if "bf16" in wanted and len(dtypes) > 1:
-        for b in batches:
-            plan.append(("eager", 10, lambda b=b: eager_rows(run, "eager", args.model, "bf16", b, full)))
+    # the acceptance rows first (training and reduce-overhead included); other batch sizes and bf16 after
+    if "training" in wanted:
+        plan.append(("training", 20 if small else 120, lambda: training_rows(run)))
     if "reduce_overhead" in wanted and device.type == "cuda":
         cfgs = [("plain", 0), ("tome", r_top)]
         plan.append(
@@ -731,8 +728,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 lambda: reduce_overhead_rows(run, args.model, dtypes[0], cfgs),
             )
         )
-    if "training" in wanted:
-        plan.append(("training", 20 if small else 120, lambda: training_rows(run)))
+    if "eager" in wanted:
+        for b in batches[1:]:
+            plan.append(("eager", 10, lambda b=b: eager_rows(run, "eager", args.model, dtypes[0], b, full)))
+    if "bf16" in wanted and len(dtypes) > 1:
+        for b in batches:
+            plan.append(("eager", 10, lambda b=b: eager_rows(run, "eager", args.model, "bf16", b, full)))
     if device.type != "cuda":
         run.result["skipped"].append("cuda_graph / reduce_overhead: need CUDA")
 
