@@ -18,11 +18,11 @@ Sections (each a list of rows, each row caught on its own: an exception becomes 
   the rows' base is compiled plain timm; compile times are recorded.
 * ``cuda_graph`` — batch 1 fp16, each configuration captured once with ``torch.cuda.CUDAGraph`` and
   replayed; ``reduce_overhead`` — the same with ``torch.compile(mode="reduce-overhead")``.
-* ``flex`` — proportional attention three ways at the first batch size, r=16: the default on the device
-  (log(size) folded into q/k on CUDA), ``tome-mask`` (an additive SDPA mask) and ``tome-flex``
-  (``torch.nn.attention.flex_attention`` with a ``score_mod`` adding log(size) per key; compiled on
-  CUDA, eager elsewhere), with each one's largest logit difference to the default and the ceiling, so
-  one run says which of the exact forms is fastest.
+* ``flex`` — proportional attention four ways at the first batch size, r=16: the default on the device
+  (log(size) folded into q/k on CUDA), ``tome-mask`` (an additive SDPA mask), ``tome-flex``
+  (``flex_attention`` with a ``score_mod``) and ``tome-foldw`` (the fold through padded qkv weights,
+  no activation copies) — the last two from ``benchmarks/attention_variants.py`` — with each one's
+  largest logit difference to the default and the ceiling, so one run says which exact form is fastest.
 * ``profile`` — ``torch.profiler`` over a few forwards of plain, ToMe r=16, EViT r=16 and the ceiling at
   the first batch size, and of plain / ToMe r=16 at batch 1: per configuration the total device time
   (CPU time on a CPU) per forward and the operators that take most of it, so a GPU run brings back the
@@ -63,6 +63,8 @@ import tocom_hub
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/distill_step.py (training rows)
 
+import attention_variants  # noqa: E402 -- benchmarks/attention_variants.py (the flex rows)
+
 _PATCH = importlib.import_module("tocom_hub.core.patch")  # the module (``tocom_hub.patch`` is the function)
 _ATTENTION = importlib.import_module("tocom_hub.core.attention")
 _MERGE_STEP = (_PATCH.bipartite_soft_matching, _PATCH.merge_wavg)
@@ -82,25 +84,8 @@ SECTIONS = (
     "training",
 )
 
-Config = tuple[str, int]  # (method, r): plain, tome, tome-noprop, tome-mask, tome-fold, tome-flex, evit, tome-ceiling
-_SDPA_KEY_BIAS = _ATTENTION.sdpa_key_bias
-_FLEX: dict[str, Callable[..., torch.Tensor]] = {}  # device type -> flex_attention (compiled on CUDA)
-
-
-def flex_key_bias(q, k, v, bias, scale, dropout_p=0.0, fold=True):
-    """``softmax(q·kᵀ·scale + bias) v`` by ``flex_attention``: a ``score_mod`` adds ``bias[b, key]``."""
-    if dropout_p:
-        raise ValueError("the flex_attention variant is for inference (dropout_p=0)")
-    if q.device.type not in _FLEX:
-        from torch.nn.attention.flex_attention import flex_attention
-
-        _FLEX[q.device.type] = torch.compile(flex_attention) if q.device.type == "cuda" else flex_attention
-    per_key = bias.reshape(bias.shape[0], -1)  # [B, N], float32 log(size)
-
-    def score_mod(score, b, h, q_idx, kv_idx):
-        return score + per_key[b, kv_idx].to(score.dtype)
-
-    return _FLEX[q.device.type](q, k, v, score_mod=score_mod, scale=scale)
+Config = tuple[str, int]  # (method, r): plain, tome, tome-noprop, tome-mask, tome-fold(w), tome-flex, evit, ceiling
+_SDPA_KEY_BIAS, _ATTEND = _ATTENTION.sdpa_key_bias, _PATCH.attend
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -124,7 +109,8 @@ def configure(model: torch.nn.Module, cfg: Config) -> None:
     ceiling = method == "tome-ceiling"
     _PATCH.bipartite_soft_matching, _PATCH.merge_wavg = (_truncate_plan, _truncate) if ceiling else _MERGE_STEP
     _ATTENTION.FOLD_BIAS_DEVICES = {"tome-mask": (), "tome-fold": _ALL_DEVICES}.get(method, _FOLD)
-    _ATTENTION.sdpa_key_bias = flex_key_bias if method == "tome-flex" else _SDPA_KEY_BIAS
+    _ATTENTION.sdpa_key_bias = attention_variants.flex_key_bias if method == "tome-flex" else _SDPA_KEY_BIAS
+    _PATCH.attend = attention_variants.attend_padded_weights if method == "tome-foldw" else _ATTEND
     if method == "plain":
         tocom_hub.unpatch(model)
         return
@@ -469,15 +455,15 @@ def profile_rows(run: Run, name: str, dtype: str, batch: int, cfgs: list[Config]
 
 
 def flex_rows(run: Run, name: str, dtype: str, batch: int, r: int) -> None:
-    """Proportional attention as fold (the device default), SDPA mask and flex_attention, timed together."""
+    """Proportional attention as the device default, SDPA mask, flex_attention and padded-weight fold."""
     model = run.model(name, dtype)
     x = run.image(model, batch, dtype)
-    cfgs = [("plain", 0), ("tome", r), ("tome-mask", r), ("tome-flex", r), ("tome-ceiling", r)]
+    cfgs = [("plain", 0), ("tome", r), ("tome-mask", r), ("tome-flex", r), ("tome-foldw", r), ("tome-ceiling", r)]
     diff: dict[Config, float] = {}
     with torch.inference_mode():
         configure(model, ("tome", r))
         ref = model(x).float()
-        for c in cfgs[2:4]:
+        for c in cfgs[2:5]:
             configure(model, c)
             t0 = time.perf_counter()
             diff[c] = (model(x).float() - ref).abs().max().item()  # (first call: compiles flex on CUDA)

@@ -21,11 +21,12 @@ def _explicit_attention(q, k, v, bias, scale):
 
 @pytest.mark.parametrize("dim", [64, 60, 32, 8, 7])
 @pytest.mark.parametrize("fold", [True, False])
-def test_sdpa_key_bias_equals_explicit_softmax(dim, fold):
+@pytest.mark.parametrize("scale_factor", [1.0, 0.3])  # timm's head_dim ** -0.5, and any other scale
+def test_sdpa_key_bias_equals_explicit_softmax(dim, fold, scale_factor):
     g = torch.Generator().manual_seed(dim)
     q, k, v = (torch.randn(2, 3, 17, dim, generator=g) for _ in range(3))
     bias = torch.rand(2, 1, 1, 17, generator=g).mul(40).add(1).log()  # log of token sizes 1..41
-    scale = dim**-0.5
+    scale = dim**-0.5 * scale_factor
     out = attention_mod.sdpa_key_bias(q, k, v, bias, scale, fold=fold)
     assert out.shape == v.shape
     assert (out - _explicit_attention(q, k, v, bias, scale)).abs().max() <= 1e-5

@@ -25,6 +25,7 @@ def test_gpu_benchmark_small_cpu_run_writes_json_and_markdown(tmp_path):
         patch_module.merge_wavg,
         attention.FOLD_BIAS_DEVICES,
         attention.sdpa_key_bias,
+        patch_module.attend,
     )
     out, md = tmp_path / "gpu.json", tmp_path / "gpu.md"
     try:
@@ -84,9 +85,11 @@ def test_gpu_benchmark_small_cpu_run_writes_json_and_markdown(tmp_path):
         assert row["clock"] == "cpu" and row["total_ms_per_forward"] > 0
         assert 0 < sum(op["share"] for op in row["top"]) <= 1.0 + 1e-6
     flex = {(row["method"], row["r"]): row for row in sections["flex"]}
-    assert set(flex) == {("plain", 0), ("tome", 3), ("tome-mask", 3), ("tome-flex", 3), ("tome-ceiling", 3)}
-    assert flex[("tome-flex", 3)]["max_abs_diff_vs_tome"] <= 1e-5  # flex_attention's score_mod: the same logits
-    assert flex[("tome-mask", 3)]["max_abs_diff_vs_tome"] <= 1e-5
+    assert set(flex) == {(m, 3) for m in ("tome", "tome-mask", "tome-flex", "tome-foldw", "tome-ceiling")} | {
+        ("plain", 0)
+    }
+    for variant in ("tome-mask", "tome-flex", "tome-foldw"):  # exact forms: the same logits
+        assert flex[(variant, 3)]["max_abs_diff_vs_tome"] <= 1e-5
     step = sections["training"][0]  # the distillation step vs full fine-tuning, with the step's parts
     assert step["ratio"] > 0 and set(step["distill_parts_ms"]) == {
         "teacher_forward",
@@ -105,6 +108,7 @@ def test_gpu_benchmark_small_cpu_run_writes_json_and_markdown(tmp_path):
         patch_module.merge_wavg,
         attention.FOLD_BIAS_DEVICES,
         attention.sdpa_key_bias,
+        patch_module.attend,
     )
     assert now == real
 
@@ -119,3 +123,35 @@ def test_gpu_benchmark_training_hook_skips_with_a_reason_when_functions_are_miss
     bench.main(["--small", "--device", "cpu", "--only", "training", "--json", str(out), "--markdown", ""])
     rows = json.loads(out.read_text())["sections"]["training"]
     assert len(rows) == 1 and "step_rates" in rows[0]["skipped"]
+
+
+def test_attention_variants_are_exact_and_fall_back_where_they_must():
+    """benchmarks/attention_variants.py: flex_attention and the padded-weight fold give the library's
+    proportional attention; the padded-weight fold leaves hooked projections to the library."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import attention_variants as av
+    from timm.layers import Attention
+
+    from tocom_hub.core import attention as lib
+
+    g = torch.Generator().manual_seed(0)
+    attn = Attention(64, num_heads=2, qkv_bias=True).eval()
+    x = torch.randn(2, 9, 64, generator=g)
+    bias = torch.rand(2, 1, 1, 9, generator=g).log1p()
+    with torch.no_grad():
+        ref, q_ref, k_ref = lib.attend(attn, x, bias)  # CPU: the SDPA mask
+        out, q, k = av.attend_padded_weights(attn, x, bias)
+        assert (out - ref).abs().max() <= 1e-5
+        assert (q - q_ref).abs().max() <= 1e-5 and (k - k_ref).abs().max() <= 1e-5
+        qh, kh, vh = (torch.randn(2, 2, 9, 32, generator=g) for _ in range(3))
+        flex = av.flex_key_bias(qh, kh, vh, bias, 0.2)
+        mask = lib.sdpa_key_bias(qh, kh, vh, bias, 0.2, fold=False)
+        assert (flex - mask).abs().max() <= 1e-5
+
+        calls = []
+        handle = attn.qkv.register_forward_hook(lambda m, i, o: calls.append(1))
+        av.attend_padded_weights(attn, x, bias)  # a hooked projection: the library's path, hook called
+        handle.remove()
+        assert calls == [1]

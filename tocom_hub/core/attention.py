@@ -34,7 +34,7 @@ def sdpa_key_bias(
     zero-padded and the output sliced back. SDPA then keeps its mask-free (flash) kernels.
     """
     if not fold:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), dropout_p=dropout_p)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), dropout_p=dropout_p, scale=scale)
     batch, heads, num_tokens, dim = k.shape
     pad = 8 - dim % 8
     q = F.pad(q, (0, pad), value=1.0 / (pad * scale))
