@@ -74,3 +74,32 @@ def test_low_precision_model_runs_with_float32_sizes():
         out = patched(X.to(torch.bfloat16))
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
     assert tocom_hub.get_size(patched).dtype == torch.float32
+
+
+@pytest.mark.parametrize("num_prefix", [0, 1, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_batched_merge_equals_each_sample_merged_alone(num_prefix, dtype):
+    """The batched path (one gather of the output rows, B tokens weighted in place) and the batch-1 path
+    (slices, one A-row selection, a concatenation) are different code: sample by sample they must agree,
+    bit for bit in float32 (features, sizes, sources, gradients); in bfloat16 the CPU's index_add_ rounds
+    a B token that receives several merged rows differently along dim 0 and dim 1, by one unit at most."""
+    g = torch.Generator().manual_seed(num_prefix)
+    batch, n, r = 4, 23, 7
+    metric = torch.randn(batch, n, 8, generator=g)
+    x = torch.randn(batch, n, 6, generator=g).to(dtype).requires_grad_()
+    size = torch.randint(1, 9, (batch, n, 1), generator=g).float()
+    plan = merge_mod.bipartite_soft_matching(metric, r, num_prefix)
+    out, new_size = merge_mod.merge_wavg(plan, x, size)
+    source = merge_mod.merge_source(plan)
+    (grad,) = torch.autograd.grad(out.float().square().sum(), x)
+    for b in range(batch):
+        one = merge_mod.bipartite_soft_matching(metric[b : b + 1], r, num_prefix)
+        xb = x[b : b + 1].detach().requires_grad_()
+        out_b, size_b = merge_mod.merge_wavg(one, xb, size[b : b + 1])
+        (grad_b,) = torch.autograd.grad(out_b.float().square().sum(), xb)
+        assert torch.equal(new_size[b], size_b[0]) and torch.equal(source[b], merge_mod.merge_source(one)[0])
+        if dtype == torch.float32:
+            assert torch.equal(out[b], out_b[0]) and torch.equal(grad[b], grad_b[0])
+        else:  # one bfloat16 unit (8 bits of mantissa)
+            torch.testing.assert_close(out[b], out_b[0], rtol=2**-7, atol=2**-9)
+            torch.testing.assert_close(grad[b], grad_b[0], rtol=2**-6, atol=2**-9)

@@ -11,10 +11,12 @@ The output is ``[prefix tokens in their original order, unmerged A tokens, B tok
 tokens keep their original relative order when the sequence has prefix tokens (class / distillation /
 register tokens), and stay in descending-similarity order when it has none, as in the reference.
 
-Speed: the output is assembled from slices and one row selection (prefix and B tokens are plain
-slices; the A tokens are one ``index_select`` of whole rows), and only the ``r`` merged A tokens are
-added into their destinations (an ``index_add_`` over ``r`` rows of a fresh tensor), so no atomic
-adds run over all ``N`` tokens.
+Speed: only the ``r`` merged A tokens are added into their destinations (an ``index_add_`` over ``r``
+rows of a fresh tensor), so no atomic adds run over all ``N`` tokens. At batch 1 the output is
+assembled from slices and one row selection (prefix and B tokens are plain slices, the A tokens one
+``index_select`` of whole rows): the fewest operations, which is what costs at batch 1. Batched, the
+whole output is one ``index_select`` of its rows and the B tokens are weighted in place in it, which
+reads and writes the features about 1.5 times instead of twice (memory traffic is what costs there).
 Token sizes are kept in float32 and the average is formed from normalised weights, which keeps
 fp16/bf16 features in range. Every function is free of in-place writes into views and of
 module-level caches, so ``torch.compile(..., fullgraph=True)`` traces it without graph breaks.
@@ -42,10 +44,12 @@ class Merge:
         a_idx: ``[B, Na]`` long tensor, free A tokens (indices into the A set): the ``r`` merged ones
             first, then the unmerged ones in output order.
         dst_idx: ``[B, r]`` long tensor, B partner (index into the B set) of each merged A token.
-        a_rows: ``[B * Na]``, rows of the A tokens in the input flattened to ``[B * N, C]`` (for
-            ``B == 1``: ``a_idx``, rows of the A tokens' view).
-        dst_rows: ``[B * r]``, rows of the partners in the B tokens flattened to ``[B * Nb, C]`` (for
-            ``B == 1``: ``dst_idx``).
+        a_rows: the A rows to take. ``B == 1``: ``a_idx[0]`` (``[Na]``, rows of the A tokens' view, plan
+            order); batched: only the merged ones, ``[B * r]`` rows of the input flattened to ``[B * N, C]``.
+        dst_rows: ``[B * r]``, where the merged rows are added. ``B == 1``: ``dst_idx[0]`` (rows of the B
+            tokens); batched: the partners' rows in the output flattened to ``[B * (N - r), C]``.
+        keep_rows: batched only (``None`` for ``B == 1``): ``[B * (N - r)]``, the rows of the input
+            flattened to ``[B * N, C]`` that make the output before the merged rows are added.
         r: tokens removed.
         num_prefix: protected prefix tokens (class / distillation / register tokens).
         num_out: number of tokens after the merge (``N - r``).
@@ -55,6 +59,7 @@ class Merge:
     dst_idx: torch.Tensor
     a_rows: torch.Tensor
     dst_rows: torch.Tensor
+    keep_rows: Optional[torch.Tensor]
     r: int
     num_prefix: int
     num_out: int
@@ -113,17 +118,29 @@ def bipartite_soft_matching(
         if keep_order:
             a_idx = torch.cat([a_idx[:, :r], a_idx[:, r:].sort(dim=-1).values], dim=1)
         dst_idx = node_idx.gather(1, a_idx[:, :r])
+        keep_rows = None
         if batch == 1:  # index_select / index_add_ along the token dim of the A / B views directly
             a_rows, dst_rows = a_idx, dst_idx
-        else:  # rows of the inputs flattened to [B * N, C] and of the B tokens flattened to [B * Nb, C]
+        else:  # rows of the input flattened to [B * N, C] and of the output flattened to [B * (N - r), C]
+            num_out, num_b = num_tokens - r, scores.shape[-1]
             offsets = torch.arange(batch, device=metric.device).unsqueeze(1)
             a_rows = a_idx * 2 + (offsets * num_tokens + first_a)
-            dst_rows = dst_idx + offsets * scores.shape[-1]
+            dst_rows = dst_idx + (offsets * num_out + (num_out - num_b))
+            fixed = torch.cat(  # prefix and B tokens: the same positions in every sample
+                [
+                    torch.arange(num_prefix, device=metric.device),
+                    torch.arange(first_b, num_tokens, 2, device=metric.device),
+                ]
+            )
+            fixed = fixed + offsets * num_tokens
+            keep_rows = torch.cat([fixed[:, :num_prefix], a_rows[:, r:], fixed[:, num_prefix:]], dim=1).view(-1)
+            a_rows = a_rows[:, :r]
     return Merge(
         a_idx=a_idx,
         dst_idx=dst_idx,
-        a_rows=a_rows.view(-1),
-        dst_rows=dst_rows.view(-1),
+        a_rows=a_rows.reshape(-1),
+        dst_rows=dst_rows.reshape(-1),
+        keep_rows=keep_rows,
         r=r,
         num_prefix=num_prefix,
         num_out=num_tokens - r,
@@ -131,27 +148,24 @@ def bipartite_soft_matching(
 
 
 def _select(m: Merge, t: torch.Tensor) -> torch.Tensor:
-    """The A rows of ``t`` (``[B, N, C]``) in plan order, ``[B, Na, C]``: one ``index_select`` of whole rows."""
-    batch, num_tokens, channels = t.shape
-    if batch == 1:
-        return t[:, m.first_a :: 2].index_select(1, m.a_rows)
-    return t.reshape(batch * num_tokens, channels).index_select(0, m.a_rows).view(batch, -1, channels)
-
-
-def _add_rows(m: Merge, b: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """``b`` (``[B, Nb, C]``, a fresh tensor: ours to modify) with the merged rows added: ``r`` rows touched."""
-    batch, num_b, channels = b.shape
-    if batch == 1:
-        return b.index_add_(1, m.dst_rows, rows)
-    b = b.contiguous()
-    b.view(batch * num_b, channels).index_add_(0, m.dst_rows, rows.reshape(-1, channels))
-    return b
+    """Batch 1: the A rows of ``t`` (``[1, N, C]``) in plan order, ``[1, Na, C]``: one ``index_select``."""
+    return t[:, m.first_a :: 2].index_select(1, m.a_rows)
 
 
 def _merge_rows(
     m: Merge, t: torch.Tensor, w_keep: Optional[torch.Tensor] = None, w_src: Optional[torch.Tensor] = None
 ) -> torch.Tensor:
     """``[prefix, unmerged A, B * w_keep + merged A * w_src added to their B]`` for ``t`` (``[B, N, C]``)."""
+    batch, num_tokens, channels = t.shape
+    if batch > 1:  # one gather of the output rows; the B tokens weighted in place; r rows added
+        flat = t.reshape(batch * num_tokens, channels)
+        out = flat.index_select(0, m.keep_rows).view(batch, m.num_out, channels)
+        src = flat.index_select(0, m.a_rows)
+        if w_keep is not None:
+            out[:, m.num_out - w_keep.shape[1] :] *= w_keep.to(t.dtype)
+            src = src * w_src.reshape(-1, 1).to(t.dtype)
+        out.view(-1, channels).index_add_(0, m.dst_rows, src)
+        return out
     a = _select(m, t)
     src, b = a[:, : m.r], t[:, m.first_b :: 2]
     if w_keep is None:
@@ -159,7 +173,8 @@ def _merge_rows(
     else:
         b = b * w_keep.to(t.dtype)
         src = src * w_src.to(t.dtype)
-    return torch.cat([t[:, : m.num_prefix], a[:, m.r :], _add_rows(m, b, src)], dim=1)
+    b.index_add_(1, m.dst_rows, src)  # b is a fresh tensor: ours to modify
+    return torch.cat([t[:, : m.num_prefix], a[:, m.r :], b], dim=1)
 
 
 def merge_wavg(m: Merge, x: torch.Tensor, size: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -174,13 +189,21 @@ def merge_wavg(m: Merge, x: torch.Tensor, size: Optional[torch.Tensor] = None) -
     else:
         size = size.float()
     # Sizes follow the same layout; a merged B token's size is the sum of its members'.
-    size_a = _select(m, size)
-    size_b, size_src = size[:, m.first_b :: 2], size_a[:, : m.r]
-    total = _add_rows(m, size_b.clone(), size_src)
-    new_size = torch.cat([size[:, : m.num_prefix], size_a[:, m.r :], total], dim=1)
+    size_b = size[:, m.first_b :: 2]
+    if batch > 1:
+        new_size = _merge_rows(m, size)
+        total = new_size[:, m.num_out - size_b.shape[1] :]
+        size_src = size.view(-1, 1).index_select(0, m.a_rows)
+        dst_total = new_size.view(-1, 1).index_select(0, m.dst_rows)
+    else:
+        size_a = _select(m, size)
+        size_src = size_a[:, : m.r]
+        total = size_b.clone().index_add_(1, m.dst_rows, size_src)
+        new_size = torch.cat([size[:, : m.num_prefix], size_a[:, m.r :], total], dim=1)
+        dst_total = total.index_select(1, m.dst_rows)
     # Weighted average from normalised weights: every term stays in the range of x (fp16/bf16-safe).
     w_keep = size_b / total
-    w_src = size_src / total.view(-1, 1).index_select(0, m.dst_rows).view(batch, m.r, 1)
+    w_src = size_src.view(batch, m.r, 1) / dst_total.view(batch, m.r, 1)
     return _merge_rows(m, x, w_keep, w_src), new_size
 
 
