@@ -28,8 +28,9 @@ Sections (each a list of rows, each row caught on its own: an exception becomes 
   (CPU time on a CPU) per forward and the operators that take most of it, so a GPU run brings back the
   profile that says where the time goes, next to the numbers.
 * ``training`` — distillation step vs full fine-tuning step (with the step's parts: teacher forward,
-  student forward, backward, optimizer) and ``training/distill.py`` end to end, from the functions of
-  ``benchmarks/distill_step.py`` (skipped with a message when they are absent).
+  student forward, backward, optimizer), the input pipeline alone (224 px photo-crops, batch 128, up to
+  14 workers, batches normalised on the device) and ``training/distill.py`` end to end, from the
+  functions of ``benchmarks/distill_step.py`` (skipped with a message when they are absent).
 
 Timing: every configuration of a section is timed in interleaved rounds (fresh random order each round)
 on the *same* model object (patched/unpatched in place), with plain timm in every round; CUDA events
@@ -544,6 +545,15 @@ def training_rows(run: Run) -> None:
         why = "not run with --small" if small else "benchmarks/distill_step.py has no end_to_end()"
         run.add("training", [{"skipped": f"distill.py end to end: {why}"}])
         return
+    workers = min(14, os.cpu_count() or 1)
+    if hasattr(distill_step, "loader_rate") and run.fits("training: input pipeline alone", 30):
+        try:  # the input pipeline alone: is it what limits distill.py end to end?
+            rate = distill_step.loader_rate(
+                "photo-crops", img_size=224, batch_size=128, num_workers=workers, device=dev
+            )
+            run.add("training", [{"what": "input pipeline alone (loader_rate)", **_jsonable(rate)}])
+        except Exception as exc:  # noqa: BLE001
+            run.error("training", "loader_rate", exc)
     if not run.fits("training: distill.py end to end", 90):
         return
     try:
@@ -554,7 +564,7 @@ def training_rows(run: Run) -> None:
             batch_size=128,
             precision="bf16",
             steps=30,
-            num_workers=min(14, os.cpu_count() or 1),
+            num_workers=workers,
             raw_img_per_s=rates.get("distill", {}).get("img_per_s"),
             timeout=max(run.left() - 10, 30),
         )

@@ -125,6 +125,33 @@ def test_gpu_benchmark_training_hook_skips_with_a_reason_when_functions_are_miss
     assert len(rows) == 1 and "step_rates" in rows[0]["skipped"]
 
 
+def test_gpu_benchmark_full_size_training_rows_call_step_loader_and_end_to_end(tmp_path, monkeypatch):
+    """The full-size training section (not --small) asks distill_step.py for the step rates with their
+    parts, the input pipeline alone and distill.py end to end, in that order (stand-ins record the calls)."""
+    import sys
+    import types
+
+    calls = []
+    fake = types.ModuleType("distill_step")
+    fake.step_rates = lambda **kw: calls.append(("step_rates", kw)) or {"distill": {"img_per_s": 100.0}, "ratio": 1.0}
+    fake.loader_rate = lambda data, **kw: calls.append(("loader_rate", data, kw)) or {"img_per_s": 50.0}
+    fake.end_to_end = lambda **kw: calls.append(("end_to_end", kw)) or {"images_per_second": 40.0}
+    monkeypatch.setitem(sys.modules, "distill_step", fake)
+    bench = _load()
+    out = tmp_path / "gpu.json"
+    bench.main(["--device", "cpu", "--only", "training", "--json", str(out), "--markdown", ""])
+    assert [c[0] for c in calls] == ["step_rates", "loader_rate", "end_to_end"]
+    assert calls[0][1]["breakdown"] is True and calls[0][1]["model"] == "deit_base_patch16_224"
+    assert calls[1][1] == "photo-crops" and calls[1][2]["img_size"] == 224
+    assert calls[2][1]["raw_img_per_s"] == 100.0 and calls[2][1]["num_workers"] == calls[1][2]["num_workers"]
+    rows = json.loads(out.read_text())["sections"]["training"]
+    assert [row["what"] for row in rows] == [
+        "distill step vs full fine-tuning step",
+        "input pipeline alone (loader_rate)",
+        "training/distill.py end to end",
+    ]
+
+
 def test_attention_variants_are_exact_and_fall_back_where_they_must():
     """benchmarks/attention_variants.py: flex_attention and the padded-weight fold give the library's
     proportional attention; the padded-weight fold leaves hooked projections to the library."""
