@@ -65,10 +65,10 @@ import tocom_hub
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/distill_step.py (training rows)
 
 import attention_variants  # noqa: E402 -- benchmarks/attention_variants.py (the flex rows)
+import ceiling as _ceiling  # noqa: E402 -- benchmarks/ceiling.py (the merge-free ceiling rows)
 
 _PATCH = importlib.import_module("tocom_hub.core.patch")  # the module (``tocom_hub.patch`` is the function)
 _ATTENTION = importlib.import_module("tocom_hub.core.attention")
-_MERGE_STEP = (_PATCH.bipartite_soft_matching, _PATCH.merge_wavg)
 _FOLD = _ATTENTION.FOLD_BIAS_DEVICES
 _ALL_DEVICES = ("cpu", "cuda", "xpu", "mps")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -93,22 +93,10 @@ _SDPA_KEY_BIAS, _ATTEND = _ATTENTION.sdpa_key_bias, _PATCH.attend
 # configurations
 
 
-def _truncate_plan(metric, r, num_prefix=0):
-    num_tokens = metric.shape[1]
-    r = min(r, tocom_hub.core.merge.max_merge(num_tokens, num_prefix))
-    return num_tokens - r if r > 0 else None
-
-
-def _truncate(num_out, x, size=None):
-    size = torch.ones(x.shape[0], num_out, 1, device=x.device) if size is None else size[:, :num_out]
-    return x[:, :num_out].contiguous(), size
-
-
 def configure(model: torch.nn.Module, cfg: Config) -> None:
     """Put ``model`` (in place) into configuration ``cfg``; ``("plain", 0)`` restores everything."""
     method, r = cfg
-    ceiling = method == "tome-ceiling"
-    _PATCH.bipartite_soft_matching, _PATCH.merge_wavg = (_truncate_plan, _truncate) if ceiling else _MERGE_STEP
+    _ceiling.set_merge_step(method == "tome-ceiling")
     _ATTENTION.FOLD_BIAS_DEVICES = {"tome-mask": (), "tome-fold": _ALL_DEVICES}.get(method, _FOLD)
     _ATTENTION.sdpa_key_bias = attention_variants.flex_key_bias if method == "tome-flex" else _SDPA_KEY_BIAS
     _PATCH.attend = attention_variants.attend_padded_weights if method == "tome-foldw" else _ATTEND

@@ -30,9 +30,11 @@ import argparse
 import copy
 import importlib
 import json
+import os
 import platform
 import random
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -40,6 +42,9 @@ import timm
 import torch
 
 import tocom_hub
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import ceiling as _ceiling  # noqa: E402 -- benchmarks/ceiling.py (the merge-free ceiling rows)
 
 
 def _time_forward(model, x, iters):
@@ -52,34 +57,20 @@ def _time_forward(model, x, iters):
 
 
 _PATCH = importlib.import_module("tocom_hub.patch")  # the module (``tocom_hub.patch`` is the function)
-_MERGE_STEP = (_PATCH.bipartite_soft_matching, _PATCH.merge_wavg)
-
-
-def _truncate_plan(metric, r, num_prefix=0):
-    num_tokens = metric.shape[1]
-    r = min(r, tocom_hub.core.merge.max_merge(num_tokens, num_prefix))
-    return num_tokens - r if r > 0 else None
-
-
-def _truncate(num_out, x, size=None):
-    size = x.new_ones(x.shape[0], num_out, 1) if size is None else size[:, :num_out]
-    return x[:, :num_out].contiguous(), size
 
 
 def _set_merge_step(cfg):
     """The real merge step, or truncation for a ceiling configuration (module globals of the patch layer)."""
-    ceiling = cfg[0] == "tome-ceiling"
-    _PATCH.bipartite_soft_matching, _PATCH.merge_wavg = (_truncate_plan, _truncate) if ceiling else _MERGE_STEP
+    _ceiling.set_merge_step(cfg[0] == "tome-ceiling")
 
 
 def _configure(model, cfg):
     method, r = cfg
-    ceiling = method == "tome-ceiling"
     _set_merge_step(cfg)
     if method == "plain":
         tocom_hub.unpatch(model)
     else:
-        tocom_hub.patch(model, method="tome" if ceiling else method)
+        tocom_hub.patch(model, method="tome" if method == "tome-ceiling" else method)
         tocom_hub.set_r(model, r)
 
 

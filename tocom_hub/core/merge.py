@@ -18,8 +18,9 @@ assembled from slices and one row selection (prefix and B tokens are plain slice
 whole output is one ``index_select`` of its rows and the B tokens are weighted in place in it, which
 reads and writes the features about 1.5 times instead of twice (memory traffic is what costs there).
 Token sizes are kept in float32 and the average is formed from normalised weights, which keeps
-fp16/bf16 features in range. Every function is free of in-place writes into views and of
-module-level caches, so ``torch.compile(..., fullgraph=True)`` traces it without graph breaks.
+fp16/bf16 features in range. In-place writes only touch tensors made here (never ``out=`` into a
+view) and there are no module-level caches, so ``torch.compile(..., fullgraph=True)`` traces every
+function without graph breaks.
 """
 
 from __future__ import annotations
