@@ -112,7 +112,7 @@ def run(model, batch_size, configs, rounds, iters, img_size, seed=0, compile=Fal
     compile_s = {}
     with torch.inference_mode():
         if compile:
-            compiled, compile_s = _compile_each(model, configs, x, backend)
+            compiled, compile_s = _compile_each(model, configs, x, backend)  # compiled and warmed up
 
             def use(cfg):
                 _set_merge_step(cfg)
@@ -123,8 +123,8 @@ def run(model, batch_size, configs, rounds, iters, img_size, seed=0, compile=Fal
                 _configure(model, cfg)
                 return model
 
-        for cfg in configs:  # warm-up
-            use(cfg)(x)
+            for cfg in configs:  # warm-up
+                use(cfg)(x)
         for _ in range(rounds):
             order = list(others)
             rng.shuffle(order)
