@@ -65,7 +65,7 @@ def attend(attn: Attention, x: torch.Tensor, bias: Optional[torch.Tensor]):
         if bias is not None:
             scores = scores + bias.to(scores.dtype)
         out = attn.attn_drop(scores.softmax(dim=-1)) @ v
-    out = attn.norm(out.transpose(1, 2).reshape(B, N, -1))
+    out = attn.norm(out.transpose(1, 2).reshape(B, N, attn.num_heads * attn.head_dim))  # explicit: B may be 0
     if gate is not None:
         out = out * gate
     return attn.proj_drop(attn.proj(out)), q, k

@@ -158,14 +158,14 @@ def _merge_rows(
 ) -> torch.Tensor:
     """``[prefix, unmerged A, B * w_keep + merged A * w_src added to their B]`` for ``t`` (``[B, N, C]``)."""
     batch, num_tokens, channels = t.shape
-    if batch > 1:  # one gather of the output rows; the B tokens weighted in place; r rows added
+    if batch != 1:  # one gather of the output rows; the B tokens weighted in place; r rows added
         flat = t.reshape(batch * num_tokens, channels)
         out = flat.index_select(0, m.keep_rows).view(batch, m.num_out, channels)
         src = flat.index_select(0, m.a_rows)
         if w_keep is not None:
             out[:, m.num_out - w_keep.shape[1] :] *= w_keep.to(t.dtype)
-            src = src * w_src.reshape(-1, 1).to(t.dtype)
-        out.view(-1, channels).index_add_(0, m.dst_rows, src)
+            src = src * w_src.reshape(batch * m.r, 1).to(t.dtype)
+        out.view(batch * m.num_out, channels).index_add_(0, m.dst_rows, src)
         return out
     a = _select(m, t)
     src, b = a[:, : m.r], t[:, m.first_b :: 2]
@@ -191,11 +191,11 @@ def merge_wavg(m: Merge, x: torch.Tensor, size: Optional[torch.Tensor] = None) -
         size = size.float()
     # Sizes follow the same layout; a merged B token's size is the sum of its members'.
     size_b = size[:, m.first_b :: 2]
-    if batch > 1:
+    if batch != 1:  # batched (also an empty batch: every size below is explicit, no -1)
         new_size = _merge_rows(m, size)
         total = new_size[:, m.num_out - size_b.shape[1] :]
-        size_src = size.view(-1, 1).index_select(0, m.a_rows)
-        dst_total = new_size.view(-1, 1).index_select(0, m.dst_rows)
+        size_src = size.view(batch * num_tokens, 1).index_select(0, m.a_rows)
+        dst_total = new_size.view(batch * m.num_out, 1).index_select(0, m.dst_rows)
     else:
         size_a = _select(m, size)
         size_src = size_a[:, : m.r]

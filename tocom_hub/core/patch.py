@@ -121,7 +121,7 @@ class ToComBlock(Block):
                 if state.trace_source:
                     state.source = merge_source(plan, state.source)
                 if state.prop_attn:
-                    state.attn_bias = state.size.log().view(x.shape[0], 1, 1, -1)  # [B, 1, 1, N] float32
+                    state.attn_bias = state.size.log().view(x.shape[0], 1, 1, x.shape[1])  # [B, 1, 1, N] f32
         elif r > 0:
             plan = select_attentive(info, r, state.num_prefix, fuse=state.fuse_token)
             if plan is not None:

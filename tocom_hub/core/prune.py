@@ -80,7 +80,8 @@ def _gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     batch, num_tokens, channels = x.shape
     if batch > 1:
         index = index + torch.arange(0, batch * num_tokens, num_tokens, device=x.device).unsqueeze(1)
-    return x.reshape(batch * num_tokens, channels).index_select(0, index.reshape(-1)).view(batch, -1, channels)
+    rows = x.reshape(batch * num_tokens, channels).index_select(0, index.reshape(-1))
+    return rows.view(batch, index.shape[1], channels)  # explicit sizes: an empty batch has no -1 to infer
 
 
 def _fused(p: Prune, x: torch.Tensor) -> torch.Tensor:
