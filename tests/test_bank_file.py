@@ -358,3 +358,17 @@ def test_shipped_bank_in_format_1_gives_the_deltas_of_its_raw_tensors(tmp_path):
     bank.save_pretrained(tmp_path)  # re-saved in format 2: the very same deltas
     again = ToComBank.from_pretrained(tmp_path)
     assert all(torch.equal(again.delta(2, t, 0, bank.r_max), bank.delta(2, t, 0, bank.r_max)) for t in bank.targets)
+
+
+def test_same_tensors_give_the_same_bytes(bank, tmp_path):
+    """save_pretrained is byte-reproducible (the safetensors writer orders its metadata by a hash map)."""
+    files = []
+    for i in range(4):
+        bank.save_pretrained(tmp_path / str(i))
+        files.append((tmp_path / str(i) / WEIGHTS_NAME).read_bytes())
+    ToComBank.from_pretrained(tmp_path / "0").save_pretrained(tmp_path / "again")
+    files.append((tmp_path / "again" / WEIGHTS_NAME).read_bytes())
+    assert len(set(files)) == 1
+    loaded = load_file(str(tmp_path / "0" / WEIGHTS_NAME))
+    assert loaded.keys() == bank.state_dict().keys()
+    assert all(torch.equal(loaded[k], v) for k, v in bank.state_dict().items())

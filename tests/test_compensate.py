@@ -375,3 +375,19 @@ def test_apply_refuses_a_bank_file_without_checksum_unless_trusted(tmp_path):
     assert state_hash(model) == before and not tocom_hub.is_patched(model)
     tocom_hub.apply(model, 0, 4, bank=str(tmp_path), trust_unverified=True)
     assert_closed_form(model, original, groups, bank, 0, 4)
+
+
+@pytest.mark.parametrize("merge", [True, False])
+def test_apply_refuses_a_model_on_the_meta_device(merge):
+    with torch.device("meta"):
+        model = fresh()
+    bank, _ = bank_for(fresh())
+    with pytest.raises(ValueError, match=r"meta device.*to_empty"):
+        tocom_hub.apply(model, 0, 4, bank=bank, merge=merge)
+    assert not tocom_hub.is_patched(model) and compensate.get_state(model) is None
+    model.to_empty(device="cpu")
+    model.load_state_dict(fresh().state_dict())
+    original = clone_state(model)
+    tocom_hub.apply(model, 0, 4, bank=bank, merge=merge)  # with real weights: fine, and removable
+    tocom_hub.remove(model)
+    assert all(torch.equal(v, original[k]) for k, v in model.state_dict().items())

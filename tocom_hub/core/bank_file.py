@@ -199,10 +199,39 @@ def _looks_local(s: str) -> bool:
     return s.count("/") > 1
 
 
-def write_bank_file(path: Path, tensors: Dict[str, torch.Tensor], config: ToComConfig) -> None:
-    """Write ``tensors`` (current names) and ``config`` to ``path`` atomically (temporary file + ``os.replace``)."""
-    from safetensors.torch import save_file
+_SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 
+
+def save_safetensors(tensors: Dict[str, torch.Tensor], path: str, metadata: Dict[str, str]) -> None:
+    """A safetensors file whose bytes depend only on ``tensors`` and ``metadata``: the header is JSON with sorted
+    keys (the safetensors writer keeps the metadata in a hash map, so its key order, and the file's hash, change
+    from one process to the next), the tensors follow in name order, the header is padded to 8 bytes."""
+    header: Dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))}
+    offset, blobs = 0, []
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        if t.dtype not in _SAFETENSORS_DTYPES:
+            raise TypeError(f"tensor {name} is {t.dtype}; a bank file holds floating point tensors")
+        blob = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        header[name] = {
+            "dtype": _SAFETENSORS_DTYPES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + len(blob)],
+        }
+        offset += len(blob)
+        blobs.append(blob)
+    raw = json.dumps(header, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for blob in blobs:
+            f.write(blob)
+
+
+def write_bank_file(path: Path, tensors: Dict[str, torch.Tensor], config: ToComConfig) -> None:
+    """Write ``tensors`` (current names) and ``config`` to ``path`` atomically (temporary file + ``os.replace``);
+    the same tensors and config always give the same bytes (:func:`save_safetensors`)."""
     from .. import __version__
 
     config_json = json.dumps(config.to_dict(), sort_keys=True)
@@ -217,7 +246,7 @@ def write_bank_file(path: Path, tensors: Dict[str, torch.Tensor], config: ToComC
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata=metadata)
+        save_safetensors(tensors, tmp, metadata)
         os.chmod(tmp, 0o644)
         _fsync_path(tmp)
         os.replace(tmp, path)

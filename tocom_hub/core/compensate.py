@@ -162,10 +162,19 @@ def _check_compatible(model: nn.Module, bank: ToComBank, method: Optional[str], 
     weight = model.blocks[0].attn.qkv.weight
     if not weight.dtype.is_floating_point:
         raise TypeError(f"model weights are {weight.dtype}; ToCom needs floating point weights")
+    meta = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if meta:
+        raise ValueError(
+            f"model {model_name} has parameters on the meta device ({meta[0]}, {len(meta)} in all): they hold no "
+            f"values to compensate. Materialise and load the weights first (model.to_empty(device=...) + "
+            f"load_state_dict), then apply the bank"
+        )
     for name, p in bank.named_parameters():
         if not p.dtype.is_floating_point:
             raise TypeError(f"bank tensor {name} is {p.dtype}; a ToCom bank holds floating point factors")
-        if p.device.type != "meta" and not bool(torch.isfinite(p.detach()).all()):
+        if p.device.type == "meta":
+            raise ValueError(f"bank tensor {name} is on the meta device (no values); load the bank's weights first")
+        if not bool(torch.isfinite(p.detach()).all()):
             raise ValueError(
                 f"bank tensor {name} contains NaN or inf: merging it would make the model's outputs "
                 f"non-finite. Check how the bank was trained or edited (nothing was changed)"
