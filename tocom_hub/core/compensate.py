@@ -7,7 +7,9 @@ on its attention weights (paper Eq. 6/7). Two modes share the same maths and the
   the fused ``attn.qkv`` (and/or ``attn.proj``) weight rows in place, so the forward is the plain
   ToMe/EViT forward; a switch adds only the change of the update, the weights are re-derived exactly
   from a copy of the original rows at least every ``RESYNC_EVERY`` switches (no drift), and
-  :func:`remove` restores them bit-exact.
+  :func:`remove` restores them bit-exact. The copy follows the weights: rows changed in between (training
+  steps, ``load_state_dict``) are re-based, so a switch or :func:`remove` changes the current weights by exactly
+  the bank's signed delta (docs/compensation.md: training under a merged bank).
 * **unmerged** (``merge=False``, training; :mod:`~tocom_hub.core.lora_hooks`): forward hooks on
   ``attn.qkv`` / ``attn.proj`` add the masked LoRA path; every bank parameter takes part in every
   forward, the backbone weights are never touched, and :func:`set_pair` switches in O(1).
@@ -43,7 +45,7 @@ from .compensation import Compensation
 from .locks import switch_lock
 from .lora_hooks import HookedCompensation
 from .lora_merged import MergedCompensation
-from .patch import get_method, is_patched, patch, set_r, unpatch
+from .patch import get_method, get_r, is_patched, patch, set_r, unpatch
 
 __all__ = [
     "apply",
@@ -307,8 +309,13 @@ def set_pair(model: nn.Module, source_r: int, target_r: int, *, r: Optional[int]
         r_max = st.bank.r_max
         _check_int_r("source_r", source_r, r_max)
         _check_int_r("target_r", target_r, r_max)
+        old_r = get_r(model)
         set_r(model, target_r if r is None else r)
-        st._switch(source_r, target_r)
+        try:
+            st._switch(source_r, target_r)
+        except BaseException:  # e.g. weights the merged bank cannot follow: the patcher's r goes back too
+            set_r(model, old_r)
+            raise
 
 
 def set_target_r(model: nn.Module, r: int) -> nn.Module:

@@ -1,12 +1,19 @@
 """The bank merged into the weights (``merge=True``, inference): :class:`MergedCompensation`.
 
 The update ``s · (±Σ B_i A_i)`` (paper Eq. 6/7) is written into the fused ``attn.qkv`` (and/or ``attn.proj``)
-weight rows in place, so the forward is the plain ToMe/EViT forward. The original rows are kept (a
+weight rows in place, so the forward is the plain ToMe/EViT forward. The rows without the update are kept (a
 "pristine" copy). A switch adds only the change of the update (one in-place ``addmm_`` per (block, target)
 on fp32 factors pre-arranged per block), and the weights are re-derived exactly as ``W₀ + Δ(source →
 target)`` from the pristine rows whenever the target returns to the source and at least every
 ``resync_every`` switches: no drift however many switches, and :meth:`_detach` restores the weights
 bit-exact.
+
+The bank follows the weights: after every write the fingerprint of the rows (:func:`fingerprint`, exact
+integer sums of their bits) is kept; before the next switch or ``remove`` rows that no longer match it
+(training steps, ``load_state_dict``, edits through ``.data``) are re-based, ``pristine ← current − Δ(written)``,
+so every switch and ``remove`` changes them by exactly the bank's signed delta relative to the current
+weights, never back to a stale copy (docs/compensation.md). What cannot be followed (meta tensors, another
+shape) is refused with ``RuntimeError`` before anything changes.
 """
 
 from __future__ import annotations
@@ -22,10 +29,34 @@ from .compensation import Compensation
 __all__ = ["MergedCompensation"]
 
 
-class _Slot:
-    """One (block, target) weight matrix of a merged bank: where it lives and what it started as."""
+_INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
-    __slots__ = ("block", "target", "module", "start", "stop", "ptr", "view", "pristine", "up", "down")
+
+def fingerprint(rows: torch.Tensor) -> torch.Tensor:
+    """Exact integer row and column sums of the bit patterns of ``rows`` (``[d_out + d_in]`` int64): equal for
+    equal bits on any device, different after any change that does not cancel in both sums at once."""
+    bits = rows.view(_INT_VIEW[rows.element_size()]).to(torch.int64)
+    return torch.cat([bits.sum(dim=1), bits.sum(dim=0)])
+
+
+class _Slot:
+    """One (block, target) weight matrix of a merged bank: where it lives, its rows without the bank
+    (``pristine``) and the fingerprint of the rows as last written (to see whether anyone changed them)."""
+
+    __slots__ = (
+        "block",
+        "target",
+        "module",
+        "start",
+        "stop",
+        "ptr",
+        "view",
+        "pristine",
+        "up",
+        "down",
+        "fp",
+        "fp_dtype",
+    )
 
     def __init__(self, block: int, target: str, module: nn.Linear, start: int, stop: int) -> None:
         self.block, self.target, self.module, self.start, self.stop = block, target, module, start, stop
@@ -34,17 +65,28 @@ class _Slot:
         self.pristine: Optional[torch.Tensor] = None
         self.up: Optional[torch.Tensor] = None
         self.down: Optional[torch.Tensor] = None
+        self.fp: Optional[torch.Tensor] = None  # fingerprint of the rows as we last wrote them
+        self.fp_dtype: Optional[torch.dtype] = None  # ... and their dtype then
 
     def current_view(self) -> torch.Tensor:
         """The weight rows this slot writes, re-bound if the module's weight was replaced (``.to``,
         ``.half()``, …); the factor snapshot follows the weight's device."""
         w = self.module.weight
+        if w.device.type == "meta" or not w.dtype.is_floating_point:
+            raise RuntimeError(
+                f"block {self.block} {self.target}: the weight is now {w.dtype} on {w.device}, so the merged ToCom "
+                f"bank cannot be taken out of it or moved; load real floating point weights (nothing was changed)"
+            )
+        if w.dim() != 2 or w.shape[0] < self.stop or w.shape[1] != self.down.shape[1]:
+            raise RuntimeError(
+                f"block {self.block} {self.target}: the weight was replaced by one of shape {tuple(w.shape)}; the "
+                f"merged ToCom bank cannot follow it (nothing was changed)"
+            )
         if w.data_ptr() != self.ptr or self.view is None:
             self.view = w.detach()[self.start : self.stop]
             self.ptr = w.data_ptr()
             if self.up.device != w.device:
                 self.up, self.down = self.up.to(w.device), self.down.to(w.device)
-                self.pristine = self.pristine.to(w.device)
         return self.view
 
 
@@ -81,8 +123,9 @@ class MergedCompensation(Compensation):
 
     @torch.no_grad()
     def _detach(self) -> None:
+        self._follow()
         for slot in self._slots:
-            slot.current_view().copy_(slot.pristine)
+            slot.view.copy_(slot.pristine)
         self._slots, self._written = [], None
 
     def _switch(self, m: int, n: int) -> None:
@@ -105,26 +148,62 @@ class MergedCompensation(Compensation):
             w = module.weight.detach()
             for t, start, stop in entries:
                 slot = _Slot(b, t, module, start, stop)
-                slot.pristine = w[start:stop].clone()
                 slot.up = self.bank.lora_B[t][b].detach().to(device=w.device, dtype=torch.float32, copy=True)
                 slot.down = self.bank.lora_A[t][b].detach().to(device=w.device, dtype=torch.float32, copy=True)
-                slot.current_view()
+                slot.pristine = slot.current_view().clone()
                 slots.append(slot)
         self._slots = slots
 
-    def _bind_all(self) -> bool:
-        """Re-bind every slot to its module's current weight; ``True`` if any weight was replaced."""
-        moved = False
+    def _applied(self, slot: _Slot, rows: torch.Tensor, sign: float) -> torch.Tensor:
+        """``rows + sign · Δ(written)`` in fp32 (the rows with the update the weights hold added or taken out)."""
+        m, n = self._written if self._written is not None else (0, 0)
+        sl, s = signed_group_slice(m, n, self._rank)
+        if sl.start == sl.stop or self.scale == 0.0:
+            return rows.float()
+        return torch.addmm(rows.float(), slot.up[:, sl], slot.down[sl], alpha=sign * s * self.scale)
+
+    def _unchanged(self, slot: _Slot, view: torch.Tensor) -> bool:
+        """Whether ``view`` still holds what we last wrote (bit for bit, or converted to another dtype)."""
+        if view.dtype == slot.fp_dtype:
+            return torch.equal(fingerprint(view), slot.fp.to(view.device))
+        pristine = slot.pristine.to(view.device)
+        expected = self._applied(slot, pristine, 1.0)
+        tol = torch.finfo(view.dtype).eps * expected.abs().max().item() + 1e-6 * pristine.float().abs().max().item()
+        return (view.float() - expected).abs().max().item() <= tol
+
+    def _stamp(self) -> None:
+        """Record the fingerprints of the rows just written."""
         for slot in self._slots:
-            ptr = slot.ptr
-            slot.current_view()
-            moved |= slot.ptr != ptr
-        return moved
+            slot.fp, slot.fp_dtype = fingerprint(slot.view), slot.view.dtype
+
+    @torch.no_grad()
+    def _follow(self) -> bool:
+        """Re-base on the current weights; ``True`` if anyone changed them since our last write.
+
+        Rows whose bits still match the fingerprint of our last write keep their pristine copy (so switches and
+        :meth:`_detach` stay bit-exact). Rows someone changed (training steps, ``load_state_dict``, in-place
+        edits) get ``pristine ← current − Δ(written)`` (fp32, rounded once): the bank's update stays exactly
+        the signed difference relative to whatever the weights are now. A weight replaced by one of another
+        dtype (``.half()``) is a conversion when it equals our last write converted (within that dtype's
+        rounding); the pristine rows then stay as they are. Refuses (``RuntimeError``, nothing changed) what
+        cannot be followed: meta tensors, other shapes, non-floating dtypes."""
+        views = [slot.current_view() for slot in self._slots]  # raises before anything changes
+        changed = False
+        for slot, view in zip(self._slots, views):
+            if slot.fp is None:
+                continue
+            same = self._unchanged(slot, view)
+            if slot.pristine.device != view.device:
+                slot.pristine = slot.pristine.to(view.device)
+            if not same:
+                slot.pristine = self._applied(slot, view, -1.0).to(view.dtype)
+                changed = True
+        return changed
 
     @torch.no_grad()
     def _write_exact(self, m: int, n: int) -> None:
         """Weights ← W₀ + Δ(m → n), derived from the pristine rows (exact: the closed form itself)."""
-        self._bind_all()
+        self._follow()
         sl, sign = signed_group_slice(m, n, self._rank)
         alpha = sign * self.scale
         for slot in self._slots:
@@ -136,6 +215,7 @@ class MergedCompensation(Compensation):
             else:  # fp16 / bf16 model: accumulate in fp32, round once
                 view.copy_(torch.addmm(slot.pristine.float(), slot.up[:, sl], slot.down[sl], alpha=alpha))
         self._written, self._inexact = (m, n), 0
+        self._stamp()
 
     @torch.no_grad()
     def _write(self, m: int, n: int) -> None:
@@ -147,9 +227,11 @@ class MergedCompensation(Compensation):
         the source (a plain copy, cheaper than any update) and after ``resync_every`` inexact steps:
         the distance to the closed form stays within a few ulps however many switches happen.
         """
-        moved = self._bind_all()
+        moved = self._follow()  # someone changed the weights: the update is re-based on them
+        if moved:
+            self._stamp()
         cur = self._written
-        if cur == (m, n) and not moved:
+        if cur == (m, n):
             return
         if cur is not None and cur[0] == cur[1]:
             cur = (m, m)  # the weights are W₀, i.e. Δ(m → m) for any m
@@ -168,3 +250,4 @@ class MergedCompensation(Compensation):
         for slot in self._slots:
             slot.view.addmm_(slot.up[:, sl], slot.down[sl], alpha=sign * self.scale)
         self._written, self._inexact = (m, n), self._inexact + 1
+        self._stamp()
