@@ -18,13 +18,19 @@ shape) is refused with ``RuntimeError`` before anything changes.
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+import dataclasses
+import json
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
 from .bank import ToComBank, signed_group_slice
+from .bank_config import FORMAT_VERSION
+from .bank_file import tensors_sha256
 from .compensation import Compensation
+from .locks import switch_lock
+from .marker import MarkerHooks, describe
 
 __all__ = ["MergedCompensation"]
 
@@ -115,11 +121,19 @@ class MergedCompensation(Compensation):
         self._slots: List[_Slot] = []
         self._written: Optional[Tuple[int, int]] = None  # (m, n) the merged weights hold
         self._inexact = 0  # in-place difference updates since the last exact write
+        self._model: Optional[nn.Module] = model  # only until _attach has registered the marker hooks
+        self._hooks = MarkerHooks(self)
+        self._reload = False
+        config = dataclasses.replace(bank.config, format_version=FORMAT_VERSION)
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in bank.state_dict().items()}
+        self._bank_sha256 = tensors_sha256(tensors, json.dumps(config.to_dict(), sort_keys=True))
 
     # -- lifecycle -----------------------------------------------------------------------------------
     def _attach(self) -> None:
         self._snapshot()
         self._write_exact(self.source_r, self.target_r)
+        self._hooks.register(self._model)
+        self._model = None
 
     @torch.no_grad()
     def _detach(self) -> None:
@@ -127,6 +141,56 @@ class MergedCompensation(Compensation):
         for slot in self._slots:
             slot.view.copy_(slot.pristine)
         self._slots, self._written = [], None
+        self._hooks.remove()
+
+    # -- the state_dict marker (core/marker.py) ------------------------------------------------------
+    def _facts(self, m: int, n: int) -> Dict[str, Any]:
+        cfg = self.bank.config
+        return dict(
+            bank_sha256=self._bank_sha256,
+            source_r=m,
+            target_r=n,
+            scale=self.scale,
+            method=cfg.method,
+            targets=list(cfg.targets),
+            r_max=cfg.r_max,
+            rank=cfg.rank,
+            base_model=cfg.base_model_id,
+        )
+
+    def _marker_facts(self) -> Optional[Dict[str, Any]]:
+        """What the weights hold, for the state_dict entry; ``None`` when they hold no update."""
+        if self._written is None or self._written[0] == self._written[1] or self.scale == 0.0:
+            return None
+        return self._facts(*self._written)
+
+    def _on_load(self, facts: Dict[str, Any]) -> None:
+        """A state dict that says its weights hold ``facts`` is about to be loaded (before anything is)."""
+        m, n = facts["source_r"], facts["target_r"]
+        r_max = self.bank.r_max
+        ours = self._facts(self.source_r, self.target_r)
+        if (
+            facts["bank_sha256"] != self._bank_sha256
+            or float(facts["scale"]) != self.scale
+            or not (0 <= m <= r_max and 0 <= n <= r_max)
+        ):
+            raise ValueError(
+                f"refusing to load: the state_dict's weights hold {describe(facts)}, this model carries "
+                f"{describe(ours)}; applying one on top of the other would be wrong. Load it into a model with "
+                f"that bank applied, or read it with tocom_hub.core.marker.read_marker (nothing was loaded)"
+            )
+        self._written, self._reload = (m, n), True
+
+    def _after_load(self, model: nn.Module) -> None:
+        """After a marked state dict was loaded: re-base on it and move to this model's own pair."""
+        if not self._reload:
+            return
+        self._reload = False
+        with switch_lock(model):
+            if self.enabled:
+                self._write(self.source_r, self.target_r)
+            else:
+                self._write_exact(0, 0)
 
     def _switch(self, m: int, n: int) -> None:
         if self.enabled:
