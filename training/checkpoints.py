@@ -7,7 +7,6 @@ plus ``run_config.json`` (the flags that must match on resume) and ``train_state
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import pickle
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Sequence
 
 from tocom_hub.core.checks import is_int
+from tocom_hub.tools.bank_fit import sha256_file as _sha256
 
 __all__ = [
     "TrainState",
@@ -214,13 +214,8 @@ def check_resume_config(
 
 
 def sha256_file(path: Optional[str]) -> Optional[str]:
-    if not path:
-        return None
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    """Hex SHA-256 of ``path`` (``None`` for no path): the ``checkpoint_sha256`` of recipes and banks."""
+    return _sha256(path) if path else None
 
 
 def write_json(path, obj: Any) -> None:

@@ -34,8 +34,9 @@ from torch.utils.data import DataLoader
 
 import tocom_hub
 from tocom_hub.cli.types import r_list
-from tocom_hub.demo.models import load_model
+from tocom_hub.demo.models import DEMO_WEIGHTS, load_model
 from tocom_hub.tools._threads import setup_cpu_threads
+from tocom_hub.tools.bank_fit import model_lineage
 from tocom_hub.tools.evaluation import evaluate
 from tocom_hub.tools.images import model_img_size
 from tocom_hub.tools.plots import plot_accuracy
@@ -212,6 +213,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     except ValueError as e:
         raise SystemExit(f"error: target r={max(targets)} does not fit this model: {e}") from None
     scales = args.scales or ([bank.scale] if bank is not None else [])
+    # a bank trained on another backbone (architecture, tag or weights) warns instead of printing "+0.00"
+    weights = args.finetuned if args.finetuned is not None else str(DEMO_WEIGHTS)
+    lineage = model_lineage(model, {"weights": weights, "recipe": recipe}) if bank is not None else None
     loader, n_images = make_loader(args, recipe, model, accelerator)
 
     result: Dict[str, Any] = {
@@ -238,7 +242,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         result["no_tocom"] = {str(t): top1[t] for t in targets}
         correct.update({f"no_tocom.r{row['target_r']}": row["correct"] for row in rows if "correct" in row})
         for s in scales:
-            rows = evaluate(model, loader, targets, bank=bank, scale=s, plain=False, **run)
+            rows = evaluate(model, loader, targets, bank=bank, scale=s, plain=False, lineage=lineage, **run)
             top1 = {row["target_r"]: row["top1"] for row in rows}
             result["tocom"][f"{s:g}"] = {str(t): top1[t] for t in targets}
             correct.update({f"tocom.s{s:g}.r{row['target_r']}": row["correct"] for row in rows if "correct" in row})
