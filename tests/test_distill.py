@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from training_helpers import DISTILL, EVALUATE, FAST, FINETUNE, image_folder, load_bank_tensors, run
+from training_helpers import DISTILL, EVALUATE, FAST, FINETUNE, ROOT, image_folder, load_bank_tensors, run
 
 # ---------------------------------------------------------------------------------------------------
 # (a) default short run
@@ -122,7 +122,7 @@ def test_resume_after_checkpoint_is_exact(tmp_path):
         (["--resume", "/nonexistent-dir"], "no such checkpoint directory"),
         (["--model-kwargs", "{depth: 3}"], "not valid JSON"),
         (["--kd", "features", "--cls-loss"], "cannot be combined"),
-        (["--direction", "backwards"], "invalid choice"),
+        (["--direction", "paper-eq8"], "unrecognized arguments"),  # an ablation of the study now
         (["--push-to-hub", "no-slash"], "org/name"),
     ],
 )
@@ -145,6 +145,21 @@ def test_argument_error_exits_nonzero_in_a_subprocess(tmp_path):
     assert proc.returncode == 2 and "no finetune.json" in proc.stderr
 
 
-def test_help_documents_the_direction_convention():
-    proc = run([DISTILL, "--help"])
-    assert "--direction" in proc.stdout and "paper-eq8" in proc.stdout and "inference" in proc.stdout
+def test_paper_eq8_is_a_study_ablation_with_swapped_roles():
+    sys.path.insert(0, str(ROOT / "benchmarks" / "study"))
+    import eq8
+
+    from tocom_hub.training.distiller import Distiller
+
+    assert Distiller.direction == "inference" and Distiller.roles(None, 2, 5) == (2, 5)
+    assert eq8.PaperEq8Distiller.direction == "paper-eq8" and eq8.PaperEq8Distiller.roles(None, 2, 5) == (5, 2)
+
+
+@pytest.mark.slow
+def test_the_eq8_ablation_trains_through_the_product_trainer(tmp_path):
+    flags = ["--max-steps", "2", "--batch-size", "8", "--no-augment", "--num-workers", "0", "--heldout-pairs", "1"]
+    run([ROOT / "benchmarks" / "study" / "eq8.py", *flags, "--heldout-images", "16", "--output-dir", tmp_path])
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["direction"] == "paper-eq8" and metrics["heldout_direction"] == "paper-eq8"
+    cfg = json.loads((tmp_path / "tocom_config.json").read_text())
+    assert cfg["training_recipe"]["direction"] == "paper-eq8"

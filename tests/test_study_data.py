@@ -98,11 +98,11 @@ def test_training_scripts_evaluate_the_split_they_are_asked_for():
     """evaluate.py --split test must read the test split of an embedded dataset, not its validation split."""
     import argparse
 
-    from tocom_hub.training import common
+    from tocom_hub.training.data import build_datasets
 
     def first(split):
         ns = argparse.Namespace(data="shape-count", data_dir=None, train_split="train", val_split=split, batch_size=8)
-        _, val, _ = common.build_datasets(ns, "shape-count", 32, val_length=4)
+        _, val, _ = build_datasets(ns, "shape-count", 32, val_length=4)
         return np.asarray(val[0][0])
 
     ref_val = np.asarray(D.build_dataset("shape-count", "val", 32, length=4)[0][0])

@@ -23,9 +23,9 @@ from tocom_hub.core.bank import TARGETS
 from tocom_hub.core.checks import METHODS
 from tocom_hub.demo import data as embedded_data
 from tocom_hub.training.backbone import EMBEDDED_MODEL, EMBEDDED_MODEL_KWARGS, EMBEDDED_R_MAX
-from tocom_hub.training.distiller import DIRECTIONS
 
 __all__ = [
+    "HelpFormatter",
     "script_parser",
     "add_model_args",
     "add_data_args",
@@ -39,9 +39,25 @@ __all__ = [
 ]
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The module docstring as written, and every flag's default at the end of its help line (like
+    ``argparse.ArgumentDefaultsHelpFormatter``, except where the help already states it, e.g. "default: the
+    model's", and with "off" / "none" for switches and unset values instead of ``False`` / ``None``)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text.lower() or action.default is argparse.SUPPRESS or not action.option_strings:
+            return text
+        if action.nargs == 0:  # store_true / store_false switches
+            return f"{text} (default: {'on' if action.default else 'off'})"
+        if action.default is None or action.default == []:
+            return f"{text} (default: none)"
+        return f"{text} (default: %(default)s)"
+
+
 def script_parser(prog: str, doc: str) -> argparse.ArgumentParser:
     """The parser of a training script (``prog``, its module docstring as the description) with the model flags."""
-    p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=HelpFormatter)
     add_model_args(p)
     return p
 
@@ -88,8 +104,10 @@ def add_data_args(p: argparse.ArgumentParser, default_data: str) -> None:
         f"Default: {default_data} (embedded, offline).",
     )
     g.add_argument("--data-dir", default=None, help="root folder / cache dir passed to timm.data.create_dataset")
-    g.add_argument("--train-split", default="train")
-    g.add_argument("--val-split", default="validation")
+    g.add_argument("--train-split", default="train", help="split to train on")
+    g.add_argument(
+        "--val-split", default="validation", help="split for validation / the held-out metrics (embedded data: its own)"
+    )
     g.add_argument("--num-workers", type=int, default=2, help="DataLoader workers per process (default 2)")
     g.add_argument(
         "--no-augment",
@@ -101,12 +119,17 @@ def add_data_args(p: argparse.ArgumentParser, default_data: str) -> None:
 def add_accelerate_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("run")
     g.add_argument("--output-dir", default="out", help="where checkpoints, metrics and exports go (default out/)")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--epochs", type=int, default=None)
+    g.add_argument("--seed", type=int, default=0, help="seed of every random draw (pairs, order, augmentation)")
+    g.add_argument("--epochs", type=int, default=None, help="passes over the data (default 10 unless --max-steps)")
     g.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
-    g.add_argument("--batch-size", type=int, default=None, help="images per process per micro-step")
+    g.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="images per process per micro-step (default 128 distill, 64 finetune)",
+    )
     g.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps (default 1)")
-    g.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
+    g.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"], help="autocast dtype")
     g.add_argument(
         "--checkpoint-every",
         type=int,
@@ -118,7 +141,8 @@ def add_accelerate_args(p: argparse.ArgumentParser) -> None:
         "--resume",
         default=None,
         metavar="DIR|latest",
-        help="resume from a checkpoint dir, or 'latest' under OUTPUT_DIR/checkpoints",
+        help="resume from a checkpoint dir, or 'latest' under OUTPUT_DIR/checkpoints (every flag that changes the "
+        "numbers must be as in the first run)",
     )
     g.add_argument(
         "--stop-after",
@@ -264,14 +288,6 @@ def add_distill_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--targets", default="q,v", help=f"comma-separated subset of {','.join(TARGETS)} (default q,v)")
     g.add_argument("--scale", type=float, default=0.1, help="s during training (default 0.1)")
     g = p.add_argument_group("distillation")
-    g.add_argument(
-        "--direction",
-        default="inference",
-        choices=DIRECTIONS,
-        help="inference (default): teacher r=m no bank, student r=n + bank m→n — what "
-        "tocom_hub.apply(model, source_r=m, target_r=n) runs; paper-eq8: teacher r=n, student "
-        "r=m + bank m→n (Eq. 8 as printed; learns the negated bank under the inference convention)",
-    )
     g.add_argument(
         "--kd",
         default="logits",

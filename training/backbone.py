@@ -22,6 +22,7 @@ __all__ = [
     "EMBEDDED_DOWNSTREAM_DATA",
     "EMBEDDED_CHECKPOINT",
     "EMBEDDED_R_MAX",
+    "BackboneError",
     "build_backbone",
 ]
 
@@ -38,6 +39,11 @@ EMBEDDED_CHECKPOINT = DEMO_WEIGHTS
 # R such that >= ~90 % of the 64 patch tokens are merged by the last of the 6 blocks
 # (65 → 55 → 45 → 35 → 25 → 15 → 8 tokens with ToMe; DeiT-B at r = 16 merges 192 of 196).
 EMBEDDED_R_MAX = 10
+
+
+class BackboneError(ValueError):
+    """``--model`` / ``--checkpoint`` do not give a model (unknown name, unreadable or misfitting weights):
+    the training scripts print the one-line message and exit 1."""
 
 
 def _checkpoint_classes(path: str) -> int:
@@ -87,10 +93,18 @@ def build_backbone(
                 f"command in README.md ('Embedded default backbone') or pass --checkpoint"
             )
     create = dict(kwargs, drop_path_rate=args.drop_path if drop_path is None else drop_path)
-    build_classes = _checkpoint_classes(checkpoint) if checkpoint else num_classes
-    if build_classes is not None:
-        create["num_classes"] = build_classes
-    model = load_model(name, model_kwargs=create, pretrained=bool(args.pretrained), checkpoint=checkpoint).model
+    try:
+        build_classes = _checkpoint_classes(checkpoint) if checkpoint else num_classes
+        if build_classes is not None:
+            create["num_classes"] = build_classes
+        loaded = load_model(name, model_kwargs=create, pretrained=bool(args.pretrained), checkpoint=checkpoint)
+    except (ValueError, TypeError, OSError) as e:  # unknown name, bad kwargs, unreadable / misfitting weights
+        raise BackboneError(f"cannot build the backbone: {' '.join(str(e).split())}") from None
+    except RuntimeError as e:
+        if not args.pretrained:
+            raise
+        raise BackboneError(f"cannot build the backbone: {' '.join(str(e).split())}") from None
+    model = loaded.model
     if num_classes is not None and model.num_classes != num_classes:
         model.reset_classifier(num_classes)
     info = {

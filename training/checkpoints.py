@@ -7,16 +7,16 @@ plus ``run_config.json`` (the flags that must match on resume) and ``train_state
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import pickle
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Mapping, Optional, Sequence
 
 from tocom_hub.core.checks import is_int
+from tocom_hub.tools.bank_fit import sha256_file as _sha256
 
 __all__ = [
     "TrainState",
@@ -182,8 +182,13 @@ def find_checkpoint(output_dir: str, resume: Optional[str]) -> Optional[str]:
     return str(done[-1]) if done else None
 
 
-def check_resume_config(path: str, current: Dict[str, Any], must_match: Sequence[str]) -> None:
-    """Raise if the checkpoint was written by a run whose ``must_match`` flags differ from now."""
+def check_resume_config(
+    path: str, current: Dict[str, Any], must_match: Sequence[str], flags: Optional[Mapping[str, str]] = None
+) -> None:
+    """Raise if the checkpoint was written by a run whose ``must_match`` recipe entries differ from now.
+
+    The message names the command-line flag of each entry (``flags`` maps the entries that are not simply
+    ``--<entry-with-dashes>``, e.g. ``global_batch_size`` → ``--batch-size``)."""
     cfg_path = Path(path) / "run_config.json"
     if not cfg_path.is_file():
         raise CheckpointError(f"{path} has no run_config.json: not a checkpoint written by this script")
@@ -197,21 +202,20 @@ def check_resume_config(path: str, current: Dict[str, Any], must_match: Sequence
         raise CheckpointError(f"{cfg_path} is not a JSON object; not a checkpoint written by this script")
     diff = {k: (saved.get(k), current.get(k)) for k in must_match if saved.get(k) != current.get(k)}
     if diff:
-        details = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
+        names = dict(flags or {})
+        details = "; ".join(
+            f"{names.get(k, '--' + k.replace('_', '-'))}: {a!r} in the checkpoint's run, {b!r} now"
+            for k, (a, b) in diff.items()
+        )
         raise CheckpointError(
-            f"cannot resume from {path}: the run was started with different settings "
-            f"({details}); resume with the same flags, or start a fresh --output-dir"
+            f"cannot resume from {path}: {details}. These change the numbers: resume with the flags the run "
+            f"started with, or start a fresh --output-dir"
         )
 
 
 def sha256_file(path: Optional[str]) -> Optional[str]:
-    if not path:
-        return None
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    """Hex SHA-256 of ``path`` (``None`` for no path): the ``checkpoint_sha256`` of recipes and banks."""
+    return _sha256(path) if path else None
 
 
 def write_json(path, obj: Any) -> None:

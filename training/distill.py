@@ -3,20 +3,15 @@
 One frozen, token-reduced backbone serves as both teacher and student (there is no second copy of
 its weights); only the bank — ``R`` groups of rank-``h`` LoRA on W_q / W_v, one per step
 ``r → r+1`` — trains. Every optimizer step draws a pair ``m != n`` uniformly from ``[0, R]``:
-
-    direction "inference" (default)
-        teacher = the frozen model at r = m, no bank (eval mode, no_grad)
-        student = the same model at r = n, with the bank's m → n update (unmerged LoRA in the forward)
-        — exactly what ``tocom_hub.apply(model, source_r=m, target_r=n)`` runs at inference, so the
-        bank learns to make a model *made at r = m* behave at r = n as it did at r = m.
-    direction "paper-eq8"
-        teacher = the model at r = n, no bank; student = the model at r = m with the m → n update:
-        Eq. 8 as printed in the paper. Under the inference convention above the bank this learns is
-        the *negated* one (it moves an r = m model towards the r = n model), which is why it is not the
-        default; kept for comparison.
+the teacher is the frozen model at r = m, no bank (eval mode, no_grad); the student is the same model
+at r = n, with the bank's m → n update (unmerged LoRA in the forward) — exactly what
+``tocom_hub.apply(model, source_r=m, target_r=n)`` runs at inference, so the bank learns to make a model
+*made at r = m* behave at r = n as it did at r = m. (Eq. 8 as printed in the paper swaps the two roles;
+under this convention that learns the negated bank. It is an ablation of the study:
+``benchmarks/study/eq8.py``, which runs this script with its own :class:`Distiller`.)
 
 The held-out metrics (``heldout_kl_no_bank`` / ``heldout_kl_with_bank`` in ``metrics.json``) use the
-same direction as training: KL(teacher ‖ student) per pair on held-out images, without and with the
+same roles as training: KL(teacher ‖ student) per pair on held-out images, without and with the
 bank, for ``--heldout-pairs`` fixed pairs.
 
 Loss: KL divergence on soft targets at ``--temperature`` (scaled by T²), or ``--kd features``: L1
@@ -49,7 +44,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence, Type
 
 import torch
 import torch.nn.functional as F
@@ -58,10 +53,23 @@ from torch.utils.data import DataLoader
 import tocom_hub
 from tocom_hub.core.bank import ToComBank
 from tocom_hub.tools.images import model_img_size
-from tocom_hub.training import common, run
-from tocom_hub.training.args import add_distill_args, check_distill_args
+from tocom_hub.training import run
+from tocom_hub.training.args import (
+    add_accelerate_args,
+    add_data_args,
+    add_distill_args,
+    check_common_args,
+    check_distill_args,
+    script_parser,
+)
+from tocom_hub.training.backbone import EMBEDDED_DATA, build_backbone
+from tocom_hub.training.batches import device_batch
+from tocom_hub.training.checkpoints import CheckpointError, write_json
+from tocom_hub.training.data import SeededTransform, build_datasets, build_train_loader, build_transforms
 from tocom_hub.training.distiller import Distiller, heldout_eval, kd_loss
+from tocom_hub.training.guards import RunGuard
 from tocom_hub.training.metrics import StepTimer, step_metrics
+from tocom_hub.training.seeds import derive_seed, heldout_pairs, sample_pair
 
 logger = logging.getLogger("tocom_hub.training.distill")
 
@@ -75,21 +83,23 @@ RESUME_MUST_MATCH = run.RESUME_MUST_MATCH + (
     "kd",
     "cls_loss",
     "temperature",
-    "min_lr",
-    "drop_path",
-    "mixup",
-    "cutmix",
 )
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = common.script_parser("distill.py", __doc__)
-    common.add_data_args(p, default_data=common.EMBEDDED_DATA)
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``distill.py`` (every flag with its default in ``--help``)."""
+    p = script_parser("distill.py", __doc__)
+    add_data_args(p, default_data=EMBEDDED_DATA)
     add_distill_args(p)
-    common.add_accelerate_args(p)
+    add_accelerate_args(p)
+    return p
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = build_parser()
     args = p.parse_args(argv)
 
-    common.check_common_args(p, args)
+    check_common_args(p, args)
     if args.epochs is None and args.max_steps is None:
         args.epochs = 10
     if args.batch_size is None:
@@ -101,7 +111,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 # ---------------------------------------------------------------------------------------------------
 
 
-def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+def main(argv: Optional[Sequence[str]] = None, *, distiller_cls: Type[Distiller] = Distiller) -> Dict[str, Any]:
+    """Run the script with ``argv`` (default ``sys.argv[1:]``); ``distiller_cls`` builds the module that
+    trains (a :class:`Distiller` subclass changes the roles or the forward, e.g. the study's Eq. 8
+    ablation). Returns ``metrics.json``'s content, or ``{"stopped_at": step}`` (plus ``"signal"`` after a
+    SIGTERM) for a run stopped before its last step."""
     args = parse_args(argv)
     from accelerate.utils import DataLoaderConfiguration, set_seed
     from timm.data import Mixup
@@ -113,7 +127,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     accelerator = run.start(args, logger, dataloader_config=DataLoaderConfiguration(non_blocking=True))
 
     # -- backbone (frozen) + bank -----------------------------------------------------------------
-    model, model_info = common.build_backbone(args)
+    model, model_info = build_backbone(args)
     if args.kd == "logits" and model_info["num_classes"] == 0:
         raise SystemExit(
             f"error: {model_info['model']} has no classifier head to distill logits from; "
@@ -139,26 +153,24 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     model.to(accelerator.device)
     bank.to(accelerator.device)
     tocom_hub.apply(model, 0, 0, bank=bank, merge=False, scale=args.scale)
-    distiller = Distiller(model, bank, direction=args.direction, kd=args.kd)
+    distiller = distiller_cls(model, bank, kd=args.kd)
 
     # -- data ---------------------------------------------------------------------------------------
-    train_set, val_set, data_info = common.build_datasets(
+    train_set, val_set, data_info = build_datasets(
         args,
-        common.EMBEDDED_DATA,
+        EMBEDDED_DATA,
         img_size,
         need_val=args.heldout_pairs > 0,
         seed=args.seed,
         val_length=args.heldout_images,
     )
-    train_tf, eval_tf, data_cfg = common.build_transforms(
-        model, img_size, args.augment, data_info["kind"] == "embedded"
-    )
+    train_tf, eval_tf, data_cfg = build_transforms(model, img_size, args.augment, data_info["kind"] == "embedded")
     num_classes = model_info["num_classes"] or data_info["num_classes"] or 1
     global_micro = args.batch_size * accelerator.num_processes
     # workers stop at uint8 images, the float part of the transform runs on the device (bit-identical);
     # streamed datasets (hfids/, wds/): timm's reader shards by rank and shuffles by seed/epoch, so that
     # loader is not prepared (that would shard twice) and resume fast-forwards batches.
-    train_loader, sampler, normalize = common.build_train_loader(
+    train_loader, sampler, normalize = build_train_loader(
         train_set,
         train_tf,
         iterable=data_info["iterable"],
@@ -176,7 +188,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         else:
             n_val = min(len(val_set), args.heldout_images)
             heldout_loader = DataLoader(
-                common.SeededTransform(torch.utils.data.Subset(val_set, range(n_val)), eval_tf, args.seed),
+                SeededTransform(torch.utils.data.Subset(val_set, range(n_val)), eval_tf, args.seed),
                 batch_size=args.batch_size,
                 shuffle=False,
                 num_workers=args.num_workers,
@@ -227,7 +239,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         "rank": args.rank,
         "targets": list(args.targets),
         "scale": args.scale,
-        "direction": args.direction,
+        "direction": unwrapped.direction,
         "kd": args.kd,
         "cls_loss": args.cls_loss,
         "temperature": args.temperature,
@@ -237,6 +249,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         "auto_augment": "rand-m9-mstd0.5-inc1" if args.augment else None,
         "re_prob": 0.25 if args.augment else 0.0,
     }
+    guard = RunGuard(args.output_dir, "distill.py").lock(accelerator).watch()  # nothing read or written before
     state, resumed_from = run.resume(args, accelerator, run_config, RESUME_MUST_MATCH, logger, "tocom-distill")
 
     logger.info(
@@ -252,9 +265,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         accelerator.num_processes,
         args.batch_size,
         args.grad_accum,
-        args.direction,
+        unwrapped.direction,
     )
-    pairs = common.heldout_pairs(args.seed, args.r_max, args.heldout_pairs) if heldout_loader is not None else []
+    pairs = heldout_pairs(args.seed, args.r_max, args.heldout_pairs) if heldout_loader is not None else []
 
     # -- training loop --------------------------------------------------------------------------------
     soft_ce = SoftTargetCrossEntropy()
@@ -277,9 +290,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         skip = 0
         pos.micro = 0
         for batch in loader:
-            x, y = common.device_batch(batch, accelerator.device, normalize)
-            m, n = common.sample_pair(args.seed, step, args.r_max)
-            set_seed(common.derive_seed(args.seed, "micro", step, pos.micro, accelerator.process_index))
+            x, y = device_batch(batch, accelerator.device, normalize)
+            m, n = sample_pair(args.seed, step, args.r_max)
+            set_seed(derive_seed(args.seed, "micro", step, pos.micro, accelerator.process_index))
             target = None
             if mixup is not None:
                 x, target = mixup(x, y)
@@ -302,17 +315,17 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                 ev = heldout_eval(accelerator, unwrapped, heldout_loader, pairs, args.kd)
                 accelerator.log({f"heldout/{k}": v for k, v in ev.items() if isinstance(v, float)}, step=step)
                 logger.info("step %d: %s", step, {k: round(v, 6) for k, v in ev.items() if isinstance(v, float)})
-            stop = run.after_step(args, accelerator, step, run_config, logger)
+            stop = run.after_step(args, accelerator, step, run_config, logger, guard)
             if stop or step >= total_steps:
                 break
         epoch += 1
     window_seconds = timer.window_seconds()
     progress.close()
-    if run.stopped_early(args, accelerator, step, total_steps, logger):
-        return {"stopped_at": step}
+    if run.stopped_early(args, accelerator, step, total_steps, logger, guard):
+        return {"stopped_at": step, **({"signal": guard.signalled} if guard.signalled else {})}
 
     # -- held-out KL, export --------------------------------------------------------------------------
-    metrics: Dict[str, Any] = {"steps": step, "resumed_from_step": resumed_from, "direction": args.direction}
+    metrics: Dict[str, Any] = {"steps": step, "resumed_from_step": resumed_from, "direction": unwrapped.direction}
     if heldout_loader is not None and pairs:
         metrics.update(heldout_eval(accelerator, unwrapped, heldout_loader, pairs, args.kd))
         accelerator.log({f"heldout/{k}": v for k, v in metrics.items() if isinstance(v, float)}, step=step)
@@ -323,9 +336,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         out_bank.config.eval_results = {k: v for k, v in metrics.items() if k.startswith("heldout_")}
         try:
             out_bank.save_pretrained(args.output_dir)
-            common.write_json(os.path.join(args.output_dir, "metrics.json"), metrics)
+            write_json(os.path.join(args.output_dir, "metrics.json"), metrics)
         except Exception as e:  # OSError, torch's RuntimeError, safetensors' SafetensorError
-            raise common.CheckpointError(
+            raise CheckpointError(
                 f"could not write the trained bank to {args.output_dir} ({type(e).__name__}: {e}); no partial "
                 f"file was left. Free some space and rerun with --resume latest (from the last checkpoint)"
             ) from e
@@ -346,6 +359,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
             logger.info("pushed to https://huggingface.co/%s", args.push_to_hub)
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    guard.close()
     return metrics
 
 
@@ -356,7 +370,4 @@ def _hub_dataset_id(data: str) -> Optional[str]:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except common.CheckpointError as e:  # a clear one-paragraph message, no traceback
-        raise SystemExit(f"distill: error: {e}") from None
+    run.script_main(main, "distill")

@@ -18,9 +18,7 @@ import tocom_hub
 from tocom_hub.core import compensate
 from tocom_hub.core.bank import ToComBank
 
-__all__ = ["DIRECTIONS", "Distiller", "kd_loss", "heldout_eval"]
-
-DIRECTIONS = ("inference", "paper-eq8")
+__all__ = ["Distiller", "kd_loss", "heldout_eval"]
 
 
 class Distiller(nn.Module):
@@ -31,19 +29,24 @@ class Distiller(nn.Module):
     carries the bank in *unmerged* mode (``tocom_hub.apply(..., merge=False)``), so student and
     inference share one forward: ``compensate.set_pair`` picks the pair, ``compensate.disabled`` turns
     the bank off for the teacher.
+
+    The roles are the inference convention: teacher at r = m without the bank, student at r = n with the
+    bank's m → n update — what ``tocom_hub.apply(model, source_r=m, target_r=n)`` runs. A subclass that
+    overrides :meth:`roles` (and names itself in :attr:`direction`, recorded in the bank's recipe) trains
+    another objective through ``distill.main(argv, distiller_cls=...)``, e.g. the study's Eq. 8 ablation.
     """
 
-    def __init__(self, backbone: nn.Module, bank: ToComBank, direction: str = "inference", kd: str = "logits") -> None:
+    direction = "inference"  # recorded in the recipe and the held-out metrics (a resume must match it)
+
+    def __init__(self, backbone: nn.Module, bank: ToComBank, kd: str = "logits") -> None:
         super().__init__()
-        if direction not in DIRECTIONS:
-            raise ValueError(f"direction must be one of {DIRECTIONS}; got {direction!r}")
         self.bank = bank
         self.__dict__["backbone"] = backbone  # deliberately not registered (see the class docstring)
-        self.direction, self.kd = direction, kd
+        self.kd = kd
 
     def roles(self, m: int, n: int) -> Tuple[int, int]:
         """``(teacher r, student r)`` of the pair ``(m, n)`` (the bank always holds ``m → n``)."""
-        return (m, n) if self.direction == "inference" else (n, m)
+        return m, n
 
     def _run(self, x: torch.Tensor) -> torch.Tensor:
         bb = self.backbone

@@ -34,20 +34,22 @@ from torch.utils.data import DataLoader
 
 import tocom_hub
 from tocom_hub.cli.types import r_list
-from tocom_hub.demo.models import load_model
+from tocom_hub.demo.models import DEMO_WEIGHTS, load_model
 from tocom_hub.tools._threads import setup_cpu_threads
+from tocom_hub.tools.bank_fit import model_lineage
 from tocom_hub.tools.evaluation import evaluate
 from tocom_hub.tools.images import model_img_size
 from tocom_hub.tools.plots import plot_accuracy
-from tocom_hub.training import common
+from tocom_hub.training.args import HelpFormatter
+from tocom_hub.training.backbone import EMBEDDED_DATA, EMBEDDED_MODEL
+from tocom_hub.training.checkpoints import write_json
+from tocom_hub.training.data import InMemory, SeededTransform, build_datasets, build_transforms, fits_in_memory
 
 logger = logging.getLogger("tocom_hub.training.evaluate")
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="evaluate.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = argparse.ArgumentParser(prog="evaluate.py", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument(
         "--finetuned",
         default=None,
@@ -75,11 +77,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         help="finetune.py dirs trained at other source r, each evaluated at its own r",
     )
     p.add_argument("--data", default=None, help="override the dataset recorded in finetune.json")
-    p.add_argument("--data-dir", default=None)
+    p.add_argument("--data-dir", default=None, help="root folder / cache dir for timm.data.create_dataset")
     p.add_argument("--split", default="validation", help="split to evaluate on (default validation)")
     p.add_argument("--val-images", type=int, default=None, help="evaluate on the first N images")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--num-workers", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=128, help="images per batch")
+    p.add_argument("--num-workers", type=int, default=2, help="DataLoader workers")
     p.add_argument(
         "--cache-mb",
         type=int,
@@ -87,14 +89,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         help="decode the evaluation images once and keep them in memory when they fit in this many "
         "MiB (every target r and scale re-reads the split; 0: never cache)",
     )
-    p.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
-    p.add_argument("--output-dir", default="out/eval")
+    p.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"], help="autocast dtype")
+    p.add_argument("--output-dir", default="out/eval", help="where eval.json / eval.png go")
     p.add_argument(
         "--save-correct",
         action="store_true",
         help="also write correct.safetensors: per image and configuration, was the top-1 prediction right",
     )
-    p.add_argument("--cpu", action="store_true")
+    p.add_argument("--cpu", action="store_true", help="run on CPU even if a GPU is present")
     args = p.parse_args(argv)
 
     for d in [args.finetuned, *args.matched]:
@@ -130,8 +132,8 @@ def load(path: Optional[str], device: torch.device):
     if path is None:
         model = load_model("demo").model
         recipe = {
-            "model": common.EMBEDDED_MODEL,
-            "data": common.EMBEDDED_DATA,
+            "model": EMBEDDED_MODEL,
+            "data": EMBEDDED_DATA,
             "method": "tome",
             "source_r": 0,
             "mode": "full",
@@ -152,16 +154,16 @@ def make_loader(args, recipe, model, accelerator):
         batch_size=args.batch_size,
     )
     img_size = model_img_size(model)[0]
-    _, val_set, info = common.build_datasets(
+    _, val_set, info = build_datasets(
         ns, recipe["data"], img_size, seed=recipe.get("seed", 0), val_length=args.val_images
     )
-    _, eval_tf, _ = common.build_transforms(model, img_size, False, info["kind"] == "embedded")
+    _, eval_tf, _ = build_transforms(model, img_size, False, info["kind"] == "embedded")
     n = min(len(val_set), args.val_images or len(val_set))
-    ds = common.SeededTransform(torch.utils.data.Subset(val_set, range(n)), eval_tf, 0)
-    if common.fits_in_memory(n, img_size, args.cache_mb):
+    ds = SeededTransform(torch.utils.data.Subset(val_set, range(n)), eval_tf, 0)
+    if fits_in_memory(n, img_size, args.cache_mb):
         # the evaluation transform is deterministic: decode once, then every pass (one per target r and
         # scale) reads tensors instead of re-decoding / re-rendering the images
-        ds = common.InMemory(ds, args.batch_size, args.num_workers)
+        ds = InMemory(ds, args.batch_size, args.num_workers)
     loader = DataLoader(ds, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers)
     return accelerator.prepare(loader), n
 
@@ -211,6 +213,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     except ValueError as e:
         raise SystemExit(f"error: target r={max(targets)} does not fit this model: {e}") from None
     scales = args.scales or ([bank.scale] if bank is not None else [])
+    # a bank trained on another backbone (architecture, tag or weights) warns instead of printing "+0.00"
+    weights = args.finetuned if args.finetuned is not None else str(DEMO_WEIGHTS)
+    lineage = model_lineage(model, {"weights": weights, "recipe": recipe}) if bank is not None else None
     loader, n_images = make_loader(args, recipe, model, accelerator)
 
     result: Dict[str, Any] = {
@@ -237,7 +242,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         result["no_tocom"] = {str(t): top1[t] for t in targets}
         correct.update({f"no_tocom.r{row['target_r']}": row["correct"] for row in rows if "correct" in row})
         for s in scales:
-            rows = evaluate(model, loader, targets, bank=bank, scale=s, plain=False, **run)
+            rows = evaluate(model, loader, targets, bank=bank, scale=s, plain=False, lineage=lineage, **run)
             top1 = {row["target_r"]: row["top1"] for row in rows}
             result["tocom"][f"{s:g}"] = {str(t): top1[t] for t in targets}
             correct.update({f"tocom.s{s:g}.r{row['target_r']}": row["correct"] for row in rows if "correct" in row})
@@ -265,7 +270,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
-        common.write_json(os.path.join(args.output_dir, "eval.json"), result)
+        write_json(os.path.join(args.output_dir, "eval.json"), result)
         if args.save_correct:
             from safetensors.torch import save_file
 

@@ -43,9 +43,22 @@ from torch.utils.data import DataLoader
 import tocom_hub
 from tocom_hub.demo.adaptformer import AdaptFormer
 from tocom_hub.tools.images import model_img_size
-from tocom_hub.training import common, run
+from tocom_hub.training import run
+from tocom_hub.training.args import add_accelerate_args, add_data_args, check_common_args, script_parser
+from tocom_hub.training.backbone import EMBEDDED_DOWNSTREAM_DATA, EMBEDDED_MODEL_KWARGS, build_backbone
+from tocom_hub.training.checkpoints import write_json
+from tocom_hub.training.data import (
+    EpochSampler,
+    InMemory,
+    SeededTransform,
+    build_datasets,
+    build_transforms,
+    fits_in_memory,
+)
 from tocom_hub.training.export import save_finetuned
-from tocom_hub.training.metrics import StepTimer
+from tocom_hub.training.guards import RunGuard
+from tocom_hub.training.metrics import StepTimer, evaluate_top1
+from tocom_hub.training.seeds import derive_seed
 
 logger = logging.getLogger("tocom_hub.training.finetune")
 
@@ -56,17 +69,21 @@ RESUME_MUST_MATCH = run.RESUME_MUST_MATCH + (
     "adapter_bottleneck",
     "adapter_scale",
     "num_classes",
+    "from_scratch",
+    "warmup_steps",
+    "smoothing",
 )
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = common.script_parser("finetune.py", __doc__)
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``finetune.py`` (every flag with its default in ``--help``)."""
+    p = script_parser("finetune.py", __doc__)
     p.add_argument(
         "--from-scratch",
         action="store_true",
         help="start from random weights (for the embedded model: do not load its shipped weights)",
     )
-    common.add_data_args(p, default_data=common.EMBEDDED_DOWNSTREAM_DATA)
+    add_data_args(p, default_data=EMBEDDED_DOWNSTREAM_DATA)
     p.add_argument(
         "--cache-mb",
         type=int,
@@ -75,13 +92,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     )
     g = p.add_argument_group("fine-tuning")
     g.add_argument("--source-r", type=int, default=0, help="r the model is trained at (default 0)")
-    g.add_argument("--mode", default="full", choices=["full", "adaptformer"])
+    g.add_argument("--mode", default="full", choices=["full", "adaptformer"], help="all parameters, or AdaptFormer PET")
     g.add_argument("--adapter-bottleneck", type=int, default=32, help="AdaptFormer width (default 32)")
     g.add_argument("--adapter-scale", type=float, default=0.1, help="AdaptFormer s (default 0.1)")
     g.add_argument("--num-classes", type=int, default=None, help="classifier size (default: the dataset's)")
     g.add_argument("--lr", type=float, default=None, help="AdamW lr (default 1e-4 full, 1e-3 adaptformer)")
     g.add_argument("--weight-decay", type=float, default=None, help="(default 0.05 full, 1e-4 adaptformer)")
-    g.add_argument("--min-lr", type=float, default=1e-6)
+    g.add_argument("--min-lr", type=float, default=1e-6, help="cosine schedule floor")
     g.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up steps before the cosine decay")
     g.add_argument("--smoothing", type=float, default=0.1, help="label smoothing (default 0.1)")
     g.add_argument("--mixup", type=float, default=0.8, help="mixup alpha (default 0.8; 0 to disable)")
@@ -94,10 +111,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         choices=["fp32", "fp16", "bf16"],
         help="dtype of model.safetensors (default fp32)",
     )
-    common.add_accelerate_args(p)
+    add_accelerate_args(p)
+    return p
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = build_parser()
     args = p.parse_args(argv)
 
-    common.check_common_args(p, args)
+    check_common_args(p, args)
     if args.from_scratch and (args.pretrained or args.checkpoint):
         p.error("--from-scratch cannot be combined with --pretrained / --checkpoint")
     if args.epochs is None and args.max_steps is None:
@@ -152,20 +174,20 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     accelerator = run.start(args, logger)
 
     # -- data first (the head size comes from it) -----------------------------------------------------
-    probe_size = args.img_size or (common.EMBEDDED_MODEL_KWARGS["img_size"] if args.model is None else None)
-    train_set, val_set, data_info = common.build_datasets(
-        args, common.EMBEDDED_DOWNSTREAM_DATA, probe_size or 224, seed=args.seed, val_length=args.val_images
+    probe_size = args.img_size or (EMBEDDED_MODEL_KWARGS["img_size"] if args.model is None else None)
+    train_set, val_set, data_info = build_datasets(
+        args, EMBEDDED_DOWNSTREAM_DATA, probe_size or 224, seed=args.seed, val_length=args.val_images
     )
     num_classes = args.num_classes or data_info["num_classes"]
     if num_classes is None:
         raise SystemExit("error: cannot tell the number of classes of this dataset; pass --num-classes")
 
     # -- model ----------------------------------------------------------------------------------------
-    model, model_info = common.build_backbone(args, num_classes=num_classes)
+    model, model_info = build_backbone(args, num_classes=num_classes)
     img_size = model_img_size(model)[0]
     if probe_size is None and data_info["kind"] == "embedded":
-        train_set, val_set, data_info = common.build_datasets(
-            args, common.EMBEDDED_DOWNSTREAM_DATA, img_size, seed=args.seed, val_length=args.val_images
+        train_set, val_set, data_info = build_datasets(
+            args, EMBEDDED_DOWNSTREAM_DATA, img_size, seed=args.seed, val_length=args.val_images
         )
     tocom_hub.patch(model, method=args.method, prop_attn=True)
     try:
@@ -180,9 +202,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     net = Classifier(model, adapters)
     trainable = [p for p in net.parameters() if p.requires_grad]
 
-    train_tf, eval_tf, data_cfg = common.build_transforms(
-        model, img_size, args.augment, data_info["kind"] == "embedded"
-    )
+    train_tf, eval_tf, data_cfg = build_transforms(model, img_size, args.augment, data_info["kind"] == "embedded")
     global_micro = args.batch_size * accelerator.num_processes
     loader_kwargs = dict(
         num_workers=args.num_workers,
@@ -195,13 +215,13 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
             "streamed datasets are supported by distill.py"
         )
     n_val = min(len(val_set), args.val_images or len(val_set))
-    sampler = common.EpochSampler(len(train_set), seed=args.seed, multiple_of=global_micro * args.grad_accum)
-    train_data = common.SeededTransform(train_set, train_tf, args.seed)
-    val_data = common.SeededTransform(torch.utils.data.Subset(val_set, range(n_val)), eval_tf, args.seed)
-    if not args.augment and common.fits_in_memory(len(train_set) + n_val, img_size, args.cache_mb):
+    sampler = EpochSampler(len(train_set), seed=args.seed, multiple_of=global_micro * args.grad_accum)
+    train_data = SeededTransform(train_set, train_tf, args.seed)
+    val_data = SeededTransform(torch.utils.data.Subset(val_set, range(n_val)), eval_tf, args.seed)
+    if not args.augment and fits_in_memory(len(train_set) + n_val, img_size, args.cache_mb):
         # no random transform: decode / render every image once instead of once per epoch
-        train_data = common.InMemory(train_data, args.batch_size, args.num_workers)
-        val_data = common.InMemory(val_data, args.batch_size, args.num_workers)
+        train_data = InMemory(train_data, args.batch_size, args.num_workers)
+        val_data = InMemory(val_data, args.batch_size, args.num_workers)
     train_loader = DataLoader(
         train_data,
         sampler=sampler,
@@ -259,6 +279,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         "warmup_steps": args.warmup_steps,
         "smoothing": args.smoothing,
     }
+    guard = RunGuard(args.output_dir, "finetune.py").lock(accelerator).watch()  # nothing read or written before
     state, resumed_from = run.resume(args, accelerator, run_config, RESUME_MUST_MATCH, logger, "tocom-finetune")
     n_train = sum(p.numel() for p in trainable)
     logger.info(
@@ -290,7 +311,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         loader = run.epoch_loader(accelerator, train_loader, sampler, epoch, skip)
         skip, pos.micro = 0, 0
         for x, y in loader:
-            set_seed(common.derive_seed(args.seed, "micro", step, pos.micro, accelerator.process_index))
+            set_seed(derive_seed(args.seed, "micro", step, pos.micro, accelerator.process_index))
             if mixup is not None:
                 x, y = mixup(x, y)
             with accelerator.accumulate(net):
@@ -302,19 +323,19 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
             if step % args.log_every == 0 or step == total_steps:
                 run.log_loss(accelerator, progress, loss, optimizer, step)
             if args.eval_every and step % args.eval_every == 0 and step < total_steps:
-                acc = common.evaluate_top1(accelerator, net, val_loader)
+                acc = evaluate_top1(accelerator, net, val_loader)
                 history.append({"step": step, "val_top1": acc})
                 accelerator.log({"val/top1": acc}, step=step)
                 logger.info("step %d: val top-1 %.2f", step, acc)
-            stop = run.after_step(args, accelerator, step, run_config, logger)
+            stop = run.after_step(args, accelerator, step, run_config, logger, guard)
             if stop or step >= total_steps:
                 break
         epoch += 1
     progress.close()
-    if run.stopped_early(args, accelerator, step, total_steps, logger):
-        return {"stopped_at": step}
+    if run.stopped_early(args, accelerator, step, total_steps, logger, guard):
+        return {"stopped_at": step, **({"signal": guard.signalled} if guard.signalled else {})}
 
-    acc = common.evaluate_top1(accelerator, net, val_loader)
+    acc = evaluate_top1(accelerator, net, val_loader)
     history.append({"step": step, "val_top1": acc})
     accelerator.log({"val/top1": acc}, step=step)
     result = {
@@ -331,15 +352,13 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.save_dtype]
         recipe = {k: v for k, v in result.items() if k != "history"}
         save_finetuned(inner.model, args.output_dir, recipe, adapters=inner.adapters, dtype=dtype)
-        common.write_json(os.path.join(args.output_dir, "finetune.json"), result)
+        write_json(os.path.join(args.output_dir, "finetune.json"), result)
         logger.info("val top-1 at r=%d: %.2f; saved to %s", args.source_r, acc, args.output_dir)
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    guard.close()
     return result
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except common.CheckpointError as e:  # a clear one-paragraph message, no traceback
-        raise SystemExit(f"finetune: error: {e}") from None
+    run.script_main(main, "finetune")

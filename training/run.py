@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 import tocom_hub
@@ -22,10 +23,14 @@ from tocom_hub.training.checkpoints import (
     load_checkpoint,
     save_checkpoint,
 )
+from tocom_hub.training.guards import RunGuard
 
 __all__ = [
     "LoopPosition",
     "RESUME_MUST_MATCH",
+    "RESUME_MAY_CHANGE",
+    "FLAG_TO_RECIPE",
+    "script_main",
     "start",
     "recipe",
     "resume",
@@ -36,12 +41,16 @@ __all__ = [
     "stopped_early",
 ]
 
-# recipe entries that must not change between a run and its --resume (each script adds its own)
+# recipe entries that must not change between a run and its --resume (each script adds its own): every
+# flag that changes the trained numbers. tests/test_run.py checks that each flag of both scripts is either
+# behind one of these entries or listed in RESUME_MAY_CHANGE.
 RESUME_MUST_MATCH = (
     "model",
     "model_kwargs",
+    "weights",
     "checkpoint_sha256",
     "data",
+    "train_split",
     "method",
     "seed",
     "global_batch_size",
@@ -49,9 +58,55 @@ RESUME_MUST_MATCH = (
     "total_steps",
     "lr",
     "weight_decay",
+    "min_lr",
+    "mixed_precision",
+    "drop_path",
     "augment",
+    "mixup",
+    "cutmix",
     "img_size",
 )
+
+# flags a resumed run may change: where things are written or read from, logging, the device, and what is
+# measured or exported after the last step (none of them changes a trained weight)
+RESUME_MAY_CHANGE = (
+    "output_dir",
+    "resume",
+    "stop_after",
+    "checkpoint_every",
+    "log_every",
+    "report_to",
+    "num_workers",
+    "cpu",
+    "data_dir",
+    "val_split",
+    "eval_every",
+    "push_to_hub",
+    "dataset_id",
+    "heldout_pairs",
+    "heldout_images",
+    "cache_mb",
+    "val_images",
+    "save_dtype",
+)
+
+# the recipe entry behind a flag, where it is not the flag's own name (the resume error names the flag)
+FLAG_TO_RECIPE = {
+    "pretrained": "weights",
+    "checkpoint": "checkpoint_sha256",
+    "no_augment": "augment",
+    "batch_size": "global_batch_size",
+    "epochs": "total_steps",
+    "max_steps": "total_steps",
+}
+RECIPE_FLAGS = {
+    "weights": "--pretrained/--checkpoint",
+    "checkpoint_sha256": "--checkpoint",
+    "augment": "--no-augment",
+    "global_batch_size": "--batch-size (times processes times --grad-accum)",
+    "total_steps": "--max-steps/--epochs",
+    "direction": "the distiller's direction",
+}
 
 
 def start(args: argparse.Namespace, logger: logging.Logger, **accelerator_kwargs: Any):
@@ -94,6 +149,7 @@ def recipe(
         "tocom_hub_version": tocom_hub.__version__,
         **{k: model_info[k] for k in ("model", "model_kwargs", "weights", "checkpoint_sha256")},
         "data": data_info["data"],
+        "train_split": args.train_split,
         "img_size": img_size,
         "data_config": data_config,
         "method": args.method,
@@ -129,7 +185,7 @@ def resume(
     state, resumed_from = TrainState(), None
     resume_dir = find_checkpoint(args.output_dir, args.resume)
     if resume_dir is not None:
-        check_resume_config(resume_dir, run_config, must_match)
+        check_resume_config(resume_dir, run_config, must_match, RECIPE_FLAGS)
         load_checkpoint(accelerator, resume_dir, state)  # JSON step + weights_only loads, no pickle
         resumed_from = state.step
         logger.info("resumed from %s at step %d", resume_dir, state.step)
@@ -171,21 +227,50 @@ def log_loss(accelerator, progress, loss, optimizer, step: int, **extra: Any) ->
     accelerator.log({**logs, **{f"train/{k}": v for k, v in extra.items()}}, step=step)
 
 
-def after_step(args: argparse.Namespace, accelerator, step: int, run_config: Dict[str, Any], logger) -> bool:
-    """Checkpoint at ``--checkpoint-every``; ``True`` when ``--stop-after`` says to stop here."""
+def after_step(
+    args: argparse.Namespace,
+    accelerator,
+    step: int,
+    run_config: Dict[str, Any],
+    logger,
+    guard: Optional[RunGuard] = None,
+) -> bool:
+    """Checkpoint at ``--checkpoint-every`` (and, after a SIGTERM, now); ``True`` when the loop must stop
+    here: ``--stop-after`` reached, or SIGTERM (``guard``, on any process)."""
+    saved = False
     if args.checkpoint_every and step % args.checkpoint_every == 0:
         path = save_checkpoint(accelerator, args.output_dir, step, run_config)
         logger.info("saved checkpoint %s", path)
+        saved = True
+    if guard is not None and guard.preempted(accelerator):
+        if not saved:
+            path = save_checkpoint(accelerator, args.output_dir, step, run_config)
+        if accelerator.is_main_process:
+            logger.warning(
+                "SIGTERM: saved checkpoint %s at step %d; continue with the same flags and --resume latest",
+                os.path.join(args.output_dir, "checkpoints", f"step_{step:08d}"),
+                step,
+            )
+        return True
     return args.stop_after is not None and step >= args.stop_after
 
 
-def stopped_early(args: argparse.Namespace, accelerator, step: int, total_steps: int, logger) -> bool:
-    """After the loop: ``True`` (and the run is closed) when ``--stop-after`` ended it before the last step."""
+def stopped_early(
+    args: argparse.Namespace, accelerator, step: int, total_steps: int, logger, guard: Optional[RunGuard] = None
+) -> bool:
+    """After the loop: ``True`` (and the run is closed) when ``--stop-after`` or SIGTERM ended it without
+    export (``guard.signalled`` then says which signal)."""
     accelerator.wait_for_everyone()
+    if guard is not None and guard.signalled:
+        accelerator.end_training()
+        guard.close()
+        return True
     if args.stop_after is None or step >= total_steps:
         return False
     logger.info("--stop-after %d: stopping at step %d of %d without export", args.stop_after, step, total_steps)
     accelerator.end_training()
+    if guard is not None:
+        guard.close()
     return True
 
 
@@ -208,3 +293,21 @@ class LoopPosition:
         timer.tick()
         progress.update(1)
         return True
+
+
+def script_main(main, prog: str) -> None:
+    """Run a training script's ``main()`` as a command: the errors a user can fix (a busy output dir, a
+    model or checkpoint that does not load, a checkpoint that cannot be written or resumed) end in one
+    line ``PROG: error: …`` and exit status 1; a run stopped by SIGTERM (checkpoint written) exits 143."""
+    from tocom_hub.training.backbone import BackboneError
+    from tocom_hub.training.checkpoints import CheckpointError
+    from tocom_hub.training.guards import OutputDirBusy
+
+    try:
+        result = main()
+    except (CheckpointError, OutputDirBusy, BackboneError) as e:  # a clear one-line message, no traceback
+        if int(os.environ.get("RANK", "0") or 0) != 0:
+            raise SystemExit(1) from None  # every process stops; only the first one says why
+        raise SystemExit(f"{prog}: error: {e}") from None
+    if isinstance(result, dict) and result.get("signal") == "SIGTERM":
+        raise SystemExit(128 + 15)  # what the shell reports for a process ended by SIGTERM

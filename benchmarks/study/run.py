@@ -423,6 +423,7 @@ def export_demo(
     from safetensors.torch import load_file, save_file
 
     from tocom_hub import ToComBank
+    from tocom_hub.tools.bank_fit import sha256_file
 
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob(f"{task}-src*.safetensors"):
@@ -461,6 +462,9 @@ def export_demo(
         "model": model_name,
         "model_kwargs": model_kwargs,
         "backbone": "backbone.safetensors",
+        # the fp32 file the bank and the downstream models were made from (backbone.safetensors is its fp16
+        # copy): what `tocom-hub eval` compares with the bank's recorded checkpoint_sha256
+        "backbone_trained_sha256": sha256_file(pre / "model.safetensors"),
         "bank": "bank",
         "models": models,
         "corpus": CORPUS,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from typing import Any
 
 from .options import (
@@ -13,6 +14,7 @@ from .options import (
     _load_bank,
     _load_model,
     _model_label,
+    _warn_about_model,
     _write_json,
     command_parser,
 )
@@ -39,6 +41,7 @@ def eval_command(args: argparse.Namespace) -> int:
             raise IsADirectoryError(f"{path} is a directory; pass a file name (e.g. out/eval.json, out/eval.png)")
     model, info, device = _load_model(args)
     bank = _load_bank(args)
+    _warn_about_model("eval", args, model, info, bank)  # random weights; a bank made for another backbone
     source_r = args.source_r if args.source_r is not None else int(info.get("source_r") or 0)
     method = args.method or (bank.method if bank is not None else None) or info.get("method") or "tome"
     dataset = build_eval_dataset(model, args.data, split=args.split, limit=args.limit, class_map=args.class_map)
@@ -48,17 +51,19 @@ def eval_command(args: argparse.Namespace) -> int:
     loader = DataLoader(
         dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.workers, pin_memory=device.type == "cuda"
     )
-    rows = evaluate(
-        model,
-        loader,
-        args.target_r,
-        bank=bank,
-        source_r=source_r,
-        scale=args.scale,
-        method=method,
-        device=device,
-        keep_correct=bank is not None,
-    )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="the bank was trained", category=UserWarning)  # said above
+        rows = evaluate(
+            model,
+            loader,
+            args.target_r,
+            bank=bank,
+            source_r=source_r,
+            scale=args.scale,
+            method=method,
+            device=device,
+            keep_correct=bank is not None,
+        )
     add_intervals(rows)  # +ToCom − plain with its 95 % paired-bootstrap interval over the images
     scale = None if bank is None else (args.scale if args.scale is not None else bank.scale)
     result = {

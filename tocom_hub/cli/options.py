@@ -56,7 +56,9 @@ def command_parser(subparsers: Any, name: str, **kwargs: Any) -> argparse.Argume
 
 _MODEL_HELP = (
     "a timm model name (built with pretrained=False unless --pretrained), a model alias ('demo': the "
-    "embedded tiny ViT, offline), or a saved model: a directory with timm's config.json + model.safetensors "
+    "training scripts' embedded tiny ViT; 'study-backbone', 'study-shape-count-src0', 'study-shape-count-src16': "
+    "the quickstart's study models, which tocom_hub.demo.demo_bank_path() was trained for; all offline), or a "
+    "saved model: a directory with timm's config.json + model.safetensors "
     "(written by timm.models.save_for_hf(model, DIR, safe_serialization=True)) or a training/finetune.py "
     "output directory (finetune.json + model.safetensors)"
 )
@@ -113,6 +115,26 @@ def _load_model(args: argparse.Namespace):
     unpatch(patch(model, method=args.method or "tome"))  # TypeError for Eva, Swin, … before any work
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     return model.to(device), info, device
+
+
+def _warn_about_model(command: str, args: argparse.Namespace, model: Any, info: Dict[str, Any], bank: Any) -> None:
+    """Warn (stderr) when the results will say nothing: random weights, or a bank made for another backbone
+    (:func:`tocom_hub.tools.bank_fit.backbone_mismatch`: architecture, pretrained tag, backbone weights)."""
+    import sys
+
+    if info.get("weights") == "random-init":
+        print(
+            f"tocom-hub {command}: WARNING: {args.model} has RANDOM weights (no --pretrained, no --checkpoint): "
+            f"its results say nothing about a trained model.\n    For meaningful ones pass --pretrained "
+            f"(timm's weights), --checkpoint FILE, a saved model directory, or --model demo.",
+            file=sys.stderr,
+        )
+    if bank is not None:
+        from ..tools.bank_fit import backbone_mismatch, model_lineage
+
+        mismatch = backbone_mismatch(bank, model, model_lineage(model, info))
+        if mismatch:
+            print(f"tocom-hub {command}: warning: {mismatch}", file=sys.stderr)
 
 
 def _model_label(info: Dict[str, Any], method: str, *, detail: bool = False) -> str:

@@ -14,6 +14,7 @@ from .options import (
     _load_bank,
     _load_model,
     _model_label,
+    _warn_about_model,
     _write_json,
     command_parser,
 )
@@ -87,14 +88,8 @@ def visualize_command(args: argparse.Namespace) -> int:
     if os.path.isdir(args.output):
         raise IsADirectoryError(f"-o {args.output} is a directory; pass a file name such as merged.png")
     model, info, _ = _load_model(args)
-    if info.get("weights") == "random-init":
-        print(
-            f"tocom-hub visualize: WARNING: {args.model} has RANDOM weights (no --pretrained, no --checkpoint): its "
-            f"merge groups say nothing about a trained model.\n    For a meaningful picture pass --pretrained "
-            f"(timm's weights), --checkpoint FILE, a saved model directory, or --model demo.",
-            file=sys.stderr,
-        )
     bank = _load_bank(args)
+    _warn_about_model("visualize", args, model, info, bank)
     source_r = args.source_r if args.source_r is not None else int(info.get("source_r") or 0)
     out = visualize(
         model,

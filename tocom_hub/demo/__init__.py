@@ -59,7 +59,9 @@ def demo_info() -> Dict[str, Any]:
 
 
 def demo_bank_path() -> str:
-    """Folder of the demo's ToCom bank (``config.json`` + weights), usable as ``bank=`` anywhere."""
+    """Folder of the demo's ToCom bank, usable as ``bank=`` anywhere. It was trained for the study's backbone:
+    pair it with :func:`load_demo_model`'s models (model aliases ``study-backbone``, ``study-<task>-src<r>``),
+    not with ``load_model("demo")`` (the training scripts' photo-crops backbone; that pairing warns)."""
     return str(DEMO_DIR / demo_info()["bank"])
 
 
@@ -230,3 +232,8 @@ def evaluate_demo(
         "srcR_tgtR": top[R][R]["no_tocom"],
         "srcR_tgt0": _headline(top[R][0], delta[R][0]),
     }
+
+
+from .study_models import register_study_aliases  # noqa: E402  (the CLI's names for the models above)
+
+register_study_aliases(load_demo_model)

@@ -91,7 +91,9 @@ class ModelAlias:
     """A short name for a timm model + keyword arguments + a weights file (e.g. ``demo``).
 
     ``weights`` is a path (or a callable returning one, resolved when the alias is used, e.g. a
-    ``hf_hub_download``); ``missing_hint`` completes the error when the file does not exist.
+    ``hf_hub_download``); ``missing_hint`` completes the error when the file does not exist. ``loader``
+    (instead of ``weights``) builds a model that is more than a timm model and a file — e.g. the study
+    demo's AdaptFormer models — and returns ``(model, info)``.
     """
 
     model: str
@@ -99,6 +101,7 @@ class ModelAlias:
     weights: Union[PathLike, Callable[[], PathLike], None] = None
     description: str = ""
     missing_hint: str = ""
+    loader: Optional[Callable[[], Tuple[nn.Module, Dict[str, Any]]]] = None
 
 
 MODEL_ALIASES: Dict[str, ModelAlias] = {}
@@ -121,7 +124,9 @@ register_model_alias(
         DEMO_MODEL,
         DEMO_MODEL_KWARGS,
         DEMO_WEIGHTS,
-        description="embedded tiny ViT (32 px, 6 blocks) trained on the embedded photo-crops task",
+        description="embedded tiny ViT (32 px, 6 blocks) trained on the embedded photo-crops task: the training "
+        "scripts' default backbone (not the backbone of the study demo's bank, tocom_hub.demo.demo_bank_path(): "
+        "that one is study-backbone)",
         missing_hint="this install lacks the embedded demo weights (reinstall tocom-hub); pass a timm model name "
         "(with --model-kwargs / --checkpoint) or a saved model directory",
     ),
@@ -327,6 +332,13 @@ def _load_model(
         raise ValueError("pretrained=True and checkpoint= are exclusive: pick timm's weights or your own file")
 
     alias = MODEL_ALIASES.get(name_or_path)
+    if alias is not None and alias.loader is not None and not os.path.exists(name_or_path):
+        if kwargs or checkpoint is not None or pretrained:
+            raise ValueError(
+                f"model {name_or_path!r} is loaded as shipped: drop --model-kwargs / --checkpoint / --pretrained"
+            )
+        model, extra = alias.loader()
+        return model.eval(), {"model": alias.model, "source": f"alias:{name_or_path}", **extra}
     if alias is not None and not os.path.exists(name_or_path):
         weights = alias.weights() if callable(alias.weights) else alias.weights
         if checkpoint is None and weights is not None and not os.path.isfile(weights):

@@ -18,6 +18,7 @@ import contextlib
 import importlib
 import os
 import time
+import warnings
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Union
 
 import torch
@@ -29,6 +30,7 @@ from ..core.checks import is_int
 from ..core.compensate import apply, disabled, get_state, set_target_r
 from ..core.patch import METHODS, get_method, get_settings, patch, set_r
 from ..core.state import preserved
+from .bank_fit import backbone_mismatch
 from .benchmark import percentile
 from .intervals import add_intervals, paired_bootstrap
 from .plots import plot_accuracy
@@ -68,6 +70,7 @@ def evaluate(
     keep_correct: bool = False,
     plain: bool = True,
     gather: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    lineage: Optional[set] = None,
     **hub_kwargs: Any,
 ) -> List[Dict[str, Any]]:
     """Top-1 (and top-5) accuracy and images/s of ``model`` at every target ``r``.
@@ -89,6 +92,12 @@ def evaluate(
         plain: also evaluate without the bank (``False``: only the +ToCom rows; needs ``bank``).
         gather: applied to every batch's per-image hits before they are counted, e.g.
             ``accelerator.gather_for_metrics`` to count the images of every process under ``accelerate launch``.
+        lineage: the weights the model descends from (:func:`tocom_hub.tools.bank_fit.model_lineage`), so a
+            bank trained on another backbone of the same architecture is noticed too.
+
+    A bank whose recorded backbone differs from the model (architecture, pretrained tag, or — with
+    ``lineage`` — the backbone weights) gives a ``UserWarning`` (:func:`~tocom_hub.tools.bank_fit.backbone_mismatch`):
+    it runs, but compensates another model.
 
     Everything (bank vs model, ``r`` within the bank's range and the model's token count) is
     validated before the first forward. Images/s excludes the first batch (warm-up) when there are
@@ -121,6 +130,9 @@ def evaluate(
                 f"drop --method or pick a bank for {method!r}"
             )
         method = bank.method
+        mismatch = backbone_mismatch(bank, model, lineage)
+        if mismatch:
+            warnings.warn(mismatch, UserWarning, stacklevel=2)
         for name, r in [("source r", source_r)] + [("target r", r) for r in rs]:
             if not is_int(r) or not 0 <= r <= bank.r_max:
                 raise ValueError(
