@@ -7,7 +7,7 @@ Each lives in its own module; import from there in new code:
 * :mod:`.batches` — uint8 loader batches normalised on the device;
 * :mod:`.args` — the shared command-line flags and their validation;
 * :mod:`.backbone` — the embedded default backbone and ``--model`` / ``--checkpoint`` (via the
-  package's model loader, :func:`tocom_hub.demo.models.load_model`);
+  package's model loader, :func:`tocom_hub.tools.models.load_model`);
 * :mod:`.checkpoints` — atomic checkpoints and a resume that unpickles no code;
 * :mod:`.metrics` — top-1 on a loader.
 

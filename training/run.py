@@ -13,7 +13,6 @@ import logging
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 import tocom_hub
-from tocom_hub.tools._threads import setup_cpu_threads
 from tocom_hub.training.args import resolve_report_to, use_cpu
 from tocom_hub.training.checkpoints import (
     TrainState,
@@ -22,6 +21,7 @@ from tocom_hub.training.checkpoints import (
     load_checkpoint,
     save_checkpoint,
 )
+from tocom_hub.training.threads import setup_cpu_threads
 
 __all__ = [
     "LoopPosition",
