@@ -9,15 +9,13 @@ any ToMe implementation would cost if the merge step itself were free.
 
 from __future__ import annotations
 
-import importlib
-
 import torch
 
+import tocom_hub.core.patch as _PATCH
 from tocom_hub.core.merge import max_merge
 
 __all__ = ["MERGE_STEP", "set_merge_step", "truncate", "truncate_plan"]
 
-_PATCH = importlib.import_module("tocom_hub.core.patch")  # the module (``tocom_hub.patch`` is the function)
 MERGE_STEP = (_PATCH.bipartite_soft_matching, _PATCH.merge_wavg)
 
 

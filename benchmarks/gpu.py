@@ -61,14 +61,14 @@ import timm
 import torch
 
 import tocom_hub
+import tocom_hub.core.attention as _ATTENTION
+import tocom_hub.core.patch as _PATCH
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/distill_step.py (training rows)
 
 import attention_variants  # noqa: E402 -- benchmarks/attention_variants.py (the flex rows)
 import ceiling as _ceiling  # noqa: E402 -- benchmarks/ceiling.py (the merge-free ceiling rows)
 
-_PATCH = importlib.import_module("tocom_hub.core.patch")  # the module (``tocom_hub.patch`` is the function)
-_ATTENTION = importlib.import_module("tocom_hub.core.attention")
 _FOLD = _ATTENTION.FOLD_BIAS_DEVICES
 _ALL_DEVICES = ("cpu", "cuda", "xpu", "mps")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}

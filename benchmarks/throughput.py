@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib
 import json
 import os
 import platform
@@ -54,9 +53,6 @@ def _time_forward(model, x, iters):
         model(x)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
-
-
-_PATCH = importlib.import_module("tocom_hub.patch")  # the module (``tocom_hub.patch`` is the function)
 
 
 def _set_merge_step(cfg):

@@ -1,4 +1,4 @@
-"""AdaptFormer (tocom_hub/demo/adaptformer.py) against a hand-written Eq. 10 forward."""
+"""AdaptFormer (tocom_hub/tools/adaptformer.py) against a hand-written Eq. 10 forward."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ def test_adaptformer_matches_eq10_reference():
     from timm.models.vision_transformer import VisionTransformer
 
     import tocom_hub
-    from tocom_hub.demo.adaptformer import AdaptFormer
+    from tocom_hub.tools.adaptformer import AdaptFormer
 
     torch.manual_seed(0)
     model = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=5).eval()

@@ -17,7 +17,8 @@ from tiny_models import make_vit
 
 import tocom_hub
 from tocom_hub import ToComBank, ToComConfig
-from tocom_hub.core.bank import CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME, _tensors_sha256
+from tocom_hub.core.bank import CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME
+from tocom_hub.core.bank_file import tensors_sha256
 
 SHIPPED_BANK = Path(tocom_hub.__file__).parent / "demo" / "assets" / "study" / "bank"
 
@@ -83,7 +84,7 @@ def _rewrite(path, tensors=None, metadata=None):
     tens = tensors(tens) if tensors else tens
     meta = metadata(meta) if metadata else meta
     # a consistent file (checksum recomputed), so that the check under test is the one that fires
-    meta["tocom_sha256"] = _tensors_sha256(tens, meta.get("tocom_config"))
+    meta["tocom_sha256"] = tensors_sha256(tens, meta.get("tocom_config"))
     save_file(tens, str(path), metadata=meta)
 
 
@@ -213,7 +214,7 @@ def test_banks_the_project_ships_carry_checksums():
     for path in files:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-        assert meta.get("tocom_sha256") == _tensors_sha256(load_file(str(path)), meta["tocom_config"]), path
+        assert meta.get("tocom_sha256") == tensors_sha256(load_file(str(path)), meta["tocom_config"]), path
         ToComBank.from_pretrained(path.parent)  # no trust flag needed
 
 
@@ -223,11 +224,11 @@ def test_files_whose_checksum_covers_only_the_tensors_still_load(saved, bank):
     with safe_open(str(path), framework="pt") as f:
         meta = dict(f.metadata())
     tens = load_file(str(path))
-    save_file(tens, str(path), metadata=dict(meta, tocom_sha256=_tensors_sha256(tens)))
+    save_file(tens, str(path), metadata=dict(meta, tocom_sha256=tensors_sha256(tens)))
     loaded = ToComBank.from_pretrained(saved)
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in bank.state_dict().items())
     tens["lora_B.q"][0, 0, 0] += 1.0
-    save_file(tens, str(path), metadata=dict(meta, tocom_sha256=_tensors_sha256(load_file(str(path)))))
+    save_file(tens, str(path), metadata=dict(meta, tocom_sha256=tensors_sha256(load_file(str(path)))))
     with pytest.raises(ValueError, match="checksum"):
         ToComBank.from_pretrained(saved)
 

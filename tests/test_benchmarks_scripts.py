@@ -26,7 +26,8 @@ def _throughput_bench():
 
 def test_throughput_benchmark_ceiling_rows_and_restores_the_merge_step():
     bench = _throughput_bench()
-    patch_module = bench._PATCH
+    import tocom_hub.core.patch as patch_module
+
     real = (patch_module.bipartite_soft_matching, patch_module.merge_wavg)
 
     model = timm.create_model(NAME, pretrained=False, **TINY).eval()
@@ -58,7 +59,8 @@ def test_throughput_benchmark_compiled_copies_run_their_own_configuration():
     (the ceiling copy truncates, the ToMe copy merges) whatever ran before it, and the model passed in
     stays unpatched with the real merge step in place."""
     bench = _throughput_bench()
-    patch_module = bench._PATCH
+    import tocom_hub.core.patch as patch_module
+
     real = (patch_module.bipartite_soft_matching, patch_module.merge_wavg)
     torch._dynamo.reset()
     model = timm.create_model(NAME, pretrained=False, **TINY).eval()

@@ -35,7 +35,7 @@ def test_help_imports_neither_torch_nor_timm():
     code = (
         "import sys; from tocom_hub.cli import build_parser; build_parser().format_help(); "
         "assert 'torch' not in sys.modules and 'timm' not in sys.modules, sorted(sys.modules); "
-        "import tocom_hub, tocom_hub.patch; assert callable(tocom_hub.patch) and tocom_hub.patch.__module__ "
+        "import tocom_hub, tocom_hub.core.patch; assert callable(tocom_hub.patch) and tocom_hub.patch.__module__ "
         "== 'tocom_hub.core.patch'; assert tocom_hub.ToComBank.__name__ == 'ToComBank'"
     )
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))

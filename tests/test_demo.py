@@ -68,7 +68,8 @@ def test_load_demo_model_returns_a_named_tuple_that_still_unpacks():
     model, info = loaded
     assert loaded.model is model and loaded.info is info and info["source_r"] == 0
     assert isinstance(model, torch.nn.Module) and not model.training
-    from tocom_hub.demo.models import DEMO_WEIGHTS, load_model
+    from tocom_hub.demo.models import DEMO_WEIGHTS
+    from tocom_hub.tools.models import load_model
 
     if DEMO_WEIGHTS.is_file():  # the embedded default backbone, the same way
         demo = load_model("demo")

@@ -14,7 +14,7 @@ from tool_helpers import DEPTH, KW, NAME, PATCHES, run
 
 import tocom_hub
 from tocom_hub import ToComBank
-from tocom_hub.demo.models import load_model
+from tocom_hub.tools.models import load_model
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")  # conftest.py: one torch thread for the module
 

@@ -42,7 +42,7 @@ def test_finetune_then_evaluate(tmp_path, mode):
         return
     # a bank with non-zero up factors so that +ToCom differs from no ToCom
     import tocom_hub
-    from tocom_hub.demo.models import load_model
+    from tocom_hub.tools.models import load_model
 
     model, info = load_model(str(ft))
     assert info["recipe"]["source_r"] == 2 and "adaptformer" in info

@@ -12,7 +12,7 @@ from tool_helpers import DEPTH, PATCHES, tiny_model
 
 import tocom_hub
 from tocom_hub import ToComBank
-from tocom_hub.compensate import get_state
+from tocom_hub.core.compensate import get_state
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")  # conftest.py: one torch thread for the module
 

@@ -1,57 +1,55 @@
-"""The package layout: module paths of earlier releases resolve to the moved modules (the same objects)."""
+"""The package namespace: one meaning per name, no import hook, ``dir(tocom_hub)`` is the public API."""
 
 import importlib
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 import tocom_hub
 
-OLD_TO_NEW = {
-    "merge": "core.merge",
-    "prune": "core.prune",
-    "patch": "core.patch",
-    "bank": "core.bank",
-    "compensate": "core.compensate",
-    "evaluation": "tools.evaluation",
-    "benchmark": "tools.benchmark",
-    "latency": "tools.latency",
-    "visualize": "tools.visualize",
-    "tune": "tools.tune",
-    "convert": "tools.convert",
-    "data": "demo.data",
-    "models": "demo.models",
-    "adaptformer": "demo.adaptformer",
-}
+ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("old,new", sorted(OLD_TO_NEW.items()))
-def test_old_module_paths_are_the_moved_modules(old, new):
-    moved = importlib.import_module(f"tocom_hub.{new}")
-    assert importlib.import_module(f"tocom_hub.{old}") is moved
-    assert moved.__spec__.name == f"tocom_hub.{new}"  # the alias does not rename the real module
-    if old != "patch":  # tocom_hub.patch is the function (the module is tocom_hub.core.patch)
-        assert getattr(tocom_hub, old) is moved
+def test_no_import_hook_in_the_package():
+    code = (
+        "import sys; before = list(sys.meta_path); import tocom_hub, tocom_hub.core.patch, tocom_hub.tools; "
+        "assert sys.meta_path == before, sys.meta_path"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for path in (ROOT / "tocom_hub").rglob("*.py"):
+        assert "meta_path" not in path.read_text(), path
 
 
-def test_patch_stays_the_function_after_importing_the_old_module_path():
-    import tocom_hub.patch  # noqa: F401
-
-    assert callable(tocom_hub.patch) and tocom_hub.patch.__module__ == "tocom_hub.core.patch"
-    from tocom_hub.bank import ToComBank
-
-    assert ToComBank is tocom_hub.ToComBank
+@pytest.mark.parametrize("old", ["merge", "prune", "bank", "evaluation", "benchmark", "models", "data"])
+def test_module_paths_of_the_flat_layout_are_gone(old):
+    with pytest.raises(ModuleNotFoundError):
+        importlib.import_module(f"tocom_hub.{old}")
 
 
-def test_unknown_names_still_fail():
+def test_patch_has_one_meaning():
+    import tocom_hub.core.patch as patch_module
+
+    assert callable(tocom_hub.patch) and tocom_hub.patch is patch_module.patch
+    with pytest.raises(ModuleNotFoundError):
+        importlib.import_module("tocom_hub.patch")
+    assert tocom_hub.patch is patch_module.patch  # a failed import does not rebind it
+
+
+def test_dir_lists_the_public_api_only():
+    names = dir(tocom_hub)
+    assert set(tocom_hub.__all__) <= set(names)
+    sub_packages = {"core", "hub", "tools", "demo", "cli", "training"}
+    extra = set(names) - set(tocom_hub.__all__) - sub_packages
+    assert not extra, f"dir(tocom_hub) lists non-API names: {sorted(extra)}"
+    for private in ("sys", "types", "Any", "importlib", "Optional"):
+        assert private not in names
+
+
+def test_unknown_names_fail():
     with pytest.raises(ModuleNotFoundError):
         importlib.import_module("tocom_hub.no_such_module")
     with pytest.raises(AttributeError):
         tocom_hub.no_such_name  # noqa: B018
-
-
-def test_names_that_moved_between_layers_keep_their_old_import_paths():
-    from tocom_hub.demo.data import build_eval_dataset
-    from tocom_hub.evaluation import build_eval_dataset as old
-
-    assert old is build_eval_dataset
-    from tocom_hub.hub import PathLike  # noqa: F401

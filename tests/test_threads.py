@@ -1,4 +1,4 @@
-"""tocom_hub.tools._threads: CPU threads under ``accelerate launch``."""
+"""tocom_hub.training.threads: CPU threads under ``accelerate launch``."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ pytestmark = pytest.mark.usefixtures("one_thread_module")  # conftest.py: one to
 def test_training_threads_under_accelerate_launch(monkeypatch):
     """accelerate launch exports OMP_NUM_THREADS=1 on a CPU machine: the training scripts take the cores back
     (split between the local processes), TOCOM_HUB_CPU_THREADS overrides, anything else is left alone."""
-    from tocom_hub.tools._threads import available_cpus, setup_cpu_threads
+    from tocom_hub.training.threads import available_cpus, setup_cpu_threads
 
     old = torch.get_num_threads()
     said = []

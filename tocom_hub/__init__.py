@@ -11,15 +11,8 @@ The names below are imported on first use (PEP 562), so ``import tocom_hub`` —
 — does not pay for torch and timm until something needs them.
 """
 
-from __future__ import annotations
-
-import importlib
-import importlib.abc
-import importlib.machinery
-import importlib.util
-import sys
-import types
-from typing import Any, Optional
+import importlib as _importlib
+from typing import Any as _Any
 
 __version__ = "0.1.0"
 
@@ -27,10 +20,11 @@ __version__ = "0.1.0"
 # tests/test_architecture.py):
 #   core/   token maths (merge, prune), timm surgery (attention, patch), the bank (bank, bank_config,
 #           bank_file, bank_repo, bank_card, registry) and its application to a model (compensate, lora_merged,
-#           lora_hooks, state)
+#           lora_hooks)
 #   hub/    the Hugging Face Hub layer on top of the bank: download_bank / load_bank / push_bank
-#   tools/  evaluation, benchmark, latency controller, visualisation, scale tuning, checkpoint conversion
-#   demo/   the embedded world: datasets, the model loader, adapters, assets, evaluate_demo
+#   tools/  evaluation, benchmark, timing, latency controller, visualisation, scale tuning, checkpoint
+#           conversion, the model loader, saving and restoring a model's token-reduction state
+#   demo/   the embedded world: datasets, the demo model and bank, assets, evaluate_demo
 #   cli/    the ``tocom-hub`` command;   training/ (installed as tocom_hub.training): the trainers
 
 # public name -> module that defines it
@@ -52,51 +46,14 @@ _LAZY = {
 }
 _SUBMODULES = {"compensate": "core.compensate", "hub": "hub"}
 
-# Module paths of earlier releases -> where the module lives now. ``import tocom_hub.bank`` and
-# ``tocom_hub.bank.ToComBank`` keep working and give the very same module object.
-_MOVED = {
-    **{m: f"core.{m}" for m in ("merge", "prune", "patch", "bank", "compensate")},
-    **{m: f"tools.{m}" for m in ("evaluation", "benchmark", "latency", "visualize", "tune", "convert")},
-    **{m: f"demo.{m}" for m in ("data", "models", "adaptformer")},
-}
-
-
-class _MovedModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Import hook: ``tocom_hub.<old name>`` resolves to the module in its sub-package."""
-
-    def __init__(self) -> None:
-        self._real_specs: dict = {}
-
-    def find_spec(
-        self, fullname: str, path: Any = None, target: Any = None
-    ) -> Optional[importlib.machinery.ModuleSpec]:
-        parent, _, name = fullname.rpartition(".")
-        if parent != __name__ or name not in _MOVED:
-            return None
-        return importlib.util.spec_from_loader(fullname, self)
-
-    def create_module(self, spec: importlib.machinery.ModuleSpec) -> types.ModuleType:
-        module = importlib.import_module(f"{__name__}.{_MOVED[spec.name.rpartition('.')[2]]}")
-        self._real_specs[spec.name] = module.__spec__  # the import system overwrites it with the alias spec
-        return module
-
-    def exec_module(self, module: types.ModuleType) -> None:
-        module.__spec__ = self._real_specs[f"{__name__}.{module.__name__.rpartition('.')[2]}"]
-
-
-if not any(isinstance(f, _MovedModules) for f in sys.meta_path):
-    sys.meta_path.append(_MovedModules())
-
 __all__ = ["__version__", *_LAZY, *_SUBMODULES]
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> _Any:
     if name in _SUBMODULES:
-        module = importlib.import_module(f".{_SUBMODULES[name]}", __name__)
+        module = _importlib.import_module(f".{_SUBMODULES[name]}", __name__)
     elif name in _LAZY:
-        module = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-    elif name in _MOVED:
-        module = importlib.import_module(f".{_MOVED[name]}", __name__)
+        module = getattr(_importlib.import_module(f".{_LAZY[name]}", __name__), name)
     else:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     globals()[name] = module
@@ -104,16 +61,5 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list:
-    return sorted(set(globals()) | set(__all__))
-
-
-class _Package(types.ModuleType):
-    """Importing the submodule ``tocom_hub.patch`` must not replace the function ``tocom_hub.patch``."""
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if isinstance(value, types.ModuleType) and name in _LAZY:
-            value = getattr(value, name)
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
+    """The public API (and the sub-packages already imported), not this module's helpers."""
+    return sorted(set(__all__) | {n for n in globals() if not n.startswith("_")})

@@ -1,6 +1,6 @@
 """The backbone a training run starts from: the embedded default, or ``--model`` / ``--checkpoint``.
 
-Built by the package's one model loader, :func:`tocom_hub.demo.models.load_model`; this module only
+Built by the package's one model loader, :func:`tocom_hub.tools.models.load_model`; this module only
 maps the training flags onto it and records what was loaded (for recipes, resume checks and the bank).
 """
 
@@ -12,7 +12,8 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 
-from tocom_hub.demo.models import DEMO_MODEL, DEMO_MODEL_KWARGS, DEMO_WEIGHTS, load_model, read_state_dict
+from tocom_hub.demo.models import DEMO_MODEL, DEMO_MODEL_KWARGS, DEMO_WEIGHTS
+from tocom_hub.tools.models import load_model, read_state_dict
 from tocom_hub.training.checkpoints import sha256_file
 
 __all__ = [
@@ -72,7 +73,7 @@ def build_backbone(
 ) -> Tuple[torch.nn.Module, Dict[str, Any]]:
     """The timm backbone described by ``--model / --model-kwargs / --pretrained / --checkpoint``.
 
-    Loaded by :func:`tocom_hub.demo.models.load_model` (so ``--model`` also takes what it takes: a model
+    Loaded by :func:`tocom_hub.tools.models.load_model` (so ``--model`` also takes what it takes: a model
     alias or a saved model directory). ``num_classes=None`` keeps the checkpoint's (or timm's pretrained)
     classifier, a head-less checkpoint builds a head-less model; an int replaces the head when it differs
     (``reset_classifier``). Returns ``(model, info)`` in train mode; ``info`` records what was built and

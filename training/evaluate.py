@@ -33,17 +33,19 @@ import torch
 from torch.utils.data import DataLoader
 
 import tocom_hub
+import tocom_hub.demo  # noqa: F401 -- registers the "demo" model alias
 from tocom_hub.cli.types import r_list
-from tocom_hub.demo.models import DEMO_WEIGHTS, load_model
-from tocom_hub.tools._threads import setup_cpu_threads
+from tocom_hub.demo.models import DEMO_WEIGHTS
 from tocom_hub.tools.bank_fit import model_lineage
 from tocom_hub.tools.evaluation import evaluate
 from tocom_hub.tools.images import model_img_size
+from tocom_hub.tools.models import load_model
 from tocom_hub.tools.plots import plot_accuracy
 from tocom_hub.training.args import HelpFormatter
 from tocom_hub.training.backbone import EMBEDDED_DATA, EMBEDDED_MODEL
 from tocom_hub.training.checkpoints import write_json
 from tocom_hub.training.data import InMemory, SeededTransform, build_datasets, build_transforms, fits_in_memory
+from tocom_hub.training.threads import setup_cpu_threads
 
 logger = logging.getLogger("tocom_hub.training.evaluate")
 
@@ -125,7 +127,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def load(path: Optional[str], device: torch.device):
-    """``(model, recipe)``: the model through the one model loader (:func:`tocom_hub.demo.models.load_model`,
+    """``(model, recipe)``: the model through the one model loader (:func:`tocom_hub.tools.models.load_model`,
     which rebuilds finetune.py outputs, AdaptFormer adapters included), in eval mode on ``device``, and what
     finetune.py recorded (data, method, source r, seed, …); for ``None`` (the embedded backbone,
     ``load_model("demo")``) its pre-training task at source r = 0."""

@@ -3,7 +3,7 @@
 ``config.json`` (timm's: ``architecture``, ``model_args``, ``pretrained_cfg``; plus the recipe under
 ``"tocom_finetune"``) next to ``model.safetensors`` (the recipe also in its metadata, so the file alone
 describes itself) and, for AdaptFormer models, ``adaptformer.safetensors``. The package's model loader,
-:func:`tocom_hub.demo.models.load_model`, rebuilds the model from these files, adapters included.
+:func:`tocom_hub.tools.models.load_model`, rebuilds the model from these files, adapters included.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any, Dict, Optional
 import torch
 from torch import nn
 
-from tocom_hub.demo.models import ADAPTERS_FILE, FINETUNE_FORMAT, FINETUNE_KEY
+from tocom_hub.tools.models import ADAPTERS_FILE, FINETUNE_FORMAT, FINETUNE_KEY
 
 __all__ = ["save_finetuned"]
 
@@ -34,7 +34,7 @@ def save_finetuned(
     strings) is recorded with ``"format_version"``. Example::
 
         save_finetuned(model, "out/ft-r0", {"method": "tome", "source_r": 0, "mode": "full"})
-        model, info = tocom_hub.demo.models.load_model("out/ft-r0")   # info["recipe"] is the recipe
+        model, info = tocom_hub.tools.models.load_model("out/ft-r0")   # info["recipe"] is the recipe
     """
     from safetensors.torch import save_file
     from timm.models._hub import save_config_for_hf  # what timm.models.save_for_hf writes next to the weights

@@ -13,7 +13,7 @@ Outputs in ``--output-dir``, in timm's ``save_for_hf`` layout: ``config.json`` (
 plus the recipe under ``"tocom_finetune"``) and ``model.safetensors`` (the timm model's state_dict, new
 head included; the recipe is in the file's metadata too), ``adaptformer.safetensors`` (PET mode);
 ``finetune.json`` (recipe, validation top-1 and its history) and checkpoints.
-``tocom_hub.demo.models.load_model(OUTPUT_DIR)`` (``tocom-hub eval --model OUTPUT_DIR``,
+``tocom_hub.tools.models.load_model(OUTPUT_DIR)`` (``tocom-hub eval --model OUTPUT_DIR``,
 ``evaluate.py --finetuned OUTPUT_DIR``) rebuilds the model from these files, adapters attached.
 
 The same loop (seeded sampler, per-sample seeded augmentation, ``save_state`` / ``--resume``)
@@ -41,7 +41,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import tocom_hub
-from tocom_hub.demo.adaptformer import AdaptFormer
+from tocom_hub.tools.adaptformer import AdaptFormer
 from tocom_hub.tools.images import model_img_size
 from tocom_hub.training import run
 from tocom_hub.training.args import add_accelerate_args, add_data_args, check_common_args, script_parser

@@ -14,7 +14,6 @@ import os
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 import tocom_hub
-from tocom_hub.tools._threads import setup_cpu_threads
 from tocom_hub.training.args import resolve_report_to, use_cpu
 from tocom_hub.training.checkpoints import (
     TrainState,
@@ -24,6 +23,7 @@ from tocom_hub.training.checkpoints import (
     save_checkpoint,
 )
 from tocom_hub.training.guards import RunGuard
+from tocom_hub.training.threads import setup_cpu_threads
 
 __all__ = [
     "LoopPosition",

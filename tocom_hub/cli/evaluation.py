@@ -117,7 +117,7 @@ def add_eval_parser(subparsers: Any) -> None:
         '  tocom-hub eval --model vit_tiny_patch16_224 --model-kwargs \'{"img_size": 64, "depth": 2}\' \\\n'
         "      --data my_folder --target-r 0,4,8\n\n"
         "--data is an ImageFolder root (DIR/<class>/<image>; a val/ or validation/ sub-folder is used when\n"
-        "present) or an embedded dataset name (tocom_hub.data). Images get timm's eval transform for the model.",
+        "present) or an embedded dataset name (tocom_hub.demo.data). Images get timm's eval transform for the model.",
     )
     _add_model_options(p)
     g = p.add_argument_group("evaluation")

@@ -101,8 +101,9 @@ def _load_model(args: argparse.Namespace):
     """``(model, info, device)`` for the model options; rejects unsupported architectures up front."""
     import torch
 
+    from .. import demo  # noqa: F401 -- registers the "demo" model alias
     from ..core.patch import patch, unpatch
-    from ..demo.models import load_model
+    from ..tools.models import load_model
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -43,12 +43,9 @@ from .bank_config import (
     PathLike,
     ToComConfig,
 )
-from .bank_config import METHODS as METHODS  # re-exported: importable from here as in earlier releases
-from .bank_config import _read_json_file as _read_json_file
 from .bank_config import model_dims as model_dims
 from .bank_file import Format1Names, read_bank, write_bank_file
 from .bank_file import _looks_local as _looks_local
-from .bank_file import _tensors_sha256 as _tensors_sha256
 from .bank_repo import explain_push_error, fetch_bank_files, unreachable_error
 from .checks import is_int
 

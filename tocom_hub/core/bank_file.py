@@ -83,9 +83,6 @@ def tensors_sha256(tensors: Dict[str, torch.Tensor], config_json: Optional[str] 
     return h.hexdigest()
 
 
-_tensors_sha256 = tensors_sha256  # the name earlier releases used
-
-
 def read_bank_file(path: Path, *, trust_unverified: bool = False) -> Tuple[Dict[str, torch.Tensor], ToComConfig, int]:
     """Read ``tocom.safetensors``: ``(tensors as named in the file, embedded config, format version)``.
 

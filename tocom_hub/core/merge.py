@@ -3,7 +3,7 @@
 Nothing here knows about timm: :func:`bipartite_soft_matching` decides *how* the tokens of one block
 are merged and returns a :class:`Merge` (which A tokens merge into which B tokens, and the order);
 :func:`merge_wavg` and :func:`merge_source` apply that plan to features, token sizes and the
-source-trace matrix. The patch layer (:mod:`tocom_hub.patch`) calls them between attention and MLP.
+source-trace matrix. The patch layer (:mod:`tocom_hub.core.patch`) calls them between attention and MLP.
 
 Token order follows the published algorithm: tokens are split alternately into a set A (even positions)
 and a set B (odd positions); the ``r`` A tokens with the most similar B partner are merged into it.

@@ -3,7 +3,7 @@
 :func:`patch` swaps the classes of the model and of its blocks for thin subclasses (the original
 classes come back with :func:`unpatch`); parameters, buffers and ``state_dict`` keys are untouched.
 Inside a block the token reduction runs between the attention and the MLP; the maths lives in
-:mod:`tocom_hub.merge` and :mod:`tocom_hub.prune`.
+:mod:`tocom_hub.core.merge` and :mod:`tocom_hub.core.prune`.
 
 Supported: timm ``VisionTransformer`` and its subclasses (``VisionTransformerDistilled``, …) whose
 blocks are timm's ``Block`` with timm's ``Attention``: class / distillation / register tokens (all

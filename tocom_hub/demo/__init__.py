@@ -34,6 +34,8 @@ from typing import Any, Dict, List, NamedTuple, Optional, Sequence
 import torch
 from torch import nn
 
+from . import models as models  # registers the "demo" model alias of tocom_hub.tools.models
+
 __all__ = ["DEMO_DIR", "DemoModel", "demo_info", "demo_bank_path", "load_demo_model", "evaluate_demo"]
 
 
@@ -80,7 +82,7 @@ def load_demo_model(source_r: int = 0, seed: Optional[int] = None) -> DemoModel:
     """
     import timm
 
-    from .adaptformer import AdaptFormer
+    from ..tools.adaptformer import AdaptFormer
 
     info = demo_info()
     models = info["models"]

@@ -18,7 +18,7 @@ from typing import Any, Callable, Dict, Tuple
 
 from torch import nn
 
-from .models import ModelAlias, _create, _head_classes, _load_weights, read_state_dict, register_model_alias
+from ..tools.models import ModelAlias, _create, _head_classes, _load_weights, read_state_dict, register_model_alias
 
 __all__ = ["STUDY_DIR", "register_study_aliases"]
 

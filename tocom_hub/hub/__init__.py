@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from ..core.bank_card import CARD_NAME as CARD_NAME
 from ..core.bank_card import MODEL_CARD_TEMPLATE, bank_facts, create_model_card
-from ..core.bank_config import LIBRARY_NAME as LIBRARY_NAME  # module constants of earlier releases
+from ..core.bank_config import LIBRARY_NAME as LIBRARY_NAME
 from ..core.bank_config import PathLike as PathLike
 from ..core.bank_repo import BankHubError, BankNotFoundError
 from ..core.registry import PACKAGE_REGISTRY as PACKAGE_REGISTRY

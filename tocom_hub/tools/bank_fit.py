@@ -71,7 +71,7 @@ def _weights_files(weights: Any) -> Iterable[Path]:
 
 
 def model_lineage(model: nn.Module, info: Dict[str, Any]) -> Set[str]:
-    """The weights ``model`` descends from, from :func:`~tocom_hub.demo.models.load_model`'s ``info``: the SHA-256
+    """The weights ``model`` descends from, from :func:`~tocom_hub.tools.models.load_model`'s ``info``: the SHA-256
     of its weights file(s), the backbone its fine-tuning recipe started from, or timm's pretrained tag;
     plus ``info["lineage"]`` where a loader records it (the embedded study models). Empty: unknown."""
     out = set(info.get("lineage") or ())

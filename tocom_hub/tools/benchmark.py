@@ -9,7 +9,7 @@ hit every configuration alike. A speed-up is the median over iterations of the *
 percentile; when those ratios move by more than :data:`NOISY_SPREAD` of the median, the result is
 flagged ``noisy`` and the table says "noisy — rerun". Example::
 
-    from tocom_hub.benchmark import benchmark, format_table
+    from tocom_hub.tools.benchmark import benchmark, format_table
     result = benchmark(model, r_values=[0, 8, 16], batch_size=8, iters=20)
     print(format_table(result))
 """

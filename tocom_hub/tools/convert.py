@@ -1,4 +1,4 @@
-"""Convert a checkpoint in the official ToCom layout into a :class:`~tocom_hub.bank.ToComBank`.
+"""Convert a checkpoint in the official ToCom layout into a :class:`~tocom_hub.ToComBank`.
 
 The official layout (the ToCom authors' implementation; no checkpoint in it was ever published) is a
 pickled ``.pth`` state dict with, for every block ``i`` and adapted matrix ``t`` (``q``, ``v``), one

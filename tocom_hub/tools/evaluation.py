@@ -15,7 +15,6 @@ timings of the configurations are interleaved. Example::
 from __future__ import annotations
 
 import contextlib
-import importlib
 import os
 import time
 import warnings
@@ -330,12 +329,3 @@ def label_warning(ds: Dataset, model: nn.Module) -> Optional[str]:
             f"is this the model's dataset?"
         )
     return None
-
-
-def __getattr__(name: str) -> Any:
-    # build_eval_dataset (a --data argument -> images) lives with the embedded datasets it resolves, in
-    # tocom_hub.demo.data; its earlier import path keeps working, resolved only when asked for, so this
-    # module does not depend on the demo world.
-    if name == "build_eval_dataset":
-        return importlib.import_module("tocom_hub.demo.data").build_eval_dataset
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -13,7 +13,7 @@ de-normalised), the groups blended over it with group borders, and the groups as
 (exact RGB, no blending, no borders — one colour per group, so the groups can be counted from the
 pixels). A side-car JSON records the counts and where each panel lies. Example::
 
-    from tocom_hub.visualize import visualize
+    from tocom_hub.tools.visualize import visualize
     info = visualize(model, "cat.jpg", r=8, output="merged.png")
     print(info["tokens_left"], info["groups"])
 """

@@ -5,7 +5,7 @@ They let every training script run offline, on a laptop CPU, with no dataset dow
 at a source ``r``). They are a *registry*: :func:`build_dataset` builds one by name, :func:`list_datasets`
 lists them, :func:`register_dataset` adds one (study datasets live here too)::
 
-    from tocom_hub.data import build_dataset, list_datasets
+    from tocom_hub.demo.data import build_dataset, list_datasets
     print(list_datasets())          # ['photo-crops', 'photo-jigsaw', 'photo-orientation', 'photo-regions', ...]
     ds = build_dataset("photo-crops", split="train", img_size=32)
     img, label = ds[0]                                       # PIL.Image 32×32 RGB, int
