@@ -10,11 +10,12 @@ import pytest
 import torch
 from tool_helpers import KW, NAME, run, tiny_model
 
+import tocom_hub.demo  # noqa: F401 -- registers the demo and study aliases
 from tocom_hub import ToComBank
 from tocom_hub.demo import demo_bank_path, load_demo_model
-from tocom_hub.demo.models import MODEL_ALIASES, load_model
 from tocom_hub.tools.bank_fit import backbone_mismatch, model_lineage
 from tocom_hub.tools.evaluation import evaluate
+from tocom_hub.tools.models import MODEL_ALIASES, load_model
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")
 
