@@ -74,8 +74,8 @@ def find_family(model: nn.Module, positions: str = "keep") -> Family:
         why = reason or "not a model of a supported family"
         raise TypeError(f"tocom_hub cannot patch {name}: {why} (supported: {', '.join(sorted(supported_names()))})")
     blocks = getattr(model, "blocks", None)
-    if not isinstance(blocks, nn.Sequential) or len(blocks) == 0:
-        raise TypeError(f"{name}: expected `model.blocks` to be a non-empty nn.Sequential of transformer blocks")
+    if not isinstance(blocks, (nn.Sequential, nn.ModuleList)) or len(blocks) == 0:
+        raise TypeError(f"{name}: expected `model.blocks` to be a non-empty sequence of transformer blocks")
     family = fam_cls(model)
     known = set(family.blocks) | set(family.blocks.values())
     for i, blk in enumerate(blocks):

@@ -135,6 +135,10 @@ class Family:
         """``{target: (Linear, first row, row after the last)}`` for ``q``, ``k``, ``v`` and ``proj``."""
         raise NotImplementedError
 
+    def unhookable(self, block: nn.Module) -> Optional[str]:
+        """Why forward hooks on the block's q/v Linears would never run (the bank's training mode), or ``None``."""
+        return None
+
     def num_prefix(self, model: nn.Module) -> int:
         return int(model.num_prefix_tokens)
 
