@@ -217,3 +217,31 @@ def test_bank_hooks_on_separate_projections_and_refused_where_hooks_never_run():
     with pytest.raises(TypeError, match="F.linear on attn.qkv.weight"):
         tocom_hub.apply(fused, 0, 2, bank=ToComBank.for_model(fused, r_max=4, rank=2), merge=False)
     assert not tocom_hub.is_patched(fused)
+
+
+@pytest.mark.parametrize(
+    "variant,kwargs",
+    [
+        ("rope_cat_cls", {"method": "tome", "trace_source": True}),
+        ("rope_cat_separate_qkv", {"method": "evit"}),
+        ("rope_dinov3_registers", {"method": "tome", "positions": "centroid"}),
+        ("rope_mixed_avg", {"method": "tome"}),
+        ("rope_dinov3_map", {"method": "evit", "fuse_token": True}),
+    ],
+)
+def test_eva_compiles_fullgraph_one_graph_per_r(variant, kwargs):
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    model = make_eva(variant)
+    tocom_hub.patch(model, **kwargs)
+    eager = copy.deepcopy(model)
+    counter = CompileCounter()
+    compiled = torch.compile(model, backend=counter, fullgraph=True)
+    with torch.no_grad():
+        for r in (0, 5, 0, 5):
+            tocom_hub.set_r(model, r)
+            tocom_hub.set_r(eager, r)
+            assert (compiled(X) - eager(X)).abs().max() <= 1e-5
+    assert counter.frame_count == 2
+    torch._dynamo.reset()
