@@ -153,7 +153,8 @@ def patch(
             destination keeps its own position; the default) or ``"centroid"`` (the size-weighted centroid
             of its patches, the rotation recomputed there). Pruning always keeps each token's own position.
         attention: form of the attention with the log-size bias: ``"auto"`` (folded into q/k on GPUs, an
-            additive mask on the CPU), ``"mask"``, ``"fold"``, or a callable ``(q, k, v, bias, scale, dropout_p)``.
+            additive mask on the CPU), ``"mask"``, ``"fold"``, or a callable ``(q, k, v, bias, scale, dropout_p)``
+            (an object that also has ``attend(attn, x, bias) -> (out, q, k)`` replaces the classic ViT's attention).
         reducer: the object that plans and applies the reduction (default: :class:`~tocom_hub.core.reducers.ToMe`
             or :class:`~tocom_hub.core.reducers.EViT` for ``method``); benchmarks pass a merge-free ceiling.
 
