@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 from bank_helpers import naive_delta, random_groups
-from timm.models.vision_transformer import VisionTransformer
+from timm.models.vision_transformer import ParallelScalingBlock, ResPostBlock, VisionTransformer
 from tiny_models import EVA_VARIANTS, make_eva, make_vit
 
 import tocom_hub
@@ -173,10 +173,26 @@ def test_bad_position_rule_and_unsupported_models_raise_true_reasons():
     cait = Cait(img_size=64, patch_size=8, embed_dim=64, depth=1, num_heads=2, depth_token_only=1)
     with pytest.raises(TypeError, match="Cait: CaiT's talking-heads"):
         tocom_hub.patch(cait)
-    vit = VisionTransformer(img_size=64, patch_size=8, embed_dim=64, depth=1, num_heads=2, no_embed_class=True,
-                            block_fn=__import__("timm").models.vision_transformer.ResPostBlock)  # fmt: skip
-    with pytest.raises(TypeError, match="block 0 is ResPostBlock: res-post-norm"):
+    vit = VisionTransformer(img_size=64, patch_size=8, embed_dim=64, depth=1, num_heads=2,
+                            block_fn=ParallelScalingBlock)  # fmt: skip
+    with pytest.raises(TypeError, match=r"block 0 is ParallelScalingBlock: parallel \(attention ∥ MLP\)"):
         tocom_hub.patch(vit)
+    assert not tocom_hub.is_patched(vit)
+
+
+@pytest.mark.parametrize("method", ["tome", "evit"])
+def test_res_post_block_vit(method):
+    model = make_vit("cls_token", depth=2, block_fn=ResPostBlock)
+    ref = copy.deepcopy(model)(X)
+    tocom_hub.patch(model, method=method)
+    with torch.no_grad():
+        assert torch.equal(model(X), ref)
+        tocom_hub.set_r(model, [0, 9])  # reduced in the last block only: the class token is unchanged
+        assert (model(X) - ref).abs().max() <= 1e-6
+        tocom_hub.set_r(model, 9)
+        assert not torch.allclose(model(X), ref)
+        tocom_hub.unpatch(model)
+        assert type(model.blocks[0]) is ResPostBlock and torch.equal(model(X), ref)
 
 
 @pytest.mark.parametrize("variant", ["rope_cat_cls", "rope_cat_separate_qkv"])

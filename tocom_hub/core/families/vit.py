@@ -1,5 +1,5 @@
 """The classic family: timm ``VisionTransformer`` (and subclasses: distilled, hybrid, ``vitamin``'s
-``VisionTransformer``-based models) with timm's ``Block`` and ``Attention`` (fused qkv)."""
+``VisionTransformer``-based models) with timm's ``Block`` or ``ResPostBlock`` and ``Attention`` (fused qkv)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Optional
 
 import torch
 from timm.layers import Attention
-from timm.models.vision_transformer import Block, VisionTransformer
+from timm.models.vision_transformer import Block, ResPostBlock, VisionTransformer
 
 from ..attention import attend
 from .base import Family, ReducedBlock, ReducedModel, size_pool, token_info
@@ -37,6 +37,26 @@ class ToComBlock(ReducedBlock, Block):
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 
+class ToComResPostBlock(ReducedBlock, ResPostBlock):
+    """timm ``ResPostBlock`` (norm after each branch) that removes ``r`` tokens between attention and MLP."""
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False):
+        masked = attn_mask is not None or is_causal
+        return self._tocom_forward(
+            lambda: ResPostBlock.forward(self, x, attn_mask=attn_mask, is_causal=is_causal), x, masked
+        )
+
+    def _tocom_attention(self, x, ctx, need_info):
+        state = self._tocom_state
+        out, q, k = attend(self.attn, x, ctx.attn_bias, state.attention)
+        x = x + self.drop_path1(self.norm1(out))
+        info = token_info(need_info, q, k, self.attn.scale, state.has_class_token) if need_info else None
+        return x, info
+
+    def _tocom_mlp(self, x):
+        return x + self.drop_path2(self.norm2(self.mlp(x)))
+
+
 class ToComViT(ReducedModel):
     """Model mixin of the classic family: size-weighted average pooling, log-size bias in a MAP head."""
 
@@ -56,7 +76,7 @@ class ViTFamily(Family):
     name = "vit"
     model_classes = (VisionTransformer,)
     model_mixin = ToComViT
-    blocks = {Block: ToComBlock}
+    blocks = {Block: ToComBlock, ResPostBlock: ToComResPostBlock}
 
     def check(self, model, positions):
         name = type(model).__name__
