@@ -12,7 +12,9 @@ are exact as well and are measured before either could replace those:
   2-core CPU (DeiT-B, r = 16): 0.91× the mask's speed at batch 1 (the padded weight is rebuilt every
   forward) and 0.98× at batch 8, so the CPU keeps the mask.
 
-Neither is used by tocom_hub; ``gpu.py`` swaps them in for its ``tome-flex`` / ``tome-foldw`` rows.
+Neither is used by tocom_hub by default; ``gpu.py`` passes them as ``tocom_hub.patch(attention=...)`` for its
+``tome-flex`` (the kernel :func:`flex_attention_form`) and ``tome-foldw`` (:data:`PADDED_WEIGHTS`, an object
+whose ``attend`` replaces the classic family's whole attention) rows.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from torch import nn
 
 from tocom_hub.core import attention as _attention
 
-__all__ = ["flex_key_bias", "attend_padded_weights"]
+__all__ = ["flex_key_bias", "flex_attention_form", "attend_padded_weights", "PaddedWeights", "PADDED_WEIGHTS"]
 
 _FLEX: Dict[str, Callable[..., torch.Tensor]] = {}  # device type -> flex_attention (compiled on CUDA)
 
@@ -47,6 +49,11 @@ def flex_key_bias(q, k, v, bias, scale, dropout_p=0.0, fold=True):
         return score + per_key[b, kv_idx].to(score.dtype)
 
     return _FLEX[q.device.type](q, k, v, score_mod=score_mod, scale=scale)
+
+
+def flex_attention_form(q, k, v, bias, scale, dropout_p=0.0):
+    """:func:`flex_key_bias` as a ``patch(attention=...)`` kernel ``(q, k, v, bias, scale, dropout_p)``."""
+    return flex_key_bias(q, k, v, bias, scale, dropout_p)
 
 
 def _plain_qkv(attn: Attention) -> bool:
@@ -83,3 +90,19 @@ def attend_padded_weights(attn: Attention, x: torch.Tensor, bias: Optional[torch
     out = F.scaled_dot_product_attention(q, k, v, scale=attn.scale)[..., :D]
     out = attn.norm(out.transpose(1, 2).reshape(B, N, -1))
     return attn.proj_drop(attn.proj(out)), q[..., :D], k[..., :D]
+
+
+class PaddedWeights:
+    """``patch(attention=PADDED_WEIGHTS)``: the classic family attends through :func:`attend_padded_weights`."""
+
+    def attend(self, attn: Attention, x: torch.Tensor, bias: Optional[torch.Tensor]):
+        return attend_padded_weights(attn, x, bias)
+
+    def __call__(self, q, k, v, bias, scale, dropout_p=0.0):  # other families: the library's auto form
+        return _attention.key_bias_attention(q, k, v, bias, scale, dropout_p, True, "auto")
+
+    def __repr__(self) -> str:
+        return "PaddedWeights()"
+
+
+PADDED_WEIGHTS = PaddedWeights()

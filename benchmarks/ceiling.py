@@ -1,22 +1,19 @@
 """The merge-free *ceiling* of ``throughput.py --ceiling`` and ``gpu.py``: ToMe's token counts, merging free.
 
-:func:`set_merge_step` swaps the patch layer's ``bipartite_soft_matching`` / ``merge_wavg`` for
-truncation to the same number of tokens (:func:`truncate_plan`, :func:`truncate`), or puts the real merge
-step back. A patched model then runs every block with ToMe's token counts, its proportional-attention
-bias included, but pays nothing for matching and merging: its outputs are meaningless, its time is what
-any ToMe implementation would cost if the merge step itself were free.
+:data:`CEILING` is a reducer (``tocom_hub.patch(model, method="tome", reducer=CEILING)``) that truncates to the
+number of tokens ToMe would keep instead of matching and merging. A patched model then runs every block with
+ToMe's token counts, its proportional-attention bias included, but pays nothing for matching and merging:
+its outputs are meaningless, its time is what any ToMe implementation would cost if the merge step itself
+were free. Nothing in the library is modified; the seam is ``patch(reducer=...)``.
 """
 
 from __future__ import annotations
 
 import torch
 
-import tocom_hub.core.patch as _PATCH
 from tocom_hub.core.merge import max_merge
 
-__all__ = ["MERGE_STEP", "set_merge_step", "truncate", "truncate_plan"]
-
-MERGE_STEP = (_PATCH.bipartite_soft_matching, _PATCH.merge_wavg)
+__all__ = ["CEILING", "CeilingReducer", "truncate", "truncate_plan"]
 
 
 def truncate_plan(metric, r, num_prefix=0):
@@ -32,6 +29,27 @@ def truncate(num_out, x, size=None):
     return x[:, :num_out].contiguous(), size
 
 
-def set_merge_step(ceiling: bool) -> None:
-    """Truncation in the patch layer (``ceiling``), or the real merge step."""
-    _PATCH.bipartite_soft_matching, _PATCH.merge_wavg = (truncate_plan, truncate) if ceiling else MERGE_STEP
+class CeilingReducer:
+    """A reducer (see ``tocom_hub.core.reducers``) that keeps the first ``N - r`` tokens: ToMe's counts, no merge."""
+
+    info = "keys"
+
+    def plan(self, info, r, num_prefix):
+        return truncate_plan(info, r, num_prefix)
+
+    def apply(self, plan, x, size):
+        return truncate(plan, x, size)
+
+    def source(self, plan, source):
+        if source is None:
+            return None
+        return source[:, :plan]
+
+    def index(self, plan):
+        return torch.arange(plan).unsqueeze(0)
+
+    def __repr__(self) -> str:
+        return "CeilingReducer()"
+
+
+CEILING = CeilingReducer()

@@ -61,16 +61,20 @@ import timm
 import torch
 
 import tocom_hub
-import tocom_hub.core.attention as _ATTENTION
-import tocom_hub.core.patch as _PATCH
+from tocom_hub.core.attention import FOLD_BIAS_DEVICES
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/distill_step.py (training rows)
 
 import attention_variants  # noqa: E402 -- benchmarks/attention_variants.py (the flex rows)
 import ceiling as _ceiling  # noqa: E402 -- benchmarks/ceiling.py (the merge-free ceiling rows)
 
-_FOLD = _ATTENTION.FOLD_BIAS_DEVICES
-_ALL_DEVICES = ("cpu", "cuda", "xpu", "mps")
+# the attention form of each row, passed as tocom_hub.patch(attention=...) (nothing in the library is overwritten)
+_ATTENTION_FORMS = {
+    "tome-mask": "mask",
+    "tome-fold": "fold",
+    "tome-flex": attention_variants.flex_attention_form,
+    "tome-foldw": attention_variants.PADDED_WEIGHTS,
+}
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 SECTIONS = (
     "check",
@@ -86,7 +90,6 @@ SECTIONS = (
 )
 
 Config = tuple[str, int]  # (method, r): plain, tome, tome-noprop, tome-mask, tome-fold(w), tome-flex, evit, ceiling
-_SDPA_KEY_BIAS, _ATTEND = _ATTENTION.sdpa_key_bias, _PATCH.attend
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -96,14 +99,16 @@ _SDPA_KEY_BIAS, _ATTEND = _ATTENTION.sdpa_key_bias, _PATCH.attend
 def configure(model: torch.nn.Module, cfg: Config) -> None:
     """Put ``model`` (in place) into configuration ``cfg``; ``("plain", 0)`` restores everything."""
     method, r = cfg
-    _ceiling.set_merge_step(method == "tome-ceiling")
-    _ATTENTION.FOLD_BIAS_DEVICES = {"tome-mask": (), "tome-fold": _ALL_DEVICES}.get(method, _FOLD)
-    _ATTENTION.sdpa_key_bias = attention_variants.flex_key_bias if method == "tome-flex" else _SDPA_KEY_BIAS
-    _PATCH.attend = attention_variants.attend_padded_weights if method == "tome-foldw" else _ATTEND
     if method == "plain":
         tocom_hub.unpatch(model)
         return
-    tocom_hub.patch(model, method="evit" if method == "evit" else "tome", prop_attn=method != "tome-noprop")
+    tocom_hub.patch(
+        model,
+        method="evit" if method == "evit" else "tome",
+        prop_attn=method != "tome-noprop",
+        attention=_ATTENTION_FORMS.get(method, "auto"),
+        reducer=_ceiling.CEILING if method == "tome-ceiling" else None,
+    )
     tocom_hub.set_r(model, r)
 
 
@@ -488,7 +493,7 @@ def check_rows(run: Run, name: str) -> None:
         configure(model, ("tome-mask", r))
         out["tome_fold_vs_mask"] = (model(x) - fold).abs().max().item()
         configure(model, ("plain", 0))
-    out["device_folds_bias_by_default"] = run.device.type in _FOLD
+    out["device_folds_bias_by_default"] = run.device.type in FOLD_BIAS_DEVICES
     run.add("check", [out])
 
 

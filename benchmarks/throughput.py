@@ -55,27 +55,20 @@ def _time_forward(model, x, iters):
     return statistics.median(times)
 
 
-def _set_merge_step(cfg):
-    """The real merge step, or truncation for a ceiling configuration (module globals of the patch layer)."""
-    _ceiling.set_merge_step(cfg[0] == "tome-ceiling")
-
-
 def _configure(model, cfg):
     method, r = cfg
-    _set_merge_step(cfg)
     if method == "plain":
         tocom_hub.unpatch(model)
     else:
-        tocom_hub.patch(model, method="tome" if method == "tome-ceiling" else method)
+        ceiling = method == "tome-ceiling"
+        tocom_hub.patch(model, method="tome" if ceiling else method, reducer=_ceiling.CEILING if ceiling else None)
         tocom_hub.set_r(model, r)
 
 
 def _compile_each(model, configs, x, backend="inductor"):
     """One compiled copy of ``model`` per configuration, warmed up; returns ``(models, seconds to compile)``.
 
-    Dynamo guards on the patch layer's merge-step globals, so a ceiling copy (compiled with truncation in
-    place) and a ToMe copy never share a graph; :func:`_set_merge_step` before each call picks the one
-    its copy was compiled with.
+    Each copy carries its own configuration (a ceiling copy its ceiling reducer), so no two share a graph.
     """
     models, seconds = {}, {}
     for cfg in configs:
@@ -86,7 +79,6 @@ def _compile_each(model, configs, x, backend="inductor"):
         for _ in range(2):  # the first call compiles; the second shows no recompile is pending
             models[cfg](x)
         seconds[cfg] = time.perf_counter() - start
-    _set_merge_step(("plain", 0))
     return models, seconds
 
 
@@ -111,7 +103,6 @@ def run(model, batch_size, configs, rounds, iters, img_size, seed=0, compile=Fal
             compiled, compile_s = _compile_each(model, configs, x, backend)  # compiled and warmed up
 
             def use(cfg):
-                _set_merge_step(cfg)
                 return compiled[cfg]
         else:
 
@@ -133,7 +124,7 @@ def run(model, batch_size, configs, rounds, iters, img_size, seed=0, compile=Fal
                 times[plain_cfg] += t_plain
                 times[cfg].append(statistics.median(t_cfg))
                 ratios[cfg].append(statistics.median(t_plain) / statistics.median(t_cfg))
-        _configure(model, plain_cfg)  # also puts the real merge step back after a ceiling row
+        _configure(model, plain_cfg)
     rows = []
     for cfg in configs:
         r = ratios.get(cfg, [1.0])

@@ -46,10 +46,9 @@ def test_sdpa_key_bias_fold_gradients_match_mask():
 
 @pytest.mark.parametrize("variant", ["cls_token", "gap", "registers", "map_head"])
 def test_folded_proportional_attention_matches_reference(variant, monkeypatch):
-    # the device-type switch picks the folded path on GPUs; force it on the CPU
-    monkeypatch.setattr(attention_mod, "FOLD_BIAS_DEVICES", ("cpu",))
+    # "auto" picks the folded path on GPUs; patch(attention="fold") forces it on the CPU
     model = make_vit(variant)
-    patched = tocom_hub.patch(copy.deepcopy(model))
+    patched = tocom_hub.patch(copy.deepcopy(model), attention="fold")
     tocom_hub.set_r(patched, 7)
     calls = []
     real = F.scaled_dot_product_attention

@@ -11,7 +11,6 @@ from torch._dynamo.testing import CompileCounter
 
 import tocom_hub
 from tocom_hub import ToComBank
-from tocom_hub.core import attention as attention_mod
 
 X = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
 
@@ -78,17 +77,17 @@ def test_every_supported_variant_compiles_fullgraph(variant, method):
 
 
 @pytest.mark.parametrize("fold", [False, True])
-def test_inductor_matches_eager_with_proportional_attention_paths(monkeypatch, fold):
+def test_inductor_matches_eager_with_proportional_attention_paths(fold):
     """Both forms of proportional attention compile with inductor: the SDPA mask (CPU default) and log(size)
-    folded into padded q/k (the CUDA default, forced here on the CPU), each giving the eager outputs."""
-    monkeypatch.setattr(attention_mod, "FOLD_BIAS_DEVICES", ("cpu",) if fold else ())
-    model = tocom_hub.patch(make_vit("cls_token", depth=2), method="tome")
+    folded into padded q/k (the CUDA default, chosen here with patch(attention="fold")), each giving the eager
+    outputs."""
+    model = tocom_hub.patch(make_vit("cls_token", depth=2), method="tome", attention="fold" if fold else "mask")
     tocom_hub.set_r(model, 6)
     compiled = torch.compile(model, fullgraph=True)
     with torch.no_grad():
         ref = model(X)
         out = compiled(X)
-        monkeypatch.setattr(attention_mod, "FOLD_BIAS_DEVICES", () if fold else ("cpu",))
+        tocom_hub.patch(model, method="tome", attention="mask" if fold else "fold")
         other = model(X)  # the other form, eager: the same logits
     assert (out - ref).abs().max() <= 1e-4
     assert (other - ref).abs().max() <= 1e-5

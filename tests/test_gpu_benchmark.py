@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import torch
+from library_attrs import changed_since, library_attrs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -18,15 +19,7 @@ def _load():
 
 def test_gpu_benchmark_small_cpu_run_writes_json_and_markdown(tmp_path):
     bench = _load()
-    patch_module = bench._PATCH
-    attention = bench._ATTENTION
-    real = (
-        patch_module.bipartite_soft_matching,
-        patch_module.merge_wavg,
-        attention.FOLD_BIAS_DEVICES,
-        attention.sdpa_key_bias,
-        patch_module.attend,
-    )
+    before = library_attrs()
     out, md = tmp_path / "gpu.json", tmp_path / "gpu.md"
     try:
         bench.main(
@@ -102,15 +95,8 @@ def test_gpu_benchmark_small_cpu_run_writes_json_and_markdown(tmp_path):
     assert not any("error" in row for rows in sections.values() for row in rows)
     text = md.read_text()
     assert "| eager |" in text and "| compiled |" in text and "\nprofile fp32 b=2 tome r=3:" in text
-    # the ceiling and mask rows swap module functions only while they run
-    now = (
-        patch_module.bipartite_soft_matching,
-        patch_module.merge_wavg,
-        attention.FOLD_BIAS_DEVICES,
-        attention.sdpa_key_bias,
-        patch_module.attend,
-    )
-    assert now == real
+    # the ceiling and attention-form rows pass reducer= / attention= to patch(): no library attribute changes
+    assert not changed_since(before)
 
 
 def test_gpu_benchmark_training_hook_skips_with_a_reason_when_functions_are_missing(tmp_path, monkeypatch):

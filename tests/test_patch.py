@@ -6,7 +6,7 @@ import pickle
 import pytest
 import torch
 from reference import reference_forward
-from timm.models.vision_transformer import Block, ParallelScalingBlock, ResPostBlock, VisionTransformer
+from timm.models.vision_transformer import Block, ParallelScalingBlock, VisionTransformer
 from tiny_models import SUPPORTED, make_timm, make_vit, num_tokens
 
 import tocom_hub
@@ -264,15 +264,14 @@ def test_set_r_on_unpatched_model_raises():
 
 def _unsupported_models():
     from timm.models.beit import Beit
-    from timm.models.eva import Eva
+    from timm.models.cait import Cait
     from timm.models.vision_transformer_relpos import VisionTransformerRelPos
 
     small = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=5)
     return {
-        "Eva": lambda: Eva(**small),
+        "Cait": lambda: Cait(**small),
         "Beit": lambda: Beit(**small),
         "VisionTransformerRelPos": lambda: VisionTransformerRelPos(**small),
-        "ResPostBlock": lambda: VisionTransformer(block_fn=ResPostBlock, **small),
         "ParallelScalingBlock": lambda: VisionTransformer(block_fn=ParallelScalingBlock, **small),
         "DiffAttention": lambda: VisionTransformer(attn_layer="diff", **small),
         "Sequential": lambda: torch.nn.Sequential(torch.nn.Linear(3, 3)),

@@ -63,3 +63,41 @@ def make_timm(name: str, seed: int = 0, **overrides) -> torch.nn.Module:
 
 def num_tokens(model) -> int:
     return model.patch_embed.num_patches + model.num_prefix_tokens
+
+
+# name -> kwargs for timm Eva (64 px, patch 8 → 64 patches); every rope / attention / prefix / pool kind
+EVA_TINY = dict(img_size=64, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=10, init_values=0.2)
+EVA_VARIANTS = {
+    "rope_cat_cls": dict(use_rot_pos_emb=True, rope_type="cat"),
+    "rope_cat_separate_qkv": dict(use_rot_pos_emb=True, rope_type="cat", qkv_fused=False),
+    "rope_dinov3_registers": dict(use_rot_pos_emb=True, rope_type="dinov3", num_reg_tokens=4, attn_type="rope"),
+    "rope_mixed_avg": dict(
+        use_rot_pos_emb=True, rope_type="mixed", class_token=False, global_pool="avg", attn_type="rope"
+    ),
+    "rope_cat_gqa": dict(
+        use_rot_pos_emb=True, rope_type="cat", attn_type="rope", qkv_fused=False, num_kv_heads=1, num_heads=4
+    ),  # fmt: skip
+    "rope_dinov3_map": dict(
+        use_rot_pos_emb=True,
+        rope_type="dinov3",
+        class_token=False,
+        global_pool="map",
+        attn_type="rope",
+        num_reg_tokens=1,
+    ),  # fmt: skip
+    "norope_token": dict(use_rot_pos_emb=False, global_pool="token"),
+    "postnorm_norope": dict(use_rot_pos_emb=False, use_post_norm=True, init_values=None),
+}
+
+
+def make_eva(variant: str = "rope_cat_cls", seed: int = 0, **overrides) -> torch.nn.Module:
+    """A tiny timm ``Eva`` with random weights everywhere (layer scale 0.2 and random q/v biases)."""
+    from timm.models.eva import Eva
+
+    kwargs = dict(EVA_TINY)
+    kwargs.update(EVA_VARIANTS[variant])
+    kwargs.update(overrides)
+    torch.manual_seed(seed)
+    model = Eva(**kwargs)
+    _init_nontrivial(model, seed)
+    return model.eval()

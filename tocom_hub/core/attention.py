@@ -1,20 +1,27 @@
 """Attention with a per-key bias: ToMe's proportional attention (``softmax(q·kᵀ·scale + log s) v``, where
-``s`` counts the input patches a token stands for) on timm's ``Attention`` module, through SDPA."""
+``s`` counts the input patches a token stands for), through SDPA.
+
+:func:`key_bias_attention` is the one kernel every family's reduced attention calls; its *form* is chosen
+by ``patch(attention=...)``: ``"auto"`` (fold the bias into q and k on :data:`FOLD_BIAS_DEVICES`, an
+additive mask elsewhere), ``"mask"``, ``"fold"``, or a callable ``(q, k, v, bias, scale, dropout_p) -> out``.
+:func:`attend` is timm ``Attention.forward`` with that bias (the classic ViT family).
+"""
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 from timm.layers import Attention
 
-__all__ = ["FOLD_BIAS_DEVICES", "sdpa_key_bias", "attend"]
+__all__ = ["ATTENTION_FORMS", "FOLD_BIAS_DEVICES", "sdpa_key_bias", "key_bias_attention", "attend"]
 
-# Device types on which proportional attention folds log(size) into q and k instead of passing an
-# additive mask to SDPA. On CUDA a mask forces SDPA off the flash kernel (measured ~3x slower on an H200
-# at N = 197, while one more head-dim block costs ~1.4x); on the CPU the mask is cheaper than the padding.
+# Device types on which the "auto" form folds log(size) into q and k instead of passing an additive mask to
+# SDPA. On CUDA a mask forces SDPA off the flash kernel (measured ~3x slower on an H200 at N = 197, while one
+# more head-dim block costs ~1.4x); on the CPU the mask is cheaper than the padding.
 FOLD_BIAS_DEVICES = ("cuda", "xpu", "mps")
+ATTENTION_FORMS = ("auto", "mask", "fold")
 
 
 def sdpa_key_bias(
@@ -43,7 +50,34 @@ def sdpa_key_bias(
     return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)[..., :dim]
 
 
-def attend(attn: Attention, x: torch.Tensor, bias: Optional[torch.Tensor]):
+def key_bias_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    scale: float,
+    dropout_p: float,
+    fused: bool,
+    form: Any = "auto",
+    attn_drop: Optional[torch.nn.Module] = None,
+) -> torch.Tensor:
+    """``softmax(q·kᵀ·scale + bias) v`` (``[B, H, N, D]``): SDPA when ``fused`` (in the chosen ``form``),
+    else the explicit product with ``attn_drop`` on the probabilities (timm's non-fused path)."""
+    if not fused:
+        scores = (q * scale) @ k.transpose(-2, -1)
+        if bias is not None:
+            scores = scores + bias.to(scores.dtype)
+        probs = scores.softmax(dim=-1)
+        return (attn_drop(probs) if attn_drop is not None else probs) @ v
+    if bias is None:  # as timm calls it (its default scale is head_dim ** -0.5, as every family's)
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+    if callable(form):
+        return form(q, k, v, bias, scale, dropout_p)
+    fold = form == "fold" or (form == "auto" and q.device.type in FOLD_BIAS_DEVICES)
+    return sdpa_key_bias(q, k, v, bias, scale, dropout_p=dropout_p, fold=fold)
+
+
+def attend(attn: Attention, x: torch.Tensor, bias: Optional[torch.Tensor], form: Any = "auto"):
     """timm ``Attention.forward`` with a per-key bias (``[B, 1, 1, N]``, log token size, or ``None``).
 
     Returns ``(out, q, k)``: the attention output after ``proj`` and the (normed) queries and keys
@@ -55,16 +89,7 @@ def attend(attn: Attention, x: torch.Tensor, bias: Optional[torch.Tensor]):
     q, k, v = qkv.unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
     dropout_p = attn.attn_drop.p if attn.training else 0.0
-    if attn.fused_attn and bias is None:
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
-    elif attn.fused_attn:
-        fold = q.device.type in FOLD_BIAS_DEVICES
-        out = sdpa_key_bias(q, k, v, bias, attn.scale, dropout_p=dropout_p, fold=fold)
-    else:
-        scores = (q * attn.scale) @ k.transpose(-2, -1)
-        if bias is not None:
-            scores = scores + bias.to(scores.dtype)
-        out = attn.attn_drop(scores.softmax(dim=-1)) @ v
+    out = key_bias_attention(q, k, v, bias, attn.scale, dropout_p, attn.fused_attn, form, attn.attn_drop)
     out = attn.norm(out.transpose(1, 2).reshape(B, N, attn.num_heads * attn.head_dim))  # explicit: B may be 0
     if gate is not None:
         out = out * gate

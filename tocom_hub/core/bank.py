@@ -168,7 +168,7 @@ class ToComBank(
         )
         # fp32 on the model's device whatever the model's dtype (like peft's autocast_adapter_dtype):
         # the factors are trained and summed in fp32; merging rounds once, into the model's dtype
-        return cls(config, device=model.blocks[0].attn.qkv.weight.device, dtype=torch.float32)
+        return cls(config, device=model.blocks[0].attn.proj.weight.device, dtype=torch.float32)
 
     # -- properties -------------------------------------------------------------------------------
     @property

@@ -205,40 +205,34 @@ def check_format_version(version: Any, where: str) -> int:
 
 
 def model_dims(model: nn.Module) -> Dict[str, int]:
-    """``embed_dim``, ``attn_dim``, ``depth``, ``num_heads`` of a timm ViT built from ``Block``/``Attention``.
+    """``embed_dim``, ``attn_dim``, ``depth``, ``num_heads`` of a model of a supported family.
 
-    Raises ``TypeError`` naming the model class when ``model.blocks[i].attn.qkv`` is not a fused
-    ``nn.Linear(d, 3·attn_dim)`` with the same shape in every block.
+    q and v are found where the model's family says (fused ``attn.qkv`` rows or separate ``q_proj`` /
+    ``v_proj``). Raises ``TypeError`` naming the model class when the shapes differ between blocks, when
+    v is narrower than q (grouped k/v heads: a bank's v factors are q-sized) or the family is unsupported.
     """
+    from .families import find_family  # the families import timm's model modules: only when needed
+
     name = type(model).__name__
-    blocks = getattr(model, "blocks", None)
-    if not isinstance(blocks, nn.Sequential) or len(blocks) == 0:
-        raise TypeError(f"{name}: expected a timm VisionTransformer with a non-empty `model.blocks`")
+    family = find_family(model)
     shapes = set()
-    for i, blk in enumerate(blocks):
-        attn = getattr(blk, "attn", None)
-        qkv = getattr(attn, "qkv", None)
-        proj = getattr(attn, "proj", None)
-        if not isinstance(qkv, nn.Linear) or not isinstance(proj, nn.Linear) or qkv.out_features % 3:
+    for i, blk in enumerate(model.blocks):
+        where = family.qv(blk)
+        rows = {t: (m.out_features if stop is None else stop) - start for t, (m, start, stop) in where.items()}
+        q_in = where["q"][0].in_features
+        proj = where["proj"][0]
+        if rows["v"] != rows["q"]:
             raise TypeError(
-                f"{name}: block {i} has no fused `attn.qkv` nn.Linear(d, 3·d) and `attn.proj` nn.Linear; "
-                f"ToCom supports timm ViT blocks with timm's `Attention`"
+                f"{name}: block {i} has grouped k/v heads (v is {rows['v']} wide, q {rows['q']}); a ToCom bank "
+                f"needs q and v of one width"
             )
-        shapes.add(
-            (
-                qkv.in_features,
-                qkv.out_features // 3,
-                int(getattr(attn, "num_heads", 0)),
-                proj.in_features,
-                proj.out_features,
-            )
-        )
+        shapes.add((q_in, rows["q"], int(getattr(blk.attn, "num_heads", 0)), proj.in_features, proj.out_features))
     if len(shapes) != 1:
         raise TypeError(f"{name}: attention shapes differ between blocks ({sorted(shapes)}); not supported")
     embed_dim, attn_dim, num_heads, proj_in, proj_out = shapes.pop()
     if proj_in != attn_dim or proj_out != embed_dim:
         raise TypeError(f"{name}: attn.proj is {proj_in}→{proj_out}, expected {attn_dim}→{embed_dim}")
-    return {"embed_dim": embed_dim, "attn_dim": attn_dim, "depth": len(blocks), "num_heads": num_heads}
+    return {"embed_dim": embed_dim, "attn_dim": attn_dim, "depth": len(model.blocks), "num_heads": num_heads}
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -43,7 +43,7 @@ from .bank import MAX_SCALE, ToComBank, _looks_local, model_dims
 from .checks import is_int
 from .compensation import Compensation
 from .locks import switch_lock
-from .lora_hooks import HookedCompensation
+from .lora_hooks import HookedCompensation, check_hookable
 from .lora_merged import MergedCompensation
 from .patch import get_method, get_r, is_patched, patch, set_r, unpatch
 
@@ -161,7 +161,7 @@ def _check_compatible(model: nn.Module, bank: ToComBank, method: Optional[str], 
             bank.lora_A[t].shape
         ) != (cfg.depth, cfg.r_max * cfg.rank, cfg.target_shape(t)[1]):
             raise ValueError(f"bank tensors for target {t!r} do not match its config; rebuild the bank")
-    weight = model.blocks[0].attn.qkv.weight
+    weight = model.blocks[0].attn.proj.weight
     if not weight.dtype.is_floating_point:
         raise TypeError(f"model weights are {weight.dtype}; ToCom needs floating point weights")
     meta = [n for n, p in model.named_parameters() if p.device.type == "meta"]
@@ -261,13 +261,15 @@ def _apply_locked(
     merge = bool(merge)
     if not merge:
         dev = next(iter(bank.parameters())).device
-        wdev = model.blocks[0].attn.qkv.weight.device
+        wdev = model.blocks[0].attn.proj.weight.device
         if dev != wdev:
             raise ValueError(
                 f"unmerged mode computes with the bank's own parameters: bank is on {dev}, model on "
                 f"{wdev}; move it first with bank.to({str(wdev)!r})"
             )
 
+    if not merge:
+        check_hookable(model)  # before anything changes
     old = get_state(model)
     was_patched = is_patched(model)
     if not was_patched:

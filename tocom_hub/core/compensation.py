@@ -15,34 +15,29 @@ from typing import List, Tuple
 from torch import nn
 
 from .bank import ToComBank
+from .families import find_family
 
 __all__ = ["Compensation"]
-
-# timm's Attention computes q, k, v with one Linear, ``attn.qkv`` (out_features 3·d), whose output it reshapes
-# to (3, heads, head_dim) and unbinds: rows [0, d) are q, [d, 2d) k, [2d, 3d) v (timm/layers/attention.py).
-_QKV_INDEX = {"q": 0, "k": 1, "v": 2}
 
 # (block, Linear, [(target, first row, row after the last)]): the rows of one Linear the bank adapts
 Layout = List[Tuple[int, nn.Linear, List[Tuple[str, int, int]]]]
 
 
 def bank_layout(model: nn.Module, bank: ToComBank) -> Layout:
-    """Where each of the bank's targets lives in ``model``: ``q``/``k``/``v`` are row ranges of the fused
-    ``attn.qkv`` weight, ``proj`` is all of ``attn.proj``; one entry per (block, Linear) that has any."""
+    """Where each of the bank's targets lives in ``model``, as its family says (``Family.qv``): row ranges of
+    a fused ``attn.qkv`` (rows ``[0, d)`` q, ``[d, 2d)`` k, ``[2d, 3d)`` v), or whole separate
+    ``q_proj`` / ``k_proj`` / ``v_proj``; ``proj`` is all of ``attn.proj``. One entry per (block, Linear)."""
+    family = find_family(model)
     layout: Layout = []
     for b, blk in enumerate(model.blocks):
-        qkv_entries, proj_entries = [], []
-        d = blk.attn.qkv.out_features // 3
+        where = family.qv(blk)
+        per_linear: dict = {}
         for t in bank.targets:
-            if t == "proj":
-                proj_entries.append((t, 0, blk.attn.proj.out_features))
-            else:
-                i = _QKV_INDEX[t]
-                qkv_entries.append((t, i * d, (i + 1) * d))
-        if qkv_entries:
-            layout.append((b, blk.attn.qkv, qkv_entries))
-        if proj_entries:
-            layout.append((b, blk.attn.proj, proj_entries))
+            module, start, stop = where[t]
+            per_linear.setdefault(id(module), (module, []))[1].append(
+                (t, start, module.out_features if stop is None else stop)
+            )
+        layout.extend((b, module, entries) for module, entries in per_linear.values())
     return layout
 
 

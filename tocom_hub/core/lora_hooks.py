@@ -19,8 +19,9 @@ from torch.utils.hooks import RemovableHandle
 
 from .bank import ToComBank, signed_group_slice
 from .compensation import Compensation
+from .families import find_family
 
-__all__ = ["HookedCompensation"]
+__all__ = ["HookedCompensation", "check_hookable"]
 
 
 def _autocast_on(x: torch.Tensor) -> bool:
@@ -28,6 +29,15 @@ def _autocast_on(x: torch.Tensor) -> bool:
         return torch.is_autocast_enabled(x.device.type)
     except TypeError:  # pragma: no cover - torch < 2.4 has no device_type argument (we support torch >= 2.1)
         return torch.is_autocast_enabled()
+
+
+def check_hookable(model: nn.Module) -> None:
+    """``TypeError`` when forward hooks on the model's q/v Linears would never run (its family says why)."""
+    family = find_family(model)
+    for blk in model.blocks:
+        why = family.unhookable(blk)
+        if why:
+            raise TypeError(f"{type(model).__name__}: the bank's unmerged mode needs forward hooks: {why}")
 
 
 class _LoRAHook:
@@ -71,6 +81,7 @@ class HookedCompensation(Compensation):
     def __init__(
         self, model: nn.Module, bank: ToComBank, source_r: int, target_r: int, scale: float, patched_here: bool
     ) -> None:
+        check_hookable(model)
         super().__init__(model, bank, source_r, target_r, scale, patched_here)
         self._handles: List[RemovableHandle] = []
         self._coef_table: Optional[torch.Tensor] = None

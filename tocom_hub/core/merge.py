@@ -30,7 +30,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["Merge", "bipartite_soft_matching", "max_merge", "merge_source", "merge_wavg"]
+__all__ = ["Merge", "bipartite_soft_matching", "max_merge", "merge_index", "merge_source", "merge_wavg"]
 
 
 @dataclass
@@ -215,3 +215,14 @@ def merge_source(m: Merge, source: Optional[torch.Tensor] = None, dtype: torch.d
         source = torch.eye(num_tokens, device=m.a_idx.device, dtype=dtype).expand(batch, -1, -1)
     # Each input patch belongs to exactly one token, so a sum of rows is their union.
     return _merge_rows(m, source, None, None)
+
+
+def merge_index(m: Merge) -> torch.Tensor:
+    """``[B, N - r]`` long: the input token each output token of the plan sits at (a merged B token sits at
+    its own place: the "destination keeps its position" rule; prefix, unmerged A and B tokens are themselves)."""
+    batch, device = m.a_idx.shape[0], m.a_idx.device
+    num_tokens = m.num_out + m.r
+    prefix = torch.arange(m.num_prefix, device=device).expand(batch, -1)
+    kept_a = m.a_idx[:, m.r :] * 2 + m.first_a
+    b = torch.arange(m.first_b, num_tokens, 2, device=device).expand(batch, -1)
+    return torch.cat([prefix, kept_a, b], dim=1)

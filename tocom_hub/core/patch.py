@@ -5,11 +5,11 @@ classes come back with :func:`unpatch`); parameters, buffers and ``state_dict`` 
 Inside a block the token reduction runs between the attention and the MLP; the maths lives in
 :mod:`tocom_hub.core.merge` and :mod:`tocom_hub.core.prune`.
 
-Supported: timm ``VisionTransformer`` and its subclasses (``VisionTransformerDistilled``, …) whose
-blocks are timm's ``Block`` with timm's ``Attention``: class / distillation / register tokens (all
-prefix tokens are protected and stay first), no-class-token models with average pooling (size
-weighted) or an attention-pool head (log-size bias), layer scale, qk-norm, gated attention,
-``dynamic_img_size``, fused (SDPA) and non-fused attention. Anything else raises ``TypeError``.
+The model's family (classic ViT, Eva, …) is found in one table (:mod:`tocom_hub.core.families`); its
+adapter says how a block attends on reduced tokens and which positions travel with them. The reduction
+step itself (:mod:`tocom_hub.core.reducers`) and the per-forward context (:mod:`tocom_hub.core.context`)
+are the same for every family. Prefix tokens (class / distillation / register) are protected and stay
+first. Anything outside a supported family raises ``TypeError`` with the reason.
 """
 
 from __future__ import annotations
@@ -17,22 +17,21 @@ from __future__ import annotations
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
-from timm.layers import Attention
-from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
-from .attention import FOLD_BIAS_DEVICES, attend, sdpa_key_bias  # noqa: F401 (re-exported)
+from .attention import ATTENTION_FORMS, FOLD_BIAS_DEVICES, attend, sdpa_key_bias  # noqa: F401 (re-exported)
 from .checks import METHODS, is_int
-from .merge import bipartite_soft_matching, max_merge, merge_source, merge_wavg
-from .prune import cls_attention, max_prune, prune_source, prune_tokens, select_attentive
-
-try:  # present in every timm version we support, but keep the import soft
-    from timm.layers.attention_pool import AttentionPoolLatent
-except ImportError:  # pragma: no cover
-    AttentionPoolLatent = ()
+from .context import POSITION_RULES, TokenState
+from .families import find_family, patched_block_classes
+from .families.base import ReducedModel
+from .families.vit import ToComBlock  # noqa: F401 (re-exported: the classic family's reduced block)
+from .merge import max_merge
+from .prune import max_prune
+from .reducers import default_reducer
 
 __all__ = [
     "METHODS",
+    "POSITION_RULES",
     "patch",
     "unpatch",
     "set_r",
@@ -46,147 +45,15 @@ __all__ = [
 
 RSpec = Union[int, Sequence[int]]
 
-
-class TokenState:
-    """Settings and per-forward state shared by a patched model and its blocks."""
-
-    def __init__(
-        self,
-        method: str,
-        prop_attn: bool,
-        trace_source: bool,
-        fuse_token: bool,
-        num_prefix: int,
-        has_class_token: bool,
-        depth: int,
-    ) -> None:
-        self.method = method
-        self.prop_attn = prop_attn
-        self.trace_source = trace_source
-        self.fuse_token = fuse_token
-        self.num_prefix = num_prefix
-        self.has_class_token = has_class_token
-        self.r: List[int] = [0] * depth
-        self.r_spec: RSpec = 0
-        self.reset()
-
-    def reset(self) -> None:
-        """Forget the token sizes / sources of the previous forward."""
-        self.size: Optional[torch.Tensor] = None  # [B, N, 1] float32, input patches per token (ToMe)
-        self.source: Optional[torch.Tensor] = None  # [B, N, N_in] 0/1, with trace_source
-        self.attn_bias: Optional[torch.Tensor] = None  # [B, 1, 1, N] float32 log(size), with prop_attn
-
-
-# ---------------------------------------------------------------------------------------------------
-# block
-
-
-def _attention(attn: Attention, x: torch.Tensor, bias: Optional[torch.Tensor], state: TokenState, info: bool):
-    """:func:`attend`, plus (when ``info``) the metric for ToMe (keys summed over heads, ``[B, N, D]``)
-    or the class-token attentiveness for EViT (``[B, N]``); ``None`` when ``info`` is false."""
-    out, q, k = attend(attn, x, bias)
-    if not info:
-        return out, None
-    if state.method == "tome":
-        metric = k.sum(dim=1)  # direction of the head-averaged keys: all bipartite matching needs
-    else:
-        with torch.no_grad():
-            metric = cls_attention(q, k, attn.scale, state.has_class_token)
-    return out, metric
-
-
-class ToComBlock(Block):
-    """timm ``Block`` that removes ``r`` tokens between attention and MLP (see :func:`patch`)."""
-
-    _tocom_state: TokenState
-    _tocom_index: int
-
-    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False):
-        state = self._tocom_state
-        r = state.r[self._tocom_index]
-        bias = state.attn_bias
-        if attn_mask is not None or is_causal:
-            if any(state.r):
-                raise ValueError("token merging/pruning cannot be combined with attn_mask / is_causal")
-            return Block.forward(self, x, attn_mask=attn_mask, is_causal=is_causal)
-        if r <= 0 and bias is None:  # nothing merged so far and nothing to merge: timm's own forward
-            return Block.forward(self, x)
-
-        out, info = _attention(self.attn, self.norm1(x), bias, state, info=r > 0)
-        x = x + self.drop_path1(self.ls1(out))
-        if r > 0 and state.method == "tome":
-            plan = bipartite_soft_matching(info, r, state.num_prefix)
-            if plan is not None:
-                x, state.size = merge_wavg(plan, x, state.size)
-                if state.trace_source:
-                    state.source = merge_source(plan, state.source)
-                if state.prop_attn:
-                    state.attn_bias = state.size.log().view(x.shape[0], 1, 1, x.shape[1])  # [B, 1, 1, N] f32
-        elif r > 0:
-            plan = select_attentive(info, r, state.num_prefix, fuse=state.fuse_token)
-            if plan is not None:
-                x = prune_tokens(plan, x)
-                if state.trace_source:
-                    state.source = prune_source(plan, state.source)
-        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
-        return x
-
-
-# ---------------------------------------------------------------------------------------------------
-# model
-
-
-class _ToComModel:
-    """Mixin put in front of the model's class: resets per-forward state, size-aware pooling."""
-
-    _tocom_state: TokenState
-
-    def forward_features(self, *args, **kwargs):
-        state = self._tocom_state
-        state.reset()
-        if any(state.r) and self.grad_checkpointing and self.training:
-            raise RuntimeError(
-                "gradient checkpointing re-runs blocks and cannot be combined with token merging/pruning; "
-                "call model.set_grad_checkpointing(False) or tocom_hub.set_r(model, 0)"
-            )
-        return super().forward_features(*args, **kwargs)
-
-    def forward_intermediates(self, *args, **kwargs):
-        state = self._tocom_state
-        state.reset()
-        if any(state.r):
-            raise NotImplementedError(
-                "forward_intermediates reshapes tokens to the patch grid, which merging/pruning changes; "
-                "call tocom_hub.set_r(model, 0) first"
-            )
-        return super().forward_intermediates(*args, **kwargs)
-
-    def pool(self, x: torch.Tensor, pool_type: Optional[str] = None) -> torch.Tensor:
-        size = self._tocom_state.size
-        if size is None:
-            return super().pool(x, pool_type)
-        start = 0 if self.pool_include_prefix else self.num_prefix_tokens
-        if self.attn_pool is not None:
-            if isinstance(self.attn_pool, AttentionPoolLatent) and self._tocom_state.prop_attn:
-                bias = size[:, start:].log().transpose(1, 2)[:, None].to(x.dtype)  # [B, 1, 1, N]
-                return self.attn_pool(x[:, start:], attn_mask=bias)
-            return super().pool(x, pool_type)
-        pool_type = self.global_pool if pool_type is None else pool_type
-        if pool_type not in ("avg", "avgmax"):
-            return super().pool(x, pool_type)
-        tokens, weight = x[:, start:], size[:, start:]
-        avg = (tokens * (weight / weight.sum(dim=1, keepdim=True)).to(tokens.dtype)).sum(dim=1)
-        return avg if pool_type == "avg" else 0.5 * (tokens.amax(dim=1) + avg)
-
-
 _MODEL_CLASSES = {}
+_BLOCK_CLASSES = {}
 
 
-def _patched_class(cls: type) -> type:
+def _patched_class(cls: type, mixin: type) -> type:
     """The patched subclass of a model class, created once and importable by name (pickle)."""
     if cls not in _MODEL_CLASSES:
         name = f"ToCom{cls.__name__}"
-        new = type(name, (_ToComModel, cls), {"__module__": __name__, "__qualname__": name})
+        new = type(name, (mixin, cls), {"__module__": __name__, "__qualname__": name})
         globals()[name] = new
         _MODEL_CLASSES[cls] = new
     return _MODEL_CLASSES[cls]
@@ -201,31 +68,7 @@ def _original_class(model: nn.Module) -> type:
 
 def is_patched(model: nn.Module) -> bool:
     """Whether :func:`patch` was applied to ``model`` (and not undone)."""
-    return isinstance(model, _ToComModel)
-
-
-def _check_supported(model: nn.Module) -> None:
-    name = type(model).__name__
-    if not isinstance(model, VisionTransformer):
-        raise TypeError(
-            f"tocom_hub supports timm VisionTransformer models (and subclasses such as "
-            f"VisionTransformerDistilled); got {name}. Architectures with rotary/relative position "
-            f"attention (Eva, Beit, VisionTransformerRelPos, …) are not supported."
-        )
-    blocks = getattr(model, "blocks", None)
-    if not isinstance(blocks, nn.Sequential) or len(blocks) == 0:
-        raise TypeError(f"{name}: expected `model.blocks` to be a non-empty nn.Sequential of timm Blocks")
-    for i, blk in enumerate(blocks):
-        if type(blk) not in (Block, ToComBlock):
-            raise TypeError(
-                f"{name}: block {i} is {type(blk).__name__}; tocom_hub supports only timm's ViT `Block` "
-                f"(not ResPostBlock, ParallelScalingBlock, ParallelThingsBlock, …)"
-            )
-        if type(blk.attn) is not Attention:
-            raise TypeError(
-                f"{name}: block {i} uses {type(blk.attn).__name__}; tocom_hub supports only timm's "
-                f"`Attention` (fused qkv, no rotary/relative position bias)"
-            )
+    return isinstance(model, ReducedModel)
 
 
 def _num_tokens(model: nn.Module) -> Optional[int]:
@@ -269,34 +112,62 @@ def _state(model: nn.Module) -> TokenState:
     return model._tocom_state
 
 
+def _check_options(method: str, positions: str, attention: Any, reducer: Any) -> None:
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}; got {method!r}")
+    if positions not in POSITION_RULES:
+        raise ValueError(f"positions must be one of {POSITION_RULES}; got {positions!r}")
+    if not (callable(attention) or attention in ATTENTION_FORMS):
+        raise ValueError(f"attention must be one of {ATTENTION_FORMS} or a callable; got {attention!r}")
+    if reducer is not None:
+        missing = [m for m in ("plan", "apply", "source", "index") if not callable(getattr(reducer, m, None))]
+        if missing or getattr(reducer, "info", None) not in ("keys", "cls_attention"):
+            raise ValueError(
+                "reducer must have plan/apply/source/index methods and info 'keys' or 'cls_attention' "
+                f"(see tocom_hub.core.reducers); got {reducer!r}"
+            )
+
+
 def patch(
     model: nn.Module,
     method: str = "tome",
     prop_attn: bool = True,
     trace_source: bool = False,
     fuse_token: bool = False,
+    positions: str = "keep",
+    attention: Any = "auto",
+    reducer: Any = None,
 ) -> nn.Module:
     """Make a timm ViT merge (ToMe) or prune (EViT) ``r`` tokens per block; ``r`` starts at 0.
 
     Args:
-        model: a timm ``VisionTransformer`` (or subclass) built from timm ``Block``/``Attention``.
+        model: a model of a supported family (``docs/supported-models.md``): timm ``VisionTransformer``
+            (and subclasses) with ``Block``/``Attention``; timm ``Eva`` (EVA-02, DINOv3, PE, …).
         method: ``"tome"`` (bipartite soft matching, size-weighted merging) or ``"evit"`` (drop the
             tokens the class token attends to least).
         prop_attn: ToMe proportional attention (log token size added to attention logits, and to
             an attention-pool head). Ignored by EViT, which drops tokens instead of merging them.
         trace_source: record which input patches each token holds (:func:`get_source`).
-        fuse_token: EViT only: fuse the dropped tokens into one extra token.
+        fuse_token: EViT only: fuse the dropped tokens into one extra token (it carries no rope position).
+        positions: position of a merged token in families with positional state (RoPE): ``"keep"`` (the
+            destination keeps its own position; the default) or ``"centroid"`` (the size-weighted centroid
+            of its patches, the rotation recomputed there). Pruning always keeps each token's own position.
+        attention: form of the attention with the log-size bias: ``"auto"`` (folded into q/k on GPUs, an
+            additive mask on the CPU), ``"mask"``, ``"fold"``, or a callable ``(q, k, v, bias, scale, dropout_p)``
+            (an object that also has ``attend(attn, x, bias) -> (out, q, k)`` replaces the classic ViT's attention).
+        reducer: the object that plans and applies the reduction (default: :class:`~tocom_hub.core.reducers.ToMe`
+            or :class:`~tocom_hub.core.reducers.EViT` for ``method``); benchmarks pass a merge-free ceiling.
 
     Idempotent; calling it on a patched model updates the settings (e.g. switches ``method``) and
-    keeps ``r``. Parameters and ``state_dict`` are never modified. Example::
+    keeps ``r``. Parameters and ``state_dict`` are never modified. Per-forward state (sizes, sources,
+    positions) belongs to the call: threads may run forwards on one patched model at once. Example::
 
         model = timm.create_model("deit_small_patch16_224")
         tocom_hub.patch(model, method="tome")
         tocom_hub.set_r(model, 16)
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}; got {method!r}")
-    _check_supported(model)
+    _check_options(method, positions, attention, reducer)
+    family = find_family(model, positions)
     comp = model.__dict__.get("_tocom_compensation")  # set by tocom_hub.apply (compensate.py)
     if comp is not None and comp.bank.method != method:
         raise ValueError(
@@ -304,28 +175,36 @@ def patch(
             f"would run it with the wrong token reduction: call tocom_hub.remove(model) first, or apply a bank "
             f"trained for {method!r}"
         )
-    if is_patched(model):
-        state = model._tocom_state
-        r = _resolve_r(model, state.r_spec, method)  # a method switch may change the r limit
-        state.method, state.prop_attn, state.trace_source = method, bool(prop_attn), bool(trace_source)
-        state.fuse_token = bool(fuse_token)
-        state.r = r
-        state.reset()
-        return model
-
-    state = TokenState(
+    settings = dict(
         method=method,
         prop_attn=bool(prop_attn),
         trace_source=bool(trace_source),
         fuse_token=bool(fuse_token),
-        num_prefix=int(model.num_prefix_tokens),
-        has_class_token=bool(getattr(model, "has_class_token", model.cls_token is not None)),
-        depth=len(model.blocks),
+        reducer=reducer if reducer is not None else default_reducer(method, bool(fuse_token)),
+        positions=positions,
+        attention=attention,
     )
-    model.__class__ = _patched_class(type(model))
+    if is_patched(model):
+        state = model._tocom_state
+        r = _resolve_r(model, state.r_spec, method)  # a method switch may change the r limit
+        state.__dict__.update(settings)
+        state._custom_reducer = reducer
+        state.r = r
+        state.begin()
+        return model
+
+    state = TokenState(
+        num_prefix=family.num_prefix(model),
+        has_class_token=family.has_class_token(model),
+        depth=len(model.blocks),
+        family=family,
+        **settings,
+    )
+    state._custom_reducer = reducer
+    model.__class__ = _patched_class(type(model), family.model_mixin)
     model._tocom_state = state
     for i, blk in enumerate(model.blocks):
-        blk.__class__ = ToComBlock
+        blk.__class__ = family.blocks.get(type(blk), type(blk))
         blk._tocom_state = state
         blk._tocom_index = i
     return model
@@ -335,8 +214,9 @@ def unpatch(model: nn.Module) -> nn.Module:
     """Undo :func:`patch`: original classes back, token reduction off. No-op on an unpatched model."""
     if not is_patched(model):
         return model
+    originals = patched_block_classes()
     for blk in model.blocks:
-        blk.__class__ = Block
+        blk.__class__ = originals.get(type(blk), type(blk))
         del blk._tocom_state
         del blk._tocom_index
     del model._tocom_state
@@ -377,18 +257,28 @@ def get_settings(model: nn.Module) -> Optional[Dict[str, Any]]:
     if not is_patched(model):
         return None
     st = model._tocom_state
-    return dict(method=st.method, prop_attn=st.prop_attn, trace_source=st.trace_source, fuse_token=st.fuse_token)
+    settings = dict(method=st.method, prop_attn=st.prop_attn, trace_source=st.trace_source, fuse_token=st.fuse_token)
+    if st.positions != "keep":
+        settings["positions"] = st.positions
+    if st.attention != "auto":
+        settings["attention"] = st.attention
+    if st._custom_reducer is not None:
+        settings["reducer"] = st._custom_reducer
+    return settings
 
 
 def get_source(model: nn.Module) -> Optional[torch.Tensor]:
-    """Source trace of the last forward (``[B, N_out, N_in]`` 0/1; needs ``trace_source=True``).
+    """Source trace of the calling thread's last forward (``[B, N_out, N_in]`` 0/1; needs ``trace_source=True``).
 
     ``None`` when nothing was merged or pruned. Row ``j`` marks the input tokens (prefix tokens
     included, in input order) that output token ``j`` holds.
     """
-    return _state(model).source
+    ctx = _state(model).last()
+    return None if ctx is None else ctx.source
 
 
 def get_size(model: nn.Module) -> Optional[torch.Tensor]:
-    """Token sizes of the last ToMe forward (``[B, N_out, 1]`` float32); ``None`` when nothing was merged."""
-    return _state(model).size
+    """Token sizes of the calling thread's last ToMe forward (``[B, N_out, 1]`` float32); ``None`` when nothing
+    was merged."""
+    ctx = _state(model).last()
+    return None if ctx is None else ctx.size

@@ -75,7 +75,7 @@ def tune_scale(
     if not candidates:
         raise ValueError("candidates must not be empty")
     lower_is_better = metric == "loss"
-    device = model.blocks[0].attn.qkv.weight.device
+    device = model.blocks[0].attn.proj.weight.device
     was_training = model.training
     model.eval()
     scores: Dict[float, float] = {}

@@ -1,0 +1,152 @@
+"""What every family shares: the reduced block (attention → reduce → MLP, written once), the model mixin
+(a fresh per-forward context, size-aware pooling) and the :class:`Family` adapter interface."""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from ..context import ForwardContext, TokenState
+from ..prune import cls_attention
+from ..reducers import reduce_tokens
+
+try:
+    from timm.layers.attention_pool import AttentionPoolLatent
+except ImportError:  # pragma: no cover
+    AttentionPoolLatent = ()
+
+__all__ = ["Family", "ReducedBlock", "ReducedModel", "QVEntry", "token_info", "size_pool"]
+
+# (Linear, [(target, first row, row after the last)]): where the bank's q / k / v / proj rows live
+QVEntry = Tuple[nn.Linear, List[Tuple[str, int, int]]]
+
+
+def token_info(kind: str, q: torch.Tensor, k: torch.Tensor, scale: float, has_class_token: bool) -> torch.Tensor:
+    """What a reducer plans from: ``"keys"`` (summed over heads, ``[B, N, D]``: only their direction matters
+    to ToMe's matching) or ``"cls_attention"`` (EViT's attentiveness ``[B, N]``)."""
+    if kind == "keys":
+        return k.sum(dim=1)
+    with torch.no_grad():
+        return cls_attention(q, k, scale, has_class_token)
+
+
+class ReducedBlock:
+    """Mixin put in front of a timm block class. A family's block subclass provides
+
+    * ``_tocom_attention(x, ctx, need_info, **extra) -> (x, info)``: the attention residual branch on the
+      current tokens with ``ctx.attn_bias`` as a per-key bias and the positions in ``ctx``; ``info`` as
+      :func:`token_info` when ``need_info`` (else ``None``);
+    * ``_tocom_mlp(x) -> x``: the MLP residual branch;
+
+    and calls :meth:`_tocom_forward` from its ``forward``. The reduction between them is
+    :func:`~tocom_hub.core.reducers.reduce_tokens`, the same for every family.
+    """
+
+    _tocom_state: TokenState
+    _tocom_index: int
+
+    def _tocom_forward(self, plain, x: torch.Tensor, masked: bool, **extra) -> torch.Tensor:
+        state = self._tocom_state
+        r = state.r[self._tocom_index]
+        if masked:
+            if any(state.r):
+                raise ValueError("token merging/pruning cannot be combined with attn_mask / is_causal")
+            return plain()
+        ctx = state.context()
+        if r <= 0 and not ctx.reduced:  # nothing reduced so far and nothing to reduce: timm's own forward
+            return plain()
+        x, info = self._tocom_attention(x, ctx, state.reducer.info if r > 0 else None, **extra)
+        if r > 0:
+            x = reduce_tokens(state, ctx, x, info, r)
+        return self._tocom_mlp(x)
+
+
+def size_pool(model: nn.Module, x: torch.Tensor, ctx: ForwardContext, pool_type: str, start: int, prop_attn: bool):
+    """Size-weighted pooling of merged tokens; ``None`` when the model's own pooling is right as it is."""
+    size = ctx.size
+    if size is None:
+        return None
+    attn_pool = getattr(model, "attn_pool", None)
+    if attn_pool is not None:
+        if isinstance(attn_pool, AttentionPoolLatent) and prop_attn:
+            bias = size[:, start:].log().transpose(1, 2)[:, None].to(x.dtype)  # [B, 1, 1, N]
+            return attn_pool(x[:, start:], attn_mask=bias)
+        return None
+    if pool_type not in ("avg", "avgmax"):
+        return None
+    tokens, weight = x[:, start:], size[:, start:]
+    avg = (tokens * (weight / weight.sum(dim=1, keepdim=True)).to(tokens.dtype)).sum(dim=1)
+    return avg if pool_type == "avg" else 0.5 * (tokens.amax(dim=1) + avg)
+
+
+class ReducedModel:
+    """Mixin put in front of the model's class: a fresh context per forward, refusals where reduced tokens
+    cannot go (gradient checkpointing, ``forward_intermediates``)."""
+
+    _tocom_state: TokenState
+
+    def forward_features(self, *args, **kwargs):
+        state = self._tocom_state
+        state.begin()
+        if any(state.r) and self.grad_checkpointing and self.training:
+            raise RuntimeError(
+                "gradient checkpointing re-runs blocks and cannot be combined with token merging/pruning; "
+                "call model.set_grad_checkpointing(False) or tocom_hub.set_r(model, 0)"
+            )
+        return super().forward_features(*args, **kwargs)
+
+    def forward_intermediates(self, *args, **kwargs):
+        state = self._tocom_state
+        state.begin()
+        if any(state.r):
+            raise NotImplementedError(
+                "forward_intermediates reshapes tokens to the patch grid, which merging/pruning changes; "
+                "call tocom_hub.set_r(model, 0) first"
+            )
+        return super().forward_intermediates(*args, **kwargs)
+
+
+class Family:
+    """One timm family: which model and block classes it covers and how their blocks are reduced.
+
+    Subclasses set ``name``, ``model_classes`` (accepted model classes, subclasses included),
+    ``model_mixin`` (put in front of the model class), ``blocks`` (``{timm block class: reduced mixin}``)
+    and ``positional`` (tokens carry positions: rope rows / relative-position bias), and implement
+    :meth:`check` (a ``TypeError`` naming the class and the true reason) and :meth:`qv` (where q/k/v/proj
+    live, for the bank). ``initial_coords`` is needed by positional families for the "centroid" rule.
+    """
+
+    name: str = ""
+    model_classes: Tuple[type, ...] = ()
+    model_mixin: type = ReducedModel
+    blocks: Dict[type, type] = {}
+    positional: bool = False
+
+    def __init__(self, model: Optional[nn.Module] = None) -> None:
+        pass
+
+    def check(self, model: nn.Module, positions: str) -> None:
+        """Raise ``TypeError`` if some block or attention of ``model`` is outside this family."""
+        raise NotImplementedError
+
+    def qv(self, block: nn.Module) -> Dict[str, Tuple[nn.Linear, int, int]]:
+        """``{target: (Linear, first row, row after the last)}`` for ``q``, ``k``, ``v`` and ``proj``."""
+        raise NotImplementedError
+
+    def unhookable(self, block: nn.Module) -> Optional[str]:
+        """Why forward hooks on the block's q/v Linears would never run (the bank's training mode), or ``None``."""
+        return None
+
+    def num_prefix(self, model: nn.Module) -> int:
+        return int(model.num_prefix_tokens)
+
+    def has_class_token(self, model: nn.Module) -> bool:
+        return bool(getattr(model, "has_class_token", getattr(model, "cls_token", None) is not None))
+
+    def initial_coords(self, ctx: ForwardContext, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError(f"{self.name}: no token coordinates")
+
+    def describe(self) -> Optional[str]:
+        return None

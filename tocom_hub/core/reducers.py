@@ -1,0 +1,106 @@
+"""The token-reduction step between a block's attention and its MLP, written once for every family.
+
+A *reducer* turns what the attention measured (``info``: the keys for ToMe, the class-token attention for
+EViT) into a plan and applies it. :class:`ToMe` and :class:`EViT` are the defaults of ``patch(method=...)``;
+any object with the same four methods and ``info`` attribute can be passed as ``patch(reducer=...)`` (the
+benchmarks' merge-free ceiling does). :func:`reduce_tokens` runs the step on a block's tokens and updates the
+forward's :class:`~tocom_hub.core.context.ForwardContext` (sizes, sources, the proportional-attention
+bias and the token positions of families with positional state).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Tuple
+
+import torch
+
+from .context import ForwardContext, TokenState
+from .merge import bipartite_soft_matching, merge_index, merge_source, merge_wavg
+from .prune import prune_source, prune_tokens, select_attentive
+
+__all__ = ["ToMe", "EViT", "default_reducer", "reduce_tokens"]
+
+
+class ToMe:
+    """Bipartite soft matching on the keys, size-weighted merging (:mod:`tocom_hub.core.merge`)."""
+
+    info = "keys"
+
+    def plan(self, info: torch.Tensor, r: int, num_prefix: int) -> Any:
+        """A plan removing up to ``r`` tokens, or ``None`` when nothing is removed."""
+        return bipartite_soft_matching(info, r, num_prefix)
+
+    def apply(self, plan: Any, x: torch.Tensor, size: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(x, size)`` after the plan; a merged token is the size-weighted mean of its members."""
+        return merge_wavg(plan, x, size)
+
+    def source(self, plan: Any, source: Optional[torch.Tensor]) -> torch.Tensor:
+        """The source trace after the plan (identity before the first step)."""
+        return merge_source(plan, source)
+
+    def index(self, plan: Any) -> torch.Tensor:
+        """``[B, N_out]``: the input token each output token sits at (its own place for a destination)."""
+        return merge_index(plan)
+
+
+class EViT:
+    """Keep the tokens the class token attends to most (:mod:`tocom_hub.core.prune`); ``fuse`` fuses the rest."""
+
+    info = "cls_attention"
+
+    def __init__(self, fuse: bool = False) -> None:
+        self.fuse = bool(fuse)
+
+    def plan(self, info: torch.Tensor, r: int, num_prefix: int) -> Any:
+        return select_attentive(info, r, num_prefix, fuse=self.fuse)
+
+    def apply(self, plan: Any, x: torch.Tensor, size: Optional[torch.Tensor]) -> Tuple[torch.Tensor, None]:
+        return prune_tokens(plan, x), None
+
+    def source(self, plan: Any, source: Optional[torch.Tensor]) -> torch.Tensor:
+        return prune_source(plan, source)
+
+    def index(self, plan: Any) -> torch.Tensor:
+        """Kept tokens sit at their own place; the fused token (``fuse``) at none: ``-1``."""
+        if plan.dropped is None:
+            return plan.keep
+        return torch.cat([plan.keep, plan.keep.new_full((plan.keep.shape[0], 1), -1)], dim=1)
+
+
+def default_reducer(method: str, fuse_token: bool) -> Any:
+    """The reducer of ``method``: :class:`ToMe` or :class:`EViT`."""
+    return ToMe() if method == "tome" else EViT(fuse=fuse_token)
+
+
+def _positions(state: TokenState, ctx: ForwardContext, plan: Any, x: torch.Tensor, family: Any) -> None:
+    """Carry the token positions through the plan: indices ("keep", pruning) or coordinates ("centroid")."""
+    red = state.reducer
+    if state.positions == "centroid" and state.method == "tome":
+        coords = ctx.coords if ctx.coords is not None else family.initial_coords(ctx, x)
+        ctx.coords = red.apply(plan, coords, ctx.size)[0]  # the size-weighted centroid of the members
+        return
+    index = red.index(plan)
+    if ctx.coords is not None:  # EViT after a centroid-rule merge cannot happen (one method per model)
+        raise RuntimeError("token coordinates and indices mixed in one forward")
+    if ctx.index is None:
+        ctx.index = index
+    else:
+        ctx.index = torch.where(index >= 0, ctx.index.gather(1, index.clamp_min(0)), index)
+
+
+def reduce_tokens(state: TokenState, ctx: ForwardContext, x: torch.Tensor, info: torch.Tensor, r: int) -> torch.Tensor:
+    """Remove up to ``r`` tokens of ``x`` (``[B, N, C]``) as the reducer plans from ``info``."""
+    red = state.reducer
+    plan = red.plan(info, r, state.num_prefix)
+    if plan is None:
+        return x
+    family = state.family
+    if family.positional:
+        _positions(state, ctx, plan, x, family)
+    x, size = red.apply(plan, x, ctx.size)
+    ctx.size = size
+    if state.trace_source:
+        ctx.source = red.source(plan, ctx.source)
+    if size is not None and state.prop_attn:
+        ctx.attn_bias = size.log().view(x.shape[0], 1, 1, x.shape[1])  # [B, 1, 1, N] float32
+    return x
