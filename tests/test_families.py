@@ -15,6 +15,7 @@ from tiny_models import EVA_VARIANTS, make_eva, make_vit
 import tocom_hub
 from tocom_hub import ToComBank
 from tocom_hub.core.families.eva import ROPES
+from tocom_hub.core.marker import MARKER_KEY, read_marker
 
 X = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
 CLASS_TOKEN = ["rope_cat_cls", "rope_cat_separate_qkv", "rope_dinov3_registers", "rope_cat_gqa", "norope_token"]
@@ -203,6 +204,8 @@ def test_bank_apply_changes_only_q_and_v_by_the_delta_and_remove_is_exact(varian
     groups = random_groups(bank, seed=2)
     tocom_hub.apply(model, 1, 3, bank=bank)
     after = model.state_dict()
+    assert read_marker(after)["source_r"] == 1  # the merged state says what it carries
+    del after[MARKER_KEY]
     d = 64
     for k, v in after.items():
         b = int(k.split(".")[1]) if k.startswith("blocks.") else None
