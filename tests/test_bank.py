@@ -162,7 +162,7 @@ def test_missing_local_path(tmp_path):
         ToComBank.from_pretrained(tmp_path)  # a directory without a bank
 
 
-# -- peft's names and the names of format 1 -------------------------------------------------------
+# -- peft's names ---------------------------------------------------------------------------------
 
 
 def test_lora_A_is_down_and_lora_B_is_up_as_in_peft(bank):
@@ -173,20 +173,10 @@ def test_lora_A_is_down_and_lora_B_is_up_as_in_peft(bank):
         torch.testing.assert_close(bank.delta(2, t, 1, 4).double(), bank.scale * up @ down, rtol=0, atol=1e-6)
 
 
-def test_A_and_B_are_read_only_aliases_of_the_format_1_names(bank):
-    assert bank.A is bank.lora_B and bank.B is bank.lora_A
-    with pytest.raises(AttributeError):
-        bank.A = bank.lora_A
+def test_format_1_names_are_gone(bank):
+    """Format 1's names (``A`` = up, ``B`` = down) were never published: no aliases, no old state-dict keys."""
+    assert not hasattr(bank, "A") and not hasattr(bank, "B")
     assert [n for n, _ in bank.named_parameters()] == ["lora_B.q", "lora_B.v", "lora_A.q", "lora_A.v"]
-
-
-def test_state_dict_with_the_format_1_names_loads(bank):
-    """Training checkpoints hold the bank's state dict under a prefix; those written before the rename say A / B."""
-    holder = torch.nn.Module()
-    holder.bank = bank
-    old = {f"bank.{'A' if k.startswith('lora_B') else 'B'}.{k.split('.')[1]}": v for k, v in bank.state_dict().items()}
-    fresh = torch.nn.Module()
-    fresh.bank = ToComBank(bank.config)
-    fresh.load_state_dict(old)  # strict: every key found
-    for k, v in bank.state_dict().items():
-        assert torch.equal(fresh.bank.state_dict()[k], v), k
+    old = {f"{'A' if k.startswith('lora_B') else 'B'}.{k.split('.')[1]}": v for k, v in bank.state_dict().items()}
+    with pytest.raises(RuntimeError, match="Missing key"):
+        ToComBank(bank.config).load_state_dict(old)

@@ -48,10 +48,14 @@ def test_config_json_round_trip(tmp_path):
 
 
 def test_format_versions_read_and_refused():
-    assert FORMAT_VERSION == 2 and FORMAT_VERSIONS == (1, 2)
-    for v in FORMAT_VERSIONS:  # files of every earlier version still load
-        assert ToComConfig(embed_dim=64, depth=2, num_heads=2, format_version=v).format_version == v
-    for bad, match in ((3, "newer than this tocom-hub supports .2.; upgrade"), (0, "unknown"), ("2", "unknown")):
+    assert FORMAT_VERSION == 2 and FORMAT_VERSIONS == (2,)
+    assert ToComConfig(embed_dim=64, depth=2, num_heads=2, format_version=2).format_version == 2
+    for bad, match in (
+        (3, "newer than this tocom-hub supports .2.; upgrade"),
+        (0, "unknown"),
+        ("2", "unknown"),
+        (1, "unknown"),
+    ):
         with pytest.raises(ValueError, match=match):
             ToComConfig(embed_dim=64, depth=2, num_heads=2, format_version=bad)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from bank_helpers import naive_delta, random_groups
+from bank_helpers import random_groups
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tiny_models import make_vit
@@ -263,7 +263,7 @@ def test_bad_embedded_config_names_the_file(saved):
         ToComBank.from_pretrained(saved)
 
 
-# -- format 1: A = up, B = down -------------------------------------------------------------------
+# -- the file's names and format 1 ----------------------------------------------------------------
 
 
 def _sha256_as_documented(tensors, config_json):
@@ -297,68 +297,38 @@ def write_format_1(bank, directory):
     return tensors
 
 
-def test_format_1_file_loads_with_the_same_deltas(model, tmp_path):
-    bank = ToComBank.for_model(model, r_max=5, rank=2, targets=("q", "k", "proj"))
-    groups = random_groups(bank, seed=5)
-    write_format_1(bank, tmp_path / "v1")
-    old = ToComBank.from_pretrained(tmp_path / "v1")
-    assert old.config.format_version == 1  # what the file says
-    for t in bank.targets:
-        assert torch.equal(old.lora_A[t], bank.lora_A[t]) and torch.equal(old.lora_B[t], bank.lora_B[t])
-        for b in range(bank.depth):
-            for m, n in [(0, 5), (4, 1), (2, 2)]:
-                assert torch.equal(old.delta(b, t, m, n), bank.delta(b, t, m, n))
-                ref = naive_delta(groups, t, b, m, n, bank.scale)
-                torch.testing.assert_close(old.delta(b, t, m, n).double(), ref, rtol=0, atol=1e-5)
-    # saving it again writes format 2: peft's names, its own checksum, the same deltas
-    old.save_pretrained(tmp_path / "v2")
-    with safe_open(str(tmp_path / "v2" / WEIGHTS_NAME), framework="pt") as f:
+def test_saved_file_has_peft_names_and_the_documented_checksum(bank, tmp_path):
+    bank.save_pretrained(tmp_path)
+    with safe_open(str(tmp_path / WEIGHTS_NAME), framework="pt") as f:
         meta, names = f.metadata(), set(f.keys())
     assert meta["tocom_format_version"] == str(FORMAT_VERSION) == "2"
     assert names == {f"{p}.{t}" for p in ("lora_A", "lora_B") for t in bank.targets}
-    assert json.loads((tmp_path / "v2" / CONFIG_NAME).read_text())["format_version"] == 2
-    assert meta["tocom_sha256"] == _sha256_as_documented(
-        load_file(str(tmp_path / "v2" / WEIGHTS_NAME)), meta["tocom_config"]
-    )
-    new = ToComBank.from_pretrained(tmp_path / "v2")
-    assert new.config == ToComConfig(**dict(old.config.to_dict(), format_version=2))
-    assert all(torch.equal(new.delta(1, t, 0, 5), old.delta(1, t, 0, 5)) for t in bank.targets)
+    assert json.loads((tmp_path / CONFIG_NAME).read_text())["format_version"] == 2
+    assert meta["tocom_sha256"] == _sha256_as_documented(load_file(str(tmp_path / WEIGHTS_NAME)), meta["tocom_config"])
 
 
-def test_format_1_file_is_checked_under_its_own_names(bank, tmp_path):
-    tensors = write_format_1(bank, tmp_path)
-    path = tmp_path / WEIGHTS_NAME
-    with safe_open(str(path), framework="pt") as f:
-        meta = dict(f.metadata())
-    bad = dict(tensors, **{"B.q": tensors["B.q"].clone()})
-    bad["B.q"][0, 0, 0] += 1.0  # the old checksum left as written
-    save_file(bad, str(path), metadata=meta)
-    with pytest.raises(ValueError, match="checksum"):
-        ToComBank.from_pretrained(tmp_path)
-    del tensors["A.v"]  # a consistent file that lacks a factor: named as the file names it
-    meta["tocom_sha256"] = _sha256_as_documented(tensors, meta["tocom_config"])
-    save_file(tensors, str(path), metadata=meta)
-    with pytest.raises(ValueError, match=r"format version 1.*missing \['A.v'\]"):
+def test_format_1_file_is_refused(bank, tmp_path):
+    """Format 1 (``A`` = up, ``B`` = down) was never published; its files are refused with the version."""
+    write_format_1(bank, tmp_path)
+    with pytest.raises(ValueError, match=r"unknown bank format version 1; expected one of \(2,\)"):
         ToComBank.from_pretrained(tmp_path)
 
 
-def test_shipped_bank_in_format_1_gives_the_deltas_of_its_raw_tensors(tmp_path):
-    """The demo bank ships in format 1 and is not rewritten: its deltas are the product of the raw file tensors."""
+def test_shipped_bank_is_format_2_with_the_deltas_of_its_raw_tensors():
+    """The demo bank ships in the current format: its deltas are the product of the raw file tensors."""
     raw = load_file(str(SHIPPED_BANK / WEIGHTS_NAME))
-    assert {k.split(".")[0] for k in raw} == {"A", "B"}
+    assert {k.split(".")[0] for k in raw} == {"lora_A", "lora_B"}
     bank = ToComBank.from_pretrained(SHIPPED_BANK)
-    assert bank.config.format_version == 1
+    assert bank.config.format_version == 2
     h, s = bank.rank, bank.scale
     for t in bank.targets:
         for b in (0, bank.depth - 1):
             for m, n in [(0, bank.r_max), (bank.r_max, 3), (5, 9)]:
                 lo, hi = min(m, n), max(m, n)
-                up, down = raw[f"A.{t}"][b, :, lo * h : hi * h].float(), raw[f"B.{t}"][b, lo * h : hi * h].float()
+                up = raw[f"lora_B.{t}"][b, :, lo * h : hi * h].float()
+                down = raw[f"lora_A.{t}"][b, lo * h : hi * h].float()
                 expected = (up @ down).mul_((1.0 if n > m else -1.0) * s)
                 assert torch.equal(bank.delta(b, t, m, n), expected), (t, b, m, n)
-    bank.save_pretrained(tmp_path)  # re-saved in format 2: the very same deltas
-    again = ToComBank.from_pretrained(tmp_path)
-    assert all(torch.equal(again.delta(2, t, 0, bank.r_max), bank.delta(2, t, 0, bank.r_max)) for t in bank.targets)
 
 
 def test_same_tensors_give_the_same_bytes(bank, tmp_path):

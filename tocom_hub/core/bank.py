@@ -12,7 +12,6 @@ parameter ``lora_A[t]`` of shape ``[depth, R·h, d_in]`` and one ``lora_B[t]`` o
 group ``i`` owns inner indices ``[i·h, (i+1)·h)``. The sum over groups ``m … n-1`` is therefore the
 single product ``lora_B[t][b][:, m·h:n·h] @ lora_A[t][b][m·h:n·h]``, and an inner-dimension ``±1/0`` mask
 turns the bank into one adapter of inner dim ``R·h`` (the official formulation, used by the training path).
-``bank.A`` / ``bank.B`` (format 1's names: ``A`` = up, ``B`` = down) are read-only aliases of ``lora_B`` / ``lora_A``.
 
 Files: :mod:`.bank_config` (``tocom_config.json``), :mod:`.bank_file` (``tocom.safetensors``, its format versions
 and checks). The class is a ``huggingface_hub.ModelHubMixin``: ``from_pretrained`` also takes a Hub repo id
@@ -44,8 +43,9 @@ from .bank_config import (
     ToComConfig,
 )
 from .bank_config import model_dims as model_dims
-from .bank_file import Format1Names, read_bank, write_bank_file
 from .bank_file import _looks_local as _looks_local
+from .bank_file import _tensors_sha256 as _tensors_sha256
+from .bank_file import read_bank, write_bank_file
 from .bank_repo import explain_push_error, fetch_bank_files, unreachable_error
 from .checks import is_int
 
@@ -84,9 +84,7 @@ def hub_download(repo_id: str, filename: str, **kwargs: Any) -> str:
     return hf_hub_download(repo_id, filename, **kwargs)
 
 
-class ToComBank(
-    Format1Names, nn.Module, ModelHubMixin, library_name="tocom-hub", paper_url="https://arxiv.org/abs/2408.06798"
-):
+class ToComBank(nn.Module, ModelHubMixin, library_name="tocom-hub", paper_url="https://arxiv.org/abs/2408.06798"):
     """A bank of ``R`` LoRA groups (one per step ``r → r+1``) for the q/v (or other) weights of a ViT.
 
     Build a fresh one with :meth:`for_model`, load one with :meth:`from_pretrained`, plug it into a
@@ -108,8 +106,7 @@ class ToComBank(
         self.config = config
         inner = config.r_max * config.rank
         dd = {"device": device, "dtype": dtype}
-        # up factors registered first: parameters() keeps the order of format 1 (A = up, B = down), so
-        # optimizer states in training checkpoints written before the rename still line up
+        # up factors registered first: parameters() keeps the order optimizer states in training checkpoints have
         self.lora_B = nn.ParameterDict()
         self.lora_A = nn.ParameterDict()
         for t in config.targets:
@@ -284,8 +281,7 @@ class ToComBank(
 
         Local paths are read directly; any other string is fetched with huggingface_hub's ``hf_hub_download``
         (``revision``, ``cache_dir``, ``token``, ``local_files_only``, ``force_download`` apply there; its failures
-        become ``BankNotFoundError`` / ``BankHubError`` that say what to do, see :mod:`.bank_repo`). Files of every
-        bank format version load (format 1 is renamed to the current tensor names in memory). Tensors keep the
+        become ``BankNotFoundError`` / ``BankHubError`` that say what to do, see :mod:`.bank_repo`). Tensors keep the
         file's dtype unless ``dtype`` is given. A truncated or modified file, missing tensors, shapes that disagree
         with the config, a config field of the wrong type or out of range (``scale`` in ``[0, MAX_SCALE]``), or a
         ``tocom_config.json`` that disagrees with the config embedded in ``tocom.safetensors`` raise ``ValueError``

@@ -3,7 +3,7 @@ bank file shares: the constants of the on-disk format, strict JSON reading, atom
 
 A config is validated field by field when it is built, so a config read from a file is checked the
 same way as one written in code. ``format_version`` is the version of the file the config came from
-(1: factors stored as ``A`` = up / ``B`` = down; 2: peft's names ``lora_A`` = down / ``lora_B`` = up);
+(2: peft's names ``lora_A`` = down / ``lora_B`` = up; format 1 was never published and is not read);
 new files are always written in :data:`FORMAT_VERSION`.
 """
 
@@ -39,7 +39,7 @@ LIBRARY_NAME = "tocom-hub"  # huggingface_hub library_name (user agent, model ca
 CONFIG_NAME = "tocom_config.json"
 WEIGHTS_NAME = "tocom.safetensors"
 FORMAT_VERSION = 2  # what save_pretrained writes
-FORMAT_VERSIONS = (1, 2)  # what from_pretrained reads
+FORMAT_VERSIONS = (2,)  # what from_pretrained reads
 TARGETS = ("q", "k", "v", "proj")
 # largest ToCom scale a bank or apply() accepts: the paper searches s in {0.01 … 0.15}; far beyond
 # that the "compensation" replaces the weights rather than correcting them (1e30 overflows fp32)

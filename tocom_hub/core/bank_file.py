@@ -1,17 +1,15 @@
-"""The bank's weights file, ``tocom.safetensors``: tensor names per format version, the checksum, reading
-with every check, and atomic writing; :class:`Format1Names` keeps format 1's tensor names working on the bank
-module. No pickle anywhere; nothing here imports ``torch.nn``.
+"""The bank's weights file, ``tocom.safetensors``: its tensor names, the checksum, reading with every check,
+and atomic, byte-reproducible writing. No pickle anywhere; nothing here imports ``torch.nn``.
 
 Per adapted matrix ``t`` (``"q"``, ``"k"``, ``"v"``, ``"proj"``) the file holds two stacked factors, ``R·h``
 inner columns each (group ``i`` at ``[i·h, (i+1)·h)``):
 
-- format 2 (current, peft's names): ``lora_A.{t}`` the down factor ``[depth, R·h, d_in]``, ``lora_B.{t}`` the
-  up factor ``[depth, d_out, R·h]``;
-- format 1: ``B.{t}`` the down factor, ``A.{t}`` the up factor (same shapes).
+- format 2 (peft's names): ``lora_A.{t}`` the down factor ``[depth, R·h, d_in]``, ``lora_B.{t}`` the up factor
+  ``[depth, d_out, R·h]``. (Format 1, with ``B`` / ``A`` for the factors, was never published and is no longer
+  read.)
 
 String metadata: ``tocom_format_version``, ``tocom_config`` (the config as JSON) and ``tocom_sha256``, a
-SHA-256 over the tensors as named in the file and that config. A version-1 file is read as written
-(its checksum covers its own names) and renamed to the current names in memory.
+SHA-256 over the tensors as named in the file and that config.
 """
 
 from __future__ import annotations
@@ -43,29 +41,16 @@ __all__ = [
     "read_bank_file",
     "check_tensors",
     "write_bank_file",
-    "upgrade_tensor_names",
     "tensors_sha256",
 ]
 
 # format version -> (name of the down factor, name of the up factor)
-_FACTOR_NAMES = {1: ("B", "A"), 2: ("lora_A", "lora_B")}
+_FACTOR_NAMES = {2: ("lora_A", "lora_B")}
 
 
 def factor_names(version: int = FORMAT_VERSION) -> Tuple[str, str]:
     """``(down, up)`` tensor-name prefixes of bank file format ``version``."""
     return _FACTOR_NAMES[version]
-
-
-def upgrade_tensor_names(tensors: Dict[str, torch.Tensor], version: int) -> Dict[str, torch.Tensor]:
-    """The tensors of a format-``version`` file under the current names (same tensor objects)."""
-    if version == FORMAT_VERSION:
-        return dict(tensors)
-    rename = dict(zip(factor_names(version), factor_names()))
-    out = {}
-    for name, value in tensors.items():
-        prefix, _, target = name.partition(".")
-        out[f"{rename.get(prefix, prefix)}.{target}" if target else name] = value
-    return out
 
 
 def tensors_sha256(tensors: Dict[str, torch.Tensor], config_json: Optional[str] = None) -> str:
@@ -184,7 +169,7 @@ def read_bank(path: Path, *, trust_unverified: bool = False) -> Tuple[Dict[str, 
                 f"one of the two files was replaced or edited — re-download or re-save the bank"
             )
     check_tensors(weights, tensors, config, version)
-    return upgrade_tensor_names(tensors, version), config
+    return dict(tensors), config
 
 
 def _looks_local(s: str) -> bool:
@@ -250,33 +235,3 @@ def write_bank_file(path: Path, tensors: Dict[str, torch.Tensor], config: ToComC
     except BaseException:
         _unlink_quiet(tmp)
         raise
-
-
-class Format1Names:
-    """What a bank module keeps of format 1's names (``A`` = up, ``B`` = down): read-only aliases of
-    ``lora_B`` / ``lora_A``, and state dicts with the old keys (training checkpoints) load."""
-
-    _ALIASES = {"A": "lora_B", "B": "lora_A"}
-
-    @property
-    def A(self) -> Any:
-        """Read-only alias of :attr:`lora_B` (the up factors; format 1 called them ``A``)."""
-        return self.lora_B
-
-    @property
-    def B(self) -> Any:
-        """Read-only alias of :attr:`lora_A` (the down factors; format 1 called them ``B``)."""
-        return self.lora_A
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name in ("A", "B"):  # nn.Module would register a module under the alias's name
-            raise AttributeError(f"ToComBank.{name} is a read-only alias of {self._ALIASES[name]}; change that instead")
-        super().__setattr__(name, value)
-
-    def _load_from_state_dict(self, state_dict: Dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
-        # state dicts written before the rename (``A.q`` = up, ``B.q`` = down, e.g. in training checkpoints)
-        for t in self.config.targets:
-            for old, new in self._ALIASES.items():
-                if f"{prefix}{old}.{t}" in state_dict and f"{prefix}{new}.{t}" not in state_dict:
-                    state_dict[f"{prefix}{new}.{t}"] = state_dict.pop(f"{prefix}{old}.{t}")
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
