@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 from bank_helpers import naive_delta, random_groups
-from timm.models.vision_transformer import ParallelScalingBlock, ResPostBlock, VisionTransformer
+from timm.models.vision_transformer import ParallelScalingBlock, ParallelThingsBlock, ResPostBlock, VisionTransformer
 from tiny_models import EVA_VARIANTS, make_eva, make_vit
 
 import tocom_hub
@@ -175,15 +175,16 @@ def test_bad_position_rule_and_unsupported_models_raise_true_reasons():
     with pytest.raises(TypeError, match="Cait: CaiT's talking-heads"):
         tocom_hub.patch(cait)
     vit = VisionTransformer(img_size=64, patch_size=8, embed_dim=64, depth=1, num_heads=2,
-                            block_fn=ParallelScalingBlock)  # fmt: skip
-    with pytest.raises(TypeError, match=r"block 0 is ParallelScalingBlock: parallel \(attention ∥ MLP\)"):
+                            block_fn=ParallelThingsBlock)  # fmt: skip
+    with pytest.raises(TypeError, match=r"block 0 is ParallelThingsBlock: parallel \(attention ∥ MLP\)"):
         tocom_hub.patch(vit)
     assert not tocom_hub.is_patched(vit)
 
 
 @pytest.mark.parametrize("method", ["tome", "evit"])
-def test_res_post_block_vit(method):
-    model = make_vit("cls_token", depth=2, block_fn=ResPostBlock)
+@pytest.mark.parametrize("block", [ResPostBlock, ParallelScalingBlock])
+def test_res_post_and_parallel_block_vits(block, method):
+    model = make_vit("cls_token", depth=2, block_fn=block, init_values=0.3)
     ref = copy.deepcopy(model)(X)
     tocom_hub.patch(model, method=method)
     with torch.no_grad():
@@ -193,7 +194,7 @@ def test_res_post_block_vit(method):
         tocom_hub.set_r(model, 9)
         assert not torch.allclose(model(X), ref)
         tocom_hub.unpatch(model)
-        assert type(model.blocks[0]) is ResPostBlock and torch.equal(model(X), ref)
+        assert type(model.blocks[0]) is block and torch.equal(model(X), ref)
 
 
 @pytest.mark.parametrize("variant", ["rope_cat_cls", "rope_cat_separate_qkv"])
@@ -254,6 +255,24 @@ def test_eva_compiles_fullgraph_one_graph_per_r(variant, kwargs):
     torch._dynamo.reset()
     model = make_eva(variant)
     tocom_hub.patch(model, **kwargs)
+    eager = copy.deepcopy(model)
+    counter = CompileCounter()
+    compiled = torch.compile(model, backend=counter, fullgraph=True)
+    with torch.no_grad():
+        for r in (0, 5, 0, 5):
+            tocom_hub.set_r(model, r)
+            tocom_hub.set_r(eager, r)
+            assert (compiled(X) - eager(X)).abs().max() <= 1e-5
+    assert counter.frame_count == 2
+    torch._dynamo.reset()
+
+
+def test_parallel_block_compiles_fullgraph_one_graph_per_r():
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    model = make_vit("cls_token", depth=2, block_fn=ParallelScalingBlock, init_values=0.3)
+    tocom_hub.patch(model, method="tome")
     eager = copy.deepcopy(model)
     counter = CompileCounter()
     compiled = torch.compile(model, backend=counter, fullgraph=True)

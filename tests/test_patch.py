@@ -6,7 +6,7 @@ import pickle
 import pytest
 import torch
 from reference import reference_forward
-from timm.models.vision_transformer import Block, ParallelScalingBlock, VisionTransformer
+from timm.models.vision_transformer import Block, ParallelThingsBlock, VisionTransformer
 from tiny_models import SUPPORTED, make_timm, make_vit, num_tokens
 
 import tocom_hub
@@ -272,7 +272,7 @@ def _unsupported_models():
         "Cait": lambda: Cait(**small),
         "Beit": lambda: Beit(**small),
         "VisionTransformerRelPos": lambda: VisionTransformerRelPos(**small),
-        "ParallelScalingBlock": lambda: VisionTransformer(block_fn=ParallelScalingBlock, **small),
+        "ParallelThingsBlock": lambda: VisionTransformer(block_fn=ParallelThingsBlock, **small),
         "DiffAttention": lambda: VisionTransformer(attn_layer="diff", **small),
         "Sequential": lambda: torch.nn.Sequential(torch.nn.Linear(3, 3)),
     }

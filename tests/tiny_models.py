@@ -49,7 +49,7 @@ def make_vit(variant: str = "cls_token", fused: bool = True, seed: int = 0, **ov
     model = VisionTransformer(**kwargs)
     _init_nontrivial(model, seed)
     for blk in model.blocks:
-        blk.attn.fused_attn = fused
+        (blk.attn if hasattr(blk, "attn") else blk).fused_attn = fused
     return model.eval()
 
 

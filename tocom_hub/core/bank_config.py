@@ -226,7 +226,15 @@ def model_dims(model: nn.Module) -> Dict[str, int]:
                 f"{name}: block {i} has grouped k/v heads (v is {rows['v']} wide, q {rows['q']}); a ToCom bank "
                 f"needs q and v of one width"
             )
-        shapes.add((q_in, rows["q"], int(getattr(blk.attn, "num_heads", 0)), proj.in_features, proj.out_features))
+        shapes.add(
+            (
+                q_in,
+                rows["q"],
+                int(getattr(getattr(blk, "attn", blk), "num_heads", 0)),
+                proj.in_features,
+                proj.out_features,
+            )
+        )
     if len(shapes) != 1:
         raise TypeError(f"{name}: attention shapes differ between blocks ({sorted(shapes)}); not supported")
     embed_dim, attn_dim, num_heads, proj_in, proj_out = shapes.pop()

@@ -7,10 +7,11 @@ from typing import Optional
 
 import torch
 from timm.layers import Attention
-from timm.models.vision_transformer import Block, ResPostBlock, VisionTransformer
+from timm.models.vision_transformer import Block, ParallelScalingBlock, ResPostBlock, VisionTransformer
 
 from ..attention import attend
 from .base import Family, ReducedBlock, ReducedModel, size_pool, token_info
+from .parallel import ToComParallelScalingBlock, parallel_qv
 
 __all__ = ["ViTFamily", "ToComBlock", "ToComViT"]
 
@@ -76,11 +77,13 @@ class ViTFamily(Family):
     name = "vit"
     model_classes = (VisionTransformer,)
     model_mixin = ToComViT
-    blocks = {Block: ToComBlock, ResPostBlock: ToComResPostBlock}
+    blocks = {Block: ToComBlock, ResPostBlock: ToComResPostBlock, ParallelScalingBlock: ToComParallelScalingBlock}
 
     def check(self, model, positions):
         name = type(model).__name__
         for i, blk in enumerate(model.blocks):
+            if isinstance(blk, ParallelScalingBlock):
+                continue  # its attention is inline (no `attn` module)
             if type(blk.attn) is not Attention:
                 raise TypeError(
                     f"{name}: block {i} uses {type(blk.attn).__name__}; the classic ViT family needs timm's "
@@ -88,5 +91,7 @@ class ViTFamily(Family):
                 )
 
     def qv(self, block):
+        if isinstance(block, ParallelScalingBlock):
+            return parallel_qv(block)
         qkv, d = block.attn.qkv, block.attn.qkv.out_features // 3
         return {"q": (qkv, 0, d), "k": (qkv, d, 2 * d), "v": (qkv, 2 * d, 3 * d), "proj": (block.attn.proj, 0, None)}
