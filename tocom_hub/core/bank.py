@@ -44,7 +44,6 @@ from .bank_config import (
 )
 from .bank_config import model_dims as model_dims
 from .bank_file import _looks_local as _looks_local
-from .bank_file import _tensors_sha256 as _tensors_sha256
 from .bank_file import read_bank, write_bank_file
 from .bank_repo import explain_push_error, fetch_bank_files, unreachable_error
 from .checks import is_int
