@@ -7,6 +7,7 @@
     tocom-hub bench --model NAME --r 0,8,16 --batch 8
     tocom-hub visualize --model NAME_OR_PATH --image img.jpg --r 8 -o merged.png
     tocom-hub convert official.pth -o DIR
+    tocom-hub export --model NAME --bank ID --source-r 0 --target-r 0,8 -o model.onnx [--format onnx,torch]
 
 Adding a sub-command: write ``<name>_command(args) -> int`` and ``add_<name>_parser(subparsers)``
 (which creates the sub-parser with ``parents=[COMMON]`` and ``set_defaults(func=<name>_command)``),
@@ -15,7 +16,7 @@ function so ``tocom-hub --help`` stays fast. Errors are printed as one line and 
 (``--debug`` shows the traceback instead); usage errors exit with status 2.
 
 One module per command group: :mod:`.banks` (download / info / push), :mod:`.evaluation` (eval),
-:mod:`.tools` (bench / visualize / convert); :mod:`.options` holds the options they share and
+:mod:`.tools` (bench / visualize / convert), :mod:`.export` (export); :mod:`.options` holds the options they share and
 :mod:`.types` the argparse value types (``r`` lists and the like).
 """
 
@@ -34,6 +35,7 @@ from .banks import (
     push_command,
 )
 from .evaluation import add_eval_parser, eval_command
+from .export import add_export_parser, export_command
 from .options import COMMON
 from .tools import (
     add_bench_parser,
@@ -56,6 +58,7 @@ __all__ = [
     "bench_command",
     "visualize_command",
     "convert_command",
+    "export_command",
 ]
 
 # ---------------------------------------------------------------------------------------------------
@@ -69,6 +72,7 @@ COMMANDS: List[Callable[[Any], None]] = [
     add_bench_parser,
     add_visualize_parser,
     add_convert_parser,
+    add_export_parser,
 ]
 
 
