@@ -111,12 +111,12 @@ def test_convert_official_checkpoint(tmp_path, capsys):
     assert code == 1 and "--overwrite" in err
 
 
-def _eva():
+def _unsupported():
     return [
         "--model",
-        "eva02_tiny_patch14_224",
+        "cait_xxs24_224",
         "--model-kwargs",
-        json.dumps(dict(img_size=56, depth=2, embed_dim=64, num_heads=2)),
+        json.dumps(dict(img_size=64, depth=2, embed_dim=64, num_heads=2)),
     ]
 
 
@@ -152,9 +152,13 @@ ERRORS = [
         "non-negative integer",
     ),
     # unsupported / unknown models
-    (["bench", *_eva(), "--r", "0"], 1, "not supported"),
-    (["eval", *_eva(), "--data", "{root}/data"], 1, "not supported"),
-    (["visualize", *_eva(), "--image", "{root}/img.png", "--r", "2", "-o", "{root}/x.png"], 1, "not supported"),
+    (["bench", *_unsupported(), "--r", "0"], 1, "cannot patch Cait"),
+    (["eval", *_unsupported(), "--data", "{root}/data"], 1, "cannot patch Cait"),
+    (
+        ["visualize", *_unsupported(), "--image", "{root}/img.png", "--r", "2", "-o", "{root}/x.png"],
+        1,
+        "cannot patch Cait",
+    ),
     (["bench", "--model", "vit_no_such_model", "--r", "0"], 1, "unknown model"),
 ]
 
