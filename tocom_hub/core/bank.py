@@ -191,6 +191,14 @@ class ToComBank(
         return self.config.method
 
     @property
+    def dense(self) -> bool:
+        return self.config.dense
+
+    @property
+    def dense_ratio(self) -> Optional[int]:
+        return self.config.dense_ratio
+
+    @property
     def scale(self) -> float:
         return self.config.scale
 

@@ -22,7 +22,10 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
 from .attention import FOLD_BIAS_DEVICES, attend, sdpa_key_bias  # noqa: F401 (re-exported)
-from .checks import METHODS, is_int
+from .checks import METHODS, is_int, token_mode
+from .dense import compose_index, merge_positions, prune_positions
+from .dense_block import dense_forward
+from .grid import merged_intermediates
 from .merge import bipartite_soft_matching, max_merge, merge_source, merge_wavg
 from .prune import cls_attention, max_prune, prune_source, prune_tokens, select_attentive
 
@@ -59,8 +62,12 @@ class TokenState:
         num_prefix: int,
         has_class_token: bool,
         depth: int,
+        dense: bool = False,
+        dense_ratio: int = 32,
     ) -> None:
         self.method = method
+        self.dense, self.dense_ratio = dense, dense_ratio  # dense: k = dense_ratio * r tokens share an MLP
+        self.track_index = False  # record the index map (tocom_hub.core.grid)
         self.prop_attn = prop_attn
         self.trace_source = trace_source
         self.fuse_token = fuse_token
@@ -75,6 +82,7 @@ class TokenState:
         self.size: Optional[torch.Tensor] = None  # [B, N, 1] float32, input patches per token (ToMe)
         self.source: Optional[torch.Tensor] = None  # [B, N, N_in] 0/1, with trace_source
         self.attn_bias: Optional[torch.Tensor] = None  # [B, 1, 1, N] float32 log(size), with prop_attn
+        self.index: Optional[torch.Tensor] = None  # [B, N_in] long, patch -> token, when tracking
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -111,6 +119,10 @@ class ToComBlock(Block):
             return Block.forward(self, x, attn_mask=attn_mask, is_causal=is_causal)
         if r <= 0 and bias is None:  # nothing merged so far and nothing to merge: timm's own forward
             return Block.forward(self, x)
+        if state.dense:  # the grid stays full: only the MLP sees merged tokens
+            k = r * state.dense_ratio
+            return dense_forward(self, x, k, state.method, state.num_prefix, state.has_class_token, state.fuse_token)
+        track = state.trace_source or state.track_index
 
         out, info = _attention(self.attn, self.norm1(x), bias, state, info=r > 0)
         x = x + self.drop_path1(self.ls1(out))
@@ -120,6 +132,8 @@ class ToComBlock(Block):
                 x, state.size = merge_wavg(plan, x, state.size)
                 if state.trace_source:
                     state.source = merge_source(plan, state.source)
+                if track:
+                    state.index = compose_index(merge_positions(plan), state.index)
                 if state.prop_attn:
                     state.attn_bias = state.size.log().view(x.shape[0], 1, 1, -1)  # [B, 1, 1, N] float32
         elif r > 0:
@@ -128,6 +142,8 @@ class ToComBlock(Block):
                 x = prune_tokens(plan, x)
                 if state.trace_source:
                     state.source = prune_source(plan, state.source)
+                if track:
+                    state.index = compose_index(prune_positions(plan), state.index)
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         return x
 
@@ -154,11 +170,8 @@ class _ToComModel:
     def forward_intermediates(self, *args, **kwargs):
         state = self._tocom_state
         state.reset()
-        if any(state.r):
-            raise NotImplementedError(
-                "forward_intermediates reshapes tokens to the patch grid, which merging/pruning changes; "
-                "call tocom_hub.set_r(model, 0) first"
-            )
+        if any(state.r) and not state.dense:  # each intermediate unmerged onto the grid (core/grid.py)
+            return merged_intermediates(self, super().forward_intermediates, *args, **kwargs)
         return super().forward_intermediates(*args, **kwargs)
 
     def pool(self, x: torch.Tensor, pool_type: Optional[str] = None) -> torch.Tensor:
@@ -236,7 +249,7 @@ def _num_tokens(model: nn.Module) -> Optional[int]:
     return int(num_patches) + int(model.num_prefix_tokens)
 
 
-def _resolve_r(model: nn.Module, r: RSpec, method: str) -> List[int]:
+def _resolve_r(model: nn.Module, r: RSpec, method: str, dense_ratio: int = 1) -> List[int]:
     """Validate ``r`` for ``model`` and expand it to one value per block (no side effects)."""
     depth = len(model.blocks)
     if isinstance(r, (list, tuple)):
@@ -254,10 +267,11 @@ def _resolve_r(model: nn.Module, r: RSpec, method: str) -> List[int]:
     if num_tokens is not None:
         prefix = int(model.num_prefix_tokens)
         limit = max_merge(num_tokens, prefix) if method == "tome" else max_prune(num_tokens, prefix)
-        worst = max(values)
+        worst = max(values) * dense_ratio
         if worst > limit:
+            k = f" (dense mode: k = {dense_ratio}·r = {worst} tokens share an MLP)" if dense_ratio != 1 else ""
             raise ValueError(
-                f"r={worst} cannot be supported: the model sees {num_tokens} tokens "
+                f"r={max(values)} cannot be supported{k}: the model sees {num_tokens} tokens "
                 f"({prefix} prefix) and {method} can remove at most {limit} in one block"
             )
     return values
@@ -275,6 +289,8 @@ def patch(
     prop_attn: bool = True,
     trace_source: bool = False,
     fuse_token: bool = False,
+    dense: bool = False,
+    dense_ratio: int = 32,
 ) -> nn.Module:
     """Make a timm ViT merge (ToMe) or prune (EViT) ``r`` tokens per block; ``r`` starts at 0.
 
@@ -286,6 +302,11 @@ def patch(
             an attention-pool head). Ignored by EViT, which drops tokens instead of merging them.
         trace_source: record which input patches each token holds (:func:`get_source`).
         fuse_token: EViT only: fuse the dropped tokens into one extra token.
+        dense: dense prediction (ToCom paper, appendix): the grid stays full; in every block attention
+            sees all tokens and ``k = dense_ratio · r`` of them merge (ToMe) or skip (EViT) only for
+            the MLP, whose outputs are copied back to every token (:mod:`tocom_hub.core.dense_block`).
+            ``forward_features`` / ``forward_intermediates`` keep every patch.
+        dense_ratio: tokens per unit of ``r`` in dense mode (the paper merges ``32 r``).
 
     Idempotent; calling it on a patched model updates the settings (e.g. switches ``method``) and
     keeps ``r``. Parameters and ``state_dict`` are never modified. Example::
@@ -296,6 +317,8 @@ def patch(
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}; got {method!r}")
+    if not is_int(dense_ratio) or dense_ratio < 1:
+        raise ValueError(f"dense_ratio must be a positive int; got {dense_ratio!r}")
     _check_supported(model)
     comp = model.__dict__.get("_tocom_compensation")  # set by tocom_hub.apply (compensate.py)
     if comp is not None and comp.bank.method != method:
@@ -304,11 +327,19 @@ def patch(
             f"would run it with the wrong token reduction: call tocom_hub.remove(model) first, or apply a bank "
             f"trained for {method!r}"
         )
+    mode, bank_mode = token_mode(dense, dense_ratio), comp and token_mode(comp.bank.dense, comp.bank.dense_ratio)
+    if comp is not None and bank_mode != mode:
+        raise ValueError(
+            f"model carries a ToCom bank trained in {bank_mode} mode; patching it for {mode} would run the "
+            f"bank with another token reduction: call tocom_hub.remove(model) first"
+        )
+    ratio = int(dense_ratio) if dense else 1
     if is_patched(model):
         state = model._tocom_state
-        r = _resolve_r(model, state.r_spec, method)  # a method switch may change the r limit
+        r = _resolve_r(model, state.r_spec, method, ratio)  # a method / mode switch may change the r limit
         state.method, state.prop_attn, state.trace_source = method, bool(prop_attn), bool(trace_source)
         state.fuse_token = bool(fuse_token)
+        state.dense, state.dense_ratio = bool(dense), int(dense_ratio)
         state.r = r
         state.reset()
         return model
@@ -321,6 +352,8 @@ def patch(
         num_prefix=int(model.num_prefix_tokens),
         has_class_token=bool(getattr(model, "has_class_token", model.cls_token is not None)),
         depth=len(model.blocks),
+        dense=bool(dense),
+        dense_ratio=int(dense_ratio),
     )
     model.__class__ = _patched_class(type(model))
     model._tocom_state = state
@@ -356,7 +389,7 @@ def set_r(model: nn.Module, r: RSpec) -> None:
         tocom_hub.set_r(model, [16] * 6 + [0] * 6)
     """
     state = _state(model)
-    values = _resolve_r(model, r, state.method)
+    values = _resolve_r(model, r, state.method, state.dense_ratio if state.dense else 1)
     state.r, state.r_spec = values, (list(r) if isinstance(r, (list, tuple)) else r)
 
 
@@ -373,11 +406,19 @@ def get_method(model: nn.Module) -> Optional[str]:
 
 def get_settings(model: nn.Module) -> Optional[Dict[str, Any]]:
     """The keyword arguments :func:`patch` was last called with (``method``, ``prop_attn``, ``trace_source``,
-    ``fuse_token``); ``None`` for an unpatched model. ``patch(model, **get_settings(model))`` changes nothing."""
+    ``fuse_token``, ``dense``, ``dense_ratio``); ``None`` for an unpatched model.
+    ``patch(model, **get_settings(model))`` changes nothing."""
     if not is_patched(model):
         return None
     st = model._tocom_state
-    return dict(method=st.method, prop_attn=st.prop_attn, trace_source=st.trace_source, fuse_token=st.fuse_token)
+    return dict(
+        method=st.method,
+        prop_attn=st.prop_attn,
+        trace_source=st.trace_source,
+        fuse_token=st.fuse_token,
+        dense=st.dense,
+        dense_ratio=st.dense_ratio,
+    )
 
 
 def get_source(model: nn.Module) -> Optional[torch.Tensor]:
