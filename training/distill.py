@@ -79,6 +79,8 @@ RESUME_MUST_MATCH = run.RESUME_MUST_MATCH + (
     "drop_path",
     "mixup",
     "cutmix",
+    "dense",
+    "dense_ratio",
 )
 
 
@@ -119,7 +121,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
             f"error: {model_info['model']} has no classifier head to distill logits from; "
             f"use --kd features (L1 on the final features)"
         )
-    tocom_hub.patch(model, method=args.method, prop_attn=True)
+    tocom_hub.patch(model, method=args.method, prop_attn=True, dense=args.dense, dense_ratio=args.dense_ratio)
     try:
         tocom_hub.set_r(model, args.r_max)
     except ValueError as e:
@@ -133,6 +135,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         targets=args.targets,
         method=args.method,
         scale=args.scale,
+        dense=args.dense,
+        dense_ratio=args.dense_ratio if args.dense else None,
         base_model=model_info["model"],
         pretrained_tag=(model.pretrained_cfg.get("tag") if args.pretrained else None),
     )
@@ -228,6 +232,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         "targets": list(args.targets),
         "scale": args.scale,
         "direction": args.direction,
+        "dense": args.dense,
+        "dense_ratio": args.dense_ratio if args.dense else None,
         "kd": args.kd,
         "cls_loss": args.cls_loss,
         "temperature": args.temperature,
