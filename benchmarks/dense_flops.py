@@ -99,22 +99,29 @@ def paired_times(model: torch.nn.Module, x: torch.Tensor, r: int, rounds: int, s
 
 
 def run(
-    model: torch.nn.Module, img_size: int, r: int, dense_ratio: int = 32, rounds: int = 5, threads: Optional[int] = None
+    model: torch.nn.Module,
+    img_size: int,
+    r: int,
+    dense_ratio: int = 32,
+    rounds: int = 5,
+    threads: Optional[int] = None,
+    method: str = "tome",
 ) -> Dict[str, Any]:
     """FLOPs (counted and closed form) and paired CPU times of ``model`` plain and dense at ``r``."""
     if threads:
         torch.set_num_threads(threads)
     model.eval()
-    tocom_hub.patch(model, method="tome", dense=True, dense_ratio=dense_ratio)
+    tocom_hub.patch(model, method=method, dense=True, dense_ratio=dense_ratio)
     x = torch.randn(1, 3, img_size, img_size, generator=torch.Generator().manual_seed(0))
     k = dense_ratio * r
     set_r(model, 0)
     plain = counted(model, x)
     set_r(model, r)
     dense = counted(model, x)
-    plain_cf, dense_cf = closed_form(model, 0), closed_form(model, k)
+    plain_cf, dense_cf = closed_form(model, 0), closed_form(model, k, matching=method == "tome")
     removed_cf = closed_form(model, 0, matching=False) - closed_form(model, k, matching=False)
     out = {
+        "method": method,
         "tokens": model.patch_embed.num_patches + model.num_prefix_tokens,
         "r": r,
         "k": k,
@@ -142,11 +149,14 @@ def main(argv=None) -> Dict[str, Any]:
     p.add_argument("--dense-ratio", type=int, default=32)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument(
+        "--method", default="tome", choices=["tome", "evit"], help="evit: the k least attentive skip the MLP"
+    )
     p.add_argument("--output", default=str(RESULTS))
     args = p.parse_args(argv)
     model = timm.create_model(args.model, pretrained=False, img_size=args.img_size)
     result = {"model": args.model, "img_size": args.img_size, "torch": torch.__version__, "device": "cpu"}
-    result.update(run(model, args.img_size, args.r, args.dense_ratio, args.rounds, args.threads))
+    result.update(run(model, args.img_size, args.r, args.dense_ratio, args.rounds, args.threads, args.method))
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
