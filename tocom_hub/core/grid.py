@@ -121,39 +121,38 @@ def merged_intermediates(
     take, _ = feature_take_indices(len(model.blocks), indices)
     trail: List[Optional[torch.Tensor]] = []
     hooks = [blk.register_forward_hook(lambda *_: trail.append(state.context().grid_index)) for blk in model.blocks]
+    prefix = int(model.num_prefix_tokens)
+    call = dict(norm=norm, stop_early=stop_early, output_fmt="NLC", intermediates_only=intermediates_only)
+    if output_dict:  # only where the model has it (timm's Eva does not)
+        call["output_dict"] = True
     try:
-        res = forward(
-            x,
-            indices=indices,
-            return_prefix_tokens=True,
-            norm=norm,
-            stop_early=stop_early,
-            output_fmt="NLC",
-            intermediates_only=intermediates_only,
-            output_dict=True,
-            **kwargs,
-        )
+        res = forward(x, indices=indices, return_prefix_tokens=prefix > 0, **call, **kwargs)
     finally:
         for h in hooks:
             h.remove()
-    prefix = int(model.num_prefix_tokens)
+    if output_dict:
+        raw, prefix_tokens = res["image_intermediates"], res.get("image_intermediates_prefix")
+        final = res.get("image_features")
+    else:
+        final, raw = (None, res) if intermediates_only else res
+        prefix_tokens = [p for _, p in raw] if prefix > 0 else None
+        raw = [y for y, _ in raw] if prefix > 0 else raw
     inter = []
-    for y, i in zip(res["image_intermediates"], sorted(take)):
+    for y, i in zip(raw, sorted(take)):
         index = trail[i]
         inter.append(y if index is None else tokens_to_grid(y, _spatial_index(index, prefix)))
     if output_fmt == "NCHW":
         hw = model.patch_embed.dynamic_feat_size((x.shape[-2], x.shape[-1]))
         inter = [_to_nchw(y, hw) for y in inter]
-    prefix_tokens = res.get("image_intermediates_prefix")
     if output_dict:
         out = {"image_intermediates": inter}
         if prefix_tokens is not None and return_prefix_tokens:
             out["image_intermediates_prefix"] = prefix_tokens
         if not intermediates_only:
-            out["image_features"] = res["image_features"]
+            out["image_features"] = final
         return out
     if return_prefix_tokens and prefix_tokens is not None:
         inter = list(zip(inter, prefix_tokens))
     if intermediates_only:
         return inter
-    return res["image_features"], inter
+    return final, inter
