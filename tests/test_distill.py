@@ -163,3 +163,33 @@ def test_the_eq8_ablation_trains_through_the_product_trainer(tmp_path):
     assert metrics["direction"] == "paper-eq8" and metrics["heldout_direction"] == "paper-eq8"
     cfg = json.loads((tmp_path / "tocom_config.json").read_text())
     assert cfg["training_recipe"]["direction"] == "paper-eq8"
+
+
+# ---------------------------------------------------------------------------------------------------
+# (e) dense mode: teacher and student keep every patch; the bank records the mode
+
+
+@pytest.mark.slow
+def test_dense_distill_run_records_the_mode_and_is_refused_on_a_regular_model(tmp_path):
+    import tocom_hub
+    import tocom_hub.demo  # noqa: F401 (registers the "demo" alias)
+    from tocom_hub.tools.models import load_model
+
+    out = tmp_path / "dense"
+    argv = ["--max-steps", "12", "--batch-size", "8", "--r-max", "4", "--dense", "--dense-ratio", "8"]
+    run([DISTILL, *argv, "--output-dir", out, *FAST])
+    metrics = json.loads((out / "metrics.json").read_text())
+    bank = tocom_hub.ToComBank.from_pretrained(out)
+    assert (bank.dense, bank.dense_ratio, bank.r_max) == (True, 8, 4)
+    assert bank.config.training_recipe["dense"] is True and bank.config.training_recipe["dense_ratio"] == 8
+    assert any(a.abs().max() > 0 for a in bank.lora_B.values())  # it trained
+    assert metrics["heldout_kl_no_bank"] > 0
+    model = load_model("demo").model
+    tocom_hub.patch(model)
+    with pytest.raises(ValueError, match="regular mode but the bank was trained in dense"):
+        tocom_hub.apply(model, 0, 4, bank=bank)
+    tocom_hub.unpatch(model)
+    tocom_hub.apply(model, 0, 4, bank=bank)  # an unpatched model is patched in the bank's mode
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert model.forward_features(x).shape == load_model("demo").model.forward_features(x).shape

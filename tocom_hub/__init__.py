@@ -34,6 +34,8 @@ _LAZY = {
         ["METHODS", "patch", "unpatch", "set_r", "get_r", "is_patched", "get_method", "get_source", "get_size"],
         "core.patch",
     ),
+    # the tokens of a merged model back on the patch grid (dense prediction)
+    **dict.fromkeys(["unmerge_to_grid", "track_grid"], "core.grid"),
     # ToCom bank and its weight arithmetic
     **dict.fromkeys(["ToComBank", "ToComConfig"], "core.bank"),
     **dict.fromkeys(["apply", "remove", "set_target_r"], "core.compensate"),

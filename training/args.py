@@ -287,6 +287,13 @@ def add_distill_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--rank", type=int, default=2, help="LoRA rank h of every group (default 2)")
     g.add_argument("--targets", default="q,v", help=f"comma-separated subset of {','.join(TARGETS)} (default q,v)")
     g.add_argument("--scale", type=float, default=0.1, help="s during training (default 0.1)")
+    g.add_argument(
+        "--dense",
+        action="store_true",
+        help="teacher and student in dense mode (tocom_hub.patch(dense=True): every patch kept, k = "
+        "--dense-ratio · r tokens share an MLP); the bank records it and fits only dense models",
+    )
+    g.add_argument("--dense-ratio", type=int, default=32, help="dense mode: k = ratio · r (default 32, the paper's)")
     g = p.add_argument_group("distillation")
     g.add_argument(
         "--kd",
@@ -339,6 +346,8 @@ def check_distill_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> 
         p.error(f"--r-max must be >= 1 (the bank needs at least one step r → r+1); got {args.r_max}")
     if args.rank < 1:
         p.error(f"--rank must be >= 1; got {args.rank}")
+    if args.dense_ratio < 1:
+        p.error(f"--dense-ratio must be >= 1; got {args.dense_ratio}")
     targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
     bad = [t for t in targets if t not in TARGETS]
     if not targets or bad or len(set(targets)) != len(targets):

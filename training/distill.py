@@ -83,6 +83,8 @@ RESUME_MUST_MATCH = run.RESUME_MUST_MATCH + (
     "kd",
     "cls_loss",
     "temperature",
+    "dense",
+    "dense_ratio",
 )
 
 
@@ -133,7 +135,7 @@ def main(argv: Optional[Sequence[str]] = None, *, distiller_cls: Type[Distiller]
             f"error: {model_info['model']} has no classifier head to distill logits from; "
             f"use --kd features (L1 on the final features)"
         )
-    tocom_hub.patch(model, method=args.method, prop_attn=True)
+    tocom_hub.patch(model, method=args.method, prop_attn=True, dense=args.dense, dense_ratio=args.dense_ratio)
     try:
         tocom_hub.set_r(model, args.r_max)
     except ValueError as e:
@@ -147,6 +149,8 @@ def main(argv: Optional[Sequence[str]] = None, *, distiller_cls: Type[Distiller]
         targets=args.targets,
         method=args.method,
         scale=args.scale,
+        dense=args.dense,
+        dense_ratio=args.dense_ratio if args.dense else None,
         base_model=model_info["model"],
         pretrained_tag=(model.pretrained_cfg.get("tag") if args.pretrained else None),
     )
@@ -240,6 +244,8 @@ def main(argv: Optional[Sequence[str]] = None, *, distiller_cls: Type[Distiller]
         "targets": list(args.targets),
         "scale": args.scale,
         "direction": unwrapped.direction,
+        "dense": args.dense,
+        "dense_ratio": args.dense_ratio if args.dense else None,
         "kd": args.kd,
         "cls_loss": args.cls_loss,
         "temperature": args.temperature,

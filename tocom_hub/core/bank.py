@@ -184,6 +184,14 @@ class ToComBank(nn.Module, ModelHubMixin, library_name="tocom-hub", paper_url="h
         return self.config.method
 
     @property
+    def dense(self) -> bool:
+        return self.config.dense
+
+    @property
+    def dense_ratio(self) -> Optional[int]:
+        return self.config.dense_ratio
+
+    @property
     def scale(self) -> float:
         return self.config.scale
 

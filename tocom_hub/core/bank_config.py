@@ -66,6 +66,9 @@ class ToComConfig:
         targets: weight matrices the bank adapts, any of ``"q"``, ``"k"``, ``"v"``, ``"proj"``.
         scale: default ``s`` used when :func:`tocom_hub.apply` gets no ``scale``.
         method: token reduction the bank was trained for, ``"tome"`` or ``"evit"``.
+        dense: trained in dense mode (``tocom_hub.patch(model, dense=True)``: every patch kept,
+            ``dense_ratio · r`` tokens share an MLP); such a bank is refused on a regular model and back.
+        dense_ratio: tokens per unit of ``r`` in dense mode (``None`` for a regular bank).
         attn_dim: width of q/k/v (``num_heads · head_dim``); ``None`` means ``embed_dim``.
         base_model: timm architecture name of the backbone, e.g. ``"deit_base_patch16_224"``.
         pretrained_tag: timm pretrained tag of the backbone, e.g. ``"fb_in1k"``.
@@ -88,6 +91,8 @@ class ToComConfig:
     targets: Tuple[str, ...] = ("q", "v")
     scale: float = 0.1
     method: str = "tome"
+    dense: bool = False
+    dense_ratio: Optional[int] = None
     attn_dim: Optional[int] = None
     base_model: Optional[str] = None
     pretrained_tag: Optional[str] = None
@@ -110,6 +115,14 @@ class ToComConfig:
             raise ValueError(f"ToComConfig.targets must be distinct names from {TARGETS}; got {self.targets!r}")
         if self.method not in METHODS:
             raise ValueError(f"ToComConfig.method must be one of {METHODS}; got {self.method!r}")
+        if not isinstance(self.dense, bool):
+            raise ValueError(f"ToComConfig.dense must be true or false; got {self.dense!r}")
+        ratio_ok = is_int(self.dense_ratio) and self.dense_ratio > 0
+        if self.dense != (self.dense_ratio is not None) or (self.dense and not ratio_ok):
+            raise ValueError(
+                f"ToComConfig.dense_ratio must be a positive int for a dense bank and None otherwise; "
+                f"got dense={self.dense!r}, dense_ratio={self.dense_ratio!r}"
+            )
         if (
             isinstance(self.scale, bool)
             or not isinstance(self.scale, (int, float))

@@ -40,12 +40,12 @@ import torch
 from torch import nn
 
 from .bank import MAX_SCALE, ToComBank, _looks_local, model_dims
-from .checks import is_int
+from .checks import is_int, token_mode
 from .compensation import Compensation
 from .locks import switch_lock
 from .lora_hooks import HookedCompensation, check_hookable
 from .lora_merged import MergedCompensation
-from .patch import get_method, get_r, is_patched, patch, set_r, unpatch
+from .patch import get_method, get_r, get_settings, is_patched, patch, set_r, unpatch
 
 __all__ = [
     "apply",
@@ -156,6 +156,15 @@ def _check_compatible(model: nn.Module, bank: ToComBank, method: Optional[str], 
             f"model is patched for {patched_method!r} but the bank was trained for {cfg.method!r}: call "
             f"tocom_hub.patch(model, method={cfg.method!r}) first or pick a bank for {patched_method!r}"
         )
+    settings = get_settings(model)
+    if settings is not None and token_mode(settings["dense"], settings["dense_ratio"]) != bank_mode(bank):
+        raise ValueError(
+            f"model is patched in {token_mode(settings['dense'], settings['dense_ratio'])} mode but the bank was "
+            f"trained in {bank_mode(bank)} mode: a bank fits only the token reduction it was trained with; call "
+            f"tocom_hub.patch(model, method={cfg.method!r}, dense={cfg.dense}"
+            + (f", dense_ratio={cfg.dense_ratio}" if cfg.dense else "")
+            + ") first or pick a bank trained in this mode"
+        )
     for t in cfg.targets:
         if tuple(bank.lora_B[t].shape) != (cfg.depth, cfg.target_shape(t)[0], cfg.r_max * cfg.rank) or tuple(
             bank.lora_A[t].shape
@@ -188,6 +197,11 @@ def _check_compatible(model: nn.Module, bank: ToComBank, method: Optional[str], 
             f"a bank fits only the backbone it was trained on, even when the shapes agree: pick a bank "
             f"for {arch}, or pass ignore_base_model=True if this model really is a {cfg.base_model}"
         )
+
+
+def bank_mode(bank: ToComBank) -> str:
+    """The token mode ``bank`` was trained in (``"regular"`` / ``"dense (k = 32·r)"``)."""
+    return token_mode(bank.dense, bank.dense_ratio)
 
 
 def _check_scale(bank: ToComBank, scale: Optional[float]) -> float:
@@ -273,7 +287,7 @@ def _apply_locked(
     old = get_state(model)
     was_patched = is_patched(model)
     if not was_patched:
-        patch(model, method=bank.method)
+        patch(model, method=bank.method, **(dict(dense=True, dense_ratio=bank.dense_ratio) if bank.dense else {}))
     try:
         set_r(model, target_r)  # raises before anything else changes when the model cannot take it
     except BaseException:

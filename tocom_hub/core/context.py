@@ -38,9 +38,13 @@ class ForwardContext:
             before the first reduction and for families without positional state.
         coords: ``[B, N, 2]`` float32 positional coordinates ("centroid" rule), or ``None``.
         grid: ``(H, W)`` of the patch grid of this forward (families with positional state).
+        track: record ``grid_index`` in this forward (``trace_source``, :func:`tocom_hub.track_grid`,
+            ``forward_intermediates`` of a reduced model).
+        grid_index: ``[B, N_in]`` long, the token holding each input token (``-1``: pruned), while tracking
+            (:mod:`tocom_hub.core.grid`), or ``None`` before the first reduction.
     """
 
-    __slots__ = ("size", "source", "attn_bias", "index", "coords", "grid")
+    __slots__ = ("size", "source", "attn_bias", "index", "coords", "grid", "track", "grid_index")
 
     def __init__(self) -> None:
         self.size: Optional[torch.Tensor] = None
@@ -49,6 +53,8 @@ class ForwardContext:
         self.index: Optional[torch.Tensor] = None
         self.coords: Optional[torch.Tensor] = None
         self.grid: Optional[Tuple[int, int]] = None
+        self.track = False
+        self.grid_index: Optional[torch.Tensor] = None
 
     @property
     def reduced(self) -> bool:
@@ -73,8 +79,11 @@ class TokenState:
         positions: str,
         attention: Any,
         family: Any,
+        dense: bool = False,
+        dense_ratio: int = 32,
     ) -> None:
         self.method = method
+        self.dense, self.dense_ratio = dense, dense_ratio  # dense: k = dense_ratio * r tokens share an MLP
         self.prop_attn = prop_attn
         self.trace_source = trace_source
         self.fuse_token = fuse_token
@@ -91,8 +100,15 @@ class TokenState:
     def begin(self) -> ForwardContext:
         """A fresh context for a forward of the calling thread (the previous one is forgotten)."""
         ctx = ForwardContext()
+        ctx.track = self.trace_source or getattr(self._local, "track", False)
         self._local.ctx = ctx
         return ctx
+
+    def set_tracking(self, on: bool) -> bool:
+        """Make the calling thread's next forwards record the grid index map; returns the previous value."""
+        old = getattr(self._local, "track", False)
+        self._local.track = bool(on)
+        return old
 
     def context(self) -> ForwardContext:
         """The calling thread's current context (a fresh one if this thread never ran a forward)."""

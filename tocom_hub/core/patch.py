@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .attention import ATTENTION_FORMS, FOLD_BIAS_DEVICES, attend, sdpa_key_bias  # noqa: F401 (re-exported)
-from .checks import METHODS, is_int
+from .checks import METHODS, is_int, token_mode
 from .context import POSITION_RULES, TokenState
 from .families import find_family, patched_block_classes
 from .families.base import ReducedModel
@@ -79,7 +79,7 @@ def _num_tokens(model: nn.Module) -> Optional[int]:
     return int(num_patches) + int(model.num_prefix_tokens)
 
 
-def _resolve_r(model: nn.Module, r: RSpec, method: str) -> List[int]:
+def _resolve_r(model: nn.Module, r: RSpec, method: str, dense_ratio: int = 1) -> List[int]:
     """Validate ``r`` for ``model`` and expand it to one value per block (no side effects)."""
     depth = len(model.blocks)
     if isinstance(r, (list, tuple)):
@@ -97,10 +97,11 @@ def _resolve_r(model: nn.Module, r: RSpec, method: str) -> List[int]:
     if num_tokens is not None:
         prefix = int(model.num_prefix_tokens)
         limit = max_merge(num_tokens, prefix) if method == "tome" else max_prune(num_tokens, prefix)
-        worst = max(values)
+        worst = max(values) * dense_ratio
         if worst > limit:
+            k = f" (dense mode: k = {dense_ratio}·r = {worst} tokens share an MLP)" if dense_ratio != 1 else ""
             raise ValueError(
-                f"r={worst} cannot be supported: the model sees {num_tokens} tokens "
+                f"r={max(values)} cannot be supported{k}: the model sees {num_tokens} tokens "
                 f"({prefix} prefix) and {method} can remove at most {limit} in one block"
             )
     return values
@@ -112,9 +113,13 @@ def _state(model: nn.Module) -> TokenState:
     return model._tocom_state
 
 
-def _check_options(method: str, positions: str, attention: Any, reducer: Any) -> None:
+def _check_options(method: str, positions: str, attention: Any, reducer: Any, dense: Any, dense_ratio: Any) -> None:
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}; got {method!r}")
+    if not is_int(dense_ratio) or dense_ratio < 1:
+        raise ValueError(f"dense_ratio must be a positive int; got {dense_ratio!r}")
+    if dense and reducer is not None:
+        raise ValueError("dense mode runs the default ToMe / EViT reducer; pass reducer=None with dense=True")
     if positions not in POSITION_RULES:
         raise ValueError(f"positions must be one of {POSITION_RULES}; got {positions!r}")
     if not (callable(attention) or attention in ATTENTION_FORMS):
@@ -137,6 +142,8 @@ def patch(
     positions: str = "keep",
     attention: Any = "auto",
     reducer: Any = None,
+    dense: bool = False,
+    dense_ratio: int = 32,
 ) -> nn.Module:
     """Make a timm ViT merge (ToMe) or prune (EViT) ``r`` tokens per block; ``r`` starts at 0.
 
@@ -157,6 +164,12 @@ def patch(
             (an object that also has ``attend(attn, x, bias) -> (out, q, k)`` replaces the classic ViT's attention).
         reducer: the object that plans and applies the reduction (default: :class:`~tocom_hub.core.reducers.ToMe`
             or :class:`~tocom_hub.core.reducers.EViT` for ``method``); benchmarks pass a merge-free ceiling.
+        dense: dense prediction (ToCom paper, appendix): the grid stays full; in every block attention
+            sees all tokens and ``k = dense_ratio · r`` of them merge (ToMe) or skip (EViT) only for
+            the MLP, whose outputs are copied back to every token (:mod:`tocom_hub.core.dense_block`).
+            ``forward_features`` / ``forward_intermediates`` keep every patch. Classic ViT and Eva blocks;
+            a block whose MLP runs beside its attention (``ParallelScalingBlock``) is refused.
+        dense_ratio: tokens per unit of ``r`` in dense mode (the paper merges ``32 r``).
 
     Idempotent; calling it on a patched model updates the settings (e.g. switches ``method``) and
     keeps ``r``. Parameters and ``state_dict`` are never modified. Per-forward state (sizes, sources,
@@ -166,8 +179,14 @@ def patch(
         tocom_hub.patch(model, method="tome")
         tocom_hub.set_r(model, 16)
     """
-    _check_options(method, positions, attention, reducer)
+    _check_options(method, positions, attention, reducer, dense, dense_ratio)
     family = find_family(model, positions)
+    if dense:
+        for i, blk in enumerate(model.blocks):
+            why = getattr(family.blocks.get(type(blk), type(blk)), "_tocom_no_dense", None)
+            if why:
+                name = type(model).__name__
+                raise TypeError(f"{name}: dense mode cannot run block {i} ({type(blk).__name__}): {why}")
     comp = model.__dict__.get("_tocom_compensation")  # set by tocom_hub.apply (compensate.py)
     if comp is not None and comp.bank.method != method:
         raise ValueError(
@@ -175,6 +194,13 @@ def patch(
             f"would run it with the wrong token reduction: call tocom_hub.remove(model) first, or apply a bank "
             f"trained for {method!r}"
         )
+    mode, bank_mode = token_mode(dense, dense_ratio), comp and token_mode(comp.bank.dense, comp.bank.dense_ratio)
+    if comp is not None and bank_mode != mode:
+        raise ValueError(
+            f"model carries a ToCom bank trained in {bank_mode} mode; patching it for {mode} would run the "
+            f"bank with another token reduction: call tocom_hub.remove(model) first"
+        )
+    ratio = int(dense_ratio) if dense else 1
     settings = dict(
         method=method,
         prop_attn=bool(prop_attn),
@@ -183,10 +209,12 @@ def patch(
         reducer=reducer if reducer is not None else default_reducer(method, bool(fuse_token)),
         positions=positions,
         attention=attention,
+        dense=bool(dense),
+        dense_ratio=int(dense_ratio),
     )
     if is_patched(model):
         state = model._tocom_state
-        r = _resolve_r(model, state.r_spec, method)  # a method switch may change the r limit
+        r = _resolve_r(model, state.r_spec, method, ratio)  # a method / mode switch may change the r limit
         state.__dict__.update(settings)
         state._custom_reducer = reducer
         state.r = r
@@ -236,7 +264,7 @@ def set_r(model: nn.Module, r: RSpec) -> None:
         tocom_hub.set_r(model, [16] * 6 + [0] * 6)
     """
     state = _state(model)
-    values = _resolve_r(model, r, state.method)
+    values = _resolve_r(model, r, state.method, state.dense_ratio if state.dense else 1)
     state.r, state.r_spec = values, (list(r) if isinstance(r, (list, tuple)) else r)
 
 
@@ -253,11 +281,19 @@ def get_method(model: nn.Module) -> Optional[str]:
 
 def get_settings(model: nn.Module) -> Optional[Dict[str, Any]]:
     """The keyword arguments :func:`patch` was last called with (``method``, ``prop_attn``, ``trace_source``,
-    ``fuse_token``); ``None`` for an unpatched model. ``patch(model, **get_settings(model))`` changes nothing."""
+    ``fuse_token``, ``dense``, ``dense_ratio``, and ``positions`` / ``attention`` / ``reducer`` when not the
+    default); ``None`` for an unpatched model. ``patch(model, **get_settings(model))`` changes nothing."""
     if not is_patched(model):
         return None
     st = model._tocom_state
-    settings = dict(method=st.method, prop_attn=st.prop_attn, trace_source=st.trace_source, fuse_token=st.fuse_token)
+    settings = dict(
+        method=st.method,
+        prop_attn=st.prop_attn,
+        trace_source=st.trace_source,
+        fuse_token=st.fuse_token,
+        dense=st.dense,
+        dense_ratio=st.dense_ratio,
+    )
     if st.positions != "keep":
         settings["positions"] = st.positions
     if st.attention != "auto":

@@ -15,6 +15,7 @@ from typing import Any, Optional, Tuple
 import torch
 
 from .context import ForwardContext, TokenState
+from .dense import compose_index, plan_positions
 from .merge import bipartite_soft_matching, merge_index, merge_source, merge_wavg
 from .prune import prune_source, prune_tokens, select_attentive
 
@@ -94,6 +95,10 @@ def reduce_tokens(state: TokenState, ctx: ForwardContext, x: torch.Tensor, info:
     plan = red.plan(info, r, state.num_prefix)
     if plan is None:
         return x
+    if ctx.track:  # the grid index map (tocom_hub.core.grid); a custom reducer's plan ends the tracking
+        positions = plan_positions(plan)
+        ctx.grid_index = None if positions is None else compose_index(positions, ctx.grid_index)
+        ctx.track = positions is not None
     family = state.family
     if family.positional:
         _positions(state, ctx, plan, x, family)

@@ -9,6 +9,8 @@ import torch
 from torch import nn
 
 from ..context import ForwardContext, TokenState
+from ..dense_block import dense_step
+from ..grid import merged_intermediates
 from ..prune import cls_attention
 from ..reducers import reduce_tokens
 
@@ -38,14 +40,23 @@ class ReducedBlock:
     * ``_tocom_attention(x, ctx, need_info, **extra) -> (x, info)``: the attention residual branch on the
       current tokens with ``ctx.attn_bias`` as a per-key bias and the positions in ``ctx``; ``info`` as
       :func:`token_info` when ``need_info`` (else ``None``);
-    * ``_tocom_mlp(x) -> x``: the MLP residual branch;
+    * ``_tocom_mlp_branch(x) -> y``: the MLP residual branch without the residual (``_tocom_mlp`` adds it);
 
     and calls :meth:`_tocom_forward` from its ``forward``. The reduction between them is
-    :func:`~tocom_hub.core.reducers.reduce_tokens`, the same for every family.
+    :func:`~tocom_hub.core.reducers.reduce_tokens`, the same for every family; in dense mode
+    (``patch(dense=True)``) it is :func:`~tocom_hub.core.dense_block.dense_step` instead. A block whose MLP
+    does not follow its attention sets ``_tocom_no_dense`` to the reason dense mode is refused.
     """
 
     _tocom_state: TokenState
     _tocom_index: int
+    _tocom_no_dense: Optional[str] = None
+
+    def _tocom_mlp_branch(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _tocom_mlp(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self._tocom_mlp_branch(x)
 
     def _tocom_forward(self, plain, x: torch.Tensor, masked: bool, **extra) -> torch.Tensor:
         state = self._tocom_state
@@ -59,6 +70,9 @@ class ReducedBlock:
             return plain()
         x, info = self._tocom_attention(x, ctx, state.reducer.info if r > 0 else None, **extra)
         if r > 0:
+            if state.dense:  # the grid stays full: only the MLP sees merged / kept tokens
+                k = r * state.dense_ratio
+                return dense_step(state.reducer, x, info, k, state.num_prefix, self._tocom_mlp_branch)
             x = reduce_tokens(state, ctx, x, info, r)
         return self._tocom_mlp(x)
 
@@ -83,7 +97,7 @@ def size_pool(model: nn.Module, x: torch.Tensor, ctx: ForwardContext, pool_type:
 
 class ReducedModel:
     """Mixin put in front of the model's class: a fresh context per forward, refusals where reduced tokens
-    cannot go (gradient checkpointing, ``forward_intermediates``)."""
+    cannot go (gradient checkpointing), ``forward_intermediates`` on the full grid (:mod:`~tocom_hub.core.grid`)."""
 
     _tocom_state: TokenState
 
@@ -99,12 +113,10 @@ class ReducedModel:
 
     def forward_intermediates(self, *args, **kwargs):
         state = self._tocom_state
-        state.begin()
-        if any(state.r):
-            raise NotImplementedError(
-                "forward_intermediates reshapes tokens to the patch grid, which merging/pruning changes; "
-                "call tocom_hub.set_r(model, 0) first"
-            )
+        ctx = state.begin()
+        if any(state.r) and not state.dense:  # each intermediate unmerged onto the grid (core/grid.py)
+            ctx.track = True
+            return merged_intermediates(self, super().forward_intermediates, *args, **kwargs)
         return super().forward_intermediates(*args, **kwargs)
 
 

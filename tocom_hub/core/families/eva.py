@@ -171,11 +171,11 @@ class ToComEvaBlock(_EvaReduced, EvaBlock):
             out = self.gamma_1 * out
         return x + self.drop_path1(out), info
 
-    def _tocom_mlp(self, x):
+    def _tocom_mlp_branch(self, x):
         out = self.mlp(self.norm2(x))
         if self.gamma_2 is not None:
             out = self.gamma_2 * out
-        return x + self.drop_path2(out)
+        return self.drop_path2(out)
 
 
 class ToComEvaBlockPostNorm(_EvaReduced, EvaBlockPostNorm):
@@ -187,8 +187,8 @@ class ToComEvaBlockPostNorm(_EvaReduced, EvaBlockPostNorm):
         out, info = self._tocom_branch(x, ctx, need_info, rope)
         return x + self.drop_path1(self.norm1(out)), info
 
-    def _tocom_mlp(self, x):
-        return x + self.drop_path2(self.norm2(self.mlp(x)))
+    def _tocom_mlp_branch(self, x):
+        return self.drop_path2(self.norm2(self.mlp(x)))
 
 
 class ToComEva(ReducedModel):

@@ -19,6 +19,8 @@ __all__ = ["ToComParallelScalingBlock", "parallel_qv"]
 class ToComParallelScalingBlock(ReducedBlock, ParallelScalingBlock):
     """timm ``ParallelScalingBlock`` that removes ``r`` tokens after the block (see the module docstring)."""
 
+    _tocom_no_dense = "its MLP runs beside the attention, so no MLP follows the attention to run on merged tokens"
+
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False):
         masked = attn_mask is not None or is_causal
         return self._tocom_forward(

@@ -34,8 +34,8 @@ class ToComBlock(ReducedBlock, Block):
         info = token_info(need_info, q, k, self.attn.scale, state.has_class_token) if need_info else None
         return x, info
 
-    def _tocom_mlp(self, x):
-        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+    def _tocom_mlp_branch(self, x):
+        return self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 
 class ToComResPostBlock(ReducedBlock, ResPostBlock):
@@ -54,8 +54,8 @@ class ToComResPostBlock(ReducedBlock, ResPostBlock):
         info = token_info(need_info, q, k, self.attn.scale, state.has_class_token) if need_info else None
         return x, info
 
-    def _tocom_mlp(self, x):
-        return x + self.drop_path2(self.norm2(self.mlp(x)))
+    def _tocom_mlp_branch(self, x):
+        return self.drop_path2(self.norm2(self.mlp(x)))
 
 
 class ToComViT(ReducedModel):
