@@ -298,8 +298,9 @@ def add_distill_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--kd",
         default="logits",
-        choices=["logits", "features"],
-        help="logits: KL on soft targets; features: L1 on pooled final features (head-less backbones)",
+        choices=["logits", "features", "tokens"],
+        help="logits: KL on soft targets; features: L1 on pooled final features (head-less backbones); tokens: "
+        "L1 on every final token (forward_features; dense prediction, with --dense)",
     )
     g.add_argument("--temperature", type=float, default=1.0, help="KD temperature T (default 1)")
     g.add_argument(
@@ -357,8 +358,8 @@ def check_distill_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> 
         p.error(f"--scale must be a finite, non-zero number; got {args.scale}")
     if not args.temperature > 0:
         p.error(f"--temperature must be > 0; got {args.temperature}")
-    if args.cls_loss and args.kd == "features":
-        p.error("--cls-loss trains on labels; it cannot be combined with --kd features")
+    if args.cls_loss and args.kd != "logits":
+        p.error(f"--cls-loss trains on labels; it cannot be combined with --kd {args.kd}")
     if args.heldout_pairs < 0 or args.heldout_images < 1 or args.eval_every < 0:
         p.error("--heldout-pairs and --eval-every must be >= 0 and --heldout-images >= 1")
     if args.lr <= 0 or args.weight_decay < 0 or args.min_lr < 0:

@@ -348,7 +348,7 @@ def main(argv: Optional[Sequence[str]] = None, *, distiller_cls: Type[Distiller]
                 f"could not write the trained bank to {args.output_dir} ({type(e).__name__}: {e}); no partial "
                 f"file was left. Free some space and rerun with --resume latest (from the last checkpoint)"
             ) from e
-        name = "l1" if args.kd == "features" else "kl"
+        name = "kl" if args.kd == "logits" else "l1"
         if f"heldout_{name}_no_bank" in metrics:
             a, b = metrics[f"heldout_{name}_no_bank"], metrics[f"heldout_{name}_with_bank"]
             logger.info(

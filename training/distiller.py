@@ -52,6 +52,8 @@ class Distiller(nn.Module):
         bb = self.backbone
         if self.kd == "features":
             return bb.forward_head(bb.forward_features(x), pre_logits=True)
+        if self.kd == "tokens":  # every final token (dense mode: one per patch, what a dense head reads)
+            return bb.forward_features(x)
         return bb(x)
 
     @torch.no_grad()
@@ -79,12 +81,12 @@ class Distiller(nn.Module):
 def kd_loss(
     student: torch.Tensor, teacher: torch.Tensor, kd: str, temperature: float = 1.0, reduction: str = "mean"
 ) -> torch.Tensor:
-    """KL(teacher ‖ student) at temperature ``T`` (× T²), or mean L1 for ``kd="features"``.
+    """KL(teacher ‖ student) at temperature ``T`` (× T²), or mean L1 for ``kd="features"`` / ``"tokens"``.
 
     ``reduction="none"`` returns one value per sample (held-out metrics).
     """
     s, t = student.float(), teacher.float()
-    if kd == "features":
+    if kd in ("features", "tokens"):
         per = (s - t).abs().flatten(1).mean(1)
     else:
         T = temperature
@@ -125,11 +127,14 @@ def heldout_eval(accelerator, distiller: Distiller, loader, pairs: List[Tuple[in
         count += vals.shape[0]
     distiller.train(was_training)
     per_pair = (sums / max(count, 1)).tolist()
-    name = "l1" if kd == "features" else "kl"
+    name = "kl" if kd == "logits" else "l1"
     return {
         "heldout_metric": (
-            "mean |student - teacher| of the pooled features"
-            if kd == "features"
+            {
+                "features": "mean |student - teacher| of the pooled features",
+                "tokens": "mean |student - teacher| of every final token",
+            }[kd]  # fmt: skip
+            if kd != "logits"
             else "KL(teacher || student) of the softmax outputs, T = 1"
         ),
         "heldout_direction": distiller.direction,

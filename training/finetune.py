@@ -27,6 +27,7 @@ Examples::
     accelerate launch training/finetune.py --model deit_base_patch16_224 --pretrained \\
         --data /data/cifar100 --source-r 16 --lr 5e-5 --epochs 100 --warmup-steps 500 --output-dir out/c100-r16
     python training/finetune.py --mode adaptformer --adapter-scale 0.1 --source-r 10 --output-dir out/pet-r10
+    python training/finetune.py --task segmentation --decoder mask --steps 600 --output-dir out/seg
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 from typing import Any, Dict, Optional, Sequence
 
 import torch
@@ -41,6 +43,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import tocom_hub
+from tocom_hub.demo import data as embedded_data
 from tocom_hub.tools.adaptformer import AdaptFormer
 from tocom_hub.tools.images import model_img_size
 from tocom_hub.training import run
@@ -91,6 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --no-augment, keep the decoded train/val images in memory when they fit in this many MiB (0: never)",
     )
     g = p.add_argument_group("fine-tuning")
+    g.add_argument(
+        "--task",
+        default="classification",
+        choices=["classification", "segmentation"],
+        help="segmentation: a Segmenter on the embedded photo-segments masks (its own flags: "
+        "finetune.py --task segmentation --help; training/segment.py)",
+    )
     g.add_argument("--source-r", type=int, default=0, help="r the model is trained at (default 0)")
     g.add_argument("--mode", default="full", choices=["full", "adaptformer"], help="all parameters, or AdaptFormer PET")
     g.add_argument("--adapter-bottleneck", type=int, default=32, help="AdaptFormer width (default 32)")
@@ -128,6 +138,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         args.batch_size = 64
     if args.source_r < 0:
         p.error(f"--source-r must be >= 0; got {args.source_r}")
+    embedded = args.data in embedded_data.list_datasets()
+    if embedded and embedded_data.get_dataset_spec(args.data).task != "classification":
+        p.error(f"--data {args.data} is a segmentation dataset: pass --task segmentation")
     if args.mode == "adaptformer" and args.from_scratch:
         p.error("--mode adaptformer freezes the backbone; it needs pre-trained weights, not --from-scratch")
     if args.adapter_bottleneck < 1:
@@ -163,7 +176,20 @@ class Classifier(nn.Module):
         return self.model(x)
 
 
+def _task(argv: Sequence[str]) -> str:
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--task", default="classification")
+    return p.parse_known_args(list(argv))[0].task
+
+
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    """Run the script with ``argv`` (default ``sys.argv[1:]``); ``--task segmentation`` runs
+    ``training/segment.py`` with the same arguments."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if _task(argv) == "segmentation":
+        from tocom_hub.training import segment
+
+        return segment.main(argv)
     args = parse_args(argv)
     from accelerate.utils import set_seed
     from timm.data import Mixup

@@ -87,6 +87,10 @@ def visualize_command(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"--image {args.image}: no such file")
     if os.path.isdir(args.output):
         raise IsADirectoryError(f"-o {args.output} is a directory; pass a file name such as merged.png")
+    from ..tools.segmenter import is_segmenter_dir
+
+    if args.dense or is_segmenter_dir(args.model):
+        return _visualize_dense(args)
     model, info, _ = _load_model(args)
     bank = _load_bank(args)
     _warn_about_model("visualize", args, model, info, bank)
@@ -114,6 +118,43 @@ def visualize_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _visualize_dense(args: argparse.Namespace) -> int:
+    """``visualize --dense`` (or ``--model`` a segmenter directory): patches sharing an MLP, predicted mask."""
+    from ..tools.segmenter import is_segmenter_dir, load_segmenter
+    from ..tools.visualize_dense import visualize_dense
+
+    if args.bank is not None:
+        raise ValueError("--bank is not supported with --dense (the picture shows the plain dense model)")
+    if args.dense_ratio < 1:
+        raise ValueError(f"--dense-ratio must be >= 1; got {args.dense_ratio}")
+    if is_segmenter_dir(args.model):
+        model = load_segmenter(args.model)
+        label = f"segmenter {args.model}"
+    else:
+        model, info, _ = _load_model(args)
+        label = _model_label(info, args.method or "tome")
+    out = visualize_dense(
+        model,
+        args.image,
+        args.r,
+        args.output,
+        dense_ratio=args.dense_ratio,
+        method=args.method or "tome",
+        block=args.block,
+        alpha=args.alpha,
+        cell=args.cell,
+        json_path=args.json,
+    )
+    skipped = f", {out['skipped_patches']} skip the MLP" if out["skipped_patches"] else ""
+    mask = f"; predicted mask pixels per class {out['mask_classes']}" if "mask_classes" in out else ""
+    print(
+        f"{label} dense r={args.r} (k={out['k']}), block {out['block']}: {out['grid'][0] * out['grid'][1]} patches "
+        f"-> {out['groups']} MLP tokens{skipped}{mask}"
+    )
+    print(f"wrote {out['output']} and {out['json']}")
+    return 0
+
+
 def add_visualize_parser(subparsers: Any) -> None:
     p = command_parser(
         subparsers,
@@ -127,7 +168,10 @@ def add_visualize_parser(subparsers: Any) -> None:
         epilog="examples:\n"
         "  tocom-hub visualize --model deit_small_patch16_224 --pretrained --image cat.jpg --r 8 -o merged.png\n"
         "  tocom-hub visualize --model out/finetune-r0 --image cat.jpg --r 16 --method evit -o pruned.png\n"
-        "  tocom-hub visualize --model out/finetune-r0 --image cat.jpg --r 16 --bank out/bank -o tocom.png",
+        "  tocom-hub visualize --model out/finetune-r0 --image cat.jpg --r 16 --bank out/bank -o tocom.png\n"
+        "  tocom-hub visualize --model demo --image cat.jpg --r 8 --dense --dense-ratio 2 -o dense.png\n"
+        "  tocom-hub visualize --model out/seg --image shapes.png --r 8 --dense-ratio 2 -o mask.png  "
+        "# a finetune.py --task segmentation directory: dense groups + predicted mask",
     )
     _add_model_options(p)
     g = p.add_argument_group("picture")
@@ -143,6 +187,15 @@ def add_visualize_parser(subparsers: Any) -> None:
         metavar="PX",
         help="pixels per patch in the output (default: panels of about 320 px)",
     )
+    g = p.add_argument_group("dense mode (docs/dense.md)")
+    g.add_argument(
+        "--dense",
+        action="store_true",
+        help="patch in dense mode and paint which patches share an MLP in one block (implied when --model is a "
+        "directory saved by finetune.py --task segmentation, which also paints the predicted mask)",
+    )
+    g.add_argument("--dense-ratio", type=int, default=32, help="dense mode: k = ratio · r (default 32)")
+    g.add_argument("--block", type=int, default=-1, help="dense mode: the block painted (-1: last)")
     _add_bank_options(p)
     p.set_defaults(func=visualize_command)
 

@@ -33,6 +33,8 @@ shape-count        6       how many small discs (1-6) on a photograph background
 shape-location     9       in which 3 × 3 cell one small disc lies (structured, like dSprites-location;
                            not flip-invariant)
 textures           8       which procedural texture family fills the image (texture, like DTD)
+photo-segments     5       semantic segmentation: items are ``(PIL.Image, mask)``, ``mask`` an ``[H, W]``
+                           int64 array (background, disc, square, triangle, stripes; ``segmentation``)
 ================== ======= ==========================================================================
 
 Modules: ``registry`` (the registry and :func:`build_dataset`), ``photos`` (the scikit-image
@@ -58,6 +60,7 @@ from .registry import (
     list_datasets,
     register_dataset,
 )
+from .segmentation import SEGMENT_CLASSES, PhotoSegments
 
 __all__ = [
     "DatasetSpec",
@@ -67,6 +70,8 @@ __all__ = [
     "ShapeCount",
     "ShapeLocation",
     "Textures",
+    "PhotoSegments",
+    "SEGMENT_CLASSES",
     "PHOTOS",
     "ORIENTATION_PHOTOS",
     "register_dataset",

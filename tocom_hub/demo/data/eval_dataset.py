@@ -11,7 +11,7 @@ from torch.utils.data import Dataset, Subset
 
 from ...core.checks import is_int
 from ...tools.images import eval_transform, model_img_size
-from .registry import build_dataset, list_datasets
+from .registry import build_dataset, get_dataset_spec, list_datasets
 
 __all__ = ["build_eval_dataset"]
 
@@ -49,6 +49,12 @@ def build_eval_dataset(
         raise ValueError(f"limit must be a positive int; got {limit!r}")
     embedded = list_datasets()
     if data in embedded and not os.path.isdir(data):
+        task = get_dataset_spec(data).task
+        if task != "classification":
+            raise ValueError(
+                f"{data} is a {task} dataset (pixel masks): evaluate it with benchmarks/study/segmentation.py "
+                f"or tocom_hub.tools.miou, not as image classification"
+            )
         h, w = model_img_size(model)
         if h != w:
             raise ValueError(f"embedded datasets are square; the model takes {h}x{w} images")

@@ -34,6 +34,8 @@ class DatasetSpec:
         description: one line for ``--help`` and logs.
         lengths: default number of items per split.
         license: where the pixels come from and under which terms.
+        task: ``"classification"`` (items ``(image, int)``) or ``"segmentation"`` (items ``(image, [H, W]
+            int64 mask)``); classification tools refuse a segmentation dataset.
     """
 
     name: str
@@ -42,13 +44,21 @@ class DatasetSpec:
     description: str
     lengths: Dict[str, int]
     license: str
+    task: str = "classification"
 
 
+TASKS = ("classification", "segmentation")
 _REGISTRY: Dict[str, DatasetSpec] = {}
 
 
 def register_dataset(
-    name: str, *, num_classes: int, description: str, lengths: Dict[str, int], license: str
+    name: str,
+    *,
+    num_classes: int,
+    description: str,
+    lengths: Dict[str, int],
+    license: str,
+    task: str = "classification",
 ) -> Callable[[Callable[..., Dataset]], Callable[..., Dataset]]:
     """Decorator registering ``builder(split, img_size, length, seed) -> Dataset`` under ``name``.
 
@@ -61,12 +71,14 @@ def register_dataset(
     """
     if name in _REGISTRY:
         raise ValueError(f"an embedded dataset named {name!r} is already registered")
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}; got {task!r}")
     missing = [s for s in SPLITS if s not in lengths]
     if missing:
         raise ValueError(f"lengths must give a default size for every split {SPLITS}; missing {missing}")
 
     def wrap(builder: Callable[..., Dataset]) -> Callable[..., Dataset]:
-        _REGISTRY[name] = DatasetSpec(name, builder, num_classes, description, dict(lengths), license)
+        _REGISTRY[name] = DatasetSpec(name, builder, num_classes, description, dict(lengths), license, task)
         return builder
 
     return wrap
