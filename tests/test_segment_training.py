@@ -125,3 +125,29 @@ def test_visualize_dense_writes_groups_and_mask(seg_dir, tmp_path):
     assert cli.main(argv) == 0
     side = json.load(open(tmp_path / "cli.json"))
     assert out.is_file() and side["groups"] == 64 - 16 and "mask" in side["panels"]
+
+
+@pytest.mark.slow
+def test_segmentation_study_end_to_end_tiny(tmp_path):
+    """benchmarks/study/segmentation.py at toy scale: every stage runs, the table has a row per r, and the
+    counted GFLOPs fall by the closed form of the FFN tokens removed (plus a little bipartite matching)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "study" / "segmentation.py"
+    spec = importlib.util.spec_from_file_location("seg_study", path)
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    argv = ["--workdir", str(tmp_path / "w"), "--seeds", "0", "--rs", "0", "8", "--ft-steps", "2", "--bank-steps",
+            "2", "--test-images", "8", "--boot", "50", "--out", str(tmp_path / "res")]  # fmt: skip
+    result = study.main(argv)
+    assert [row["r"] for row in result["rows"]] == [0, 8]
+    for ext in (".json", ".md", ".png"):
+        assert (tmp_path / f"res{ext}").is_file()
+    r0, r8 = result["rows"]
+    removed = (r0["gflops"] - r8["gflops"]) * 1e9
+    ffn = 6 * 16 * 2 * 2 * 96 * 384  # 6 blocks, k = 16 tokens, fc1 + fc2 of the 96 -> 384 MLP
+    assert 0.97 * ffn < removed < ffn  # matching costs a little, so slightly less than the FFN is saved
+    assert r0["gain"]["delta"] == 0.0  # r = 0: the bank's 0 -> 0 update is empty
+    for row in result["rows"]:
+        assert row["plain"]["low"] <= row["plain"]["miou"] <= row["plain"]["high"]

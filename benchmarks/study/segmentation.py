@@ -56,8 +56,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rs", type=int, nargs="+", default=[0, 4, 8, 12, 16])
     p.add_argument("--dense-ratio", type=int, default=2)
     p.add_argument("--decoder", default="mask", choices=["linear", "mask"])
-    p.add_argument("--ft-steps", type=int, default=600)
-    p.add_argument("--bank-steps", type=int, default=300)
+    p.add_argument("--ft-steps", type=int, default=1000)
+    p.add_argument("--bank-steps", type=int, default=500)
+    p.add_argument("--bank-lr", type=float, default=1e-3, help="AdamW lr of the bank (distill.py --lr)")
+    p.add_argument("--bank-name", default="bank", help="sub-directory of the bank in each seed's workdir")
     p.add_argument("--test-images", type=int, default=512)
     p.add_argument("--boot", type=int, default=2000)
     p.add_argument("--threads", type=int, default=1)
@@ -83,7 +85,7 @@ def gflops(model: segment.Segmenter, x: torch.Tensor) -> float:
 def train(args: argparse.Namespace, seed: int) -> Dict[str, str]:
     """Fine-tune the segmenter and distill its dense bank for ``seed`` (reused when present)."""
     ft = os.path.join(args.workdir, f"seed{seed}", "segmenter")
-    bank = os.path.join(args.workdir, f"seed{seed}", "bank")
+    bank = os.path.join(args.workdir, f"seed{seed}", args.bank_name)
     threads = ["--threads", str(args.threads)] if args.threads else []
     if not os.path.isfile(os.path.join(ft, "segmenter.json")):
         segment.main(["--output-dir", ft, "--decoder", args.decoder, "--steps", str(args.ft_steps),
@@ -92,7 +94,8 @@ def train(args: argparse.Namespace, seed: int) -> Dict[str, str]:
         distill.main(["--checkpoint", os.path.join(ft, "backbone.safetensors"), "--dense", "--dense-ratio",
                       str(args.dense_ratio), "--kd", "tokens", "--data", "photo-segments", "--no-augment",
                       "--r-max", "16", "--max-steps", str(args.bank_steps), "--batch-size", "32",
-                      "--heldout-images", "128", "--seed", str(seed), "--output-dir", bank])  # fmt: skip
+                      "--heldout-images", "128", "--seed", str(seed), "--lr", str(args.bank_lr),
+                      "--output-dir", bank])  # fmt: skip
     return {"segmenter": ft, "bank": bank}
 
 
