@@ -23,7 +23,7 @@ image (backbone + decoder + upsampling, attention unfused while counting). Write
 ``benchmarks/results/segmentation.{json,md,png}``; trained models go to ``--workdir`` (reused when
 present). ::
 
-    python benchmarks/study/segmentation.py            # ~20 min on 2 shared cores
+    python benchmarks/study/segmentation.py            # 15 min on 2 shared cores (docs/dense.md)
 """
 
 from __future__ import annotations
