@@ -122,6 +122,7 @@ def test_resume_after_checkpoint_is_exact(tmp_path):
         (["--resume", "/nonexistent-dir"], "no such checkpoint directory"),
         (["--model-kwargs", "{depth: 3}"], "not valid JSON"),
         (["--kd", "features", "--cls-loss"], "cannot be combined"),
+        (["--kd", "tokens", "--cls-loss"], "cannot be combined with --kd tokens"),
         (["--direction", "paper-eq8"], "unrecognized arguments"),  # an ablation of the study now
         (["--push-to-hub", "no-slash"], "org/name"),
     ],
