@@ -67,6 +67,7 @@ logger = logging.getLogger("tocom_hub.training.finetune")
 
 # flags that must not change between a run and its --resume (besides run.RESUME_MUST_MATCH)
 RESUME_MUST_MATCH = run.RESUME_MUST_MATCH + (
+    "task",
     "source_r",
     "mode",
     "adapter_bottleneck",
@@ -296,6 +297,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
             total_steps=total_steps,
             use_mixup=mixup is not None,
         ),
+        "task": args.task,
         "from_scratch": args.from_scratch,
         "num_classes": num_classes,
         "source_r": args.source_r,
