@@ -224,19 +224,30 @@ def test_bank_apply_changes_only_q_and_v_by_the_delta_and_remove_is_exact(varian
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
-def test_bank_hooks_on_separate_projections_and_refused_where_hooks_never_run():
-    model = make_eva("rope_cat_separate_qkv")
+@pytest.mark.parametrize("variant", ["rope_cat_separate_qkv", "rope_cat_cls", "rope_dinov3_registers"])
+def test_bank_unmerged_equals_merged_on_separate_and_fused_qv_bias_projections(variant):
+    """Unmerged mode on separate q/k/v and on EVA's fused qkv with q/v bias (timm's F.linear on the weight is
+    routed through the Linear while the bank is applied); remove() gives the plain model back, bit-exact."""
+    model = make_eva(variant)
+    plain = copy.deepcopy(model)
     bank = ToComBank.for_model(model, r_max=4, rank=2)
-    random_groups(bank, seed=3)
+    random_groups(bank, seed=3, std=1.0)
     merged = copy.deepcopy(model)
     tocom_hub.apply(merged, 0, 2, bank=bank)
     tocom_hub.apply(model, 0, 2, bank=bank, merge=False)
     with torch.no_grad():
         assert (model(X) - merged(X)).abs().max() <= 1e-5
-    fused = make_eva("rope_cat_cls")
-    with pytest.raises(TypeError, match="F.linear on attn.qkv.weight"):
-        tocom_hub.apply(fused, 0, 2, bank=ToComBank.for_model(fused, r_max=4, rank=2), merge=False)
-    assert not tocom_hub.is_patched(fused)
+        with tocom_hub.compensate.disabled(model):
+            assert (model(X) - merged(X)).abs().max() > 1e-2  # the bank does something
+        tocom_hub.set_target_r(model, 0)  # r = 0: timm's own attention forward, with the bank's update
+        tocom_hub.set_target_r(merged, 0)
+        assert (model(X) - merged(X)).abs().max() <= 1e-5
+        tocom_hub.remove(model)
+        assert torch.equal(model(X), plain(X))
+    assert all(type(b.attn).__dict__ == type(p.attn).__dict__ for b, p in zip(model.blocks, plain.blocks))
+    assert [vars(b.attn).get("qkv_bias_separate") for b in model.blocks] == [
+        vars(p.attn).get("qkv_bias_separate") for p in plain.blocks
+    ]
 
 
 @pytest.mark.parametrize(

@@ -283,7 +283,7 @@ def _apply_locked(
             )
 
     if not merge:
-        check_hookable(model)  # before anything changes
+        check_hookable(model, bank.targets)  # before anything changes
     old = get_state(model)
     was_patched = is_patched(model)
     if not was_patched:
