@@ -244,53 +244,8 @@ def test_bank_unmerged_equals_merged_on_separate_and_fused_qv_bias_projections(v
         assert (model(X) - merged(X)).abs().max() <= 1e-5
         tocom_hub.remove(model)
         assert torch.equal(model(X), plain(X))
-    assert all(type(b.attn).__dict__ == type(p.attn).__dict__ for b, p in zip(model.blocks, plain.blocks))
+    linears = [m for b in model.blocks for m in b.attn.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(type(m) is torch.nn.Linear for m in linears)  # the ToCom Linear class is gone
     assert [vars(b.attn).get("qkv_bias_separate") for b in model.blocks] == [
         vars(p.attn).get("qkv_bias_separate") for p in plain.blocks
     ]
-
-
-@pytest.mark.parametrize(
-    "variant,kwargs",
-    [
-        ("rope_cat_cls", {"method": "tome", "trace_source": True}),
-        ("rope_cat_separate_qkv", {"method": "evit"}),
-        ("rope_dinov3_registers", {"method": "tome", "positions": "centroid"}),
-        ("rope_mixed_avg", {"method": "tome"}),
-        ("rope_dinov3_map", {"method": "evit", "fuse_token": True}),
-    ],
-)
-def test_eva_compiles_fullgraph_one_graph_per_r(variant, kwargs):
-    from torch._dynamo.testing import CompileCounter
-
-    torch._dynamo.reset()
-    model = make_eva(variant)
-    tocom_hub.patch(model, **kwargs)
-    eager = copy.deepcopy(model)
-    counter = CompileCounter()
-    compiled = torch.compile(model, backend=counter, fullgraph=True)
-    with torch.no_grad():
-        for r in (0, 5, 0, 5):
-            tocom_hub.set_r(model, r)
-            tocom_hub.set_r(eager, r)
-            assert (compiled(X) - eager(X)).abs().max() <= 1e-5
-    assert counter.frame_count == 2
-    torch._dynamo.reset()
-
-
-def test_parallel_block_compiles_fullgraph_one_graph_per_r():
-    from torch._dynamo.testing import CompileCounter
-
-    torch._dynamo.reset()
-    model = make_vit("cls_token", depth=2, block_fn=ParallelScalingBlock, init_values=0.3)
-    tocom_hub.patch(model, method="tome")
-    eager = copy.deepcopy(model)
-    counter = CompileCounter()
-    compiled = torch.compile(model, backend=counter, fullgraph=True)
-    with torch.no_grad():
-        for r in (0, 5, 0, 5):
-            tocom_hub.set_r(model, r)
-            tocom_hub.set_r(eager, r)
-            assert (compiled(X) - eager(X)).abs().max() <= 1e-5
-    assert counter.frame_count == 2
-    torch._dynamo.reset()
