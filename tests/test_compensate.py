@@ -89,6 +89,7 @@ def test_apply_then_remove_is_bit_exact(merge):
     assert not tocom_hub.is_patched(model) and compensate.get_state(model) is None
     for blk in model.blocks:
         assert not blk.attn.qkv._forward_hooks and not blk.attn.proj._forward_hooks
+        assert type(blk.attn.qkv) is torch.nn.Linear and type(blk.attn.proj) is torch.nn.Linear
     torch.testing.assert_close(model(X), fresh()(X), rtol=0, atol=0)
     tocom_hub.remove(model)  # no-op without a bank
 

@@ -10,9 +10,10 @@ on its attention weights (paper Eq. 6/7). Two modes share the same maths and the
   :func:`remove` restores them bit-exact. The copy follows the weights: rows changed in between (training
   steps, ``load_state_dict``) are re-based, so a switch or :func:`remove` changes the current weights by exactly
   the bank's signed delta (docs/compensation.md: training under a merged bank).
-* **unmerged** (``merge=False``, training; :mod:`~tocom_hub.core.lora_hooks`): forward hooks on
-  ``attn.qkv`` / ``attn.proj`` add the masked LoRA path; every bank parameter takes part in every
-  forward, the backbone weights are never touched, and :func:`set_pair` switches in O(1).
+* **unmerged** (``merge=False``, training; :mod:`~tocom_hub.core.lora_hooks`): the adapted Linears
+  (``attn.qkv`` / ``attn.proj``, their class swapped) add the masked LoRA path in their forward (it compiles,
+  docs/compile.md); every bank parameter takes part in every forward, the backbone weights are never
+  touched, and :func:`set_pair` switches in O(1).
 
 This module owns the public functions, the validation (everything is checked before anything is
 mutated) and the switch lock. Switching is serialised per model: :func:`apply`, :func:`set_target_r`,
@@ -283,7 +284,7 @@ def _apply_locked(
             )
 
     if not merge:
-        check_hookable(model)  # before anything changes
+        check_hookable(model, bank.targets)  # before anything changes
     old = get_state(model)
     was_patched = is_patched(model)
     if not was_patched:

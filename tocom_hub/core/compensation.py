@@ -3,7 +3,7 @@
 A compensation holds the bank, the pair ``source_r → target_r`` and the scale, and knows which weight rows
 of which Linear layers the bank adapts (its *layout*). How the update reaches the forward is the job of a
 subclass: :class:`~tocom_hub.core.lora_merged.MergedCompensation` writes it into the weights,
-:class:`~tocom_hub.core.lora_hooks.HookedCompensation` adds it in forward hooks. The functions of
+:class:`~tocom_hub.core.lora_hooks.HookedCompensation` adds it in the forward of the adapted Linears. The functions of
 :mod:`tocom_hub.core.compensate` validate every input, take the model's switch lock and then call the
 ``_attach`` / ``_detach`` / ``_switch`` / ``_set_enabled`` methods defined here; nothing else should.
 """

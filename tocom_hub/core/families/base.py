@@ -148,8 +148,14 @@ class Family:
         raise NotImplementedError
 
     def unhookable(self, block: nn.Module) -> Optional[str]:
-        """Why forward hooks on the block's q/v Linears would never run (the bank's training mode), or ``None``."""
+        """Why the bank's unmerged (training) mode cannot reach the block's q/v Linears (its attention bypasses
+        their ``forward``), or ``None``."""
         return None
+
+    def unmerged_overrides(self, block: nn.Module) -> List[Tuple[nn.Module, str, object]]:
+        """``[(module, attribute, value)]`` set while the bank's unmerged mode is applied (restored by ``remove``)
+        so that the block's attention calls its q/v Linears' ``forward`` instead of reading their weights."""
+        return []
 
     def num_prefix(self, model: nn.Module) -> int:
         return int(model.num_prefix_tokens)

@@ -242,14 +242,11 @@ class EvaFamily(Family):
     def rope_embed(self, coords, block):
         return ROPES[type(self.rope)][1](self.rope, coords, block)
 
-    def unhookable(self, block):
-        attn = block.attn
+    def unmerged_overrides(self, block):
+        attn = block.attn  # fused qkv + q/v bias: F.linear on attn.qkv.weight would bypass the bank's Linear
         if attn.qkv is not None and getattr(attn, "q_bias", None) is not None and not attn.qkv_bias_separate:
-            return (
-                "its EvaAttention computes qkv with F.linear on attn.qkv.weight (to add the q/v bias), so forward "
-                "hooks on attn.qkv never run; use merge=True"
-            )
-        return None
+            return [(attn, "qkv_bias_separate", True)]  # qkv(x) + bias: the same sum, through the Linear
+        return []
 
     def qv(self, block):
         attn = block.attn
