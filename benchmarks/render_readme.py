@@ -18,6 +18,8 @@ marker                              source                                      
 ``<!-- study-rerun-table -->``       ``benchmarks/results/study_rerun.json``        ``benchmarks/study/report.py``
 ``<!-- supported-models-table -->``  ``docs/supported-models.md`` (written by        :func:`supported_models_table`
                                      ``tests/test_supported_models.py``)
+``<!-- dense-flops-table -->``       ``benchmarks/results/dense_flops.json``        :func:`dense_flops_table`
+``<!-- segmentation-table -->``      ``benchmarks/results/segmentation.json``       ``benchmarks/study/segmentation.py``
 =================================== ============================================== ==========================
 """
 
@@ -124,6 +126,30 @@ def supported_models_table(doc: str) -> str:
     return "\n".join(lines[start:end])
 
 
+def dense_flops_table(result: Dict[str, Any]) -> str:
+    """``benchmarks/dense_flops.py``'s counted GFLOPs of plain and dense ToMe against their closed forms."""
+    removed = result["gflops_plain"] - result["gflops_ffn_removed_closed_form"]
+    matching = result["gflops_dense_closed_form"] - removed
+    return "\n".join(
+        [
+            "| | counted GFLOPs | closed form |",
+            "|---|---|---|",
+            f"| plain | {result['gflops_plain']:.2f} | {result['gflops_plain_closed_form']:.2f} |",
+            f"| dense ToMe r = {result['r']} | {result['gflops_dense']:.2f} | "
+            f"{result['gflops_dense_closed_form']:.2f} (incl. {matching:.2f} of matching) |",
+            f"| plain − FFN tokens removed | — | {removed:.2f} |",
+        ]
+    )
+
+
+def segmentation_table() -> str:
+    """The segmentation study's table (``benchmarks/study/segmentation.py`` renders it; imported here only when
+    asked for, since that script imports torch and the trainers)."""
+    import segmentation
+
+    return segmentation.table(_load("benchmarks/results/segmentation.json")).rstrip("\n")
+
+
 def _with_intervals(rel: str) -> Dict[str, Any]:
     """The study results ``rel`` with the 95 % intervals of ``study_intervals.json`` when they were measured
     for exactly these results (``benchmarks/study/intervals.py`` records which)."""
@@ -138,6 +164,8 @@ TABLES: Dict[str, Callable[[], str]] = {
     "speed-table": lambda: speed_table(
         _load("benchmarks/results/throughput.json"), _load("benchmarks/results/throughput_compiled.json")
     ),
+    "dense-flops-table": lambda: dense_flops_table(_load("benchmarks/results/dense_flops.json")),
+    "segmentation-table": segmentation_table,
     "supported-models-table": lambda: supported_models_table((ROOT / "docs" / "supported-models.md").read_text()),
     "throughput-table": lambda: throughput_table(_load("benchmarks/results/throughput.json")),
     "throughput-compiled-table": lambda: throughput_table(_load("benchmarks/results/throughput_compiled.json")),
@@ -168,6 +196,7 @@ def render(text: str, names=None) -> str:
 HOMES: Dict[Path, List[str]] = {
     ROOT / "README.md": ["quickstart-table", "supported-models-table", "speed-table", "study-rerun-table"],
     ROOT / "docs" / "performance.md": ["throughput-table", "throughput-compiled-table"],
+    ROOT / "docs" / "dense.md": ["dense-flops-table", "segmentation-table"],
     ROOT / "benchmarks" / "study" / "README.md": ["study-table", "study-rerun-table"],
 }
 FILES = list(HOMES)
