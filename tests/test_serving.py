@@ -1,0 +1,167 @@
+"""The serving engine without Ray: concurrent batches (and r switches between them) give the serial
+outputs, r moves only between batches and with the queueing latency, bad bodies get a 4xx reason."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from serve_helpers import indices, png, poison_png, poisoned_demo, probs
+
+import tocom_hub
+from tocom_hub.serving.config import ServeConfig, load_served_model
+from tocom_hub.serving.engine import BadRequest, ServeEngine
+
+CURVE = {r: 10.0 - 0.25 * r for r in range(17)}  # a fake calibration: 10 ms at r = 0 ... 6 ms at r = 16
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return ServeEngine(ServeConfig(model="demo", fixed_r=0, max_batch_size=4, budget_ms=50))
+
+
+@pytest.fixture(scope="module")
+def images(engine):
+    return [engine.decode(png(i), "image/png") for i in range(12)]
+
+
+def _reference(images, r):
+    """A fresh model, apply(0 -> r) with the demo bank, one forward per image (serial, independent)."""
+    from tocom_hub.demo import demo_bank_path, demo_info, load_demo_model
+
+    model = load_demo_model(0).model
+    tocom_hub.patch(model, method="tome")
+    tocom_hub.apply(model, 0, r, bank=demo_bank_path(), scale=demo_info()["scale"]["0"])
+    with torch.inference_mode():
+        return torch.cat([model(x[None]).softmax(-1) for x in images])
+
+
+@pytest.mark.parametrize("r", [0, 8, 16])
+def test_predict_equals_a_fresh_bank_applied_model(engine, images, r):
+    engine.set_fixed_r(r)
+    out, used = engine.predict(images[:4])
+    assert used == r
+    ref = _reference(images[:4], r)
+    top = ref.topk(5, dim=-1)
+    assert indices(out) == [sorted(i) for i in top.indices.tolist()]
+    torch.testing.assert_close(probs(out), ref.gather(-1, torch.tensor(indices(out))), atol=1e-5, rtol=0)
+
+
+def test_r_changes_the_answer(engine, images):
+    # the comparison above could not fail if r did nothing
+    engine.set_fixed_r(0)
+    a, _ = engine.predict(images[:4])
+    engine.set_fixed_r(16)
+    b, _ = engine.predict(images[:4])
+    assert (probs(a) - probs(b)).abs().max() > 1e-3
+
+
+def test_concurrent_batches_and_switches_give_the_serial_outputs(engine, images):
+    serial = {}
+    for r in (0, 4, 16):
+        engine.set_fixed_r(r)
+        serial[r] = [engine.predict(images[i : i + 3])[0] for i in range(0, 12, 3)]
+    got, errors = [], []
+    go = threading.Barrier(4)
+
+    def client(k):
+        try:
+            go.wait()
+            for _ in range(5):
+                for i in range(0, 12, 3):
+                    out, r = engine.predict(images[i : i + 3])
+                    got.append((r, i, out))
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    def switcher():
+        try:
+            go.wait()
+            for r in (4, 16, 0, 4, 16, 0, 4, 16):
+                engine.set_fixed_r(r)
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(3)] + [threading.Thread(target=switcher)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert len(got) == 60 and {r for r, _, _ in got} <= {0, 4, 16}
+    for r, i, out in got:
+        torch.testing.assert_close(probs(out), probs(serial[r][i // 3]), atol=1e-6, rtol=0)
+
+
+def test_adaptive_r_follows_the_queueing_latency_between_batches(images):
+    cfg = ServeConfig(model="demo", budget_ms=10, max_batch_size=4, window=3, patience_down=2)
+    ticks = iter(range(10**6))
+    clock = lambda: next(ticks) * 0.002  # noqa: E731 - every reading 2 ms later: a forward "takes" 2 ms
+    eng = ServeEngine(cfg, served=load_served_model(cfg), calibration=CURVE, clock=clock)
+    assert eng.adaptive and eng.r == 4  # smallest r with 10 - r/4 <= 0.9 * 10
+    seen = []
+    for _ in range(4):  # each request waited 50 ms in the queue: over budget -> up to the largest r
+        now = eng.clock()
+        _, r = eng.predict(images[:4], arrivals=[now - 0.05] * 4)
+        seen.append(r)
+    assert seen[0] == 4 and eng.r == 16
+    for _ in range(8):  # the queue drained: back down after patience_down batches
+        _, r = eng.predict(images[:1])
+        seen.append(r)
+    assert eng.r == 0, eng.controller.history  # 2 ms measured / 6 ms expected: factor 1/3, r = 0 fits again
+    assert eng.metrics.snapshot()["requests"] == 24
+    assert [b["r"] for b in eng.metrics.snapshot(last=None)["batches"]] == seen
+
+
+def test_set_fixed_r_validates_first(engine):
+    engine.set_fixed_r(4)
+    for bad in (17, -1, 2.5, "8"):
+        with pytest.raises(ValueError, match="served r values"):
+            engine.set_fixed_r(bad)
+    assert engine.r == 4 and not engine.adaptive
+
+
+@pytest.mark.parametrize(
+    "body, ctype, status, reason",
+    [
+        (png(0), "text/plain", 415, "content type"),
+        (png(0), None, 415, "content type"),
+        (b"", "image/png", 400, "empty body"),
+        (b"not an image at all", "image/jpeg", 400, "not a readable image"),
+        (png(0)[:40], "image/png", 400, "not a readable image"),
+        (b"x" * 5000, "application/octet-stream", 413, "exceeds the limit of 4096"),
+        (png(0, size=70), "image/png", 413, "exceeds the limit of 4096"),
+    ],
+)
+def test_bad_bodies_get_a_4xx_reason(small_limits, body, ctype, status, reason):
+    with pytest.raises(BadRequest, match=reason) as info:
+        small_limits.decode(body, ctype)
+    assert info.value.status == status and "\n" not in info.value.reason
+
+
+@pytest.fixture(scope="module")
+def small_limits():
+    return ServeEngine(ServeConfig(model="demo", fixed_r=0, max_bytes=4096, max_pixels=4096))
+
+
+def test_a_failing_forward_raises_and_the_next_batch_is_served(images):
+    cfg = ServeConfig(model=poisoned_demo, fixed_r=8, source_r=0)
+    eng = ServeEngine(cfg)
+    poison = eng.decode(poison_png(), "image/png")
+    with pytest.raises(RuntimeError, match="poisoned"):
+        eng.predict([images[0], poison])
+    out, r = eng.predict(images[:2])
+    assert r == 8 and len(out) == 2
+
+
+def test_config_rejects_bad_settings_with_one_line():
+    for kwargs, match in [
+        ({"budget_ms": 0}, "budget_ms"),
+        ({"max_batch_size": 0}, "max_batch_size"),
+        ({"fixed_r": -2}, "fixed_r"),
+        ({"method": "nope"}, "method"),
+        ({"bank": "x", "no_bank": True}, "contradict"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            ServeConfig(**kwargs)
