@@ -165,3 +165,34 @@ def test_config_rejects_bad_settings_with_one_line():
     ]:
         with pytest.raises(ValueError, match=match):
             ServeConfig(**kwargs)
+
+
+def test_a_timm_name_with_a_bank_folder_is_served(tmp_path):
+    """The non-demo path: a timm name (+ model_kwargs) and a saved bank folder, served at a fixed r, equal a
+    fresh model with the same weights and apply(0 -> r)."""
+    import timm
+
+    from tocom_hub.core.bank import ToComBank
+
+    kwargs = dict(img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2, num_classes=7)
+    cfg = ServeConfig(model="vit_tiny_patch16_224", model_kwargs=kwargs, bank=str(tmp_path / "bank"), fixed_r=3)
+    bank = ToComBank.for_model(timm.create_model("vit_tiny_patch16_224", **kwargs), r_max=4, rank=2)
+    with torch.no_grad():
+        for p in bank.lora_B.values():
+            p.normal_(0, 0.5)
+    bank.save_pretrained(cfg.bank)
+    served = load_served_model(cfg)
+    reference = timm.create_model("vit_tiny_patch16_224", **kwargs).eval()
+    reference.load_state_dict(served.model.state_dict())
+    eng = ServeEngine(cfg, served=served)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    out, r = eng.predict(list(x))
+    assert r == 3 and eng.describe()["r_values"] == [0, 1, 2, 3, 4]
+    tocom_hub.patch(reference)
+    tocom_hub.apply(reference, 0, 3, bank=ToComBank.from_pretrained(cfg.bank))
+    with torch.inference_mode():
+        want = reference(x).softmax(-1)
+    torch.testing.assert_close(probs(out), want.gather(-1, torch.tensor(indices(out))), atol=1e-5, rtol=0)
+    tocom_hub.set_target_r(reference, 0)  # the comparison can fail: r = 0 answers otherwise
+    with torch.inference_mode():
+        assert (reference(x).softmax(-1) - want).abs().max() > 1e-4

@@ -27,9 +27,9 @@ class ServeConfig:
 
     Args:
         model: ``"demo"`` (the embedded study demo model fine-tuned at r = 0 with its bank, offline), any
-            ``NAME_OR_PATH`` :func:`tocom_hub.demo.models.load_model` takes (timm name, saved model folder,
+            ``NAME_OR_PATH`` :func:`tocom_hub.tools.models.load_model` takes (timm name, saved model folder,
             finetune output), or a zero-argument callable returning an ``nn.Module`` (custom loading).
-        model_kwargs / pretrained / checkpoint: for :func:`~tocom_hub.demo.models.load_model`.
+        model_kwargs / pretrained / checkpoint: for :func:`~tocom_hub.tools.models.load_model`.
         bank: a bank folder / file or Hub id (the demo's own by default for ``"demo"``); ``None``: plain ToMe / EViT.
         no_bank: serve without a bank even for ``"demo"`` (its r still switches).
         source_r / scale / method: as in :func:`tocom_hub.apply` (default: the demo's / the bank's).
@@ -177,7 +177,7 @@ def load_served_model(cfg: ServeConfig) -> ServedModel:
         crop_pct = 1.0 if crop_pct is None else crop_pct
         info = {"name": DEMO, "model": demo["model"], "task": demo["task"], "R": demo["R"]}
     else:
-        from ..demo.models import load_model
+        from ..tools.models import load_model
 
         model, info = load_model(
             cfg.model, model_kwargs=cfg.model_kwargs, pretrained=cfg.pretrained, checkpoint=cfg.checkpoint
