@@ -95,11 +95,11 @@ def test_concurrent_batches_and_switches_give_the_serial_outputs(engine, images)
 
 
 def test_adaptive_r_follows_the_queueing_latency_between_batches(images):
-    cfg = ServeConfig(model="demo", budget_ms=10, max_batch_size=4, window=3, patience_down=2)
+    cfg = ServeConfig(model="demo", budget_ms=20, control_fraction=0.5, max_batch_size=4, window=3, patience_down=2)
     ticks = iter(range(10**6))
     clock = lambda: next(ticks) * 0.002  # noqa: E731 - every reading 2 ms later: a forward "takes" 2 ms
     eng = ServeEngine(cfg, served=load_served_model(cfg), calibration=CURVE, clock=clock)
-    assert eng.adaptive and eng.r == 4  # smallest r with 10 - r/4 <= 0.9 * 10
+    assert eng.adaptive and eng.r == 4  # smallest r with 10 - r/4 <= 0.9 * (0.5 * 20)
     seen = []
     for _ in range(4):  # each request waited 50 ms in the queue: over budget -> up to the largest r
         now = eng.clock()
@@ -161,6 +161,7 @@ def test_config_rejects_bad_settings_with_one_line():
         ({"max_batch_size": 0}, "max_batch_size"),
         ({"fixed_r": -2}, "fixed_r"),
         ({"method": "nope"}, "method"),
+        ({"control_fraction": 0}, "control_fraction"),
         ({"bank": "x", "no_bank": True}, "contradict"),
     ]:
         with pytest.raises(ValueError, match=match):

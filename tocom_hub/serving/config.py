@@ -33,12 +33,15 @@ class ServeConfig:
         bank: a bank folder / file or Hub id (the demo's own by default for ``"demo"``); ``None``: plain ToMe / EViT.
         no_bank: serve without a bank even for ``"demo"`` (its r still switches).
         source_r / scale / method: as in :func:`tocom_hub.apply` (default: the demo's / the bank's).
-        budget_ms: latency budget of a request inside the replica (queueing + batch forward), ms.
+        budget_ms: latency budget (p99) of a request inside the replica (queueing + batch forward), ms.
+        control_fraction: the controller keeps the *median* latency of recent batches within
+            ``control_fraction × budget_ms`` (default 0.5): it reacts to a median, so the tail needs room.
         fixed_r: serve at this r only (no controller); ``None``: adaptive.
         r_values: the r the controller may pick (default: the bank's ``0 … R``).
         max_batch_size / batch_wait_timeout_s: ``@serve.batch`` settings; the controller is calibrated at
             ``max_batch_size``.
-        target / window / patience_down: :class:`~tocom_hub.LatencyController` settings (per batch).
+        target / window / patience_down: :class:`~tocom_hub.LatencyController` settings, counted in batches
+            (default 0.9, 3, 8: up after the median of 3 batches, down after 8 calm batches in a row).
         calibrate_iters: timed calibration forwards per r.
         top_k: classes returned per image. max_bytes: largest request body accepted.
         max_pixels: largest decoded image (width × height). crop_pct: eval transform crop (default: the
@@ -58,13 +61,14 @@ class ServeConfig:
     scale: Optional[float] = None
     method: Optional[str] = None
     budget_ms: float = 100.0
+    control_fraction: float = 0.5
     fixed_r: Optional[int] = None
     r_values: Optional[Sequence[int]] = None
     max_batch_size: int = 16
     batch_wait_timeout_s: float = 0.005
     target: float = 0.9
-    window: int = 5
-    patience_down: int = 3
+    window: int = 3
+    patience_down: int = 8
     calibrate_iters: int = 5
     top_k: int = 5
     max_bytes: int = 4 * 1024 * 1024
@@ -103,6 +107,8 @@ class ServeConfig:
             raise ValueError(f"threads must be a positive int or None; got {self.threads!r}")
         if not (isinstance(self.batch_wait_timeout_s, (int, float)) and 0 <= self.batch_wait_timeout_s <= 10):
             raise ValueError(f"batch_wait_timeout_s must be in [0, 10] s; got {self.batch_wait_timeout_s!r}")
+        if not (isinstance(self.control_fraction, (int, float)) and 0 < self.control_fraction <= 1):
+            raise ValueError(f"control_fraction must be in (0, 1]; got {self.control_fraction!r}")
         if not (isinstance(self.target, (int, float)) and 0 < self.target <= 1):
             raise ValueError(f"target must be in (0, 1]; got {self.target!r}")
         for name in ("source_r", "fixed_r"):

@@ -11,6 +11,7 @@ in its own thread-local :class:`~tocom_hub.core.context.ForwardContext`).
 from __future__ import annotations
 
 import io
+import math
 import threading
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -72,8 +73,11 @@ class ServeEngine:
 
     Adaptive (``cfg.fixed_r is None``): a :class:`~tocom_hub.LatencyController` calibrated at
     ``cfg.max_batch_size`` gets, after every batch, the largest in-replica latency of its requests (queueing +
-    forward, ``arrivals`` given to :meth:`predict`); queueing under a load spike thus reads as a slowdown and
-    moves ``r`` up. Fixed: the model stays at ``cfg.fixed_r`` until :meth:`set_fixed_r` moves it.
+    forward, ``arrivals`` given to :meth:`predict`) plus one batch forward per full batch still queued behind
+    it (``metrics.in_flight``, counted by the HTTP layer), with the budget ``cfg.control_fraction × cfg.budget_ms``
+    (the controller acts on the median of its window; the rest of the budget is the tail's); queueing under a
+    load spike thus reads as a slowdown and moves ``r`` up. Fixed: the model stays at ``cfg.fixed_r`` until
+    :meth:`set_fixed_r` moves it.
 
     Args:
         cfg: the :class:`ServeConfig`.
@@ -99,7 +103,7 @@ class ServeEngine:
             s.model,
             s.bank,
             s.source_r,
-            cfg.budget_ms,
+            cfg.budget_ms * cfg.control_fraction,
             batch_size=cfg.max_batch_size,
             r_values=cfg.r_values,
             scale=s.scale,
@@ -202,7 +206,10 @@ class ServeEngine:
             self._lock.release_shared()
         end = self.clock()
         waits = [end - a for a in arrivals] if arrivals is not None else [end - start]
-        ms = 1000.0 * max(waits)
+        # what the controller sees: this batch's worst latency plus the forwards the requests already
+        # waiting behind it will sit through (a queue that outlives the batch is load, not calm)
+        behind = max(0, self.metrics.in_flight - len(images))
+        ms = 1000.0 * max(waits) + math.ceil(behind / self.cfg.max_batch_size) * 1000.0 * (end - start)
         self._lock.acquire_exclusive()
         try:
             if self.fixed_r is None and r == self.controller.r:  # a batch that ran at an r since left is stale
