@@ -18,7 +18,7 @@ from tocom_hub.demo.models import DEMO_WEIGHTS
 pytestmark = pytest.mark.usefixtures("one_thread_module")  # conftest.py: one torch thread for the module
 
 
-@pytest.mark.parametrize("command", ["eval", "bench", "visualize", "convert"])
+@pytest.mark.parametrize("command", ["eval", "bench", "visualize", "convert", "serve"])
 def test_help_has_examples(command, capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main([command, "--help"])

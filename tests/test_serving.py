@@ -197,3 +197,23 @@ def test_a_timm_name_with_a_bank_folder_is_served(tmp_path):
     tocom_hub.set_target_r(reference, 0)  # the comparison can fail: r = 0 answers otherwise
     with torch.inference_mode():
         assert (reference(x).softmax(-1) - want).abs().max() > 1e-4
+
+
+def test_ray_is_imported_only_by_the_app_module():
+    """``import tocom_hub`` and the serving engine need no Ray (serving is an optional layer); the CLI's
+    ``serve`` refuses a bad setting with one line before Ray starts."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import sys, tocom_hub, tocom_hub.serving, tocom_hub.serving.engine, tocom_hub.serving.config; "
+        "from tocom_hub.cli import build_parser, main; build_parser().format_help(); "
+        "assert main(['serve', '--model', 'demo', '--budget-ms', '0']) == 1; "
+        "assert not [m for m in sys.modules if m == 'ray' or m.startswith('ray.')], 'ray imported'"
+    )
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "serve: error: budget_ms must be a positive number" in proc.stderr
