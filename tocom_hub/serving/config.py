@@ -49,6 +49,7 @@ class ServeConfig:
         threads: torch CPU threads (``torch.set_num_threads``, process-wide) when the model loads; ``None``: leave
             them (a Ray replica gets ``OMP_NUM_THREADS`` from its ``num_cpus``).
         device: ``"cpu"`` / ``"cuda"`` (default cpu).
+        labels: class names returned next to each index (default: none, ``"label": null``).
     """
 
     model: ModelSpec = DEMO
