@@ -3,6 +3,7 @@ outputs, r moves only between batches and with the queueing latency, bad bodies 
 
 from __future__ import annotations
 
+import json
 import threading
 
 import pytest
@@ -188,7 +189,9 @@ def test_a_timm_name_with_a_bank_folder_is_served(tmp_path):
     eng = ServeEngine(cfg, served=served)
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     out, r = eng.predict(list(x))
-    assert r == 3 and eng.describe()["r_values"] == [0, 1, 2, 3, 4]
+    info = eng.describe()
+    assert r == 3 and info["r_values"] == [0, 1, 2, 3, 4] and info["config"]["model_kwargs"] == kwargs
+    json.dumps(info)  # /info sends it as JSON
     tocom_hub.patch(reference)
     tocom_hub.apply(reference, 0, 3, bank=ToComBank.from_pretrained(cfg.bank))
     with torch.inference_mode():

@@ -228,7 +228,7 @@ class ServeEngine:
         return self.labels[i] if self.labels is not None and i < len(self.labels) else None
 
     def describe(self) -> Dict[str, Any]:
-        """What is served: the model, bank, pair, r values, mode, calibration curve."""
+        """What is served: the model, bank, pair, r values, mode, calibration curve and the settings."""
         s = self.served
         return {
             "model": s.info.get("name"),
@@ -241,4 +241,5 @@ class ServeEngine:
             "budget_ms": self.cfg.budget_ms,
             "max_batch_size": self.cfg.max_batch_size,
             "curve_ms": self.controller.curve,
+            "config": self.cfg.describe(),
         }
