@@ -154,7 +154,7 @@ class ServeEngine:
                     self.controller.calibrate()
                 self.fixed_r = None
             else:
-                self.controller._switch(r)  # the controller's own switch (bank update or set_r)
+                self.controller.switch(r)  # the bank's update (set_target_r) or plain set_r
                 self.fixed_r = r
             return self.controller.r
         finally:
