@@ -202,7 +202,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-batch-size", type=int, default=4)
     p.add_argument("--control-fraction", type=float, default=0.5)
     p.add_argument("--batch-wait-ms", type=float, default=10.0)
-    p.add_argument("--phases", default="15:6,10:20,10:6", help="seconds:rps,… (default steady, 3x spike, steady)")
+    p.add_argument("--phases", default="15:8,10:24,10:8", help="seconds:rps,… (default steady, 3x spike, steady)")
     p.add_argument("--window-s", type=float, default=5.0)
     p.add_argument("--reaction-s", type=float, default=2.0, help="the controller's allowance after a load change")
     p.add_argument("--max-in-flight", type=int, default=400)
