@@ -309,13 +309,13 @@ def _apply_locked(
     return model
 
 
-def set_pair(model: nn.Module, source_r: int, target_r: int, *, r: Optional[int] = None) -> None:
+def set_pair(model: nn.Module, source_r: int, target_r: int, *, r: Optional[int] = None) -> nn.Module:
     """Switch the bank to the pair ``source_r → target_r`` and the patcher to ``r`` (default ``target_r``).
 
     Unmerged mode: O(1) — picks a precomputed ``±1/0`` inner-dim mask, no tensor copies, so the trainer
     can call it every step (pass ``r=`` to run the student at another degree than ``target_r``).
     Merged mode: moves the weights to ``W₀ + Δ(source_r → target_r)`` like :func:`set_target_r`.
-    Example::
+    Returns ``model``. Example::
 
         tocom_hub.apply(model, 0, 0, bank=bank, merge=False)
         tocom_hub.compensate.set_pair(model, 3, 11)   # bank 3 → 11, model runs at r = 11
@@ -333,6 +333,7 @@ def set_pair(model: nn.Module, source_r: int, target_r: int, *, r: Optional[int]
         except BaseException:  # e.g. weights the merged bank cannot follow: the patcher's r goes back too
             set_r(model, old_r)
             raise
+    return model
 
 
 def set_target_r(model: nn.Module, r: int) -> nn.Module:

@@ -133,6 +133,38 @@ def _check_options(method: str, positions: str, attention: Any, reducer: Any, de
             )
 
 
+def _check_family(model: nn.Module, positions: str, dense: bool) -> Any:
+    """The family adapter :func:`patch` would use, or the ``TypeError`` it would raise (nothing is changed)."""
+    family = find_family(model, positions)
+    if dense:
+        for i, blk in enumerate(model.blocks):
+            why = getattr(family.blocks.get(type(blk), type(blk)), "_tocom_no_dense", None)
+            if why:
+                name = type(model).__name__
+                raise TypeError(f"{name}: dense mode cannot run block {i} ({type(blk).__name__}): {why}")
+    return family
+
+
+def check_supported(model: nn.Module, *, positions: str = "keep", dense: bool = False) -> Dict[str, Any]:
+    """Check that :func:`patch` can reduce ``model``, without changing it.
+
+    Raises the ``TypeError`` :func:`patch` would raise (unsupported family, block or dense layout);
+    otherwise returns ``{"family", "model", "depth", "positional"}``. Example::
+
+        tocom_hub.check_supported(timm.create_model("vit_small_patch16_224"))
+        # {'family': 'vit', 'model': 'VisionTransformer', 'depth': 12, 'positional': False}
+    """
+    if positions not in POSITION_RULES:
+        raise ValueError(f"positions must be one of {POSITION_RULES}; got {positions!r}")
+    family = _check_family(model, positions, dense)
+    return dict(
+        family=family.name,
+        model=_original_class(model).__name__,
+        depth=len(model.blocks),
+        positional=bool(family.positional),
+    )
+
+
 def patch(
     model: nn.Module,
     method: str = "tome",
@@ -180,13 +212,7 @@ def patch(
         tocom_hub.set_r(model, 16)
     """
     _check_options(method, positions, attention, reducer, dense, dense_ratio)
-    family = find_family(model, positions)
-    if dense:
-        for i, blk in enumerate(model.blocks):
-            why = getattr(family.blocks.get(type(blk), type(blk)), "_tocom_no_dense", None)
-            if why:
-                name = type(model).__name__
-                raise TypeError(f"{name}: dense mode cannot run block {i} ({type(blk).__name__}): {why}")
+    family = _check_family(model, positions, dense)
     comp = model.__dict__.get("_tocom_compensation")  # set by tocom_hub.apply (compensate.py)
     if comp is not None and comp.bank.method != method:
         raise ValueError(
@@ -252,12 +278,12 @@ def unpatch(model: nn.Module) -> nn.Module:
     return model
 
 
-def set_r(model: nn.Module, r: RSpec) -> None:
+def set_r(model: nn.Module, r: RSpec) -> nn.Module:
     """Set the tokens removed per block: an int for every block, or a list with one int per block.
 
     ``r`` is validated first (``ValueError`` leaves the model unchanged): values must be ``>= 0`` and
     no larger than one block could remove from the model's full token count. At run time ``r`` is
-    clamped per block to what is left, like the reference ToMe. Example::
+    clamped per block to what is left, like the reference ToMe. Returns ``model``. Example::
 
         tocom_hub.patch(model)
         tocom_hub.set_r(model, 8)          # 8 per block
@@ -266,6 +292,7 @@ def set_r(model: nn.Module, r: RSpec) -> None:
     state = _state(model)
     values = _resolve_r(model, r, state.method, state.dense_ratio if state.dense else 1)
     state.r, state.r_spec = values, (list(r) if isinstance(r, (list, tuple)) else r)
+    return model
 
 
 def get_r(model: nn.Module) -> RSpec:
