@@ -72,10 +72,13 @@ def test_gather_pair_bias_is_the_bias_at_the_tokens_places():
 
 def _evit_by_masking(model, r):
     """EViT as the *plain* model: no token removed, the pruned tokens' keys masked out of every later block's
-    attention through its relative-position bias (-inf added). Each block's attentiveness is computed here
-    from its q and k (the class token's row, or the mean query over the live tokens)."""
+    attention through its relative-position bias (-inf added). Each block's attentiveness is the class
+    token's row of the softmax the plain block computed (its bias included), or, without a class token, the
+    mean query's softmax(q·k) over the live tokens (no position)."""
     prefix, blocks = model.num_prefix_tokens, list(model.blocks)
     state = {}
+    for blk in blocks:
+        blk.attn.fused_attn = False  # the explicit softmax, read at attn_drop
 
     def pre(blk, args, kwargs):  # the key mask of this block, on top of the model's bias
         x = args[0]
@@ -106,11 +109,11 @@ def _evit_by_masking(model, r):
         q, k = state["qk"]
         alive = state["alive"]
         if prefix:
-            query = q[:, :, :1]
+            score = state["probs"][:, :, 0].mean(1)  # [B, N]: 0 on masked keys
         else:
             query = (q * alive[:, None, :, None]).sum(2, keepdim=True) / alive.sum(1).view(-1, 1, 1, 1)
-        logits = (query * blk.attn.scale) @ k.transpose(-2, -1) + state["mask"]
-        score = logits.softmax(-1).mean(1)[:, 0]
+            logits = (query * blk.attn.scale) @ k.transpose(-2, -1) + state["mask"]
+            score = logits.softmax(-1).mean(1)[:, 0]
         for b in range(out.shape[0]):
             cand = [j for j in range(prefix, out.shape[1]) if alive[b, j]]
             keep = max(len(cand) - r, 1)
@@ -121,6 +124,7 @@ def _evit_by_masking(model, r):
     for blk in blocks:
         hooks.append(blk.register_forward_pre_hook(pre, with_kwargs=True))
         hooks.append(blk.attn.register_forward_pre_hook(attn_in))
+        hooks.append(blk.attn.attn_drop.register_forward_pre_hook(lambda m, a: state.update(probs=a[0])))
         hooks.append(blk.register_forward_hook(post, with_kwargs=True))
     try:
         with torch.no_grad():

@@ -14,15 +14,15 @@ import torch
 from timm.models.beit import Attention, Beit, Block
 
 from ..attention import key_bias_attention
-from .base import Family, ReducedBlock, token_info
-from .relbias import CENTROID_REFUSAL, PairBiasModel, fused_qkv, pair_bias
+from .base import Family, ReducedBlock
+from .relbias import CENTROID_REFUSAL, PairBiasModel, fused_qkv, pair_bias, pair_token_info
 
 __all__ = ["BeitFamily", "ToComBeitBlock", "beit_attend"]
 
 
 def beit_attend(attn: Attention, x: torch.Tensor, shared: Optional[torch.Tensor], ctx, form="mask"):
     """BEiT ``Attention.forward`` on the current tokens with their gathered relative-position bias and ToMe's
-    per-key ``log(size)``; returns ``(out, q, k)``."""
+    per-key ``log(size)``; returns ``(out, q, k, mask)``."""
     B, N, _ = x.shape
     q, k, v = fused_qkv(attn, x).reshape(B, N, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
     bias = attn._get_rel_pos_bias() if attn.relative_position_bias_table is not None else None
@@ -33,7 +33,7 @@ def beit_attend(attn: Attention, x: torch.Tensor, shared: Optional[torch.Tensor]
     # a pairwise bias cannot be folded into q and k: it always goes to SDPA as a mask
     out = key_bias_attention(q, k, v, mask, attn.scale, dropout_p, attn.fused_attn, "mask", attn.attn_drop)
     out = out.transpose(1, 2).reshape(B, N, -1)
-    return attn.proj_drop(attn.proj(out)), q, k
+    return attn.proj_drop(attn.proj(out)), q, k, mask
 
 
 class ToComBeitBlock(ReducedBlock, Block):
@@ -47,10 +47,10 @@ class ToComBeitBlock(ReducedBlock, Block):
 
     def _tocom_attention(self, x, ctx, need_info, shared_rel_pos_bias=None):
         state = self._tocom_state
-        out, q, k = beit_attend(self.attn, self.norm1(x), shared_rel_pos_bias, ctx)
+        out, q, k, mask = beit_attend(self.attn, self.norm1(x), shared_rel_pos_bias, ctx)
         if self.gamma_1 is not None:
             out = self.gamma_1 * out
-        info = token_info(need_info, q, k, self.attn.scale, state.has_class_token) if need_info else None
+        info = pair_token_info(need_info, q, k, self.attn.scale, state.has_class_token, mask) if need_info else None
         return x + self.drop_path1(out), info
 
     def _tocom_mlp_branch(self, x):

@@ -5,8 +5,9 @@ sequence (prefix + patch grid): ``[1, H, N_in, N_in]`` (or ``[H, N_in, N_in]``).
 token sits at one input token (``ForwardContext.index``: its own place when pruned, the destination's place
 when merged under the ``"keep"`` rule), so its bias row and column are *gathered* from the full table:
 pruning is exact (the kept pairs see exactly timm's bias). EViT's fused token stands for many places and
-gets no position: a zero bias row and column. The ``"centroid"`` rule is refused: the bias is learned at
-integer offsets (a table or an MLP of log offsets), so there is no bias at a fractional centroid to recompute.
+gets no position: a zero bias row and column. EViT ranks by the class token's attention as computed, its bias
+row included. The ``"centroid"`` rule is refused: the bias is learned at integer offsets (a table or an MLP of
+log offsets), so there is no bias at a fractional centroid to recompute.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .base import ReducedModel
+from .base import ReducedModel, token_info
 
-__all__ = ["gather_pair_bias", "pair_bias", "fused_qkv", "PairBiasModel", "CENTROID_REFUSAL"]
+__all__ = ["gather_pair_bias", "pair_bias", "pair_token_info", "fused_qkv", "PairBiasModel", "CENTROID_REFUSAL"]
 
 CENTROID_REFUSAL = (
     "positions='centroid' is not supported with a relative-position bias: the bias is learned at integer patch "
@@ -53,6 +54,18 @@ def pair_bias(bias: Optional[torch.Tensor], ctx, dtype: torch.dtype) -> Optional
         return key
     out = gather_pair_bias(bias, ctx.index).to(dtype)
     return out if key is None else out + key.to(dtype)
+
+
+def pair_token_info(kind: str, q, k, scale: float, has_class_token: bool, mask: Optional[torch.Tensor]):
+    """:func:`~.base.token_info` with the bias: EViT's attentiveness is the class token's attention as the block
+    computed it, its relative-position bias row included (without a class token: the mean query's
+    ``softmax(q·k)``, which has no position, as in every family). In timm's BEiT and relpos models the class
+    token's row holds one value for every patch key, so the ranking is q·k's up to rounding."""
+    if kind != "cls_attention" or not has_class_token or mask is None:
+        return token_info(kind, q, k, scale, has_class_token)
+    with torch.no_grad():
+        logits = (q[:, :, :1] * scale) @ k.transpose(-2, -1) + mask[:, :, :1]  # [B, H, 1, N]
+        return logits.float().softmax(dim=-1).mean(dim=1)[:, 0]
 
 
 def fused_qkv(attn, x: torch.Tensor) -> torch.Tensor:

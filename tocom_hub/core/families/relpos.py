@@ -20,15 +20,15 @@ from timm.models.vision_transformer_relpos import (
 )
 
 from ..attention import key_bias_attention
-from .base import Family, ReducedBlock, token_info
-from .relbias import CENTROID_REFUSAL, PairBiasModel, pair_bias
+from .base import Family, ReducedBlock
+from .relbias import CENTROID_REFUSAL, PairBiasModel, pair_bias, pair_token_info
 
 __all__ = ["RelPosFamily", "ToComRelPosBlock", "ToComResPostRelPosBlock", "relpos_attend"]
 
 
 def relpos_attend(attn: RelPosAttention, x: torch.Tensor, shared: Optional[torch.Tensor], ctx):
     """``RelPosAttention.forward`` on the current tokens with their gathered bias (the block's own, else the
-    shared one, as timm chooses) and ToMe's per-key ``log(size)``; returns ``(out, q, k)``."""
+    shared one, as timm chooses) and ToMe's per-key ``log(size)``; returns ``(out, q, k, mask)``."""
     B, N, C = x.shape
     qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
@@ -39,7 +39,7 @@ def relpos_attend(attn: RelPosAttention, x: torch.Tensor, shared: Optional[torch
     # a pairwise bias cannot be folded into q and k: it always goes to SDPA as a mask
     out = key_bias_attention(q, k, v, mask, attn.scale, dropout_p, attn.fused_attn, "mask", attn.attn_drop)
     out = out.transpose(1, 2).reshape(B, N, C)
-    return attn.proj_drop(attn.proj(out)), q, k
+    return attn.proj_drop(attn.proj(out)), q, k, mask
 
 
 class _RelPosReduced(ReducedBlock):
@@ -51,8 +51,8 @@ class _RelPosReduced(ReducedBlock):
 
     def _tocom_branch(self, x, ctx, need_info, shared):
         state = self._tocom_state
-        out, q, k = relpos_attend(self.attn, x, shared, ctx)
-        info = token_info(need_info, q, k, self.attn.scale, state.has_class_token) if need_info else None
+        out, q, k, mask = relpos_attend(self.attn, x, shared, ctx)
+        info = pair_token_info(need_info, q, k, self.attn.scale, state.has_class_token, mask) if need_info else None
         return out, info
 
 
