@@ -233,3 +233,66 @@ def test_bank_unmerged_equals_merged_and_remove_is_exact(variant):
     assert [vars(b.attn).get("qkv_bias_separate") for b in model.blocks] == [
         vars(p.attn).get("qkv_bias_separate") for p in plain.blocks
     ]
+
+
+def _cait_evit_by_masking(model, r):
+    """EViT on CaiT as the *plain* model with the pruned tokens absent as keys: timm's talking-heads formula
+    summed over the live keys only (-inf before the softmax, and proj_w's per-key bias only on live keys) and
+    the class attention blind to them. Attentiveness: the mean live query's softmax(q·k) over live keys."""
+    state = {}
+
+    def talking_heads(attn, x):
+        B, N, C = x.shape
+        H = attn.num_heads
+        alive = state.setdefault("alive", torch.ones(B, N, dtype=torch.bool))
+        q, k, v = attn.qkv(x).reshape(B, N, 3, H, C // H).permute(2, 0, 3, 1, 4)
+        dead = (~alive)[:, None, None, :]
+        logits = attn.proj_l(((q * attn.scale) @ k.transpose(-2, -1)).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        probs = logits.masked_fill(dead, float("-inf")).softmax(-1)
+        mixed = torch.einsum("gh,bhij->bgij", attn.proj_w.weight, probs)
+        mixed = mixed + attn.proj_w.bias.view(1, H, 1, 1) * alive[:, None, None, :]
+        out = attn.proj((mixed @ v).transpose(1, 2).reshape(B, N, C))
+        query = (q * alive[:, None, :, None]).sum(2, keepdim=True) / alive.sum(1).view(-1, 1, 1, 1)
+        score = ((query * attn.scale) @ k.transpose(-2, -1)).masked_fill(dead, float("-inf")).softmax(-1)
+        state["score"] = score.mean(1)[:, 0]
+        return out
+
+    def class_attn(attn, u):
+        B, N, C = u.shape
+        H = attn.num_heads
+        q = attn.q(u[:, :1]).reshape(B, 1, H, C // H).transpose(1, 2)
+        k = attn.k(u).reshape(B, N, H, C // H).transpose(1, 2)
+        v = attn.v(u).reshape(B, N, H, C // H).transpose(1, 2)
+        live = torch.cat([torch.ones(B, 1, dtype=torch.bool), state["alive"]], dim=1)
+        logits = ((q * attn.scale) @ k.transpose(-2, -1)).masked_fill(~live[:, None, None, :], float("-inf"))
+        return attn.proj((logits.softmax(-1) @ v).transpose(1, 2).reshape(B, 1, C))
+
+    def prune(blk, args, out):
+        alive, score = state["alive"], state["score"]
+        for b in range(out.shape[0]):
+            cand = [j for j in range(out.shape[1]) if alive[b, j]]
+            keep = max(len(cand) - r, 1)
+            for j in sorted(cand, key=lambda j: -float(score[b, j]))[keep:]:
+                alive[b, j] = False
+
+    for blk in model.blocks:
+        blk.attn.forward = lambda x, attn=blk.attn: talking_heads(attn, x)
+        blk.register_forward_hook(prune)
+    for blk in model.blocks_token_only:
+        blk.attn.forward = lambda u, attn=blk.attn: class_attn(attn, u)
+    with torch.no_grad():
+        return model.forward_features(X), state["alive"]
+
+
+@pytest.mark.parametrize("variant", ["cait_token", "cait_avg"])
+def test_cait_evit_is_key_masking_of_the_plain_model(variant):
+    model = make_rel(variant)
+    ref, alive = _cait_evit_by_masking(copy.deepcopy(model), r=10)
+    tocom_hub.patch(model, method="evit", trace_source=True)
+    tocom_hub.set_r(model, 10)
+    with torch.no_grad():
+        out = model.forward_features(X)  # [class token, kept tokens]
+    src = tocom_hub.get_source(model)  # [B, N_out, N_in] over the patch tokens (the blocks hold no class token)
+    assert torch.equal(src.sum(dim=1) > 0, alive)
+    assert (out[:, 1:] - src @ ref[:, 1:]).abs().max() <= 1e-5
+    assert (out[:, 0] - ref[:, 0]).abs().max() <= 1e-5  # the class attention saw exactly the kept tokens
