@@ -296,3 +296,19 @@ def test_cait_evit_is_key_masking_of_the_plain_model(variant):
     assert torch.equal(src.sum(dim=1) > 0, alive)
     assert (out[:, 1:] - src @ ref[:, 1:]).abs().max() <= 1e-5
     assert (out[:, 0] - ref[:, 0]).abs().max() <= 1e-5  # the class attention saw exactly the kept tokens
+
+
+@pytest.mark.parametrize("variant", ["beit_avg", "relpos_rpn_avg", "cait_avg"])
+def test_patched_model_pickles_deepcopies_and_keeps_working_in_train_mode(variant):
+    import pickle
+
+    model = tocom_hub.patch(make_rel(variant))
+    tocom_hub.set_r(model, 5)
+    with torch.no_grad():
+        ref = model(X)
+        assert torch.equal(pickle.loads(pickle.dumps(model))(X), ref)
+        assert torch.equal(copy.deepcopy(model)(X), ref)
+    model.train()
+    model(X).square().sum().backward()  # gradients flow through the gathered bias / talking heads
+    grads = [p.grad for n, p in model.named_parameters() if "relative_position" in n or "proj_l" in n or "rel_pos" in n]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
