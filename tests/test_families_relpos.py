@@ -17,6 +17,7 @@ from tiny_relfam import CLASS_TOKEN, REL_VARIANTS, make_rel
 import tocom_hub
 from tocom_hub import ToComBank
 from tocom_hub.core.families.relbias import gather_pair_bias
+from tocom_hub.core.families.relpos import mlp_bias_at
 from tocom_hub.core.marker import MARKER_KEY
 
 X = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
@@ -181,13 +182,52 @@ def test_cait_merged_duplicates_act_as_their_members(variant):
         assert (pooled(model) - ref).abs().max() > 1e-4  # (10x the tolerance above; seen: 3e-4 .. )
 
 
-@pytest.mark.parametrize("positions", ["centroid"])
-def test_centroid_rule_is_refused_for_relative_position_bias(positions):
-    model = make_rel("beit_avg")
+@pytest.mark.parametrize("variant", ["beit_avg", "beit_shared", "relpos_bias_table_cls"])
+def test_centroid_rule_is_refused_for_a_bias_table(variant):
+    model = make_rel(variant)
     with pytest.raises(ValueError, match="centroid' is not supported with a relative-position bias"):
-        tocom_hub.patch(model, positions=positions)
+        tocom_hub.patch(model, positions="centroid")
     assert not tocom_hub.is_patched(model)
-    tocom_hub.patch(make_rel("cait_token"), positions=positions)  # no positional state: nothing to refuse
+    tocom_hub.patch(make_rel("cait_token"), positions="centroid")  # no positional state: nothing to refuse
+
+
+@pytest.mark.parametrize("variant", ["relpos_cls_token", "relpos_rpn_avg", "relpos_shared_avg"])
+def test_relpos_mlp_bias_at_the_grid_is_timms_bias(variant):
+    model = make_rel(variant)
+    tocom_hub.patch(model, positions="centroid")
+    family = model._tocom_state.family
+    x = torch.zeros(1, _n_in(model), 1)
+    coords = family.initial_coords(None, x)
+    for rel_pos in family.biases:
+        got = mlp_bias_at(rel_pos, coords)[0]
+        assert got.shape == rel_pos.get_bias()[0].shape and (got - rel_pos.get_bias()[0]).abs().max() <= 1e-5
+    assert torch.equal(coords[0, -1], torch.tensor([7.0, 7.0]))  # the last patch: row 7, column 7
+
+
+@pytest.mark.parametrize("variant", ["relpos_cls_token", "relpos_shared_avg"])
+def test_relpos_centroid_rule_runs_differs_from_keep_and_tracks_the_mean_patch(variant):
+    model = make_rel(variant)
+    with torch.no_grad():
+        ref = copy.deepcopy(model)(X)
+    outs = {}
+    for rule in ("keep", "centroid"):
+        tocom_hub.patch(model, positions=rule, trace_source=True)
+        tocom_hub.set_r(model, 0)
+        with torch.no_grad():
+            assert torch.equal(model(X), ref)
+            tocom_hub.set_r(model, 8)
+            outs[rule] = model.forward_features(X)  # (the class token's bias row is 0: compare every token)
+    assert torch.isfinite(outs["centroid"]).all() and (outs["keep"] - outs["centroid"]).abs().max() > 1e-4
+    ctx, src = model._tocom_state.last(), tocom_hub.get_source(model)
+    family = model._tocom_state.family
+    full = family.initial_coords(None, torch.zeros(1, _n_in(model), 1))[0]
+    mean = (src @ full) / src.sum(-1, keepdim=True)
+    prefix = model.num_prefix_tokens
+    assert (ctx.coords[:, prefix:] - mean[:, prefix:]).abs().max() <= 1e-5
+    if prefix:  # reduced in the last block only: the class token is unchanged under the centroid rule too
+        tocom_hub.set_r(model, [0, 9])
+        with torch.no_grad():
+            assert (model(X) - ref).abs().max() <= 1e-6
 
 
 @pytest.mark.parametrize("variant", ["beit_avg", "relpos_cls_token", "cait_token"])
@@ -312,3 +352,27 @@ def test_patched_model_pickles_deepcopies_and_keeps_working_in_train_mode(varian
     model(X).square().sum().backward()  # gradients flow through the gathered bias / talking heads
     grads = [p.grad for n, p in model.named_parameters() if "relative_position" in n or "proj_l" in n or "rel_pos" in n]
     assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_relpos_centroid_rule_compiles_fullgraph_without_recompiles():
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    x = X[:, :, :32, :32]
+    model = tocom_hub.patch(make_rel("relpos_cls_token", img_size=32), positions="centroid")
+    eager = copy.deepcopy(model)
+    counter = CompileCounter()
+    compiled = torch.compile(model, backend=counter, fullgraph=True)  # a graph break raises
+    try:
+        with torch.no_grad():
+            for r in (0, 3):
+                tocom_hub.set_r(model, r)
+                compiled(x)
+            with torch._dynamo.config.patch(error_on_recompile=True):
+                for r in (3, 0, 3):
+                    tocom_hub.set_r(model, r)
+                    tocom_hub.set_r(eager, r)
+                    assert (compiled(x) - eager(x)).abs().max() <= 1e-5
+        assert counter.frame_count == 2
+    finally:
+        torch._dynamo.reset()

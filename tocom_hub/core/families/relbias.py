@@ -6,8 +6,8 @@ token sits at one input token (``ForwardContext.index``: its own place when prun
 when merged under the ``"keep"`` rule), so its bias row and column are *gathered* from the full table:
 pruning is exact (the kept pairs see exactly timm's bias). EViT's fused token stands for many places and
 gets no position: a zero bias row and column. EViT ranks by the class token's attention as computed, its bias
-row included. The ``"centroid"`` rule is refused: the bias is learned at integer offsets (a table or an MLP of
-log offsets), so there is no bias at a fractional centroid to recompute.
+row included. The ``"centroid"`` rule is refused for a bias *table* (BEiT, ``RelPosBias``): it is learned at
+integer offsets, so a fractional centroid has no bias; ``RelPosMlp`` is evaluated there (:mod:`.relpos`).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from .base import ReducedModel, token_info
 __all__ = ["gather_pair_bias", "pair_bias", "pair_token_info", "fused_qkv", "PairBiasModel", "CENTROID_REFUSAL"]
 
 CENTROID_REFUSAL = (
-    "positions='centroid' is not supported with a relative-position bias: the bias is learned at integer patch "
+    "positions='centroid' is not supported with a relative-position bias table: it is learned at integer patch "
     "offsets, so a merged token's fractional centroid has none; use positions='keep' (the destination keeps its "
     "own bias row and column)"
 )
