@@ -34,7 +34,6 @@ FAMILIES = {
     "beit_shared_bias": lambda: make_rel("beit_shared", img_size=32),
     "relpos_mlp_cls": lambda: make_rel("relpos_cls_token", img_size=32),
     "relpos_respost": lambda: make_rel("relpos_rpn_avg", img_size=32),
-    "relpos_shared": lambda: make_rel("relpos_shared_avg", img_size=32),
     "cait_talking_heads": lambda: make_rel("cait_token", img_size=32),
 }
 NO_DENSE = {"vit_parallel_scaling"}  # dense mode refuses it (no MLP after the attention)
