@@ -11,6 +11,7 @@ import pytest
 import torch
 from timm.models.vision_transformer import ParallelScalingBlock, ResPostBlock
 from tiny_models import make_eva, make_vit
+from tiny_relfam import make_rel
 from torch._dynamo.testing import CompileCounter
 
 import tocom_hub
@@ -29,11 +30,18 @@ FAMILIES = {
     "eva_separate_qkv": lambda: make_eva("rope_cat_separate_qkv", **TINY),
     "eva_grouped_kv": lambda: make_eva("rope_cat_gqa", **TINY),
     "eva_post_norm": lambda: make_eva("postnorm_norope", **TINY),
+    "beit_rel_bias": lambda: make_rel("beit_avg", img_size=32),
+    "beit_shared_bias": lambda: make_rel("beit_shared", img_size=32),
+    "relpos_mlp_cls": lambda: make_rel("relpos_cls_token", img_size=32),
+    "relpos_respost": lambda: make_rel("relpos_rpn_avg", img_size=32),
+    "cait_talking_heads": lambda: make_rel("cait_token", img_size=32),
 }
 NO_DENSE = {"vit_parallel_scaling"}  # dense mode refuses it (no MLP after the attention)
-EVIT = {"vit_block", "vit_parallel_scaling", "eva_rope_dinov3_registers", "eva_separate_qkv"}
+EVIT = {"vit_block", "vit_parallel_scaling", "eva_rope_dinov3_registers", "eva_separate_qkv", "beit_rel_bias"}
+EVIT |= {"relpos_mlp_cls", "cait_talking_heads"}
 CASES = [(f, "tome", False) for f in FAMILIES] + [(f, "evit", False) for f in sorted(EVIT)]
 CASES += [(f, "tome", True) for f in FAMILIES if f not in NO_DENSE] + [("eva_rope_cat", "evit", True)]
+CASES += [("beit_rel_bias", "evit", True)]
 
 
 @pytest.fixture(autouse=True)

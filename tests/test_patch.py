@@ -263,15 +263,11 @@ def test_set_r_on_unpatched_model_raises():
 
 
 def _unsupported_models():
-    from timm.models.beit import Beit
-    from timm.models.cait import Cait
-    from timm.models.vision_transformer_relpos import VisionTransformerRelPos
+    from timm.models.xcit import Xcit
 
     small = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=5)
     return {
-        "Cait": lambda: Cait(**small),
-        "Beit": lambda: Beit(**small),
-        "VisionTransformerRelPos": lambda: VisionTransformerRelPos(**small),
+        "Xcit": lambda: Xcit(**small),
         "ParallelThingsBlock": lambda: VisionTransformer(block_fn=ParallelThingsBlock, **small),
         "DiffAttention": lambda: VisionTransformer(attn_layer="diff", **small),
         "Sequential": lambda: torch.nn.Sequential(torch.nn.Linear(3, 3)),

@@ -181,16 +181,18 @@ def patch(
 
     Args:
         model: a model of a supported family (``docs/supported-models.md``): timm ``VisionTransformer``
-            (and subclasses) with ``Block``/``Attention``; timm ``Eva`` (EVA-02, DINOv3, PE, …).
+            (and subclasses) with ``Block``/``Attention``; timm ``Eva`` (EVA-02, DINOv3, PE, …); ``Beit``,
+            ``VisionTransformerRelPos`` (relative-position bias), ``Cait`` (``docs/families.md``).
         method: ``"tome"`` (bipartite soft matching, size-weighted merging) or ``"evit"`` (drop the
             tokens the class token attends to least).
         prop_attn: ToMe proportional attention (log token size added to attention logits, and to
             an attention-pool head). Ignored by EViT, which drops tokens instead of merging them.
         trace_source: record which input patches each token holds (:func:`get_source`).
         fuse_token: EViT only: fuse the dropped tokens into one extra token (it carries no rope position).
-        positions: position of a merged token in families with positional state (RoPE): ``"keep"`` (the
-            destination keeps its own position; the default) or ``"centroid"`` (the size-weighted centroid
-            of its patches, the rotation recomputed there). Pruning always keeps each token's own position.
+        positions: position of a merged token in families with positional state (RoPE, relative-position
+            bias): ``"keep"`` (the destination keeps its own position; the default) or ``"centroid"`` (the
+            size-weighted centroid of its patches, the rotation / ``RelPosMlp`` bias recomputed there; refused
+            for a bias table: BEiT). Pruning always keeps each token's own position.
         attention: form of the attention with the log-size bias: ``"auto"`` (folded into q/k on GPUs, an
             additive mask on the CPU), ``"mask"``, ``"fold"``, or a callable ``(q, k, v, bias, scale, dropout_p)``
             (an object that also has ``attend(attn, x, bias) -> (out, q, k)`` replaces the classic ViT's attention).
