@@ -86,6 +86,7 @@ def bipartite_soft_matching(
     r: int,
     num_prefix: int = 0,
     keep_order: Optional[bool] = None,
+    valid: Optional[torch.Tensor] = None,
 ) -> Optional[Merge]:
     """Plan the merge of ``r`` tokens by bipartite soft matching.
 
@@ -96,6 +97,8 @@ def bipartite_soft_matching(
         num_prefix: the first ``num_prefix`` tokens are never merged and keep positions ``0 .. P-1``.
         keep_order: keep unmerged A tokens in their original order. Defaults to ``num_prefix > 0``
             (the reference keeps order only when a class token exists); forced on when ``num_prefix > 0``.
+        valid: ``[B, N]`` bool, ``False`` for padding tokens (a padded batch): a real and a padding token
+            never merge, and padding merges (with padding) only once no real pair is left.
 
     Returns:
         a :class:`Merge`, or ``None`` when nothing is merged (``r`` clamps to 0).
@@ -114,6 +117,10 @@ def bipartite_soft_matching(
             scores = torch.mm(metric[0, first_a::2], metric[0, first_b::2].t()).unsqueeze(0)
         else:
             scores = metric[:, first_a::2] @ metric[:, first_b::2].transpose(-1, -2)
+        if valid is not None:  # cosine >= -1 for real pairs; -2 for padding pairs; -inf across
+            va, vb = valid[:, first_a::2, None], valid[:, None, first_b::2]
+            pads = torch.where(va == vb, -2.0, float("-inf")).to(scores.dtype)
+            scores = torch.where(va & vb, scores, pads)
         node_max, node_idx = scores.max(dim=-1)
         a_idx = node_max.argsort(dim=-1, descending=True)  # the r most similar A tokens merge
         if keep_order:

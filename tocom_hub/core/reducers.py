@@ -15,11 +15,16 @@ from typing import Any, Optional, Tuple
 import torch
 
 from .context import ForwardContext, TokenState
-from .dense import compose_index, plan_positions
-from .merge import bipartite_soft_matching, merge_index, merge_source, merge_wavg
-from .prune import prune_source, prune_tokens, select_attentive
+from .dense import compose_index, plan_positions, prune_positions
+from .merge import bipartite_soft_matching, max_merge, merge_index, merge_source, merge_wavg
+from .prune import Prune, max_prune, prune_source, prune_tokens, select_attentive
 
 __all__ = ["ToMe", "EViT", "default_reducer", "reduce_tokens"]
+
+
+def _fewest_real(valid: torch.Tensor) -> int:
+    """Tokens (prefix included) of the shortest image of a padded batch: a host sync, padded batches only."""
+    return int(valid.sum(dim=1).min())
 
 
 class ToMe:
@@ -27,9 +32,13 @@ class ToMe:
 
     info = "keys"
 
-    def plan(self, info: torch.Tensor, r: int, num_prefix: int) -> Any:
-        """A plan removing up to ``r`` tokens, or ``None`` when nothing is removed."""
-        return bipartite_soft_matching(info, r, num_prefix)
+    def plan(self, info: torch.Tensor, r: int, num_prefix: int, valid: Optional[torch.Tensor] = None) -> Any:
+        """A plan removing up to ``r`` tokens, or ``None`` when nothing is removed. ``valid`` (``[B, N]``
+        bool, padded batches only): a padding token never merges with a real one, and ``r`` is clamped to
+        what the shortest image allows alone, so every image merges exactly its ``r`` real pairs."""
+        if valid is not None:
+            r = min(int(r), max_merge(_fewest_real(valid), num_prefix))
+        return bipartite_soft_matching(info, r, num_prefix, valid=valid)
 
     def apply(self, plan: Any, x: torch.Tensor, size: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(x, size)`` after the plan; a merged token is the size-weighted mean of its members."""
@@ -52,7 +61,13 @@ class EViT:
     def __init__(self, fuse: bool = False) -> None:
         self.fuse = bool(fuse)
 
-    def plan(self, info: torch.Tensor, r: int, num_prefix: int) -> Any:
+    def plan(self, info: torch.Tensor, r: int, num_prefix: int, valid: Optional[torch.Tensor] = None) -> Any:
+        """``valid`` (padded batches only): padding is always kept (it ranks above every real token, whose
+        attentiveness is at most 1), so each image loses ``r`` real tokens, exactly as it would alone, and
+        ``r`` is clamped to what the shortest image allows alone."""
+        if valid is not None:
+            r = min(int(r), max_prune(_fewest_real(valid), num_prefix))
+            info = torch.where(valid, info, 2.0)
         return select_attentive(info, r, num_prefix, fuse=self.fuse)
 
     def apply(self, plan: Any, x: torch.Tensor, size: Optional[torch.Tensor]) -> Tuple[torch.Tensor, None]:
@@ -89,10 +104,35 @@ def _positions(state: TokenState, ctx: ForwardContext, plan: Any, x: torch.Tenso
         ctx.index = torch.where(index >= 0, ctx.index.gather(1, index.clamp_min(0)), index)
 
 
+def _padding_last(ctx: ForwardContext, index: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Padded batches: the validity after a plan (``index``: its output tokens' input places; a fused token,
+    ``-1``, holds real tokens only), then a stable reorder that puts padding behind the real tokens, so every
+    image's real tokens are laid out (and split into ToMe's A/B sets) exactly as if it ran alone."""
+    valid = torch.where(index >= 0, ctx.valid.gather(1, index.clamp_min(0)), True)
+    order = torch.sort((~valid).to(torch.uint8), dim=1, stable=True).indices
+    step = Prune(num_tokens=x.shape[1], keep=order)
+    ctx.valid = valid.gather(1, order)
+    if ctx.size is not None:
+        ctx.size = prune_tokens(step, ctx.size)
+    if ctx.source is not None:
+        ctx.source = prune_source(step, ctx.source)
+    if ctx.index is not None:
+        ctx.index = ctx.index.gather(1, order)
+    if ctx.coords is not None:
+        ctx.coords = prune_tokens(step, ctx.coords)
+    if ctx.track and ctx.grid_index is not None:
+        ctx.grid_index = compose_index(prune_positions(step), ctx.grid_index)
+    return prune_tokens(step, x)
+
+
 def reduce_tokens(state: TokenState, ctx: ForwardContext, x: torch.Tensor, info: torch.Tensor, r: int) -> torch.Tensor:
-    """Remove up to ``r`` tokens of ``x`` (``[B, N, C]``) as the reducer plans from ``info``."""
+    """Remove up to ``r`` tokens of ``x`` (``[B, N, C]``) as the reducer plans from ``info``.
+
+    In a padded batch (``ctx.valid``, NaFlexViT) the reducer's ``plan`` gets ``valid=`` and the padding
+    moves behind the real tokens after the step (``ctx.valid`` follows; the family masks it in attention)."""
     red = state.reducer
-    plan = red.plan(info, r, state.num_prefix)
+    valid = ctx.valid
+    plan = red.plan(info, r, state.num_prefix) if valid is None else red.plan(info, r, state.num_prefix, valid=valid)
     if plan is None:
         return x
     if ctx.track:  # the grid index map (tocom_hub.core.grid); a custom reducer's plan ends the tracking
@@ -106,6 +146,9 @@ def reduce_tokens(state: TokenState, ctx: ForwardContext, x: torch.Tensor, info:
     ctx.size = size
     if state.trace_source:
         ctx.source = red.source(plan, ctx.source)
+    if valid is not None:
+        x = _padding_last(ctx, red.index(plan), x)
+        size = ctx.size
     if size is not None and state.prop_attn:
         ctx.attn_bias = size.log().view(x.shape[0], 1, 1, x.shape[1])  # [B, 1, 1, N] float32
     return x
