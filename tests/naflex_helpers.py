@@ -16,6 +16,7 @@ NAFLEX_VARIANTS = {
     "radio_token_8_prefix": ("naflexvit_base_patch16_radio_v3", dict(init_values=0.3)),  # timm: 1e-5
     "rope_axial": ("naflexvit_base_patch16_gap", dict(rope_type="axial")),
     "rope_mixed": ("naflexvit_base_patch16_gap", dict(rope_type="mixed")),
+    "rope_dinov3_separate_qkv": ("naflexvit_base_patch16_gap", dict(rope_type="dinov3", qkv_fused=False)),
 }
 
 

@@ -9,6 +9,7 @@ import copy
 
 import pytest
 import torch
+from naflex_helpers import make_naflex
 from timm.models.vision_transformer import ParallelScalingBlock, ResPostBlock
 from tiny_models import make_eva, make_vit
 from torch._dynamo.testing import CompileCounter
@@ -29,9 +30,11 @@ FAMILIES = {
     "eva_separate_qkv": lambda: make_eva("rope_cat_separate_qkv", **TINY),
     "eva_grouped_kv": lambda: make_eva("rope_cat_gqa", **TINY),
     "eva_post_norm": lambda: make_eva("postnorm_norope", **TINY),
+    "naflex_map_cls": lambda: make_naflex("map_cls", **TINY),  # the fixed-size image path
+    "naflex_rope_axial": lambda: make_naflex("rope_axial", **TINY),
 }
 NO_DENSE = {"vit_parallel_scaling"}  # dense mode refuses it (no MLP after the attention)
-EVIT = {"vit_block", "vit_parallel_scaling", "eva_rope_dinov3_registers", "eva_separate_qkv"}
+EVIT = {"vit_block", "vit_parallel_scaling", "eva_rope_dinov3_registers", "eva_separate_qkv", "naflex_rope_axial"}
 CASES = [(f, "tome", False) for f in FAMILIES] + [(f, "evit", False) for f in sorted(EVIT)]
 CASES += [(f, "tome", True) for f in FAMILIES if f not in NO_DENSE] + [("eva_rope_cat", "evit", True)]
 

@@ -103,6 +103,28 @@ def test_reduction_in_the_last_block_leaves_class_token_logits():
 
 
 @pytest.mark.parametrize("method", METHODS)
+def test_forward_intermediates_on_the_full_grid_for_both_paths(method):
+    model = make_naflex("rope_axial")
+    plain = copy.deepcopy(model)
+    tocom_hub.patch(model, method=method)
+    batch = patch_batch(SHAPES)
+    with torch.no_grad():
+        tocom_hub.set_r(model, [0, 0, 6])  # reduced after the last intermediate taken: they equal timm's
+        for x, fmt in ((X, "NCHW"), (batch, "NLC")):
+            ref = plain.forward_intermediates(x, indices=[0, 1], output_fmt=fmt, intermediates_only=True)
+            got = model.forward_intermediates(x, indices=[0, 1], output_fmt=fmt, intermediates_only=True)
+            assert all(torch.equal(a, b) for a, b in zip(ref, got, strict=True))
+        tocom_hub.set_r(model, 6)
+        inter = model.forward_intermediates(X, indices=2, intermediates_only=True)
+        assert [t.shape for t in inter] == [(2, 64, 8, 8)] * 2
+        out = model.forward_intermediates(batch, indices=2, output_fmt="NLC", output_dict=True)
+        assert [t.shape for t in out["image_intermediates"]] == [(3, 64, 64)] * 2
+        assert torch.equal(out["patch_valid"], batch["patch_valid"])
+        with pytest.raises(ValueError, match="not supported for NaFlex"):
+            model.forward_intermediates(batch, indices=2)
+
+
+@pytest.mark.parametrize("method", METHODS)
 def test_two_threads_get_the_serial_outputs(method):
     model = make_naflex("rope_axial")
     tocom_hub.patch(model, method=method)
@@ -129,24 +151,32 @@ def test_two_threads_get_the_serial_outputs(method):
     assert all(torch.equal(a, b) for k in range(2) for a, b in zip(results[k], serial[k], strict=True))
 
 
-def test_bank_applies_on_the_fused_qkv_q_and_v_and_removes_bit_exact():
-    model = make_naflex("gap_registers")
+@pytest.mark.parametrize("variant", ["gap_registers", "rope_dinov3_separate_qkv"])
+def test_bank_applies_on_q_and_v_only_by_the_delta_and_removes_bit_exact(variant):
+    """timm ``Attention``'s fused qkv (q and v rows) and ``EvaBlock``'s separate ``q_proj`` / ``v_proj``."""
+    model = make_naflex(variant)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     bank = ToComBank.for_model(model, r_max=4, rank=2, targets=("q", "v"))
     groups = random_groups(bank, seed=2)
     tocom_hub.apply(model, 1, 3, bank=bank)
     after = model.state_dict()
     del after[MARKER_KEY]
-    d = 64
+    d, changed = 64, 0
     for k, v in after.items():
+        b = int(k.split(".")[1]) if k.startswith("blocks.") else None
         if k.endswith("attn.qkv.weight"):
-            b = int(k.split(".")[1])
             for i, t in ((0, "q"), (2, "v")):
                 want = before[k][i * d : (i + 1) * d].double() + naive_delta(groups, t, b, 1, 3, bank.scale)
                 assert (v[i * d : (i + 1) * d].double() - want).abs().max() <= 1e-5
             assert torch.equal(v[d : 2 * d], before[k][d : 2 * d])
+            changed += 2
+        elif k.endswith(("attn.q_proj.weight", "attn.v_proj.weight")):
+            want = before[k].double() + naive_delta(groups, k.split(".")[-2][0], b, 1, 3, bank.scale)
+            assert (v.double() - want).abs().max() <= 1e-5
+            changed += 1
         else:
             assert torch.equal(v, before[k]), k
+    assert changed == 2 * len(model.blocks)
     tocom_hub.remove(model)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 

@@ -90,3 +90,4 @@ def test_supported_models_table_is_current():
     assert DOC.read_text() == text
     assert sum(r["models"] for r in rows.values()) >= 329
     assert rows["eva"]["tome"] == rows["eva"]["evit"] == rows["eva"]["models"]  # every Eva patches
+    assert rows["naflexvit"]["tome"] == rows["naflexvit"]["evit"] == rows["naflexvit"]["bank"] == 14  # every NaFlexViT

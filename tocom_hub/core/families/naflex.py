@@ -134,6 +134,17 @@ class ToComNaFlexVit(ReducedModel):
             out["patch_valid"] = ctx.valid[:, self.num_prefix_tokens :]  # what is left of each image
         return out
 
+    def forward_intermediates(self, x, *args, **kwargs):
+        """timm's, with merged intermediates put back on the input tokens (``core/grid.py``); a patch dict
+        gives NLC only (as timm) and, with ``output_dict=True``, the input ``patch_valid`` they align with."""
+        fmt = args[4] if len(args) > 4 else kwargs.get("output_fmt", "NCHW")
+        if isinstance(x, dict) and fmt != "NLC":  # timm's own refusal, before the merged path reshapes
+            raise ValueError('output_fmt="NCHW" is not supported for NaFlex (dict) inputs, use "NLC"')
+        out = super().forward_intermediates(x, *args, **kwargs)
+        if isinstance(out, dict) and isinstance(x, dict) and "patch_valid" not in out:
+            out["patch_valid"] = x.get("patch_valid", kwargs.get("patch_valid"))
+        return out
+
     def _pool(self, x, pool_type=None, patch_valid=None):
         state = self._tocom_state
         ctx = state.last()
