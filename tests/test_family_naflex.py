@@ -73,6 +73,23 @@ def test_each_image_of_a_padded_batch_is_reduced_exactly_as_alone(variant, metho
         assert torch.equal((sizes[..., 0] * real)[:, prefix:].sum(1), batch["patch_valid"].sum(1).float())
 
 
+@pytest.mark.parametrize("kwargs", [dict(method="tome"), dict(method="evit"), dict(method="evit", fuse_token=True)])
+def test_short_images_in_a_batch_are_reduced_as_alone_too(kwargs):
+    """Images shorter than r: each still reduces as alone (its r clamped), the batch pads with padding."""
+    model = make_naflex("siglip_map_no_prefix")
+    tocom_hub.patch(model, trace_source=True, **kwargs)
+    tocom_hub.set_r(model, 5)
+    shapes = [(8, 8), (2, 3), (1, 1), (3, 3), (5, 7)]  # (3, 3): 5 A tokens, merges 4 alone
+    batch = patch_batch(shapes)
+    with torch.no_grad():
+        out = model(batch)
+        ctx, src = model._tocom_state.last(), tocom_hub.get_source(model)
+        for i, shape in enumerate(shapes):
+            assert (out[i] - _alone(model, shape, i)[0]).abs().max() <= 1e-5, i
+    assert out.shape[0] == 5 and ctx.valid.shape[1] == 64 - 15
+    assert (src * (ctx.valid[:, :, None] != batch["patch_valid"][:, None, :])).sum() == 0
+
+
 class _BlindToMe(ToMe):  # deliberately wrong: matches across padding
     def plan(self, info, r, num_prefix, valid=None):
         return bipartite_soft_matching(info, r, num_prefix)

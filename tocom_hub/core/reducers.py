@@ -16,15 +16,10 @@ import torch
 
 from .context import ForwardContext, TokenState
 from .dense import compose_index, plan_positions, prune_positions
-from .merge import bipartite_soft_matching, max_merge, merge_index, merge_source, merge_wavg
-from .prune import Prune, max_prune, prune_source, prune_tokens, select_attentive
+from .merge import bipartite_soft_matching, merge_index, merge_source, merge_wavg, padded_merge_limit
+from .prune import Prune, prune_source, prune_tokens, select_attentive
 
 __all__ = ["ToMe", "EViT", "default_reducer", "reduce_tokens"]
-
-
-def _fewest_real(valid: torch.Tensor) -> int:
-    """Tokens (prefix included) of the shortest image of a padded batch: a host sync, padded batches only."""
-    return int(valid.sum(dim=1).min())
 
 
 class ToMe:
@@ -34,10 +29,10 @@ class ToMe:
 
     def plan(self, info: torch.Tensor, r: int, num_prefix: int, valid: Optional[torch.Tensor] = None) -> Any:
         """A plan removing up to ``r`` tokens, or ``None`` when nothing is removed. ``valid`` (``[B, N]``
-        bool, padded batches only): a padding token never merges with a real one, and ``r`` is clamped to
-        what the shortest image allows alone, so every image merges exactly its ``r`` real pairs."""
+        bool, padded batches only): a padding token never merges with a real one; an image merges the real
+        pairs it would merge alone, then padding pairs (``r`` clamped by :func:`~.merge.padded_merge_limit`)."""
         if valid is not None:
-            r = min(int(r), max_merge(_fewest_real(valid), num_prefix))
+            r = min(int(r), padded_merge_limit(valid, num_prefix))
         return bipartite_soft_matching(info, r, num_prefix, valid=valid)
 
     def apply(self, plan: Any, x: torch.Tensor, size: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -62,12 +57,21 @@ class EViT:
         self.fuse = bool(fuse)
 
     def plan(self, info: torch.Tensor, r: int, num_prefix: int, valid: Optional[torch.Tensor] = None) -> Any:
-        """``valid`` (padded batches only): padding is always kept (it ranks above every real token, whose
-        attentiveness is at most 1), so each image loses ``r`` real tokens, exactly as it would alone, and
-        ``r`` is clamped to what the shortest image allows alone."""
+        """``valid`` (padded batches only): every image keeps the real tokens it would keep alone, padding
+        fills the other places (padding ranks above every real token but the most attentive one, which alone
+        is always kept; with ``fuse``, above all of them), and a fused token holds real tokens only."""
         if valid is not None:
-            r = min(int(r), max_prune(_fewest_real(valid), num_prefix))
-            info = torch.where(valid, info, 2.0)
+            real = info.masked_fill(~valid, -1.0)
+            real[:, :num_prefix] = -1.0
+            top = torch.zeros_like(valid).scatter_(1, real.argmax(dim=1, keepdim=True), True) & valid
+            ranked = torch.where(valid, info, 2.0)
+            if not self.fuse:
+                ranked = ranked.masked_fill(top, 3.0)
+            plan = select_attentive(ranked, r, num_prefix, fuse=self.fuse)
+            if plan is not None and plan.dropped is not None:  # the fused token: its image's real tokens only
+                plan.dropped = plan.dropped & valid
+                plan.fuse_weight = info * plan.dropped
+            return plan
         return select_attentive(info, r, num_prefix, fuse=self.fuse)
 
     def apply(self, plan: Any, x: torch.Tensor, size: Optional[torch.Tensor]) -> Tuple[torch.Tensor, None]:
