@@ -198,18 +198,21 @@ def test_bank_applies_on_q_and_v_only_by_the_delta_and_removes_bit_exact(variant
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
-def test_dense_mode_on_images_and_a_clear_refusal_for_patch_dicts():
-    model = make_naflex("gap_registers")
+@pytest.mark.parametrize("method", METHODS)
+def test_dense_mode_on_both_paths_and_each_padded_image_as_alone(method):
+    model = make_naflex("rope_axial")
     plain = copy.deepcopy(model)
     batch = patch_batch(SHAPES)
-    tocom_hub.patch(model, method="tome", dense=True, dense_ratio=2)
+    tocom_hub.patch(model, method=method, dense=True, dense_ratio=2)
     with torch.no_grad():
         assert torch.equal(model(X), plain(X)) and torch.equal(model(batch), plain(batch))
         tocom_hub.set_r(model, 4)
         out = model(X)
-        assert out.shape == plain(X).shape and not torch.equal(out, plain(X))
-        with pytest.raises(ValueError, match="dense mode .* cannot run a NaFlex patch-dict batch"):
-            model(batch)
+        assert out.shape == plain(X).shape and (out - plain(X)).abs().max() > 1e-4
+        out = model(batch)
+        assert model.forward_features(**batch)["patches"].shape[1] == 64 + model.num_prefix_tokens  # grid full
+        for i, shape in enumerate(SHAPES):
+            assert (out[i] - _alone(model, shape, i)[0]).abs().max() <= 1e-5, i
 
 
 def test_true_refusals():

@@ -66,11 +66,6 @@ def _mask(block, x, attn_mask, is_causal):
     ctx = state.context()
     if attn_mask is None or is_causal or ctx.valid is None:
         return attn_mask, attn_mask is not None or is_causal
-    if state.dense and any(state.r):
-        raise ValueError(
-            "dense mode (patch(..., dense=True)) cannot run a NaFlex patch-dict batch: its merge groups would mix "
-            "padding into real tokens' MLP; use the fixed-size image input or dense=False"
-        )
     if attn_mask.shape[-1] != x.shape[1]:  # tokens were reduced: the model's mask no longer fits
         valid = ctx.valid.view(x.shape[0], 1, 1, -1)
         attn_mask = torch.zeros(valid.shape, dtype=x.dtype, device=x.device).masked_fill(
