@@ -227,3 +227,20 @@ def test_true_refusals():
     batch["attn_mask"] = torch.zeros(len(SHAPES), 1, n, n)  # a caller's own mask cannot follow the tokens
     with torch.no_grad(), pytest.raises(ValueError, match="cannot be combined with attn_mask"):
         model(batch)
+
+
+@pytest.mark.parametrize("variant", ["gap_registers", "rope_dinov3_separate_qkv"])
+def test_bank_unmerged_equals_merged_on_both_paths(variant):
+    model = make_naflex(variant)
+    plain = copy.deepcopy(model)
+    bank = ToComBank.for_model(model, r_max=4, rank=2)
+    random_groups(bank, seed=3, std=1.0)
+    merged = copy.deepcopy(model)
+    tocom_hub.apply(merged, 0, 2, bank=bank)
+    tocom_hub.apply(model, 0, 2, bank=bank, merge=False)
+    batch = patch_batch(SHAPES)
+    with torch.no_grad():
+        assert (merged(X) - plain(X)).abs().max() > 1e-5  # the bank acts
+        assert (model(X) - merged(X)).abs().max() <= 1e-5 and (model(batch) - merged(batch)).abs().max() <= 1e-5
+        tocom_hub.remove(model)
+        assert torch.equal(model(X), plain(X)) and torch.equal(model(batch), plain(batch))
