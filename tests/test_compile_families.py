@@ -9,6 +9,7 @@ import copy
 
 import pytest
 import torch
+from naflex_helpers import make_naflex
 from timm.models.vision_transformer import ParallelScalingBlock, ResPostBlock
 from tiny_models import make_eva, make_vit
 from tiny_relfam import make_rel
@@ -35,10 +36,12 @@ FAMILIES = {
     "relpos_mlp_cls": lambda: make_rel("relpos_cls_token", img_size=32),
     "relpos_respost": lambda: make_rel("relpos_rpn_avg", img_size=32),
     "cait_talking_heads": lambda: make_rel("cait_token", img_size=32),
+    "naflex_map_cls": lambda: make_naflex("map_cls", **TINY),  # the fixed-size image path
+    "naflex_rope_axial": lambda: make_naflex("rope_axial", **TINY),
 }
 NO_DENSE = {"vit_parallel_scaling"}  # dense mode refuses it (no MLP after the attention)
 EVIT = {"vit_block", "vit_parallel_scaling", "eva_rope_dinov3_registers", "eva_separate_qkv", "beit_rel_bias"}
-EVIT |= {"relpos_mlp_cls", "cait_talking_heads"}
+EVIT |= {"relpos_mlp_cls", "cait_talking_heads", "naflex_rope_axial"}
 CASES = [(f, "tome", False) for f in FAMILIES] + [(f, "evit", False) for f in sorted(EVIT)]
 CASES += [(f, "tome", True) for f in FAMILIES if f not in NO_DENSE] + [("eva_rope_cat", "evit", True)]
 CASES += [("beit_rel_bias", "evit", True)]

@@ -144,7 +144,8 @@ def merged_intermediates(
         index = trail[i]
         inter.append(y if index is None else tokens_to_grid(y, _spatial_index(index, prefix)))
     if output_fmt == "NCHW":
-        hw = model.patch_embed.dynamic_feat_size((x.shape[-2], x.shape[-1]))
+        embed = model.patch_embed if hasattr(model, "patch_embed") else model.embeds  # NaFlexVit: embeds
+        hw = embed.dynamic_feat_size((x.shape[-2], x.shape[-1]))
         inter = [_to_nchw(y, hw) for y in inter]
     if output_dict:
         out = {"image_intermediates": inter}

@@ -73,7 +73,7 @@ def is_patched(model: nn.Module) -> bool:
 
 def _num_tokens(model: nn.Module) -> Optional[int]:
     """Token count entering the first block at the model's configured image size."""
-    num_patches = getattr(model.patch_embed, "num_patches", None)
+    num_patches = getattr(getattr(model, "patch_embed", None), "num_patches", None)  # NaFlexViT: variable
     if num_patches is None:
         return None
     return int(num_patches) + int(model.num_prefix_tokens)

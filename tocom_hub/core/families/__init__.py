@@ -15,6 +15,7 @@ from .base import Family
 from .beit import BeitFamily
 from .cait import CaitFamily
 from .eva import EvaFamily
+from .naflex import NaFlexFamily
 from .relpos import RelPosFamily
 from .vit import ViTFamily
 
@@ -22,7 +23,9 @@ __all__ = ["FAMILIES", "UNSUPPORTED", "find_family", "patched_block_classes"]
 
 # model class → family adapter class (a subclass of a listed model class belongs to its family)
 FAMILIES: Dict[type, type] = {
-    cls: fam for fam in (ViTFamily, EvaFamily, BeitFamily, RelPosFamily, CaitFamily) for cls in fam.model_classes
+    cls: fam
+    for fam in (ViTFamily, EvaFamily, BeitFamily, RelPosFamily, CaitFamily, NaFlexFamily)
+    for cls in fam.model_classes
 }
 
 # timm model / block class name → why it is not supported (checked along the model's MRO and its blocks)
@@ -47,7 +50,6 @@ UNSUPPORTED: Dict[str, str] = {
         )
     },  # fmt: skip
     "VisionTransformerSAM": "windowed attention (SAM): windows need the full token grid",
-    "NaFlexVit": "NaFlexViT's variable-resolution padding masks have no adapter yet",
     "Qwen3VitEncoder": "the Qwen3-VL vision tower has no adapter yet (its patch merger needs the full grid)",
     "Qwen3VitClassifier": "the Qwen3-VL vision tower has no adapter yet (its patch merger needs the full grid)",
     "Gemma4VitEncoder": "the Gemma-4 vision tower has no adapter yet",

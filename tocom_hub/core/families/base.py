@@ -72,7 +72,7 @@ class ReducedBlock:
         if r > 0:
             if state.dense:  # the grid stays full: only the MLP sees merged / kept tokens
                 k = r * state.dense_ratio
-                return dense_step(state.reducer, x, info, k, state.num_prefix, self._tocom_mlp_branch)
+                return dense_step(state.reducer, x, info, k, state.num_prefix, self._tocom_mlp_branch, ctx.valid)
             x = reduce_tokens(state, ctx, x, info, r)
         return self._tocom_mlp(x)
 
