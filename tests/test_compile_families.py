@@ -9,7 +9,12 @@ import copy
 
 import pytest
 import torch
-from timm.models.vision_transformer import ParallelScalingBlock, ResPostBlock
+from timm.models.vision_transformer import (
+    DiffParallelScalingBlock,
+    ParallelScalingBlock,
+    ParallelThingsBlock,
+    ResPostBlock,
+)
 from tiny_models import make_eva, make_vit
 from torch._dynamo.testing import CompileCounter
 
@@ -22,6 +27,9 @@ FAMILIES = {
     "vit_block": lambda: make_vit("cls_token", **TINY),
     "vit_respost": lambda: make_vit("cls_token", block_fn=ResPostBlock, **TINY),
     "vit_parallel_scaling": lambda: make_vit("cls_token", block_fn=ParallelScalingBlock, init_values=0.3, **TINY),
+    "vit_parallel_things": lambda: make_vit("cls_token", block_fn=ParallelThingsBlock, init_values=0.3, **TINY),
+    "vit_diff_parallel": lambda: make_vit("cls_token", block_fn=DiffParallelScalingBlock, init_values=0.3, **TINY),
+    "vit_diff_attention": lambda: make_vit("cls_token", attn_layer="diff", init_values=0.3, **TINY),
     "eva_rope_cat": lambda: make_eva("rope_cat_cls", **TINY),
     "eva_rope_dinov3_registers": lambda: make_eva("rope_dinov3_registers", **TINY),
     "eva_rope_mixed_avg": lambda: make_eva("rope_mixed_avg", **TINY),
@@ -30,8 +38,9 @@ FAMILIES = {
     "eva_grouped_kv": lambda: make_eva("rope_cat_gqa", **TINY),
     "eva_post_norm": lambda: make_eva("postnorm_norope", **TINY),
 }
-NO_DENSE = {"vit_parallel_scaling"}  # dense mode refuses it (no MLP after the attention)
+NO_DENSE = {"vit_parallel_scaling", "vit_diff_parallel"}  # dense mode refuses it (no MLP after the attention)
 EVIT = {"vit_block", "vit_parallel_scaling", "eva_rope_dinov3_registers", "eva_separate_qkv"}
+EVIT |= {"vit_parallel_things", "vit_diff_parallel", "vit_diff_attention"}
 CASES = [(f, "tome", False) for f in FAMILIES] + [(f, "evit", False) for f in sorted(EVIT)]
 CASES += [(f, "tome", True) for f in FAMILIES if f not in NO_DENSE] + [("eva_rope_cat", "evit", True)]
 

@@ -50,9 +50,6 @@ UNSUPPORTED: Dict[str, str] = {
     "Qwen3VitClassifier": "the Qwen3-VL vision tower has no adapter yet (its patch merger needs the full grid)",
     "Gemma4VitEncoder": "the Gemma-4 vision tower has no adapter yet",
     "Gemma4VitClassifier": "the Gemma-4 vision tower has no adapter yet",
-    "ParallelThingsBlock": "parallel (attention ∥ MLP) blocks run the MLP on the unreduced tokens; no adapter yet",
-    "DiffParallelScalingBlock": "parallel differential-attention blocks have no adapter yet",
-    "DiffAttention": "differential attention has no adapter yet",
 }
 
 
