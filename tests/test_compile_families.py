@@ -9,6 +9,7 @@ import copy
 
 import pytest
 import torch
+from test_families_qwen3 import make_qwen
 from timm.models.vision_transformer import (
     DiffParallelScalingBlock,
     ParallelScalingBlock,
@@ -30,6 +31,8 @@ FAMILIES = {
     "vit_parallel_things": lambda: make_vit("cls_token", block_fn=ParallelThingsBlock, init_values=0.3, **TINY),
     "vit_diff_parallel": lambda: make_vit("cls_token", block_fn=DiffParallelScalingBlock, init_values=0.3, **TINY),
     "vit_diff_attention": lambda: make_vit("cls_token", attn_layer="diff", init_values=0.3, **TINY),
+    "qwen3_classifier": lambda: make_qwen(**TINY),
+    "qwen3_merge": lambda: make_qwen("qwen3_vit_88m_merge", **TINY),
     "eva_rope_cat": lambda: make_eva("rope_cat_cls", **TINY),
     "eva_rope_dinov3_registers": lambda: make_eva("rope_dinov3_registers", **TINY),
     "eva_rope_mixed_avg": lambda: make_eva("rope_mixed_avg", **TINY),
@@ -41,7 +44,9 @@ FAMILIES = {
 NO_DENSE = {"vit_parallel_scaling", "vit_diff_parallel"}  # dense mode refuses it (no MLP after the attention)
 EVIT = {"vit_block", "vit_parallel_scaling", "eva_rope_dinov3_registers", "eva_separate_qkv"}
 EVIT |= {"vit_parallel_things", "vit_diff_parallel", "vit_diff_attention"}
-CASES = [(f, "tome", False) for f in FAMILIES] + [(f, "evit", False) for f in sorted(EVIT)]
+DENSE_ONLY = {"qwen3_merge"}  # its 2×2 patch merger needs the full grid: the regular mode is refused
+EVIT |= {"qwen3_classifier"}
+CASES = [(f, "tome", False) for f in FAMILIES if f not in DENSE_ONLY] + [(f, "evit", False) for f in sorted(EVIT)]
 CASES += [(f, "tome", True) for f in FAMILIES if f not in NO_DENSE] + [("eva_rope_cat", "evit", True)]
 
 

@@ -131,7 +131,8 @@ def _model_architecture(model: nn.Module) -> Optional[str]:
 
 def _proj_weight(model: nn.Module) -> torch.Tensor:
     """The first block's attention ``proj`` weight, where the model's family says it is."""
-    return find_family(model).qv(model.blocks[0])["proj"][0].weight
+    family = find_family(model)
+    return family.qv(family.model_blocks(model)[0])["proj"][0].weight
 
 
 def _check_compatible(model: nn.Module, bank: ToComBank, method: Optional[str], ignore_base_model: bool) -> None:

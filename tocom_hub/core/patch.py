@@ -181,8 +181,11 @@ def patch(
     """
     _check_options(method, positions, attention, reducer, dense, dense_ratio)
     family = find_family(model, positions)
+    refusal = None if dense else family.regular_refusal(model)
+    if refusal:
+        raise TypeError(f"{type(model).__name__}: {refusal}")
     if dense:
-        for i, blk in enumerate(model.blocks):
+        for i, blk in enumerate(family.model_blocks(model)):
             why = getattr(family.blocks.get(type(blk), type(blk)), "_tocom_no_dense", None)
             if why:
                 name = type(model).__name__
@@ -224,7 +227,7 @@ def patch(
     state = TokenState(
         num_prefix=family.num_prefix(model),
         has_class_token=family.has_class_token(model),
-        depth=len(model.blocks),
+        depth=len(family.model_blocks(model)),
         family=family,
         **settings,
     )
