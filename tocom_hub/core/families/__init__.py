@@ -13,13 +13,16 @@ from torch import nn
 
 from .base import Family
 from .eva import EvaFamily
+from .gemma4 import Gemma4Family
 from .qwen3 import Qwen3Family
 from .vit import ViTFamily
 
 __all__ = ["FAMILIES", "UNSUPPORTED", "find_family", "patched_block_classes"]
 
 # model class → family adapter class (a subclass of a listed model class belongs to its family)
-FAMILIES: Dict[type, type] = {cls: fam for fam in (ViTFamily, EvaFamily, Qwen3Family) for cls in fam.model_classes}
+FAMILIES: Dict[type, type] = {
+    cls: fam for fam in (ViTFamily, EvaFamily, Qwen3Family, Gemma4Family) for cls in fam.model_classes
+}
 
 # timm model / block class name → why it is not supported (checked along the model's MRO and its blocks)
 _HIERARCHICAL = "a hierarchical model: its stages pool or window the token grid, which merged tokens no longer form"
@@ -47,8 +50,6 @@ UNSUPPORTED: Dict[str, str] = {
     "VisionTransformerRelPos": "relative-position bias per token pair is not carried yet (family not implemented)",
     "Cait": "CaiT's talking-heads attention and class-attention blocks have no adapter yet",
     "NaFlexVit": "NaFlexViT's variable-resolution padding masks have no adapter yet",
-    "Gemma4VitEncoder": "the Gemma-4 vision tower has no adapter yet",
-    "Gemma4VitClassifier": "the Gemma-4 vision tower has no adapter yet",
 }
 
 
