@@ -179,3 +179,19 @@ def test_two_threads_get_the_serial_outputs(method):
     model = make_gemma("enc_soft")
     tocom_hub.patch(model, method=method)
     assert_threads_get_serial_outputs(model, size=48, r=5)
+
+
+def test_bank_unmerged_equals_merged_through_the_clippable_linears():
+    model = make_gemma("classifier")
+    plain = copy.deepcopy(model)
+    bank = ToComBank.for_model(model, r_max=4, rank=2)
+    random_groups(bank, seed=3, std=1.0)
+    merged = copy.deepcopy(model)
+    tocom_hub.apply(merged, 0, 2, bank=bank)
+    tocom_hub.apply(model, 0, 2, bank=bank, merge=False)
+    with torch.no_grad():
+        assert (model(X) - merged(X)).abs().max() <= 1e-5
+        with tocom_hub.compensate.disabled(model):
+            assert (model(X) - merged(X)).abs().max() > 1e-3  # the bank does something
+        tocom_hub.remove(model)
+        assert torch.equal(model(X), plain(X))
