@@ -7,7 +7,7 @@ import pytest
 import torch
 from test_dense import _flatten
 from test_families import _vit_and_eva
-from timm.models.vision_transformer import ParallelScalingBlock
+from timm.models.vision_transformer import DiffParallelScalingBlock, ParallelScalingBlock, ParallelThingsBlock
 from tiny_models import EVA_VARIANTS, make_eva, make_vit
 from tiny_relfam import REL_VARIANTS, make_rel
 
@@ -151,3 +151,25 @@ def test_relative_position_and_cait_regular_mode_intermediates_are_full_grids(va
         kw = dict(_intermediate_kwargs(model), intermediates_only=True)  # NLC, normed, prefix tokens apart
         got, want = _flatten(model.forward_intermediates(X, **kw)), _flatten(plain.forward_intermediates(X, **kw))
         assert [t.shape for t in got] == [t.shape for t in want] and torch.equal(got[0], want[0])
+
+
+@pytest.mark.parametrize("method", ["tome", "evit"])
+@pytest.mark.parametrize("kw", [dict(block_fn=ParallelThingsBlock), dict(attn_layer="diff")], ids=["things", "diff"])
+def test_parallel_things_and_diff_attention_dense_full_grids(kw, method):
+    model = make_vit("cls_token", depth=2, init_values=0.3, **kw)
+    plain = copy.deepcopy(model)
+    tocom_hub.patch(model, method=method, dense=True, dense_ratio=4)
+    with torch.no_grad():
+        assert torch.equal(model(X), plain(X))
+        tocom_hub.set_r(model, 6)
+        feats, ref = model.forward_features(X), plain.forward_features(X)
+        assert feats.shape == ref.shape and (feats - ref).abs().max() > 1e-3
+        grids = model.forward_intermediates(X, intermediates_only=True)
+        assert [g.shape for g in grids] == [(2, 64, 8, 8)] * 2
+
+
+def test_dense_refuses_diff_parallel_blocks():
+    model = make_vit("cls_token", depth=2, block_fn=DiffParallelScalingBlock, init_values=0.3)
+    with pytest.raises(TypeError, match="dense mode cannot run block 0 .*beside the attention"):
+        tocom_hub.patch(model, dense=True)
+    assert not tocom_hub.is_patched(model)

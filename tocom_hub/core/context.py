@@ -37,7 +37,8 @@ class ForwardContext:
         index: ``[B, N]`` long, the input token each token sits at ("keep" rule and pruning), or ``None``
             before the first reduction and for families without positional state.
         coords: ``[B, N, 2]`` float32 positional coordinates ("centroid" rule), or ``None``.
-        grid: ``(H, W)`` of the patch grid of this forward (families with positional state).
+        grid: ``(H, W)`` of the patch grid of this forward (families with positional state); ``gemma4_vit``
+            keeps its patches' ``[B, N, 2]`` ``(x, y)`` coordinates here (its inputs may carry their own).
         track: record ``grid_index`` in this forward (``trace_source``, :func:`tocom_hub.track_grid`,
             ``forward_intermediates`` of a reduced model).
         grid_index: ``[B, N_in]`` long, the token holding each input token (``-1``: pruned), while tracking

@@ -136,8 +136,11 @@ def _check_options(method: str, positions: str, attention: Any, reducer: Any, de
 def _check_family(model: nn.Module, positions: str, dense: bool) -> Any:
     """The family adapter :func:`patch` would use, or the ``TypeError`` it would raise (nothing is changed)."""
     family = find_family(model, positions)
+    refusal = None if dense else family.regular_refusal(model)
+    if refusal:
+        raise TypeError(f"{type(model).__name__}: {refusal}")
     if dense:
-        for i, blk in enumerate(model.blocks):
+        for i, blk in enumerate(family.model_blocks(model)):
             why = getattr(family.blocks.get(type(blk), type(blk)), "_tocom_no_dense", None)
             if why:
                 name = type(model).__name__
@@ -252,7 +255,7 @@ def patch(
     state = TokenState(
         num_prefix=family.num_prefix(model),
         has_class_token=family.has_class_token(model),
-        depth=len(model.blocks),
+        depth=len(family.model_blocks(model)),
         family=family,
         **settings,
     )
