@@ -1,20 +1,24 @@
-"""Render README.md's result tables from the committed results JSON (one script for all of them).
+"""Render the result tables of README.md and the docs from the committed JSON (one script for all of them).
 
-    python benchmarks/render_readme.py            # rewrite the tables in README.md
-    python benchmarks/render_readme.py --check    # exit 1 (and name the tables) when README.md is stale
+    python benchmarks/render_readme.py            # rewrite the tables in every file of HOMES
+    python benchmarks/render_readme.py --check    # exit 1 (and name the tables) when a file is stale
 
-Files: ``README.md`` (every table) and ``benchmarks/study/README.md`` (the study table). A table lives
-right under its marker comment; the rows (the ``|`` lines directly under the marker) are
-replaced, everything else — the prose around them — is left alone:
+A table lives right under its marker comment; the rows (the ``|`` lines directly under the marker) are
+replaced, everything else — the prose around them — is left alone. ``HOMES`` says which file must hold which
+markers (a marker may appear in several files):
 
-=========================== ============================================ ===============================
-marker                      JSON                                         rendered by
-=========================== ============================================ ===============================
-``<!-- quickstart-table -->`` ``tocom_hub/demo/assets/study/demo.json``         :func:`quickstart_table`
-``<!-- throughput-table -->`` ``benchmarks/results/throughput.json``       :func:`throughput_table`
+=================================== ============================================== ==========================
+marker                              source                                         rendered by
+=================================== ============================================== ==========================
+``<!-- quickstart-table -->``        ``tocom_hub/demo/assets/study/demo.json``      :func:`quickstart_table`
+``<!-- speed-table -->``             ``benchmarks/results/throughput*.json``        :func:`speed_table`
+``<!-- throughput-table -->``        ``benchmarks/results/throughput.json``         :func:`throughput_table`
 ``<!-- throughput-compiled-table -->`` ``benchmarks/results/throughput_compiled.json`` :func:`throughput_table`
-``<!-- study-table -->``      ``benchmarks/results/study.json``            ``benchmarks/study/report.py``
-=========================== ============================================ ===============================
+``<!-- study-table -->``             ``benchmarks/results/study.json``              ``benchmarks/study/report.py``
+``<!-- study-rerun-table -->``       ``benchmarks/results/study_rerun.json``        ``benchmarks/study/report.py``
+``<!-- supported-models-table -->``  ``docs/supported-models.md`` (written by        :func:`supported_models_table`
+                                     ``tests/test_supported_models.py``)
+=================================== ============================================== ==========================
 """
 
 from __future__ import annotations
@@ -88,6 +92,38 @@ def throughput_table(result: Dict[str, Any]) -> str:
     return "\n".join(line.replace("|  |", "| |").replace("|  |", "| |") for line in lines)
 
 
+def speed_table(eager: Dict[str, Any], compiled: Dict[str, Any]) -> str:
+    """The headline speed-ups: the largest r of every batch size in ``eager`` and ``compiled`` (both written by
+    ``benchmarks/throughput.py``), ToMe and EViT against plain timm, and ToMe's merge-free ceiling."""
+
+    def speed(row):
+        return "" if row is None else f"{row['speedup']:.2f}× ({row['speedup_min']:.2f}–{row['speedup_max']:.2f})"
+
+    lines = [
+        "| run | batch | r | ToMe speed-up | EViT speed-up | merge step free (ceiling) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for label, result in (("eager", eager), ("torch.compile", compiled)):
+        rows = result["rows"]
+        cell = {(r["batch_size"], r["method"], r["r"]): r for r in rows}
+        for batch in sorted({r["batch_size"] for r in rows}):
+            r = max(r["r"] for r in rows if r["batch_size"] == batch and r["method"] == "tome")
+            tome, evit, ceil = (cell.get((batch, m, r)) for m in ("tome", "evit", "tome-ceiling"))
+            lines.append(f"| {label} | {batch} | {r} | {speed(tome)} | {speed(evit)} | {speed(ceil)} |")
+    return "\n".join(lines)
+
+
+def supported_models_table(doc: str) -> str:
+    """The table of ``docs/supported-models.md`` (which ``tests/test_supported_models.py`` checks against
+    ``timm.list_models()``), row for row."""
+    lines = doc.split("\n")
+    start = next(i for i, line in enumerate(lines) if line.startswith("| timm module"))
+    end = start
+    while end < len(lines) and lines[end].startswith("|"):
+        end += 1
+    return "\n".join(lines[start:end])
+
+
 def _with_intervals(rel: str) -> Dict[str, Any]:
     """The study results ``rel`` with the 95 % intervals of ``study_intervals.json`` when they were measured
     for exactly these results (``benchmarks/study/intervals.py`` records which)."""
@@ -99,6 +135,10 @@ def _with_intervals(rel: str) -> Dict[str, Any]:
 
 TABLES: Dict[str, Callable[[], str]] = {
     "quickstart-table": lambda: quickstart_table(_load("tocom_hub/demo/assets/study/demo.json")),
+    "speed-table": lambda: speed_table(
+        _load("benchmarks/results/throughput.json"), _load("benchmarks/results/throughput_compiled.json")
+    ),
+    "supported-models-table": lambda: supported_models_table((ROOT / "docs" / "supported-models.md").read_text()),
     "throughput-table": lambda: throughput_table(_load("benchmarks/results/throughput.json")),
     "throughput-compiled-table": lambda: throughput_table(_load("benchmarks/results/throughput_compiled.json")),
     "study-table": lambda: report.table(_with_intervals("benchmarks/results/study.json")),
@@ -124,15 +164,20 @@ def render(text: str, names=None) -> str:
     return "\n".join(out)
 
 
-# every file with tables; README.md must hold every marker
-FILES = [ROOT / "README.md", ROOT / "benchmarks" / "study" / "README.md"]
+# every file with tables, and the markers it must hold
+HOMES: Dict[Path, List[str]] = {
+    ROOT / "README.md": ["quickstart-table", "supported-models-table", "speed-table", "study-rerun-table"],
+    ROOT / "docs" / "performance.md": ["throughput-table", "throughput-compiled-table"],
+    ROOT / "benchmarks" / "study" / "README.md": ["study-table", "study-rerun-table"],
+}
+FILES = list(HOMES)
 
 
 def stale(path: Path = ROOT / "README.md") -> List[str]:
-    """Markers whose table in ``path`` differs from the JSON (empty when the file is up to date)."""
+    """Markers whose table in ``path`` differs from its source (empty when the file is up to date)."""
     text = path.read_text()
-    missing = [n for n in TABLES if f"<!-- {n} -->" not in text]
-    if missing and path.name == "README.md" and path.parent == ROOT:
+    missing = [n for n in HOMES.get(Path(path).resolve(), []) if f"<!-- {n} -->" not in text]
+    if missing:
         raise SystemExit(f"{path}: no marker for {missing}")
     return [n for n in TABLES if render(text, [n]) != text]
 
@@ -144,7 +189,7 @@ def main(argv=None) -> int:
         "--readme",
         action="append",
         default=None,
-        help="file to render (repeatable; default: README.md and benchmarks/study/README.md)",
+        help="file to render (repeatable; default: every file of HOMES)",
     )
     args = parser.parse_args(argv)
     status = 0

@@ -143,7 +143,9 @@ def test_readme_tables_are_the_committed_json(tmp_path):
     sys.path.insert(0, str(STUDY.parent))
     import render_readme
 
-    assert [render_readme.stale(f) for f in render_readme.FILES] == [[], []], "run python benchmarks/render_readme.py"
+    assert [render_readme.stale(f) for f in render_readme.FILES] == [[]] * len(render_readme.FILES), (
+        "run python benchmarks/render_readme.py"
+    )
     readme = (STUDY.parents[1] / "README.md").read_text()
     demo = json.loads((STUDY.parents[1] / "tocom_hub" / "demo" / "assets" / "study" / "demo.json").read_text())
     got = demo["committed"]["src0_tgtR"]
