@@ -9,7 +9,15 @@ import pytest
 from import_graph import GRAPH, MODULES, ROOT, circles
 
 # layer of each top-level part, lowest first; a module may import its own layer and the layers below
-LAYERS = ["tocom_hub.core", "tocom_hub.hub", "tocom_hub.tools", "tocom_hub.demo", "tocom_hub.cli", "tocom_hub.training"]
+LAYERS = [
+    "tocom_hub.core",
+    "tocom_hub.hub",
+    "tocom_hub.tools",
+    "tocom_hub.demo",
+    "tocom_hub.serving",
+    "tocom_hub.cli",
+    "tocom_hub.training",
+]
 MAX_LINES = 440  # "no library module over ~400 lines"
 
 

@@ -18,7 +18,7 @@ from tocom_hub.demo.models import DEMO_WEIGHTS
 pytestmark = pytest.mark.usefixtures("one_thread_module")  # conftest.py: one torch thread for the module
 
 
-@pytest.mark.parametrize("command", ["eval", "bench", "visualize", "convert"])
+@pytest.mark.parametrize("command", ["eval", "bench", "visualize", "convert", "serve"])
 def test_help_has_examples(command, capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main([command, "--help"])
@@ -114,7 +114,7 @@ def test_convert_official_checkpoint(tmp_path, capsys):
 def _unsupported():
     return [
         "--model",
-        "cait_xxs24_224",
+        "xcit_nano_12_p16_224",
         "--model-kwargs",
         json.dumps(dict(img_size=64, depth=2, embed_dim=64, num_heads=2)),
     ]
@@ -152,12 +152,12 @@ ERRORS = [
         "non-negative integer",
     ),
     # unsupported / unknown models
-    (["bench", *_unsupported(), "--r", "0"], 1, "cannot patch Cait"),
-    (["eval", *_unsupported(), "--data", "{root}/data"], 1, "cannot patch Cait"),
+    (["bench", *_unsupported(), "--r", "0"], 1, "cannot patch Xcit"),
+    (["eval", *_unsupported(), "--data", "{root}/data"], 1, "cannot patch Xcit"),
     (
         ["visualize", *_unsupported(), "--image", "{root}/img.png", "--r", "2", "-o", "{root}/x.png"],
         1,
-        "cannot patch Cait",
+        "cannot patch Xcit",
     ),
     (["bench", "--model", "vit_no_such_model", "--r", "0"], 1, "unknown model"),
 ]

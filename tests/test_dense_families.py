@@ -7,8 +7,9 @@ import pytest
 import torch
 from test_dense import _flatten
 from test_families import _vit_and_eva
-from timm.models.vision_transformer import ParallelScalingBlock
+from timm.models.vision_transformer import DiffParallelScalingBlock, ParallelScalingBlock, ParallelThingsBlock
 from tiny_models import EVA_VARIANTS, make_eva, make_vit
+from tiny_relfam import REL_VARIANTS, make_rel
 
 import tocom_hub
 from tocom_hub.core.patch import get_settings
@@ -104,3 +105,71 @@ def test_eva_regular_mode_forward_intermediates_are_full_grids(method):
     tocom_hub.set_r(rope, 8)
     with torch.no_grad():
         assert [t.shape for t in rope.forward_intermediates(X, intermediates_only=True)] == [(2, 64, 8, 8)] * 2
+
+
+def _intermediate_kwargs(model):
+    if type(model).__name__.endswith("Cait"):  # timm's Cait returns no prefix tokens
+        return dict(output_fmt="NLC", indices=[0, 1], norm=True)
+    return dict(output_fmt="NLC", indices=[0, 1], norm=True, return_prefix_tokens=bool(model.num_prefix_tokens))
+
+
+@pytest.mark.parametrize("method", ["tome", "evit"])
+@pytest.mark.parametrize("variant", sorted(REL_VARIANTS))
+def test_relative_position_and_cait_dense_r0_bit_exact_and_full_grids(variant, method):
+    """BEiT, the relative-position ViTs and CaiT in dense mode: timm's outputs at r = 0, full grids at r > 0."""
+    model = make_rel(variant)
+    plain = copy.deepcopy(model)
+    tocom_hub.patch(model, method=method, dense=True, dense_ratio=4)
+    with torch.no_grad():
+        assert torch.equal(model(X), plain(X))
+        for a, b in zip(model.forward_intermediates(X)[1], plain.forward_intermediates(X)[1]):
+            assert torch.equal(a, b)
+        tocom_hub.set_r(model, 6)  # k = 24 tokens per block
+        assert model.forward_features(X).shape == plain.forward_features(X).shape
+        for kw in (dict(), _intermediate_kwargs(model)):
+            got, ref = _flatten(model.forward_intermediates(X, **kw)), _flatten(plain.forward_intermediates(X, **kw))
+            assert [t.shape for t in got] == [t.shape for t in ref] and all(torch.isfinite(t).all() for t in got)
+        assert (model.forward_features(X) - plain.forward_features(X)).abs().max() > 1e-3  # dense merging acted
+        assert tocom_hub.get_size(model) is None  # the grid never shrank
+
+
+@pytest.mark.parametrize("method", ["tome", "evit"])
+@pytest.mark.parametrize("variant", ["beit_avg", "relpos_cls_token", "cait_token"])
+def test_relative_position_and_cait_regular_mode_intermediates_are_full_grids(variant, method):
+    """Regular (shrinking) mode: each intermediate comes back on the grid (CaiT's blocks hold no prefix token);
+    an intermediate before any reduction equals the plain model's."""
+    model = make_rel(variant)
+    plain = copy.deepcopy(model)
+    tocom_hub.patch(model, method=method)
+    tocom_hub.set_r(model, [0, 8])
+    with torch.no_grad():
+        _, grids = model.forward_intermediates(X)
+        _, ref = plain.forward_intermediates(X)
+        assert [g.shape for g in grids] == [(2, 64, 8, 8)] * 2
+        assert torch.equal(grids[0], ref[0])  # block 0 did not reduce
+        assert (grids[1] - ref[1]).abs().max() > 1e-4
+        kw = dict(_intermediate_kwargs(model), intermediates_only=True)  # NLC, normed, prefix tokens apart
+        got, want = _flatten(model.forward_intermediates(X, **kw)), _flatten(plain.forward_intermediates(X, **kw))
+        assert [t.shape for t in got] == [t.shape for t in want] and torch.equal(got[0], want[0])
+
+
+@pytest.mark.parametrize("method", ["tome", "evit"])
+@pytest.mark.parametrize("kw", [dict(block_fn=ParallelThingsBlock), dict(attn_layer="diff")], ids=["things", "diff"])
+def test_parallel_things_and_diff_attention_dense_full_grids(kw, method):
+    model = make_vit("cls_token", depth=2, init_values=0.3, **kw)
+    plain = copy.deepcopy(model)
+    tocom_hub.patch(model, method=method, dense=True, dense_ratio=4)
+    with torch.no_grad():
+        assert torch.equal(model(X), plain(X))
+        tocom_hub.set_r(model, 6)
+        feats, ref = model.forward_features(X), plain.forward_features(X)
+        assert feats.shape == ref.shape and (feats - ref).abs().max() > 1e-3
+        grids = model.forward_intermediates(X, intermediates_only=True)
+        assert [g.shape for g in grids] == [(2, 64, 8, 8)] * 2
+
+
+def test_dense_refuses_diff_parallel_blocks():
+    model = make_vit("cls_token", depth=2, block_fn=DiffParallelScalingBlock, init_values=0.3)
+    with pytest.raises(TypeError, match="dense mode cannot run block 0 .*beside the attention"):
+        tocom_hub.patch(model, dense=True)
+    assert not tocom_hub.is_patched(model)

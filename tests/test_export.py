@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 from bank_helpers import random_groups, state_hash
-from tiny_models import make_timm
+from tiny_models import make_eva, make_timm
 
 import tocom_hub
 from tocom_hub import ToComBank
@@ -27,6 +27,9 @@ FAMILIES = {
     "vit_avg_pool_no_class_token": lambda: make_timm(
         "vit_tiny_patch16_224", depth=2, patch_size=8, class_token=False, global_pool="avg"
     ),
+    # the Eva family (RoPE rows follow the merged tokens; separate q/k/v projections take the bank on q_proj/v_proj)
+    "eva_rope_cat": lambda: make_eva("rope_cat_cls"),
+    "eva_rope_separate_qkv": lambda: make_eva("rope_cat_separate_qkv"),
 }
 TOL = 1e-4
 

@@ -131,6 +131,19 @@ def test_latency_controller_step_hysteresis():
     assert tocom_hub.get_r(model) == ctl.r
 
 
+def test_latency_controller_switch_pins_r_and_validates():
+    model = tiny_model()
+    curve = {0: 10.0, 2: 8.0, 4: 6.0}
+    ctl = tocom_hub.LatencyController(model, None, 0, 11.5, r_values=list(curve), progress=False)
+    ctl.calibrate(latencies=curve)
+    ctl.switch(4)
+    assert ctl.r == 4 and tocom_hub.get_r(model) == 4
+    for bad in (3, -1, 2.0, "2"):
+        with pytest.raises(ValueError, match="r values"):
+            ctl.switch(bad)
+    assert ctl.r == 4 and tocom_hub.get_r(model) == 4
+
+
 def test_latency_controller_validates_before_touching_the_model():
     model = tiny_model()
     bank = ToComBank.for_model(model, r_max=4)

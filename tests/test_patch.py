@@ -6,7 +6,7 @@ import pickle
 import pytest
 import torch
 from reference import reference_forward
-from timm.models.vision_transformer import Block, ParallelThingsBlock, VisionTransformer
+from timm.models.vision_transformer import Block, VisionTransformer
 from tiny_models import SUPPORTED, make_timm, make_vit, num_tokens
 
 import tocom_hub
@@ -263,17 +263,13 @@ def test_set_r_on_unpatched_model_raises():
 
 
 def _unsupported_models():
-    from timm.models.beit import Beit
-    from timm.models.cait import Cait
-    from timm.models.vision_transformer_relpos import VisionTransformerRelPos
+    from timm.models.qwen3_vit import Qwen3VitClassifier
+    from timm.models.xcit import Xcit
 
     small = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=5)
     return {
-        "Cait": lambda: Cait(**small),
-        "Beit": lambda: Beit(**small),
-        "VisionTransformerRelPos": lambda: VisionTransformerRelPos(**small),
-        "ParallelThingsBlock": lambda: VisionTransformer(block_fn=ParallelThingsBlock, **small),
-        "DiffAttention": lambda: VisionTransformer(attn_layer="diff", **small),
+        "Xcit": lambda: Xcit(**small),
+        "Qwen3VitClassifier": lambda: Qwen3VitClassifier(encoder_pool="merge", out_features=8, **small),
         "Sequential": lambda: torch.nn.Sequential(torch.nn.Linear(3, 3)),
     }
 

@@ -94,3 +94,6 @@ def test_supported_models_table_is_current():
     assert DOC.read_text() == text
     assert sum(r["models"] for r in rows.values()) >= 329
     assert rows["eva"]["tome"] == rows["eva"]["evit"] == rows["eva"]["models"]  # every Eva patches
+    for module in ("beit", "vision_transformer_relpos", "cait"):  # every one patches and takes a bank
+        assert rows[module]["tome"] == rows[module]["evit"] == rows[module]["bank"] == rows[module]["models"], module
+    assert rows["naflexvit"]["tome"] == rows["naflexvit"]["evit"] == rows["naflexvit"]["bank"] == 14  # every NaFlexViT

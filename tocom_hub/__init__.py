@@ -31,14 +31,25 @@ __version__ = "0.1.0"
 _LAZY = {
     # token merging / pruning on timm ViTs
     **dict.fromkeys(
-        ["METHODS", "patch", "unpatch", "set_r", "get_r", "is_patched", "get_method", "get_source", "get_size"],
+        [
+            "METHODS",
+            "patch",
+            "unpatch",
+            "check_supported",
+            "set_r",
+            "get_r",
+            "is_patched",
+            "get_method",
+            "get_source",
+            "get_size",
+        ],
         "core.patch",
     ),
     # the tokens of a merged model back on the patch grid (dense prediction)
     **dict.fromkeys(["unmerge_to_grid", "track_grid"], "core.grid"),
     # ToCom bank and its weight arithmetic
     **dict.fromkeys(["ToComBank", "ToComConfig"], "core.bank"),
-    **dict.fromkeys(["apply", "remove", "set_target_r"], "core.compensate"),
+    **dict.fromkeys(["apply", "remove", "set_target_r", "set_pair"], "core.compensate"),
     "convert_official": "tools.convert",
     "tune_scale": "tools.tune",
     # Hugging Face Hub: download / push banks, bank=None resolution through the registry

@@ -8,6 +8,7 @@
     tocom-hub visualize --model NAME_OR_PATH --image img.jpg --r 8 -o merged.png
     tocom-hub convert official.pth -o DIR
     tocom-hub export --model NAME --bank ID --source-r 0 --target-r 0,8 -o model.onnx [--format onnx,torch]
+    tocom-hub serve --model demo [--budget-ms 100] [--fixed-r 8] [--port 8000]   # Ray Serve, loopback
 
 Adding a sub-command: write ``<name>_command(args) -> int`` and ``add_<name>_parser(subparsers)``
 (which creates the sub-parser with ``parents=[COMMON]`` and ``set_defaults(func=<name>_command)``),
@@ -16,8 +17,8 @@ function so ``tocom-hub --help`` stays fast. Errors are printed as one line and 
 (``--debug`` shows the traceback instead); usage errors exit with status 2.
 
 One module per command group: :mod:`.banks` (download / info / push), :mod:`.evaluation` (eval),
-:mod:`.tools` (bench / visualize / convert), :mod:`.export` (export); :mod:`.options` holds the options they share and
-:mod:`.types` the argparse value types (``r`` lists and the like).
+:mod:`.tools` (bench / visualize / convert), :mod:`.export` (export), :mod:`.serve` (serve); :mod:`.options`
+holds the options they share and :mod:`.types` the argparse value types (``r`` lists and the like).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from .banks import (
 from .evaluation import add_eval_parser, eval_command
 from .export import add_export_parser, export_command
 from .options import COMMON
+from .serve import add_serve_parser, serve_command
 from .tools import (
     add_bench_parser,
     add_convert_parser,
@@ -59,6 +61,7 @@ __all__ = [
     "visualize_command",
     "convert_command",
     "export_command",
+    "serve_command",
 ]
 
 # ---------------------------------------------------------------------------------------------------
@@ -73,6 +76,7 @@ COMMANDS: List[Callable[[Any], None]] = [
     add_visualize_parser,
     add_convert_parser,
     add_export_parser,
+    add_serve_parser,
 ]
 
 

@@ -164,7 +164,7 @@ class ToComBank(nn.Module, ModelHubMixin, library_name="tocom-hub", paper_url="h
         )
         # fp32 on the model's device whatever the model's dtype (like peft's autocast_adapter_dtype):
         # the factors are trained and summed in fp32; merging rounds once, into the model's dtype
-        return cls(config, device=model.blocks[0].attn.proj.weight.device, dtype=torch.float32)
+        return cls(config, device=next(model.parameters()).device, dtype=torch.float32)
 
     # -- properties -------------------------------------------------------------------------------
     @property

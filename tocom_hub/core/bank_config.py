@@ -229,7 +229,8 @@ def model_dims(model: nn.Module) -> Dict[str, int]:
     name = type(model).__name__
     family = find_family(model)
     shapes = set()
-    for i, blk in enumerate(model.blocks):
+    blocks = family.model_blocks(model)
+    for i, blk in enumerate(blocks):
         where = family.qv(blk)
         rows = {t: (m.out_features if stop is None else stop) - start for t, (m, start, stop) in where.items()}
         q_in = where["q"][0].in_features
@@ -253,7 +254,7 @@ def model_dims(model: nn.Module) -> Dict[str, int]:
     embed_dim, attn_dim, num_heads, proj_in, proj_out = shapes.pop()
     if proj_in != attn_dim or proj_out != embed_dim:
         raise TypeError(f"{name}: attn.proj is {proj_in}→{proj_out}, expected {attn_dim}→{embed_dim}")
-    return {"embed_dim": embed_dim, "attn_dim": attn_dim, "depth": len(model.blocks), "num_heads": num_heads}
+    return {"embed_dim": embed_dim, "attn_dim": attn_dim, "depth": len(blocks), "num_heads": num_heads}
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -43,6 +43,7 @@ from torch import nn
 from .bank import MAX_SCALE, ToComBank, _looks_local, model_dims
 from .checks import is_int, token_mode
 from .compensation import Compensation
+from .families import find_family
 from .locks import switch_lock
 from .lora_hooks import HookedCompensation, check_hookable
 from .lora_merged import MergedCompensation
@@ -128,6 +129,12 @@ def _model_architecture(model: nn.Module) -> Optional[str]:
     return arch if isinstance(arch, str) and arch else None
 
 
+def _proj_weight(model: nn.Module) -> torch.Tensor:
+    """The first block's attention ``proj`` weight, where the model's family says it is."""
+    family = find_family(model)
+    return family.qv(family.model_blocks(model)[0])["proj"][0].weight
+
+
 def _check_compatible(model: nn.Module, bank: ToComBank, method: Optional[str], ignore_base_model: bool) -> None:
     """Raise if ``bank`` cannot serve ``model`` (no side effects)."""
     dims = model_dims(model)
@@ -171,7 +178,7 @@ def _check_compatible(model: nn.Module, bank: ToComBank, method: Optional[str], 
             bank.lora_A[t].shape
         ) != (cfg.depth, cfg.r_max * cfg.rank, cfg.target_shape(t)[1]):
             raise ValueError(f"bank tensors for target {t!r} do not match its config; rebuild the bank")
-    weight = model.blocks[0].attn.proj.weight
+    weight = _proj_weight(model)
     if not weight.dtype.is_floating_point:
         raise TypeError(f"model weights are {weight.dtype}; ToCom needs floating point weights")
     meta = [n for n, p in model.named_parameters() if p.device.type == "meta"]
@@ -276,7 +283,7 @@ def _apply_locked(
     merge = bool(merge)
     if not merge:
         dev = next(iter(bank.parameters())).device
-        wdev = model.blocks[0].attn.proj.weight.device
+        wdev = _proj_weight(model).device
         if dev != wdev:
             raise ValueError(
                 f"unmerged mode computes with the bank's own parameters: bank is on {dev}, model on "
@@ -309,13 +316,13 @@ def _apply_locked(
     return model
 
 
-def set_pair(model: nn.Module, source_r: int, target_r: int, *, r: Optional[int] = None) -> None:
+def set_pair(model: nn.Module, source_r: int, target_r: int, *, r: Optional[int] = None) -> nn.Module:
     """Switch the bank to the pair ``source_r → target_r`` and the patcher to ``r`` (default ``target_r``).
 
     Unmerged mode: O(1) — picks a precomputed ``±1/0`` inner-dim mask, no tensor copies, so the trainer
     can call it every step (pass ``r=`` to run the student at another degree than ``target_r``).
     Merged mode: moves the weights to ``W₀ + Δ(source_r → target_r)`` like :func:`set_target_r`.
-    Example::
+    Returns ``model``. Example::
 
         tocom_hub.apply(model, 0, 0, bank=bank, merge=False)
         tocom_hub.compensate.set_pair(model, 3, 11)   # bank 3 → 11, model runs at r = 11
@@ -333,6 +340,7 @@ def set_pair(model: nn.Module, source_r: int, target_r: int, *, r: Optional[int]
         except BaseException:  # e.g. weights the merged bank cannot follow: the patcher's r goes back too
             set_r(model, old_r)
             raise
+    return model
 
 
 def set_target_r(model: nn.Module, r: int) -> nn.Module:

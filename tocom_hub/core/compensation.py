@@ -29,7 +29,7 @@ def bank_layout(model: nn.Module, bank: ToComBank) -> Layout:
     ``q_proj`` / ``k_proj`` / ``v_proj``; ``proj`` is all of ``attn.proj``. One entry per (block, Linear)."""
     family = find_family(model)
     layout: Layout = []
-    for b, blk in enumerate(model.blocks):
+    for b, blk in enumerate(family.model_blocks(model)):
         where = family.qv(blk)
         per_linear: dict = {}
         for t in bank.targets:

@@ -37,14 +37,17 @@ class ForwardContext:
         index: ``[B, N]`` long, the input token each token sits at ("keep" rule and pruning), or ``None``
             before the first reduction and for families without positional state.
         coords: ``[B, N, 2]`` float32 positional coordinates ("centroid" rule), or ``None``.
-        grid: ``(H, W)`` of the patch grid of this forward (families with positional state).
+        grid: ``(H, W)`` of the patch grid of this forward (families with positional state); ``gemma4_vit``
+            keeps its patches' ``[B, N, 2]`` ``(x, y)`` coordinates here (its inputs may carry their own).
         track: record ``grid_index`` in this forward (``trace_source``, :func:`tocom_hub.track_grid`,
             ``forward_intermediates`` of a reduced model).
         grid_index: ``[B, N_in]`` long, the token holding each input token (``-1``: pruned), while tracking
             (:mod:`tocom_hub.core.grid`), or ``None`` before the first reduction.
+        valid: ``[B, N]`` bool, ``False`` for padding tokens of a padded batch (NaFlexViT), or ``None``;
+            padding never merges with real tokens, is never pruned in place of one and sorts last.
     """
 
-    __slots__ = ("size", "source", "attn_bias", "index", "coords", "grid", "track", "grid_index")
+    __slots__ = ("size", "source", "attn_bias", "index", "coords", "grid", "track", "grid_index", "valid")
 
     def __init__(self) -> None:
         self.size: Optional[torch.Tensor] = None
@@ -55,6 +58,7 @@ class ForwardContext:
         self.grid: Optional[Tuple[int, int]] = None
         self.track = False
         self.grid_index: Optional[torch.Tensor] = None
+        self.valid: Optional[torch.Tensor] = None
 
     @property
     def reduced(self) -> bool:

@@ -12,7 +12,7 @@ and its MLP; every family's reduced block calls it from the one shared block for
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -30,6 +30,7 @@ def dense_step(
     k: int,
     num_prefix: int,
     mlp_branch: Callable[[torch.Tensor], torch.Tensor],
+    valid: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """``x + unmerge(mlp_branch(reduced x))``: the MLP on ``N - k`` tokens, its outputs copied back.
 
@@ -42,8 +43,9 @@ def dense_step(
         k: tokens merged / skipping the MLP; clamped by the reducer to what one step allows.
         num_prefix: protected prefix tokens (never merged or skipped).
         mlp_branch: the block's MLP residual branch (without the residual).
+        valid: ``[B, N]`` bool, ``False`` at padding (a padded NaFlex batch), passed to the reducer's plan.
     """
-    plan = reducer.plan(info, k, num_prefix)
+    plan = reducer.plan(info, k, num_prefix) if valid is None else reducer.plan(info, k, num_prefix, valid=valid)
     if plan is None:
         return x + mlp_branch(x)
     if isinstance(plan, Merge):

@@ -107,12 +107,14 @@ def merged_intermediates(
     output_fmt: str = "NCHW",
     intermediates_only: bool = False,
     output_dict: bool = False,
+    num_prefix: Optional[int] = None,
     **kwargs: Any,
 ):
     """timm's ``forward_intermediates`` (``forward``, bound to ``model``) for a model that merges tokens:
     every intermediate is unmerged onto the full grid through the index map of its block; the final
     features (``image_features``) keep the merged tokens, as ``forward_features`` does. The caller
-    (the patched model's ``forward_intermediates``) has started a tracking forward context."""
+    (the patched model's ``forward_intermediates``) has started a tracking forward context. ``num_prefix``:
+    the prefix tokens inside the blocks where that is not ``model.num_prefix_tokens`` (CaiT's blocks: 0)."""
     from timm.models._features import feature_take_indices
 
     if output_fmt not in ("NCHW", "NLC"):
@@ -121,7 +123,7 @@ def merged_intermediates(
     take, _ = feature_take_indices(len(model.blocks), indices)
     trail: List[Optional[torch.Tensor]] = []
     hooks = [blk.register_forward_hook(lambda *_: trail.append(state.context().grid_index)) for blk in model.blocks]
-    prefix = int(model.num_prefix_tokens)
+    prefix = int(model.num_prefix_tokens if num_prefix is None else num_prefix)
     call = dict(norm=norm, stop_early=stop_early, output_fmt="NLC", intermediates_only=intermediates_only)
     if output_dict:  # only where the model has it (timm's Eva does not)
         call["output_dict"] = True
@@ -142,7 +144,8 @@ def merged_intermediates(
         index = trail[i]
         inter.append(y if index is None else tokens_to_grid(y, _spatial_index(index, prefix)))
     if output_fmt == "NCHW":
-        hw = model.patch_embed.dynamic_feat_size((x.shape[-2], x.shape[-1]))
+        embed = model.patch_embed if hasattr(model, "patch_embed") else model.embeds  # NaFlexVit: embeds
+        hw = embed.dynamic_feat_size((x.shape[-2], x.shape[-1]))
         inter = [_to_nchw(y, hw) for y in inter]
     if output_dict:
         out = {"image_intermediates": inter}

@@ -40,7 +40,7 @@ def _autocast_on(x: torch.Tensor) -> bool:
 
 def _adapted_linears(model: nn.Module, targets):
     family = find_family(model)
-    for b, blk in enumerate(model.blocks):
+    for b, blk in enumerate(family.model_blocks(model)):
         seen = set()
         where = family.qv(blk)
         for target in targets:
@@ -55,7 +55,7 @@ def check_hookable(model: nn.Module, targets=("q", "k", "v", "proj")) -> None:
     says why, or a q/v Linear is not an ``nn.Linear`` / carries its own ``forward``)."""
     family = find_family(model)
     name = type(model).__name__
-    for b, blk in enumerate(model.blocks):
+    for b, blk in enumerate(family.model_blocks(model)):
         why = family.unhookable(blk)
         if why:
             raise TypeError(f"{name}: the bank's unmerged mode cannot reach block {b}: {why}; use merge=True")
@@ -140,7 +140,7 @@ class HookedCompensation(Compensation):
         check_hookable(model, bank.targets)
         super().__init__(model, bank, source_r, target_r, scale, patched_here)
         family = find_family(model)
-        self._overrides = [o for blk in model.blocks for o in family.unmerged_overrides(blk)]
+        self._overrides = [o for blk in family.model_blocks(model) for o in family.unmerged_overrides(blk)]
         self._swapped: List[nn.Module] = []
         self._saved: List[Tuple[nn.Module, str, Any]] = []
         self._coef_table: Optional[torch.Tensor] = None

@@ -81,11 +81,23 @@ def max_merge(num_tokens: int, num_prefix: int = 0) -> int:
     return max((num_tokens - num_prefix) // 2, 0)
 
 
+def padded_merge_limit(valid: torch.Tensor, num_prefix: int = 0) -> int:
+    """Most tokens one merge step can remove from every image of a padded batch (``valid``: ``[B, N]``,
+    padding behind the real tokens) with no real token merged into padding or padding into a real token:
+    per image, its A tokens with a partner of their own kind. A host sync (padded batches only)."""
+    first_a, first_b = 2 * ((num_prefix + 1) // 2), 2 * (num_prefix // 2) + 1
+    va, vb = valid[:, first_a::2], valid[:, first_b::2]
+    real = va.sum(dim=1) * vb.any(dim=1)
+    pad = (~va).sum(dim=1) * (~vb).any(dim=1)
+    return int((real + pad).min()) if valid.shape[0] else 0
+
+
 def bipartite_soft_matching(
     metric: torch.Tensor,
     r: int,
     num_prefix: int = 0,
     keep_order: Optional[bool] = None,
+    valid: Optional[torch.Tensor] = None,
 ) -> Optional[Merge]:
     """Plan the merge of ``r`` tokens by bipartite soft matching.
 
@@ -96,6 +108,10 @@ def bipartite_soft_matching(
         num_prefix: the first ``num_prefix`` tokens are never merged and keep positions ``0 .. P-1``.
         keep_order: keep unmerged A tokens in their original order. Defaults to ``num_prefix > 0``
             (the reference keeps order only when a class token exists); forced on when ``num_prefix > 0``.
+        valid: ``[B, N]`` bool, ``False`` for padding tokens (a padded batch, padding behind the real tokens):
+            a real and a padding token never merge; each image merges its ``min(r, n // 2)`` best real pairs
+            (``n``: its real tokens, what it would merge alone), then padding pairs, then (a short image only)
+            its remaining real pairs. ``r`` must not exceed :func:`padded_merge_limit`.
 
     Returns:
         a :class:`Merge`, or ``None`` when nothing is merged (``r`` clamps to 0).
@@ -114,7 +130,18 @@ def bipartite_soft_matching(
             scores = torch.mm(metric[0, first_a::2], metric[0, first_b::2].t()).unsqueeze(0)
         else:
             scores = metric[:, first_a::2] @ metric[:, first_b::2].transpose(-1, -2)
+        if valid is not None:  # cosine >= -1 for real pairs; -2 for padding pairs; -inf across
+            va, vb = valid[:, first_a::2, None], valid[:, None, first_b::2]
+            pads = torch.where(va == vb, -2.0, float("-inf")).to(scores.dtype)
+            scores = torch.where(va & vb, scores, pads)
         node_max, node_idx = scores.max(dim=-1)
+        if valid is not None:  # real A tokens past what the image merges alone rank below its padding pairs
+            order = node_max.argsort(dim=-1, descending=True)
+            places = torch.arange(order.shape[1], device=order.device).expand_as(order)
+            rank = torch.empty_like(order).scatter_(1, order, places)
+            alone = valid[:, num_prefix:].sum(dim=1, keepdim=True) // 2
+            extra = va[..., 0] & (rank >= alone) & node_max.isfinite()
+            node_max = torch.where(extra, node_max.clamp_max(-3.0), node_max)
         a_idx = node_max.argsort(dim=-1, descending=True)  # the r most similar A tokens merge
         if keep_order:
             a_idx = torch.cat([a_idx[:, :r], a_idx[:, r:].sort(dim=-1).values], dim=1)

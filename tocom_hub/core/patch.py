@@ -73,7 +73,7 @@ def is_patched(model: nn.Module) -> bool:
 
 def _num_tokens(model: nn.Module) -> Optional[int]:
     """Token count entering the first block at the model's configured image size."""
-    num_patches = getattr(model.patch_embed, "num_patches", None)
+    num_patches = getattr(getattr(model, "patch_embed", None), "num_patches", None)  # NaFlexViT: variable
     if num_patches is None:
         return None
     return int(num_patches) + int(model.num_prefix_tokens)
@@ -133,6 +133,41 @@ def _check_options(method: str, positions: str, attention: Any, reducer: Any, de
             )
 
 
+def _check_family(model: nn.Module, positions: str, dense: bool) -> Any:
+    """The family adapter :func:`patch` would use, or the ``TypeError`` it would raise (nothing is changed)."""
+    family = find_family(model, positions)
+    refusal = None if dense else family.regular_refusal(model)
+    if refusal:
+        raise TypeError(f"{type(model).__name__}: {refusal}")
+    if dense:
+        for i, blk in enumerate(family.model_blocks(model)):
+            why = getattr(family.blocks.get(type(blk), type(blk)), "_tocom_no_dense", None)
+            if why:
+                name = type(model).__name__
+                raise TypeError(f"{name}: dense mode cannot run block {i} ({type(blk).__name__}): {why}")
+    return family
+
+
+def check_supported(model: nn.Module, *, positions: str = "keep", dense: bool = False) -> Dict[str, Any]:
+    """Check that :func:`patch` can reduce ``model``, without changing it.
+
+    Raises the ``TypeError`` :func:`patch` would raise (unsupported family, block or dense layout);
+    otherwise returns ``{"family", "model", "depth", "positional"}``. Example::
+
+        tocom_hub.check_supported(timm.create_model("vit_small_patch16_224"))
+        # {'family': 'vit', 'model': 'VisionTransformer', 'depth': 12, 'positional': False}
+    """
+    if positions not in POSITION_RULES:
+        raise ValueError(f"positions must be one of {POSITION_RULES}; got {positions!r}")
+    family = _check_family(model, positions, dense)
+    return dict(
+        family=family.name,
+        model=_original_class(model).__name__,
+        depth=len(model.blocks),
+        positional=bool(family.positional),
+    )
+
+
 def patch(
     model: nn.Module,
     method: str = "tome",
@@ -149,16 +184,18 @@ def patch(
 
     Args:
         model: a model of a supported family (``docs/supported-models.md``): timm ``VisionTransformer``
-            (and subclasses) with ``Block``/``Attention``; timm ``Eva`` (EVA-02, DINOv3, PE, …).
+            (and subclasses) with ``Block``/``Attention``; timm ``Eva`` (EVA-02, DINOv3, PE, …); ``Beit``,
+            ``VisionTransformerRelPos`` (relative-position bias), ``Cait`` (``docs/families.md``).
         method: ``"tome"`` (bipartite soft matching, size-weighted merging) or ``"evit"`` (drop the
             tokens the class token attends to least).
         prop_attn: ToMe proportional attention (log token size added to attention logits, and to
             an attention-pool head). Ignored by EViT, which drops tokens instead of merging them.
         trace_source: record which input patches each token holds (:func:`get_source`).
         fuse_token: EViT only: fuse the dropped tokens into one extra token (it carries no rope position).
-        positions: position of a merged token in families with positional state (RoPE): ``"keep"`` (the
-            destination keeps its own position; the default) or ``"centroid"`` (the size-weighted centroid
-            of its patches, the rotation recomputed there). Pruning always keeps each token's own position.
+        positions: position of a merged token in families with positional state (RoPE, relative-position
+            bias): ``"keep"`` (the destination keeps its own position; the default) or ``"centroid"`` (the
+            size-weighted centroid of its patches, the rotation / ``RelPosMlp`` bias recomputed there; refused
+            for a bias table: BEiT). Pruning always keeps each token's own position.
         attention: form of the attention with the log-size bias: ``"auto"`` (folded into q/k on GPUs, an
             additive mask on the CPU), ``"mask"``, ``"fold"``, or a callable ``(q, k, v, bias, scale, dropout_p)``
             (an object that also has ``attend(attn, x, bias) -> (out, q, k)`` replaces the classic ViT's attention).
@@ -180,13 +217,7 @@ def patch(
         tocom_hub.set_r(model, 16)
     """
     _check_options(method, positions, attention, reducer, dense, dense_ratio)
-    family = find_family(model, positions)
-    if dense:
-        for i, blk in enumerate(model.blocks):
-            why = getattr(family.blocks.get(type(blk), type(blk)), "_tocom_no_dense", None)
-            if why:
-                name = type(model).__name__
-                raise TypeError(f"{name}: dense mode cannot run block {i} ({type(blk).__name__}): {why}")
+    family = _check_family(model, positions, dense)
     comp = model.__dict__.get("_tocom_compensation")  # set by tocom_hub.apply (compensate.py)
     if comp is not None and comp.bank.method != method:
         raise ValueError(
@@ -224,7 +255,7 @@ def patch(
     state = TokenState(
         num_prefix=family.num_prefix(model),
         has_class_token=family.has_class_token(model),
-        depth=len(model.blocks),
+        depth=len(family.model_blocks(model)),
         family=family,
         **settings,
     )
@@ -252,12 +283,12 @@ def unpatch(model: nn.Module) -> nn.Module:
     return model
 
 
-def set_r(model: nn.Module, r: RSpec) -> None:
+def set_r(model: nn.Module, r: RSpec) -> nn.Module:
     """Set the tokens removed per block: an int for every block, or a list with one int per block.
 
     ``r`` is validated first (``ValueError`` leaves the model unchanged): values must be ``>= 0`` and
     no larger than one block could remove from the model's full token count. At run time ``r`` is
-    clamped per block to what is left, like the reference ToMe. Example::
+    clamped per block to what is left, like the reference ToMe. Returns ``model``. Example::
 
         tocom_hub.patch(model)
         tocom_hub.set_r(model, 8)          # 8 per block
@@ -266,6 +297,7 @@ def set_r(model: nn.Module, r: RSpec) -> None:
     state = _state(model)
     values = _resolve_r(model, r, state.method, state.dense_ratio if state.dense else 1)
     state.r, state.r_spec = values, (list(r) if isinstance(r, (list, tuple)) else r)
+    return model
 
 
 def get_r(model: nn.Module) -> RSpec:

@@ -15,9 +15,9 @@ from typing import Any, Optional, Tuple
 import torch
 
 from .context import ForwardContext, TokenState
-from .dense import compose_index, plan_positions
-from .merge import bipartite_soft_matching, merge_index, merge_source, merge_wavg
-from .prune import prune_source, prune_tokens, select_attentive
+from .dense import compose_index, plan_positions, prune_positions
+from .merge import bipartite_soft_matching, merge_index, merge_source, merge_wavg, padded_merge_limit
+from .prune import Prune, prune_source, prune_tokens, select_attentive
 
 __all__ = ["ToMe", "EViT", "default_reducer", "reduce_tokens"]
 
@@ -27,9 +27,13 @@ class ToMe:
 
     info = "keys"
 
-    def plan(self, info: torch.Tensor, r: int, num_prefix: int) -> Any:
-        """A plan removing up to ``r`` tokens, or ``None`` when nothing is removed."""
-        return bipartite_soft_matching(info, r, num_prefix)
+    def plan(self, info: torch.Tensor, r: int, num_prefix: int, valid: Optional[torch.Tensor] = None) -> Any:
+        """A plan removing up to ``r`` tokens, or ``None`` when nothing is removed. ``valid`` (``[B, N]``
+        bool, padded batches only): a padding token never merges with a real one; an image merges the real
+        pairs it would merge alone, then padding pairs (``r`` clamped by :func:`~.merge.padded_merge_limit`)."""
+        if valid is not None:
+            r = min(int(r), padded_merge_limit(valid, num_prefix))
+        return bipartite_soft_matching(info, r, num_prefix, valid=valid)
 
     def apply(self, plan: Any, x: torch.Tensor, size: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(x, size)`` after the plan; a merged token is the size-weighted mean of its members."""
@@ -52,7 +56,22 @@ class EViT:
     def __init__(self, fuse: bool = False) -> None:
         self.fuse = bool(fuse)
 
-    def plan(self, info: torch.Tensor, r: int, num_prefix: int) -> Any:
+    def plan(self, info: torch.Tensor, r: int, num_prefix: int, valid: Optional[torch.Tensor] = None) -> Any:
+        """``valid`` (padded batches only): every image keeps the real tokens it would keep alone, padding
+        fills the other places (padding ranks above every real token but the most attentive one, which alone
+        is always kept; with ``fuse``, above all of them), and a fused token holds real tokens only."""
+        if valid is not None:
+            real = info.masked_fill(~valid, -1.0)
+            real[:, :num_prefix] = -1.0
+            top = torch.zeros_like(valid).scatter_(1, real.argmax(dim=1, keepdim=True), True) & valid
+            ranked = torch.where(valid, info, 2.0)
+            if not self.fuse:
+                ranked = ranked.masked_fill(top, 3.0)
+            plan = select_attentive(ranked, r, num_prefix, fuse=self.fuse)
+            if plan is not None and plan.dropped is not None:  # the fused token: its image's real tokens only
+                plan.dropped = plan.dropped & valid
+                plan.fuse_weight = info * plan.dropped
+            return plan
         return select_attentive(info, r, num_prefix, fuse=self.fuse)
 
     def apply(self, plan: Any, x: torch.Tensor, size: Optional[torch.Tensor]) -> Tuple[torch.Tensor, None]:
@@ -89,10 +108,35 @@ def _positions(state: TokenState, ctx: ForwardContext, plan: Any, x: torch.Tenso
         ctx.index = torch.where(index >= 0, ctx.index.gather(1, index.clamp_min(0)), index)
 
 
+def _padding_last(ctx: ForwardContext, index: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Padded batches: the validity after a plan (``index``: its output tokens' input places; a fused token,
+    ``-1``, holds real tokens only), then a stable reorder that puts padding behind the real tokens, so every
+    image's real tokens are laid out (and split into ToMe's A/B sets) exactly as if it ran alone."""
+    valid = torch.where(index >= 0, ctx.valid.gather(1, index.clamp_min(0)), True)
+    order = torch.sort((~valid).to(torch.uint8), dim=1, stable=True).indices
+    step = Prune(num_tokens=x.shape[1], keep=order)
+    ctx.valid = valid.gather(1, order)
+    if ctx.size is not None:
+        ctx.size = prune_tokens(step, ctx.size)
+    if ctx.source is not None:
+        ctx.source = prune_source(step, ctx.source)
+    if ctx.index is not None:
+        ctx.index = ctx.index.gather(1, order)
+    if ctx.coords is not None:
+        ctx.coords = prune_tokens(step, ctx.coords)
+    if ctx.track and ctx.grid_index is not None:
+        ctx.grid_index = compose_index(prune_positions(step), ctx.grid_index)
+    return prune_tokens(step, x)
+
+
 def reduce_tokens(state: TokenState, ctx: ForwardContext, x: torch.Tensor, info: torch.Tensor, r: int) -> torch.Tensor:
-    """Remove up to ``r`` tokens of ``x`` (``[B, N, C]``) as the reducer plans from ``info``."""
+    """Remove up to ``r`` tokens of ``x`` (``[B, N, C]``) as the reducer plans from ``info``.
+
+    In a padded batch (``ctx.valid``, NaFlexViT) the reducer's ``plan`` gets ``valid=`` and the padding
+    moves behind the real tokens after the step (``ctx.valid`` follows; the family masks it in attention)."""
     red = state.reducer
-    plan = red.plan(info, r, state.num_prefix)
+    valid = ctx.valid
+    plan = red.plan(info, r, state.num_prefix) if valid is None else red.plan(info, r, state.num_prefix, valid=valid)
     if plan is None:
         return x
     if ctx.track:  # the grid index map (tocom_hub.core.grid); a custom reducer's plan ends the tracking
@@ -106,6 +150,9 @@ def reduce_tokens(state: TokenState, ctx: ForwardContext, x: torch.Tensor, info:
     ctx.size = size
     if state.trace_source:
         ctx.source = red.source(plan, ctx.source)
+    if valid is not None:
+        x = _padding_last(ctx, red.index(plan), x)
+        size = ctx.size
     if size is not None and state.prop_attn:
         ctx.attn_bias = size.log().view(x.shape[0], 1, 1, x.shape[1])  # [B, 1, 1, N] float32
     return x

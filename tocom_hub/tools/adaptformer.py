@@ -22,6 +22,7 @@ EViT) blocks alike, and the adapters live in their own module (save them with ``
 
 from __future__ import annotations
 
+import threading
 from typing import Any, List, Optional, Tuple
 
 import torch
@@ -51,10 +52,25 @@ class Adapter(nn.Module):
 
 
 class _Capture:
-    """norm2 pre-hook: remember the block's MLP-branch input ``X``."""
+    """norm2 pre-hook: remember the block's MLP-branch input ``X``, per thread (two threads running forwards
+    on one model each read their own ``X``); copies and pickles start empty."""
 
     def __init__(self) -> None:
-        self.x: Optional[torch.Tensor] = None
+        self._local = threading.local()
+
+    @property
+    def x(self) -> Optional[torch.Tensor]:
+        return getattr(self._local, "x", None)
+
+    @x.setter
+    def x(self, value: Optional[torch.Tensor]) -> None:
+        self._local.x = value
+
+    def __getstate__(self) -> dict:
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()
 
     def __call__(self, module: nn.Module, args: Tuple[Any, ...]) -> None:
         self.x = args[0]

@@ -194,6 +194,12 @@ class LatencyController:
             set_r(self.model, r)
         self.r = r
 
+    def switch(self, r: int) -> None:
+        """Move to ``r`` now (one of :attr:`r_values`), e.g. to pin it; :meth:`step` may move it again."""
+        if not is_int(r) or r not in self.r_values:
+            raise ValueError(f"r must be one of the controller's r values {self.r_values}; got {r!r}")
+        self._switch(r)
+
     def _sync(self) -> None:
         param = next(self.model.parameters())
         if param.device.type == "cuda":

@@ -12,13 +12,23 @@ from typing import Dict, Optional
 from torch import nn
 
 from .base import Family
+from .beit import BeitFamily
+from .cait import CaitFamily
 from .eva import EvaFamily
+from .gemma4 import Gemma4Family
+from .naflex import NaFlexFamily
+from .qwen3 import Qwen3Family
+from .relpos import RelPosFamily
 from .vit import ViTFamily
 
 __all__ = ["FAMILIES", "UNSUPPORTED", "find_family", "patched_block_classes"]
 
 # model class → family adapter class (a subclass of a listed model class belongs to its family)
-FAMILIES: Dict[type, type] = {cls: fam for fam in (ViTFamily, EvaFamily) for cls in fam.model_classes}
+FAMILIES: Dict[type, type] = {
+    cls: fam
+    for fam in (ViTFamily, EvaFamily, BeitFamily, RelPosFamily, CaitFamily, NaFlexFamily, Qwen3Family, Gemma4Family)
+    for cls in fam.model_classes
+}
 
 # timm model / block class name → why it is not supported (checked along the model's MRO and its blocks)
 _HIERARCHICAL = "a hierarchical model: its stages pool or window the token grid, which merged tokens no longer form"
@@ -42,17 +52,6 @@ UNSUPPORTED: Dict[str, str] = {
         )
     },  # fmt: skip
     "VisionTransformerSAM": "windowed attention (SAM): windows need the full token grid",
-    "Beit": "relative-position bias per token pair is not carried through merging yet (family not implemented)",
-    "VisionTransformerRelPos": "relative-position bias per token pair is not carried yet (family not implemented)",
-    "Cait": "CaiT's talking-heads attention and class-attention blocks have no adapter yet",
-    "NaFlexVit": "NaFlexViT's variable-resolution padding masks have no adapter yet",
-    "Qwen3VitEncoder": "the Qwen3-VL vision tower has no adapter yet (its patch merger needs the full grid)",
-    "Qwen3VitClassifier": "the Qwen3-VL vision tower has no adapter yet (its patch merger needs the full grid)",
-    "Gemma4VitEncoder": "the Gemma-4 vision tower has no adapter yet",
-    "Gemma4VitClassifier": "the Gemma-4 vision tower has no adapter yet",
-    "ParallelThingsBlock": "parallel (attention ∥ MLP) blocks run the MLP on the unreduced tokens; no adapter yet",
-    "DiffParallelScalingBlock": "parallel differential-attention blocks have no adapter yet",
-    "DiffAttention": "differential attention has no adapter yet",
 }
 
 
@@ -71,7 +70,7 @@ def find_family(model: nn.Module, positions: str = "keep") -> Family:
     if fam_cls is None:
         why = reason or "not a model of a supported family"
         raise TypeError(f"tocom_hub cannot patch {name}: {why} (supported: {', '.join(sorted(supported_names()))})")
-    blocks = getattr(model, "blocks", None)
+    blocks = fam_cls.model_blocks(model)
     if not isinstance(blocks, (nn.Sequential, nn.ModuleList)) or len(blocks) == 0:
         raise TypeError(f"{name}: expected `model.blocks` to be a non-empty sequence of transformer blocks")
     family = fam_cls(model)

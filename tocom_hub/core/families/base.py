@@ -72,7 +72,7 @@ class ReducedBlock:
         if r > 0:
             if state.dense:  # the grid stays full: only the MLP sees merged / kept tokens
                 k = r * state.dense_ratio
-                return dense_step(state.reducer, x, info, k, state.num_prefix, self._tocom_mlp_branch)
+                return dense_step(state.reducer, x, info, k, state.num_prefix, self._tocom_mlp_branch, ctx.valid)
             x = reduce_tokens(state, ctx, x, info, r)
         return self._tocom_mlp(x)
 
@@ -156,6 +156,16 @@ class Family:
         """``[(module, attribute, value)]`` set while the bank's unmerged mode is applied (restored by ``remove``)
         so that the block's attention calls its q/v Linears' ``forward`` instead of reading their weights."""
         return []
+
+    @classmethod
+    def model_blocks(cls, model: nn.Module):
+        """The model's transformer blocks (``model.blocks``; a wrapper family says where they are)."""
+        return getattr(model, "blocks", None)
+
+    def regular_refusal(self, model: nn.Module) -> Optional[str]:
+        """Why the regular (shrinking) mode cannot run ``model`` (its head needs the full grid), or ``None``;
+        ``patch(dense=True)`` keeps the grid full and is not refused."""
+        return None
 
     def num_prefix(self, model: nn.Module) -> int:
         return int(model.num_prefix_tokens)

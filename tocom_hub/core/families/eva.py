@@ -82,13 +82,16 @@ ROPES = {
 
 def _gather_rows(rope: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """Rope rows of the tokens at ``rows`` (``[B, N]``, ``-1``: no position, the identity rotation).
-    ``rope``: ``[N_in, C]`` → ``[B, 1, N, C]``; ``[H, N_in, C]`` (mixed) → ``[B, H, N, C]``."""
+    ``rope``: ``[N_in, C]`` → ``[B, 1, N, C]``; ``[H, N_in, C]`` (mixed) → ``[B, H, N, C]``; per sample
+    ``[B, H or 1, N_in, C]`` (NaFlexViT, patch dropout) → ``[B, H or 1, N, C]``."""
     if rope.ndim == 2:
         out = rope[rows.clamp_min(0)].unsqueeze(1)
     elif rope.ndim == 3:
         out = rope[:, rows.clamp_min(0)].transpose(0, 1)
     else:
-        raise NotImplementedError("token reduction with per-sample rope (patch dropout) is not supported")
+        heads, channels = rope.shape[1], rope.shape[-1]
+        where = rows.clamp_min(0)[:, None, :, None].expand(rope.shape[0], heads, rows.shape[1], channels)
+        out = rope.gather(2, where)
     half = out.shape[-1] // 2
     ident = torch.cat([torch.zeros_like(out[..., :half]), torch.ones_like(out[..., half:])], -1)  # sin 0, cos 1
     return torch.where(rows.view(rows.shape[0], 1, -1, 1) >= 0, out, ident)

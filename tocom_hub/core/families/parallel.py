@@ -1,19 +1,24 @@
 """Parallel blocks of the classic family: timm ``ParallelScalingBlock`` (ViT-22B style: attention and MLP
 side by side on the same normed input, one fused ``in_proj``). The MLP does not follow the attention, so
 there is no "between": the reduction runs after the whole block, planned from the block's own keys or
-class-token attention, and the next block sees the reduced tokens (with their size bias)."""
+class-token attention, and the next block sees the reduced tokens (with their size bias).
+
+``ParallelThingsBlock`` ("three things", several attentions summed, then several MLPs summed) does have a
+between: the reduction runs after the summed attentions, planned from all of them (ToMe: their keys side by
+side; EViT: the mean of their class-token attentions), and the MLPs run on the reduced tokens."""
 
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
-from timm.models.vision_transformer import ParallelScalingBlock
+from timm.models.vision_transformer import ParallelScalingBlock, ParallelThingsBlock
 
 from ..attention import key_bias_attention
 from .base import ReducedBlock, token_info
+from .diff import classic_attend
 
-__all__ = ["ToComParallelScalingBlock", "parallel_qv"]
+__all__ = ["ToComParallelScalingBlock", "ToComParallelThingsBlock", "parallel_qv", "things_qv"]
 
 
 class ToComParallelScalingBlock(ReducedBlock, ParallelScalingBlock):
@@ -54,10 +59,52 @@ class ToComParallelScalingBlock(ReducedBlock, ParallelScalingBlock):
         return x
 
 
+class ToComParallelThingsBlock(ReducedBlock, ParallelThingsBlock):
+    """timm ``ParallelThingsBlock`` that removes ``r`` tokens between its summed attentions and summed MLPs."""
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False):
+        masked = attn_mask is not None or is_causal
+        return self._tocom_forward(
+            lambda: ParallelThingsBlock.forward(self, x, attn_mask=attn_mask, is_causal=is_causal), x, masked
+        )
+
+    def _tocom_attention(self, x, ctx, need_info):
+        state = self._tocom_state
+        outs, infos = [], []
+        for branch in self.attns:
+            out, info = classic_attend(branch.attn, branch.norm(x), ctx.attn_bias, state.attention, need_info,
+                                       state.has_class_token)  # fmt: skip
+            outs.append(branch.drop_path(branch.ls(out)))
+            infos.append(info)
+        x = x + torch.stack(outs).sum(dim=0)
+        if not need_info:
+            return x, None
+        if need_info == "keys":  # every attention's keys side by side: tokens merge when alike in all of them
+            return x, torch.cat(infos, dim=-1)
+        return x, torch.stack(infos).mean(dim=0)
+
+    def _tocom_mlp_branch(self, x):
+        return torch.stack([ffn(x) for ffn in self.ffns]).sum(dim=0)
+
+
+def things_qv(block):
+    """A ToCom bank holds one q / v update per block; a ``ParallelThingsBlock`` has several attentions."""
+    raise TypeError(
+        f"ParallelThingsBlock has {block.num_parallel} attentions per block; a ToCom bank holds one q/v update "
+        f"per block (token merging and pruning work, the bank does not)"
+    )
+
+
 def parallel_qv(block):
-    """q / k / v rows of the fused ``in_proj`` (after the MLP's hidden rows); ``proj`` is the attention's
-    part only when the out projections are separate."""
+    """q / k / v rows of the fused ``in_proj`` (after the MLP's hidden rows) and the attention's ``proj``; a
+    fused out projection (attention and MLP outputs into one Linear: ``DiffParallelScalingBlock``,
+    ``fuse_out_proj=True``) has no separate attention ``proj``, and the bank refuses it."""
+    if block.out_proj is not None:
+        raise TypeError(
+            f"{type(block).__name__} projects attention and MLP outputs through one fused `out_proj`; a ToCom bank "
+            f"needs the attention's own proj (token merging and pruning work, the bank does not)"
+        )
     hidden, d = block.in_split[0], block.in_split[1]
     where = {t: (block.in_proj, hidden + i * d, hidden + (i + 1) * d) for i, t in enumerate("qkv")}
-    where["proj"] = (block.attn_out_proj, 0, None) if block.out_proj is None else (block.out_proj, 0, None)
+    where["proj"] = (block.attn_out_proj, 0, None)
     return where

@@ -1,17 +1,27 @@
 """The classic family: timm ``VisionTransformer`` (and subclasses: distilled, hybrid, ``vitamin``'s
-``VisionTransformer``-based models) with timm's ``Block`` or ``ResPostBlock`` and ``Attention`` (fused qkv)."""
+``VisionTransformer``-based models) with timm's ``Block`` or ``ResPostBlock`` and ``Attention`` (fused qkv)
+or ``DiffAttention`` (differential attention, :mod:`.diff`), and the parallel blocks (:mod:`.parallel`)."""
 
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
-from timm.layers import Attention
-from timm.models.vision_transformer import Block, ParallelScalingBlock, ResPostBlock, VisionTransformer
+from timm.layers import Attention, DiffAttention
+from timm.models.vision_transformer import (
+    Block,
+    DiffParallelScalingBlock,
+    ParallelScalingBlock,
+    ParallelThingsBlock,
+    ResPostBlock,
+    VisionTransformer,
+)
 
-from ..attention import attend
-from .base import Family, ReducedBlock, ReducedModel, size_pool, token_info
-from .parallel import ToComParallelScalingBlock, parallel_qv
+from .base import Family, ReducedBlock, ReducedModel, size_pool
+from .diff import ToComDiffParallelScalingBlock, classic_attend
+from .parallel import ToComParallelScalingBlock, ToComParallelThingsBlock, parallel_qv, things_qv
+
+_ATTENTIONS = (Attention, DiffAttention)
 
 __all__ = ["ViTFamily", "ToComBlock", "ToComViT"]
 
@@ -25,14 +35,9 @@ class ToComBlock(ReducedBlock, Block):
 
     def _tocom_attention(self, x, ctx, need_info):
         state = self._tocom_state
-        form = state.attention
-        if hasattr(form, "attend"):  # an object that replaces the whole attention (benchmarks' variants)
-            out, q, k = form.attend(self.attn, self.norm1(x), ctx.attn_bias)
-        else:
-            out, q, k = attend(self.attn, self.norm1(x), ctx.attn_bias, form)
-        x = x + self.drop_path1(self.ls1(out))
-        info = token_info(need_info, q, k, self.attn.scale, state.has_class_token) if need_info else None
-        return x, info
+        out, info = classic_attend(self.attn, self.norm1(x), ctx.attn_bias, state.attention, need_info,
+                                   state.has_class_token)  # fmt: skip
+        return x + self.drop_path1(self.ls1(out)), info
 
     def _tocom_mlp_branch(self, x):
         return self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
@@ -49,10 +54,8 @@ class ToComResPostBlock(ReducedBlock, ResPostBlock):
 
     def _tocom_attention(self, x, ctx, need_info):
         state = self._tocom_state
-        out, q, k = attend(self.attn, x, ctx.attn_bias, state.attention)
-        x = x + self.drop_path1(self.norm1(out))
-        info = token_info(need_info, q, k, self.attn.scale, state.has_class_token) if need_info else None
-        return x, info
+        out, info = classic_attend(self.attn, x, ctx.attn_bias, state.attention, need_info, state.has_class_token)
+        return x + self.drop_path1(self.norm1(out)), info
 
     def _tocom_mlp_branch(self, x):
         return self.drop_path2(self.norm2(self.mlp(x)))
@@ -77,21 +80,31 @@ class ViTFamily(Family):
     name = "vit"
     model_classes = (VisionTransformer,)
     model_mixin = ToComViT
-    blocks = {Block: ToComBlock, ResPostBlock: ToComResPostBlock, ParallelScalingBlock: ToComParallelScalingBlock}
+    blocks = {
+        Block: ToComBlock,
+        ResPostBlock: ToComResPostBlock,
+        ParallelScalingBlock: ToComParallelScalingBlock,
+        DiffParallelScalingBlock: ToComDiffParallelScalingBlock,
+        ParallelThingsBlock: ToComParallelThingsBlock,
+    }
 
     def check(self, model, positions):
         name = type(model).__name__
         for i, blk in enumerate(model.blocks):
-            if isinstance(blk, ParallelScalingBlock):
+            if isinstance(blk, (ParallelScalingBlock, DiffParallelScalingBlock)):
                 continue  # its attention is inline (no `attn` module)
-            if type(blk.attn) is not Attention:
-                raise TypeError(
-                    f"{name}: block {i} uses {type(blk.attn).__name__}; the classic ViT family needs timm's "
-                    f"`Attention` (fused qkv)"
-                )
+            attns = [a.attn for a in blk.attns] if isinstance(blk, ParallelThingsBlock) else [blk.attn]
+            for attn in attns:
+                if type(attn) not in _ATTENTIONS:
+                    raise TypeError(
+                        f"{name}: block {i} uses {type(attn).__name__}; the classic ViT family needs timm's "
+                        f"`Attention` (fused qkv) or `DiffAttention`"
+                    )
 
     def qv(self, block):
-        if isinstance(block, ParallelScalingBlock):
+        if isinstance(block, (ParallelScalingBlock, DiffParallelScalingBlock)):
             return parallel_qv(block)
+        if isinstance(block, ParallelThingsBlock):
+            return things_qv(block)
         qkv, d = block.attn.qkv, block.attn.qkv.out_features // 3
         return {"q": (qkv, 0, d), "k": (qkv, d, 2 * d), "v": (qkv, 2 * d, 3 * d), "proj": (block.attn.proj, 0, None)}

@@ -1,0 +1,93 @@
+"""The ``beit`` family: timm ``Beit`` (BEiT, BEiT-v2) with its own ``Block`` / ``Attention``: fused ``qkv``
+with separate q / v bias, a relative-position bias per block and / or one shared by every block
+(``RelativePositionBias``), class token, pool avg (size-weighted after merging) or token.
+
+Each token's bias row and column follow it (:mod:`.relbias`): gathered at the input token it sits at
+(pruning: exact; merging: the destination keeps its own, ``positions="keep"``).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from timm.models.beit import Attention, Beit, Block
+
+from ..attention import key_bias_attention
+from .base import Family, ReducedBlock
+from .relbias import CENTROID_REFUSAL, PairBiasModel, fused_qkv, pair_bias, pair_token_info
+
+__all__ = ["BeitFamily", "ToComBeitBlock", "beit_attend"]
+
+
+def beit_attend(attn: Attention, x: torch.Tensor, shared: Optional[torch.Tensor], ctx, form="mask"):
+    """BEiT ``Attention.forward`` on the current tokens with their gathered relative-position bias and ToMe's
+    per-key ``log(size)``; returns ``(out, q, k, mask)``."""
+    B, N, _ = x.shape
+    q, k, v = fused_qkv(attn, x).reshape(B, N, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    bias = attn._get_rel_pos_bias() if attn.relative_position_bias_table is not None else None
+    if shared is not None:
+        bias = shared if bias is None else bias + shared
+    mask = pair_bias(bias, ctx, q.dtype)
+    dropout_p = attn.attn_drop.p if attn.training else 0.0
+    # a pairwise bias cannot be folded into q and k: it always goes to SDPA as a mask
+    out = key_bias_attention(q, k, v, mask, attn.scale, dropout_p, attn.fused_attn, "mask", attn.attn_drop)
+    out = out.transpose(1, 2).reshape(B, N, -1)
+    return attn.proj_drop(attn.proj(out)), q, k, mask
+
+
+class ToComBeitBlock(ReducedBlock, Block):
+    """timm BEiT ``Block`` that removes ``r`` tokens between attention and MLP."""
+
+    def forward(self, x: torch.Tensor, shared_rel_pos_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        shared = shared_rel_pos_bias
+        return self._tocom_forward(
+            lambda: Block.forward(self, x, shared_rel_pos_bias=shared), x, False, shared_rel_pos_bias=shared
+        )
+
+    def _tocom_attention(self, x, ctx, need_info, shared_rel_pos_bias=None):
+        state = self._tocom_state
+        out, q, k, mask = beit_attend(self.attn, self.norm1(x), shared_rel_pos_bias, ctx)
+        if self.gamma_1 is not None:
+            out = self.gamma_1 * out
+        info = pair_token_info(need_info, q, k, self.attn.scale, state.has_class_token, mask) if need_info else None
+        return x + self.drop_path1(out), info
+
+    def _tocom_mlp_branch(self, x):
+        out = self.mlp(self.norm2(x))
+        if self.gamma_2 is not None:
+            out = self.gamma_2 * out
+        return self.drop_path2(out)
+
+
+class BeitFamily(Family):
+    name = "beit"
+    model_classes = (Beit,)
+    model_mixin = PairBiasModel
+    blocks = {Block: ToComBeitBlock}
+
+    def __init__(self, model=None) -> None:
+        shared = getattr(model, "rel_pos_bias", None) is not None
+        own = model is not None and any(b.attn.relative_position_bias_table is not None for b in model.blocks)
+        self.positional = shared or own
+
+    def check(self, model, positions):
+        name = type(model).__name__
+        for i, blk in enumerate(model.blocks):
+            if type(blk.attn) is not Attention:
+                raise TypeError(
+                    f"{name}: block {i} uses {type(blk.attn).__name__}; the beit family needs BEiT's Attention"
+                )
+        if positions == "centroid" and self.positional:
+            raise ValueError(f"{name}: {CENTROID_REFUSAL}")
+
+    def unmerged_overrides(self, block):
+        attn = block.attn  # F.linear on attn.qkv.weight would bypass the bank's Linear: qkv(x) + bias instead
+        if getattr(attn, "q_bias", None) is not None and not attn.qkv_bias_separate:
+            return [(attn, "qkv_bias_separate", True)]
+        return []
+
+    def qv(self, block):
+        attn = block.attn
+        qkv, d = attn.qkv, attn.qkv.out_features // 3
+        return {"q": (qkv, 0, d), "k": (qkv, d, 2 * d), "v": (qkv, 2 * d, 3 * d), "proj": (attn.proj, 0, None)}
