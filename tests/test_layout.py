@@ -41,7 +41,7 @@ def test_patch_has_one_meaning():
 def test_dir_lists_the_public_api_only():
     names = dir(tocom_hub)
     assert set(tocom_hub.__all__) <= set(names)
-    sub_packages = {"core", "hub", "tools", "demo", "cli", "training"}
+    sub_packages = {"core", "hub", "tools", "demo", "serving", "cli", "training"}
     extra = set(names) - set(tocom_hub.__all__) - sub_packages
     assert not extra, f"dir(tocom_hub) lists non-API names: {sorted(extra)}"
     for private in ("sys", "types", "Any", "importlib", "Optional"):
