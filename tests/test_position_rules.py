@@ -20,14 +20,16 @@ def _script():
     return mod
 
 
-@pytest.mark.slow
 def test_minimal_run_writes_consistent_results(tmp_path):
     mod = _script()
     argv = ["--steps", "2", "--seeds", "0,1", "--depth", "1", "--dim", "16", "--heads", "2", "--train-images", "64",
             "--test-images", "40", "--rs", "0,8,15", "--boot", "200", "--threads", "1"]  # fmt: skip
-    argv += ["--results-dir", str(tmp_path)]
+    argv += ["--results-dir", str(tmp_path), "--workdir", str(tmp_path / "work")]
     out = mod.main(argv)
-    assert json.loads((tmp_path / "position_rules.json").read_text()) == out
+    again = mod.main(argv)  # resumed from --workdir: the same numbers without training
+    assert {k: v for k, v in again.items() if k != "runtime_s"} == {k: v for k, v in out.items() if k != "runtime_s"}
+    assert len(list((tmp_path / "work").glob("*.json"))) == 4  # 2 models x 2 seeds
+    assert json.loads((tmp_path / "position_rules.json").read_text()) == again
     assert (tmp_path / "position_rules.png").stat().st_size > 1000
     md = (tmp_path / "position_rules.md").read_text()
     assert "tome-centroid" in md and out["better_rule"] in md

@@ -51,20 +51,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     a = p.add_argument
     a("--data", default="photo-regions", help="embedded dataset (default: %(default)s)")
     a("--results-dir", default=str(ROOT / "benchmarks" / "results"), help="default: %(default)s")
+    a("--workdir", default=None, help="keep each (model, seed)'s per-image hits here and reuse them (resume)")
     a("--seeds", default="0,1", help="model seeds, comma-separated (default: %(default)s)")
     a("--depth", type=int, default=4, help="blocks (default: %(default)s)")
     a("--dim", type=int, default=64, help="embedding width (default: %(default)s)")
     a("--heads", type=int, default=2, help="attention heads (default: %(default)s)")
     a("--img-size", type=int, default=32, help="input side in px (default: %(default)s)")
     a("--patch-size", type=int, default=4, help="patch side in px (default: %(default)s: 64 patches)")
-    a("--steps", type=int, default=600, help="pre-training steps (default: %(default)s)")
+    a("--steps", type=int, default=1000, help="pre-training steps (default: %(default)s)")
     a("--batch-size", type=int, default=64, help="pre-training batch (default: %(default)s)")
     a("--lr", type=float, default=1e-3, help="AdamW peak lr, one-cycle (default: %(default)s)")
     a("--train-images", type=int, default=12800, help="distinct training images (default: %(default)s)")
     a("--test-images", type=int, default=2000, help="test images (default: %(default)s)")
     a("--rs", default="0,4,8,10,12,14,15", help="r per block measured (default: %(default)s)")
     a("--boot", type=int, default=10000, help="bootstrap resamples (default: %(default)s)")
-    a("--threads", type=int, default=2, help="torch CPU threads (default: %(default)s)")
+    a("--threads", type=int, default=1, help="torch CPU threads (default: %(default)s)")
     args = p.parse_args(argv)
     args.seeds = [int(s) for s in str(args.seeds).split(",")]
     args.rs = [int(r) for r in str(args.rs).split(",")]
@@ -136,6 +137,17 @@ def curves(model, arch: str, x, y, rs) -> Dict[str, Dict[int, np.ndarray]]:
     return res
 
 
+def cache(a: argparse.Namespace, arch: str, seed: int):
+    """Where ``--workdir`` keeps one (model, seed)'s hits; its name holds every setting that changes them."""
+    if a.workdir is None:
+        return None
+    keys = ("data", "depth", "dim", "heads", "img_size", "patch_size", "steps", "batch_size", "lr", "train_images",
+            "test_images", "rs")  # fmt: skip
+    tag = "-".join(str(getattr(a, k)).replace(" ", "") for k in keys)
+    Path(a.workdir).mkdir(parents=True, exist_ok=True)
+    return Path(a.workdir) / f"{arch}-seed{seed}-{tag}.json"
+
+
 def averaged_difference(base: Dict[int, np.ndarray], other: Dict[int, np.ndarray], rs, n_boot: int) -> dict:
     """``other − base`` (points) averaged over ``rs``, with a bootstrap over the images (one draw for every r
     and seed: the comparison stays paired) and the seeds. ``base[r]``: ``(seeds, images)`` hits."""
@@ -174,9 +186,23 @@ def main(argv: Sequence[str] | None = None) -> Dict[str, Any]:
         for arch in ARCHS:
             model = make(arch, a, num_classes, seed)
             params[arch] = sum(p.numel() for p in model.parameters())
-            log(f"{arch} seed {seed}: pre-train {a.steps} steps × {a.batch_size} ({params[arch]} parameters)")
-            train_s[arch].append(round(pretrain(model, xtr, ytr, a, seed, log), 1))
-            for name, by_r in curves(model, arch, xte, yte, a.rs).items():
+            cached = cache(a, arch, seed)
+            if cached is not None and cached.is_file():
+                saved = json.loads(cached.read_text())
+                train_s[arch].append(saved["pretrain_s"])
+                got = {
+                    n: {int(r): np.array(h, dtype=np.int8) for r, h in by_r.items()}
+                    for n, by_r in saved["hits"].items()
+                }
+                log(f"{arch} seed {seed}: reused {cached}")
+            else:
+                log(f"{arch} seed {seed}: pre-train {a.steps} steps × {a.batch_size} ({params[arch]} parameters)")
+                train_s[arch].append(round(pretrain(model, xtr, ytr, a, seed, log), 1))
+                got = curves(model, arch, xte, yte, a.rs)
+                if cached is not None:
+                    hits_json = {n: {str(r): h.tolist() for r, h in by_r.items()} for n, by_r in got.items()}
+                    cached.write_text(json.dumps({"pretrain_s": train_s[arch][-1], "hits": hits_json}))
+            for name, by_r in got.items():
                 for r, h in by_r.items():
                     per[arch].setdefault(name, {}).setdefault(r, []).append(h)
                 log(f"  {name}: " + " ".join(f"r{r}={100 * h.mean():.2f}" for r, h in by_r.items()))
@@ -185,7 +211,7 @@ def main(argv: Sequence[str] | None = None) -> Dict[str, Any]:
     out: Dict[str, Any] = {
         "what": f"top-1 (%) on {a.data} test vs r (tokens merged / pruned per block); ToMe position rules on a "
         "RoPE ViT, and a classic ViT of the same size",
-        "config": {k: v for k, v in vars(a).items() if k not in ("results_dir",)},
+        "config": {k: v for k, v in vars(a).items() if k not in ("results_dir", "workdir")},
         "tokens": (a.img_size // a.patch_size) ** 2,
         "parameters": params,
         "pretrain_s": train_s,
