@@ -117,5 +117,17 @@ def build_backbone(
         else (f"file:{os.path.basename(checkpoint)}" if checkpoint else "random-init"),
         "checkpoint_sha256": sha256_file(checkpoint) if checkpoint else None,
         "num_classes": int(model.num_classes),
+        "family": _family_name(model),
     }
     return model.train(), info
+
+
+def _family_name(model: torch.nn.Module) -> Optional[str]:
+    """The tocom_hub family adapter of ``model`` (``"vit"``, ``"eva"``, ...), or ``None`` if none covers it
+    (``patch`` then says why)."""
+    from tocom_hub.core.families import find_family
+
+    try:
+        return find_family(model).name
+    except TypeError:
+        return None

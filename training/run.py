@@ -147,7 +147,7 @@ def recipe(
     return {
         "script": script,
         "tocom_hub_version": tocom_hub.__version__,
-        **{k: model_info[k] for k in ("model", "model_kwargs", "weights", "checkpoint_sha256")},
+        **{k: model_info[k] for k in ("model", "model_kwargs", "weights", "checkpoint_sha256", "family")},
         "data": data_info["data"],
         "train_split": args.train_split,
         "img_size": img_size,
