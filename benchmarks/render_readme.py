@@ -20,6 +20,8 @@ marker                              source                                      
                                      ``tests/test_supported_models.py``)
 ``<!-- dense-flops-table -->``       ``benchmarks/results/dense_flops.json``        :func:`dense_flops_table`
 ``<!-- segmentation-table -->``      ``benchmarks/results/segmentation.json``       ``benchmarks/study/segmentation.py``
+``<!-- positions-table -->``         ``benchmarks/results/position_rules.json``     ``study/position_rules.py``
+``<!-- positions-full-table -->``    ``benchmarks/results/position_rules.json``     ``study/position_rules.py``
 =================================== ============================================== ==========================
 """
 
@@ -150,6 +152,15 @@ def segmentation_table() -> str:
     return segmentation.table(_load("benchmarks/results/segmentation.json")).rstrip("\n")
 
 
+def positions_table(full: bool) -> str:
+    """The position-rule study's tables (``benchmarks/study/position_rules.py`` renders them; imported only when
+    asked for, since that script imports torch)."""
+    import position_rules
+
+    out = _load("benchmarks/results/position_rules.json")
+    return position_rules.table(out) if full else position_rules.summary_table(out)
+
+
 def _with_intervals(rel: str) -> Dict[str, Any]:
     """The study results ``rel`` with the 95 % intervals of ``study_intervals.json`` when they were measured
     for exactly these results (``benchmarks/study/intervals.py`` records which)."""
@@ -166,6 +177,8 @@ TABLES: Dict[str, Callable[[], str]] = {
     ),
     "dense-flops-table": lambda: dense_flops_table(_load("benchmarks/results/dense_flops.json")),
     "segmentation-table": segmentation_table,
+    "positions-table": lambda: positions_table(full=False),
+    "positions-full-table": lambda: positions_table(full=True),
     "supported-models-table": lambda: supported_models_table((ROOT / "docs" / "supported-models.md").read_text()),
     "throughput-table": lambda: throughput_table(_load("benchmarks/results/throughput.json")),
     "throughput-compiled-table": lambda: throughput_table(_load("benchmarks/results/throughput_compiled.json")),
@@ -194,9 +207,16 @@ def render(text: str, names=None) -> str:
 
 # every file with tables, and the markers it must hold
 HOMES: Dict[Path, List[str]] = {
-    ROOT / "README.md": ["quickstart-table", "supported-models-table", "speed-table", "study-rerun-table"],
+    ROOT / "README.md": [
+        "quickstart-table",
+        "supported-models-table",
+        "speed-table",
+        "study-rerun-table",
+        "positions-table",
+    ],
     ROOT / "docs" / "performance.md": ["throughput-table", "throughput-compiled-table"],
     ROOT / "docs" / "dense.md": ["dense-flops-table", "segmentation-table"],
+    ROOT / "docs" / "positions.md": ["positions-full-table", "positions-table"],
     ROOT / "benchmarks" / "study" / "README.md": ["study-table", "study-rerun-table"],
 }
 FILES = list(HOMES)

@@ -68,3 +68,18 @@ def test_bad_r_list_is_refused(capsys):
     with pytest.raises(SystemExit):
         _script().parse_args(["--rs", "4,8"])
     assert "--rs must hold 0" in capsys.readouterr().err
+
+
+def test_the_library_default_is_the_committed_verdict():
+    """``patch``'s default rule is the measured better one; "undecided" keeps the cheaper, exact-for-pruning
+    ``keep`` (docs/positions.md says so)."""
+    import inspect
+
+    import tocom_hub
+
+    out = json.loads((ROOT / "benchmarks" / "results" / "position_rules.json").read_text())
+    assert out["better_rule"] == _script().verdict(out["centroid_minus_keep_averaged"])
+    expected = "keep" if out["better_rule"] == "undecided" else out["better_rule"]
+    for fn in (tocom_hub.patch, tocom_hub.check_supported):
+        assert inspect.signature(fn).parameters["positions"].default == expected
+    assert out["config"]["seeds"] and len(out["config"]["seeds"]) >= 2

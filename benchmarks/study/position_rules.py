@@ -246,18 +246,46 @@ def main(argv: Sequence[str] | None = None) -> Dict[str, Any]:
     return out
 
 
-def markdown(out: Dict[str, Any]) -> str:
-    cfg, rs = out["config"], out["config"]["rs"]
-    lines = [f"# Position rule of a merged RoPE token ({cfg['data']}, {out['tokens']} patches, depth {cfg['depth']},"
-             f" dim {cfg['dim']}, seeds {cfg['seeds']})", "",  # fmt: skip
-             "Top-1 (%) on the test split, mean over seeds, 95 % bootstrap interval (images and seeds).", "",
-             "| model | curve | " + " | ".join(f"r={r}" for r in rs) + " |",
-             "|---|---|" + "---|" * len(rs)]  # fmt: skip
+def table(out: Dict[str, Any]) -> str:
+    """Every curve at every r measured: top-1 (%) with its 95 % interval (docs/positions.md, the .md file)."""
+    rs = out["config"]["rs"]
+    lines = ["| model | curve | " + " | ".join(f"r={r}" for r in rs) + " |", "|---|---|" + "---|" * len(rs)]
     for arch, names in out["curves"].items():
         for name, rows in names.items():
             cells = [f"{rows[str(r)]['top1']:.2f} [{rows[str(r)]['ci95'][0]:.1f}, {rows[str(r)]['ci95'][1]:.1f}]"
                      for r in rs]  # fmt: skip
             lines.append(f"| {ARCHS[arch]} | {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _pm(x: float) -> str:
+    return f"{x:+.2f}".replace("-", "−")
+
+
+def summary_table(out: Dict[str, Any]) -> str:
+    """The RoPE ViT's ToMe under both rules and their paired difference, at each r > 0 measured and averaged
+    over them (the README's table)."""
+    rs = [r for r in out["config"]["rs"] if r > 0]
+    rope, diff, avg = out["curves"]["rope"], out["centroid_minus_keep"], out["centroid_minus_keep_averaged"]
+    lines = ["| RoPE ViT, ToMe | r=0 | " + " | ".join(f"r={r}" for r in rs) + " | mean over r > 0 |",
+             "|---|---:|" + "---:|" * len(rs) + "---:|"]  # fmt: skip
+    for rule in ("keep", "centroid"):
+        rows = rope[f"tome-{rule}"]
+        top1 = [rows[str(r)]["top1"] for r in rs]
+        lines.append(f"| `{rule}` | {rows['0']['top1']:.2f} | " + " | ".join(f"{t:.2f}" for t in top1)
+                     + f" | {np.mean(top1):.2f} |")  # fmt: skip
+    cells = [f"{_pm(d['delta'])} [{_pm(d['ci95'][0])}, {_pm(d['ci95'][1])}]" for d in (diff[str(r)] for r in rs)]
+    lines.append("| centroid − keep [95 % CI] | — | " + " | ".join(cells)
+                 + f" | {_pm(avg['delta'])} [{_pm(avg['low'])}, {_pm(avg['high'])}] |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def markdown(out: Dict[str, Any]) -> str:
+    cfg, rs = out["config"], out["config"]["rs"]
+    lines = [f"# Position rule of a merged RoPE token ({cfg['data']}, {out['tokens']} patches, depth {cfg['depth']},"
+             f" dim {cfg['dim']}, seeds {cfg['seeds']})", "",  # fmt: skip
+             "Top-1 (%) on the test split, mean over seeds, 95 % bootstrap interval (images and seeds).", "",
+             table(out)]  # fmt: skip
     d = out["centroid_minus_keep"]
     lines += ["", "centroid − keep (points, paired, 95 % interval): "
               + ", ".join(f"r={r}: {d[str(r)]['delta']:+.2f} [{d[str(r)]['ci95'][0]:+.2f}, {d[str(r)]['ci95'][1]:+.2f}]"
