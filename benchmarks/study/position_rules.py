@@ -14,7 +14,7 @@ photograph and which cell of its 3 × 3 grid a crop comes from):
 Intervals (95 %): percentile bootstrap over the test images (one draw shared by the seeds) and over the
 seeds (:func:`tocom_hub.tools.intervals.paired_bootstrap`): of each accuracy, of ``centroid − keep`` at each
 r (paired: the same images and models), and of ``centroid − keep`` averaged over the r > 0 measured (the
-summary that decides the default). With 2 seeds the seed part of an interval is crude.
+summary that decides the default). With few seeds the seed part of an interval is coarse.
 
 Writes ``position_rules.{json,md,png}`` in ``--results-dir``. ::
 
@@ -52,7 +52,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     a("--data", default="photo-regions", help="embedded dataset (default: %(default)s)")
     a("--results-dir", default=str(ROOT / "benchmarks" / "results"), help="default: %(default)s")
     a("--workdir", default=None, help="keep each (model, seed)'s per-image hits here and reuse them (resume)")
-    a("--seeds", default="0,1", help="model seeds, comma-separated (default: %(default)s)")
+    a("--seeds", default="0,1,2,3", help="model seeds, comma-separated (default: %(default)s)")
     a("--depth", type=int, default=4, help="blocks (default: %(default)s)")
     a("--dim", type=int, default=64, help="embedding width (default: %(default)s)")
     a("--heads", type=int, default=2, help="attention heads (default: %(default)s)")
