@@ -26,6 +26,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import tocom_hub
+from tocom_hub.core.jsonio import write_json
 from tocom_hub.core.merge import max_merge
 from tocom_hub.core.patch import set_r
 
@@ -157,8 +158,7 @@ def main(argv=None) -> Dict[str, Any]:
     model = timm.create_model(args.model, pretrained=False, img_size=args.img_size)
     result = {"model": args.model, "img_size": args.img_size, "torch": torch.__version__, "device": "cpu"}
     result.update(run(model, args.img_size, args.r, args.dense_ratio, args.rounds, args.threads, args.method))
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.output, result)
     print(json.dumps(result, indent=2))
     return result
 

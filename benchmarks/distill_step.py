@@ -59,6 +59,7 @@ sys.path.insert(0, ROOT)
 
 import tocom_hub  # noqa: E402
 from tocom_hub.core.bank import ToComBank  # noqa: E402
+from tocom_hub.core.jsonio import write_json  # noqa: E402
 from tocom_hub.training.distiller import Distiller, kd_loss  # noqa: E402
 from tocom_hub.training.metrics import synchronize  # noqa: E402
 from tocom_hub.training.seeds import sample_pair  # noqa: E402
@@ -507,9 +508,7 @@ def main(argv=None) -> dict:
             f"{e2e['ratio_to_step_rate']:.2f} of the raw step rate (target >= {TARGET_END_TO_END})"
         )
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+        write_json(args.json, result)
         print(f"wrote {args.json}")
     return result
 

@@ -62,6 +62,7 @@ import torch
 
 import tocom_hub
 from tocom_hub.core.attention import FOLD_BIAS_DEVICES
+from tocom_hub.core.jsonio import write_json
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/distill_step.py (training rows)
 
@@ -220,10 +221,7 @@ class Run:
     def save(self) -> None:
         self.result["elapsed_s"] = round(time.perf_counter() - self.start, 1)
         if self.args.json:
-            Path(self.args.json).parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(str(self.args.json) + ".tmp")
-            tmp.write_text(json.dumps(self.result, indent=1))
-            tmp.replace(self.args.json)
+            write_json(self.args.json, self.result, indent=1)
 
     def add(self, section: str, rows: list[dict], **common: Any) -> None:
         out = self.result["sections"].setdefault(section, [])

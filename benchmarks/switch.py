@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import platform
 import statistics
@@ -28,6 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import tocom_hub  # noqa: E402
 from tocom_hub.core.bank import CONFIG_NAME, WEIGHTS_NAME, ToComBank  # noqa: E402
+from tocom_hub.core.jsonio import write_json  # noqa: E402
 
 SWITCH_LIMIT_MS = 10.0
 SIZE_LIMIT_MB = 2.4
@@ -177,9 +177,7 @@ def main(argv=None) -> dict:
         f"fp16 size {size16 / 1e6:.3f} MB <= {SIZE_LIMIT_MB} MB: {'PASS' if result['pass_size'] else 'FAIL'}"
     )
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+        write_json(args.json, result)
         print(f"wrote {args.json}")
     return result
 

@@ -28,19 +28,18 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import platform
 import random
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import timm
 import torch
 
 import tocom_hub
+from tocom_hub.core.jsonio import write_json
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import ceiling as _ceiling  # noqa: E402 -- benchmarks/ceiling.py (the merge-free ceiling rows)
@@ -219,8 +218,7 @@ def main(argv=None):
         "rows": rows,
     }
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2))
+        write_json(args.json, result)
         print(f"\nwrote {args.json}")
 
     if args.check:

@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader
 import tocom_hub
 import tocom_hub.demo  # noqa: F401 -- registers the "demo" model alias
 from tocom_hub.cli.types import r_list
+from tocom_hub.core.jsonio import write_json
 from tocom_hub.demo.models import DEMO_WEIGHTS
 from tocom_hub.tools.bank_fit import model_lineage
 from tocom_hub.tools.evaluation import evaluate
@@ -43,7 +44,6 @@ from tocom_hub.tools.models import load_model
 from tocom_hub.tools.plots import plot_accuracy
 from tocom_hub.training.args import HelpFormatter
 from tocom_hub.training.backbone import EMBEDDED_DATA, EMBEDDED_MODEL
-from tocom_hub.training.checkpoints import write_json
 from tocom_hub.training.data import InMemory, SeededTransform, build_datasets, build_transforms, fits_in_memory
 from tocom_hub.training.threads import setup_cpu_threads
 
@@ -272,7 +272,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
-        write_json(os.path.join(args.output_dir, "eval.json"), result)
+        write_json(os.path.join(args.output_dir, "eval.json"), result, sort_keys=True)
         if args.save_correct:
             from safetensors.torch import save_file
 

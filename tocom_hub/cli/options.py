@@ -4,7 +4,6 @@ model options and the bank options, and the help formatter that keeps the ``exam
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from typing import Any, Dict
 
@@ -187,7 +186,6 @@ def _load_bank(args: argparse.Namespace):
 
 
 def _write_json(path: str, obj: Any) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, default=str)
-        f.write("\n")
+    from ..core.jsonio import write_json
+
+    write_json(path, obj)
