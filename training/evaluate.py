@@ -36,6 +36,7 @@ import tocom_hub
 import tocom_hub.demo  # noqa: F401 -- registers the "demo" model alias
 from tocom_hub.cli.types import r_list
 from tocom_hub.core.jsonio import write_json
+from tocom_hub.core.rspec import BANK_RANGE, check_r, check_r_values
 from tocom_hub.demo.models import DEMO_WEIGHTS
 from tocom_hub.tools.bank_fit import model_lineage
 from tocom_hub.tools.evaluation import evaluate
@@ -205,11 +206,13 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
             raise SystemExit(
                 f"error: the bank was trained for {bank.method!r} but the model uses {recipe.get('method')!r}"
             )
-        if source_r > bank.r_max:
-            raise SystemExit(f"error: source r={source_r} is outside the bank's range 0…{bank.r_max}")
     targets = args.targets or list(range(0, (bank.r_max if bank else source_r) + 1))
-    if bank is not None and max(targets) > bank.r_max:
-        raise SystemExit(f"error: target r up to {max(targets)} requested; the bank covers 0…{bank.r_max}")
+    if bank is not None:
+        try:
+            check_r(source_r, "source r", r_max=bank.r_max, why=BANK_RANGE)
+            check_r_values(targets, "--targets", r_max=bank.r_max, why=BANK_RANGE)
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
     try:
         tocom_hub.set_r(model, max(targets))
     except ValueError as e:
