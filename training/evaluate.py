@@ -51,7 +51,8 @@ from tocom_hub.training.threads import setup_cpu_threads
 logger = logging.getLogger("tocom_hub.training.evaluate")
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (every flag with its default in ``--help``)."""
     p = argparse.ArgumentParser(prog="evaluate.py", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument(
         "--finetuned",
@@ -100,6 +101,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         help="also write correct.safetensors: per image and configuration, was the top-1 prediction right",
     )
     p.add_argument("--cpu", action="store_true", help="run on CPU even if a GPU is present")
+    return p
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = build_parser()
     args = p.parse_args(argv)
 
     for d in [args.finetuned, *args.matched]:

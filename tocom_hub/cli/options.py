@@ -38,7 +38,24 @@ def _add_trust_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
-class _ExamplesFormatter(argparse.HelpFormatter):
+class DefaultsFormatter(argparse.HelpFormatter):
+    """Every flag's default at the end of its help line (like ``argparse.ArgumentDefaultsHelpFormatter``,
+    except where the help already states it, e.g. "default: the model's", and with "off" / "none" for
+    switches and unset values instead of ``False`` / ``None``). The formatter of every ``tocom-hub``
+    command and training script."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text.lower() or action.default is argparse.SUPPRESS or not action.option_strings:
+            return text
+        if action.nargs == 0:  # store_true / store_false switches
+            return f"{text} (default: {'on' if action.default else 'off'})"
+        if action.default is None or action.default == []:
+            return f"{text} (default: none)"
+        return f"{text} (default: %(default)s)"
+
+
+class _ExamplesFormatter(DefaultsFormatter):
     """Wraps the description like argparse does, keeps the ``examples:`` epilog as written."""
 
     def _fill_text(self, text: str, width: int, indent: str) -> str:
