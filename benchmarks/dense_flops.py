@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import statistics
-import time
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -29,6 +27,7 @@ import tocom_hub
 from tocom_hub.core.jsonio import write_json
 from tocom_hub.core.merge import max_merge
 from tocom_hub.core.patch import set_r
+from tocom_hub.tools.timing import interleaved, paired_ratios
 
 RESULTS = Path(__file__).resolve().parent / "results" / "dense_flops.json"
 
@@ -74,21 +73,14 @@ def counted(model: torch.nn.Module, x: torch.Tensor) -> int:
 
 def paired_times(model: torch.nn.Module, x: torch.Tensor, r: int, rounds: int, seed: int = 0) -> Dict[str, Any]:
     """Interleaved forwards at ``r = 0`` (plain) and ``r``; medians and the median paired speed-up."""
-    rng = random.Random(seed)
-    times: Dict[int, list] = {0: [], r: []}
+    runners = {value: (lambda: model.forward_features(x)) for value in (0, r)}  # one model, set_r switches
     with torch.no_grad():
         for value in (0, r):  # warm-up
             set_r(model, value)
             model.forward_features(x)
-        for _ in range(rounds):
-            order = [0, r]
-            rng.shuffle(order)
-            for value in order:
-                set_r(model, value)
-                t0 = time.perf_counter()
-                model.forward_features(x)
-                times[value].append(time.perf_counter() - t0)
-    ratios = [a / b for a, b in zip(times[0], times[r])]
+        ms = interleaved(runners, rounds, seed=seed, before=lambda value: set_r(model, value))
+    times = {value: [t / 1e3 for t in v] for value, v in ms.items()}
+    ratios = paired_ratios(times[0], times[r])
     return {
         "plain_s_median": statistics.median(times[0]),
         "dense_s_median": statistics.median(times[r]),

@@ -34,7 +34,7 @@ from typing import Any, Dict, List, Sequence
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tocom_hub.core.jsonio import write_json  # noqa: E402
-from tocom_hub.tools.benchmark import percentile  # noqa: E402
+from tocom_hub.tools.timing import percentile  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 STUDY = os.path.join(HERE, "results", "study.json")

@@ -30,9 +30,9 @@ from ..core.patch import METHODS, get_method, get_settings, patch, set_r
 from ..core.rspec import BANK_RANGE, check_r, check_r_values
 from ..core.state import preserved
 from .bank_fit import backbone_mismatch
-from .benchmark import percentile
 from .intervals import add_intervals, paired_bootstrap
 from .plots import plot_accuracy
+from .timing import percentile
 
 __all__ = [
     "evaluate",

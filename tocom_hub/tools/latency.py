@@ -36,8 +36,7 @@ from ..core.compensate import apply, get_state, set_target_r
 from ..core.patch import METHODS, get_method, patch, set_r
 from ..core.rspec import BANK_RANGE, check_r, check_r_values, model_r_limit
 from ..core.state import preserved
-from .benchmark import NOISY_SPREAD
-from .benchmark import percentile as _percentile
+from .timing import NOISY_SPREAD, WallTimer, interleaved, is_noisy, percentile, synchronize
 
 __all__ = ["LatencyController"]
 
@@ -186,20 +185,13 @@ class LatencyController:
             raise ValueError(f"r must be one of the controller's r values {self.r_values}; got {r!r}")
         self._switch(r)
 
-    def _sync(self) -> None:
-        param = next(self.model.parameters())
-        if param.device.type == "cuda":
-            torch.cuda.synchronize(param.device)
+    def _timer(self) -> WallTimer:
+        """Wall-clock timer on ``clock``, the model's device synchronised at both ends."""
+        device = next(self.model.parameters()).device
+        return WallTimer(self.clock, sync=lambda: synchronize(device))
 
     # -- calibration -------------------------------------------------------------------------------
     @torch.inference_mode()
-    def _measure(self, x: torch.Tensor) -> float:
-        self._sync()
-        start = self.clock()
-        self.model(x)
-        self._sync()
-        return (self.clock() - start) * 1000.0
-
     def calibrate(
         self, x: Optional[torch.Tensor] = None, latencies: Optional[Mapping[int, float]] = None
     ) -> Dict[int, float]:
@@ -232,25 +224,26 @@ class LatencyController:
                 x = x.to(param.device, param.dtype)
             was_training = self.model.training
             self.model.eval()
-            samples: Dict[int, List[float]] = {r: [] for r in self.r_values}
-            rounds = self.warmup + self.iters
+            rounds = self.warmup + self.iters  # forwards, backwards, forwards … over r; warm-up rounds dropped
             off = {} if self.progress else {"disable": True}  # disable=False would override TQDM_DISABLE=1
             bar = tqdm(total=rounds * len(self.r_values), desc="calibrate", unit="fwd", **off)
             try:
-                for k in range(rounds):
-                    order = self.r_values if k % 2 == 0 else self.r_values[::-1]
-                    for r in order:
-                        self._switch(r)
-                        ms = self._measure(x)
-                        if k >= self.warmup:
-                            samples[r].append(ms)
-                        bar.update(1)
+                runs = {r: (lambda: self.model(x)) for r in self.r_values}  # one model, switched by _switch
+                timed = interleaved(
+                    runs,
+                    rounds,
+                    timer=self._timer(),
+                    order="alternate",
+                    before=self._switch,
+                    on_sample=lambda r, ms: bar.update(1),
+                )
+                samples = {r: v[self.warmup :] for r, v in timed.items()}
             finally:
                 bar.close()
                 self.model.train(was_training)
             curve = {r: statistics.median(v) for r, v in samples.items()}
-            self.spread = {r: (_percentile(v, 10), _percentile(v, 90)) for r, v in samples.items()}
-            self.noisy = any((hi - lo) > NOISY_SPREAD * curve[r] for r, (lo, hi) in self.spread.items())
+            self.spread = {r: (percentile(v, 10), percentile(v, 90)) for r, v in samples.items()}
+            self.noisy = any(is_noisy(v) for v in samples.values())
             if self.noisy:
                 warnings.warn(
                     f"LatencyController.calibrate: noisy — rerun: the {self.iters} rounds of some r differ "
@@ -352,11 +345,7 @@ class LatencyController:
             self.calibrate()
         ran_at = self.r
         with torch.inference_mode():
-            self._sync()
-            start = self.clock()
-            out = self.model(x)
-            self._sync()
-            ms = (self.clock() - start) * 1000.0
+            out, ms = self._timer().timed(lambda: self.model(x))
         self.step(ms, r=ran_at)
         return out
 
