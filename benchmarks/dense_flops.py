@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import statistics
-import time
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -26,8 +24,10 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import tocom_hub
+from tocom_hub.core.jsonio import write_json
 from tocom_hub.core.merge import max_merge
 from tocom_hub.core.patch import set_r
+from tocom_hub.tools.timing import interleaved, paired_ratios
 
 RESULTS = Path(__file__).resolve().parent / "results" / "dense_flops.json"
 
@@ -73,21 +73,14 @@ def counted(model: torch.nn.Module, x: torch.Tensor) -> int:
 
 def paired_times(model: torch.nn.Module, x: torch.Tensor, r: int, rounds: int, seed: int = 0) -> Dict[str, Any]:
     """Interleaved forwards at ``r = 0`` (plain) and ``r``; medians and the median paired speed-up."""
-    rng = random.Random(seed)
-    times: Dict[int, list] = {0: [], r: []}
+    runners = {value: (lambda: model.forward_features(x)) for value in (0, r)}  # one model, set_r switches
     with torch.no_grad():
         for value in (0, r):  # warm-up
             set_r(model, value)
             model.forward_features(x)
-        for _ in range(rounds):
-            order = [0, r]
-            rng.shuffle(order)
-            for value in order:
-                set_r(model, value)
-                t0 = time.perf_counter()
-                model.forward_features(x)
-                times[value].append(time.perf_counter() - t0)
-    ratios = [a / b for a, b in zip(times[0], times[r])]
+        ms = interleaved(runners, rounds, seed=seed, before=lambda value: set_r(model, value))
+    times = {value: [t / 1e3 for t in v] for value, v in ms.items()}
+    ratios = paired_ratios(times[0], times[r])
     return {
         "plain_s_median": statistics.median(times[0]),
         "dense_s_median": statistics.median(times[r]),
@@ -157,8 +150,7 @@ def main(argv=None) -> Dict[str, Any]:
     model = timm.create_model(args.model, pretrained=False, img_size=args.img_size)
     result = {"model": args.model, "img_size": args.img_size, "torch": torch.__version__, "device": "cpu"}
     result.update(run(model, args.img_size, args.r, args.dense_ratio, args.rounds, args.threads, args.method))
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.output, result)
     print(json.dumps(result, indent=2))
     return result
 

@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import itertools
 import json
 import os
 import platform
@@ -59,8 +60,9 @@ sys.path.insert(0, ROOT)
 
 import tocom_hub  # noqa: E402
 from tocom_hub.core.bank import ToComBank  # noqa: E402
+from tocom_hub.core.jsonio import write_json  # noqa: E402
+from tocom_hub.tools.timing import Stopwatch, WallTimer, interleaved, paired_ratios, synchronize  # noqa: E402
 from tocom_hub.training.distiller import Distiller, kd_loss  # noqa: E402
-from tocom_hub.training.metrics import synchronize  # noqa: E402
 from tocom_hub.training.seeds import sample_pair  # noqa: E402
 
 TARGET_RATIO = 1.1  # distill step ÷ full fine-tuning step
@@ -147,33 +149,24 @@ def step_rates(
         bank_opt.step()
         bank_opt.zero_grad(set_to_none=True)
 
-    def timed(fn, i: int) -> float:
-        synchronize(dev)
-        t0 = time.perf_counter()
-        for k in range(steps_per_round):
-            fn(i * steps_per_round + k)
-        synchronize(dev)
-        return (time.perf_counter() - t0) / steps_per_round
-
     for i in range(warmup):
         distill_step(i)
         plain_step(i)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-    d_times, p_times, ratios = [], [], []
-    for i in range(rounds):
-        if i % 2 == 0:
-            td, tp = timed(distill_step, i), timed(plain_step, i)
-        else:
-            tp, td = timed(plain_step, i), timed(distill_step, i)
-        d_times.append(td)
-        p_times.append(tp)
-        ratios.append(td / tp)
-        if verbose:
-            print(
-                f"round {i:3d}  distill {td * 1e3:8.2f} ms  full_ft {tp * 1e3:8.2f} ms  ratio {td / tp:5.3f}",
-                flush=True,
-            )
+    # rounds alternate distill, full_ft / full_ft, distill; the c-th call of a step gets step index c
+    calls = {"distill": itertools.count(), "full_ft": itertools.count()}
+    runners = {
+        "distill": lambda: distill_step(next(calls["distill"])),
+        "full_ft": lambda: plain_step(next(calls["full_ft"])),
+    }
+    timer = WallTimer(sync=lambda: synchronize(dev))
+    ms = interleaved(runners, rounds, timer=timer, iters=steps_per_round, order="alternate")
+    d_times, p_times = [t / 1e3 for t in ms["distill"]], [t / 1e3 for t in ms["full_ft"]]
+    ratios = paired_ratios(d_times, p_times)
+    if verbose:
+        for i, (td, tp) in enumerate(zip(d_times, p_times)):
+            print(f"round {i:3d}  distill {td * 1e3:8.2f} ms  full_ft {tp * 1e3:8.2f} ms  ratio {td / tp:5.3f}")
     med_d, med_p = statistics.median(d_times), statistics.median(p_times)
     result: Dict[str, Any] = {
         "model": model,
@@ -221,28 +214,22 @@ def step_rates(
 def _distill_parts(distiller, opt, x, seed, r_max, rounds, autocast, dev) -> Dict[str, float]:
     """Median ms of the distillation step's parts, each between two synchronisations."""
     parts: Dict[str, list] = {"teacher_forward": [], "student_forward": [], "backward": [], "optimizer": []}
+    watch = Stopwatch(sync=lambda: synchronize(dev))
     for i in range(rounds):
         m, n = sample_pair(seed, i, r_max)
-        synchronize(dev)
-        t0 = time.perf_counter()
+        watch.restart()
         with autocast():
             teacher = distiller.teacher(x, m, n)
-        synchronize(dev)
-        t1 = time.perf_counter()
+        parts["teacher_forward"].append(watch.lap())
         with autocast():
             student = distiller.student(x, m, n)
             loss = kd_loss(student, teacher, "logits")
-        synchronize(dev)
-        t2 = time.perf_counter()
+        parts["student_forward"].append(watch.lap())
         loss.backward()
-        synchronize(dev)
-        t3 = time.perf_counter()
+        parts["backward"].append(watch.lap())
         opt.step()
         opt.zero_grad(set_to_none=True)
-        synchronize(dev)
-        t4 = time.perf_counter()
-        for k, (a, b) in zip(parts, ((t0, t1), (t1, t2), (t2, t3), (t3, t4))):
-            parts[k].append((b - a) * 1e3)
+        parts["optimizer"].append(watch.lap())
     return {k: statistics.median(v) for k, v in parts.items()}
 
 
@@ -289,8 +276,7 @@ def loader_rate(
     )
     it = iter(loader)
     device_batch(next(it), dev, normalize)
-    synchronize(dev)
-    t0 = time.perf_counter()
+    watch = Stopwatch(sync=lambda: synchronize(dev))
     done = 0
     for _ in range(batches):
         try:
@@ -299,8 +285,7 @@ def loader_rate(
             break
         device_batch(batch, dev, normalize)
         done += 1
-    synchronize(dev)
-    dt = time.perf_counter() - t0
+    dt = watch.lap() / 1e3
     del it
     return {
         "data": data,
@@ -507,9 +492,7 @@ def main(argv=None) -> dict:
             f"{e2e['ratio_to_step_rate']:.2f} of the raw step rate (target >= {TARGET_END_TO_END})"
         )
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+        write_json(args.json, result)
         print(f"wrote {args.json}")
     return result
 

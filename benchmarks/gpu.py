@@ -48,7 +48,6 @@ import importlib
 import json
 import os
 import platform
-import random
 import statistics
 import sys
 import time
@@ -62,6 +61,8 @@ import torch
 
 import tocom_hub
 from tocom_hub.core.attention import FOLD_BIAS_DEVICES
+from tocom_hub.core.jsonio import write_json
+from tocom_hub.tools.timing import device_timer, interleaved, paired_ratios, summary
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/distill_step.py (training rows)
 
@@ -120,76 +121,44 @@ def _label(cfg: Config) -> str:
 # timing
 
 
-class Timer:
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-
-    def sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    def ms(self, fn: Callable[[], Any], iters: int) -> float:
-        """Mean ms of one call of ``fn`` over ``iters`` back-to-back calls."""
-        if self.device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(iters):
-                fn()
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end) / iters
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            fn()
-        return 1e3 * (time.perf_counter() - t0) / iters
-
-
-def interleaved(
+def interleaved_rows(
     runners: dict[Config, Callable[[], Any]],
-    timer: Timer,
+    timer: Any,
     rounds: int,
     iters: int,
     batch: int,
     seed: int = 0,
     before: Callable[[Config], None] | None = None,
 ) -> list[dict]:
-    """Time every runner in ``rounds`` rounds of fresh random order; ratios against ``("plain", 0)``."""
-    rng = random.Random(seed)
+    """Rows of :func:`tocom_hub.tools.timing.interleaved` (one untimed call after each switch); ratios
+    against ``("plain", 0)`` per round, and against the ceiling row of the same ``r``."""
     cfgs = list(runners)
-    times: dict[Config, list[float]] = {c: [] for c in cfgs}
     for c in cfgs:  # warm-up (and first-call compilation, if any)
         if before:
             before(c)
         runners[c]()
     timer.sync()
-    for _ in range(rounds):
-        order = list(cfgs)
-        rng.shuffle(order)
-        for c in order:
-            if before:
-                before(c)
-            runners[c]()  # one untimed call after a switch
-            times[c].append(timer.ms(runners[c], iters))
+    times = interleaved(runners, rounds, timer=timer, iters=iters, seed=seed, before=before, settle=1)
     if before:
         before(("plain", 0))
     base = times[("plain", 0)]
     rows = []
     for c in cfgs:
-        ratios = [p / t for p, t in zip(base, times[c])]
+        speed = summary(paired_ratios(base, times[c]))
         row = {
             "method": c[0],
             "r": c[1],
             "batch": batch,
             "ms": round(statistics.median(times[c]), 4),
             "img_per_s": round(1e3 * batch / statistics.median(times[c]), 1),
-            "speedup": round(statistics.median(ratios), 4),
-            "range": [round(min(ratios), 4), round(max(ratios), 4)],
+            "speedup": round(speed["median"], 4),
+            "range": [round(speed["min"], 4), round(speed["max"], 4)],
             "rounds": rounds,
             "iters": iters,
         }
         ceiling = ("tome-ceiling", c[1])
         if c[0] != "tome-ceiling" and ceiling in times:
-            row["vs_ceiling"] = round(statistics.median([tc / t for tc, t in zip(times[ceiling], times[c])]), 4)
+            row["vs_ceiling"] = round(statistics.median(paired_ratios(times[ceiling], times[c])), 4)
         rows.append(row)
     return rows
 
@@ -202,7 +171,7 @@ class Run:
     """Budget, results and the JSON file written after every row."""
 
     def __init__(self, args: argparse.Namespace, device: torch.device) -> None:
-        self.args, self.device, self.timer = args, device, Timer(device)
+        self.args, self.device, self.timer = args, device, device_timer(device)
         self.start = time.perf_counter()
         self.result: dict[str, Any] = {"env": _env(device, args), "sections": {}, "skipped": []}
         self._models: dict[tuple[str, str], torch.nn.Module] = {}
@@ -220,10 +189,7 @@ class Run:
     def save(self) -> None:
         self.result["elapsed_s"] = round(time.perf_counter() - self.start, 1)
         if self.args.json:
-            Path(self.args.json).parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(str(self.args.json) + ".tmp")
-            tmp.write_text(json.dumps(self.result, indent=1))
-            tmp.replace(self.args.json)
+            write_json(self.args.json, self.result, indent=1)
 
     def add(self, section: str, rows: list[dict], **common: Any) -> None:
         out = self.result["sections"].setdefault(section, [])
@@ -288,7 +254,7 @@ def eager_rows(run: Run, section: str, name: str, dtype: str, batch: int, cfgs: 
         model(x)
 
     with torch.inference_mode():
-        rows = interleaved(
+        rows = interleaved_rows(
             {c: forward for c in cfgs}, run.timer, rounds, iters, batch, before=lambda c: configure(model, c)
         )
     run.add(section, rows, model=name, dtype=dtype, mode="eager")
@@ -319,7 +285,7 @@ def compiled_rows(run: Run, name: str, dtype: str, batch: int, cfgs: list[Config
         def forward() -> None:
             compiled(x)
 
-        rows = interleaved(
+        rows = interleaved_rows(
             {c: forward for c in cfgs},
             run.timer,
             run.args.rounds,
@@ -352,7 +318,7 @@ def cuda_graph_rows(run: Run, name: str, dtype: str, cfgs: list[Config]) -> None
                 model(x)
             graphs[c] = graph.replay
         configure(model, ("plain", 0))
-        rows = interleaved(graphs, run.timer, run.args.rounds, run.args.iters_b1, 1)
+        rows = interleaved_rows(graphs, run.timer, run.args.rounds, run.args.iters_b1, 1)
     run.add("cuda_graph", rows, model=name, dtype=dtype, mode="CUDAGraph capture")
 
 
@@ -376,7 +342,7 @@ def reduce_overhead_rows(run: Run, name: str, dtype: str, cfgs: list[Config]) ->
                 forward()
             run.timer.sync()
             compile_s[_label(c)] = round(time.perf_counter() - t0, 1)
-        rows = interleaved(
+        rows = interleaved_rows(
             {c: forward for c in cfgs},
             run.timer,
             run.args.rounds,
@@ -468,7 +434,7 @@ def flex_rows(run: Run, name: str, dtype: str, batch: int, r: int) -> None:
             model(x)
 
         iters = run.args.iters_b1 if batch == 1 else run.args.iters
-        rows = interleaved(
+        rows = interleaved_rows(
             {c: forward for c in cfgs}, run.timer, run.args.rounds, iters, batch, before=lambda c: configure(model, c)
         )
     for row in rows:

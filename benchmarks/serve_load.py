@@ -33,7 +33,8 @@ from typing import Any, Dict, List, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tocom_hub.tools.benchmark import percentile  # noqa: E402
+from tocom_hub.core.jsonio import write_json  # noqa: E402
+from tocom_hub.tools.timing import percentile  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 STUDY = os.path.join(HERE, "results", "study.json")
@@ -319,9 +320,7 @@ def main(argv=None) -> int:
     }
     print(json.dumps(checks, indent=1))
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+        write_json(args.json, result, indent=1)
     if args.plot:
         plot(result, args.plot)
     return 0

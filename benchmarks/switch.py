@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import platform
 import statistics
 import sys
 import tempfile
-import time
 
 import timm
 import torch
@@ -28,15 +26,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import tocom_hub  # noqa: E402
 from tocom_hub.core.bank import CONFIG_NAME, WEIGHTS_NAME, ToComBank  # noqa: E402
+from tocom_hub.core.jsonio import write_json  # noqa: E402
+from tocom_hub.tools.timing import WallTimer, interleaved  # noqa: E402
 
 SWITCH_LIMIT_MS = 10.0
 SIZE_LIMIT_MB = 2.4
-
-
-def _ms(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return (time.perf_counter() - t0) * 1e3
 
 
 def main(argv=None) -> dict:
@@ -68,7 +62,7 @@ def main(argv=None) -> dict:
         size32 = os.path.getsize(os.path.join(tmp, "fp32", WEIGHTS_NAME))
         cfg_size = os.path.getsize(os.path.join(tmp, "fp16", CONFIG_NAME))
 
-        apply_ms = _ms(lambda: tocom_hub.apply(model, 0, 0, bank=bank))
+        apply_ms = WallTimer().ms(lambda: tocom_hub.apply(model, 0, 0, bank=bank))
         # the alternative: one full checkpoint per r, reloaded on a switch
         tocom_hub.set_target_r(model, R)
         sd_hi = {k: v.clone() for k, v in model.state_dict().items()}
@@ -94,13 +88,9 @@ def main(argv=None) -> dict:
             "load_state_dict (in memory)": (lambda: reload_mem(sd_hi, R), lambda: reload_mem(sd_lo, 0)),
             "safetensors file + load_state_dict": (lambda: reload_disk(f_hi, R), lambda: reload_disk(f_lo, 0)),
         }
-        times = {k: ([], []) for k in contenders}
-        for i in range(args.warmup + args.rounds):
-            for name, (up, down) in contenders.items():
-                t_up, t_down = _ms(up), _ms(down)
-                if i >= args.warmup:
-                    times[name][0].append(t_up)
-                    times[name][1].append(t_down)
+        steps = {(name, way): fn for name, pair in contenders.items() for way, fn in zip(("up", "down"), pair)}
+        ms = interleaved(steps, args.warmup + args.rounds, order="fixed")  # each up is followed by its down
+        times = {name: (ms[name, "up"][args.warmup :], ms[name, "down"][args.warmup :]) for name in contenders}
         # forward at r = R with the bank merged vs the same patched model without a bank
         tocom_hub.set_target_r(model, R)
         plain = copy.deepcopy(model)
@@ -108,13 +98,9 @@ def main(argv=None) -> dict:
         tocom_hub.patch(plain, method="tome")
         tocom_hub.set_r(plain, R)
         x = torch.randn(1, 3, 224, 224)
-        fwd = {"merged bank": [], "no bank": []}
         with torch.inference_mode():
-            for i in range(2 + args.forward_rounds):
-                for name, mdl in (("merged bank", model), ("no bank", plain)):
-                    t = _ms(lambda mdl=mdl: mdl(x))
-                    if i >= 2:
-                        fwd[name].append(t)
+            runners = {"merged bank": lambda m=model: m(x), "no bank": lambda m=plain: m(x)}
+            fwd = {k: v[2:] for k, v in interleaved(runners, 2 + args.forward_rounds, order="fixed").items()}
         del plain
         tocom_hub.set_target_r(model, 0)
         tocom_hub.remove(model)
@@ -177,9 +163,7 @@ def main(argv=None) -> dict:
         f"fp16 size {size16 / 1e6:.3f} MB <= {SIZE_LIMIT_MB} MB: {'PASS' if result['pass_size'] else 'FAIL'}"
     )
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+        write_json(args.json, result)
         print(f"wrote {args.json}")
     return result
 

@@ -28,31 +28,21 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import platform
-import random
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import timm
 import torch
 
 import tocom_hub
+from tocom_hub.core.jsonio import write_json
+from tocom_hub.tools.timing import WallTimer, interleaved, round_orders
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import ceiling as _ceiling  # noqa: E402 -- benchmarks/ceiling.py (the merge-free ceiling rows)
-
-
-def _time_forward(model, x, iters):
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        model(x)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def _configure(model, cfg):
@@ -92,7 +82,7 @@ def run(model, batch_size, configs, rounds, iters, img_size, seed=0, compile=Fal
     ``torch.compile`` backend); ``model`` itself is left unpatched.
     """
     x = torch.randn(batch_size, 3, img_size, img_size)
-    rng = random.Random(seed)
+    timer = WallTimer()
     plain_cfg = ("plain", 0)
     others = [cfg for cfg in configs if cfg != plain_cfg]
     times = {cfg: [] for cfg in configs}
@@ -112,15 +102,16 @@ def run(model, batch_size, configs, rounds, iters, img_size, seed=0, compile=Fal
 
             for cfg in configs:  # warm-up
                 use(cfg)(x)
-        for _ in range(rounds):
-            order = list(others)
-            rng.shuffle(order)
-            for cfg in order:
-                t_plain, t_cfg = [], []
-                for i in range(iters):
-                    for which in (plain_cfg, cfg) if i % 2 == 0 else (cfg, plain_cfg):
-                        forward = use(which)
-                        (t_plain if which == plain_cfg else t_cfg).append(_time_forward(forward, x, 1))
+        current = {}  # the forward of the configuration `use` set up last
+
+        def before(cfg):
+            current[0] = use(cfg)
+
+        for order in round_orders(others, rounds, seed=seed):
+            for cfg in order:  # plain, cfg, cfg, plain, plain, cfg, … (iters forwards each), one model
+                pair = {plain_cfg: lambda: current[0](x), cfg: lambda: current[0](x)}
+                ms = interleaved(pair, iters, timer=timer, order="alternate", before=before)
+                t_plain, t_cfg = [t / 1e3 for t in ms[plain_cfg]], [t / 1e3 for t in ms[cfg]]
                 times[plain_cfg] += t_plain
                 times[cfg].append(statistics.median(t_cfg))
                 ratios[cfg].append(statistics.median(t_plain) / statistics.median(t_cfg))
@@ -219,8 +210,7 @@ def main(argv=None):
         "rows": rows,
     }
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2))
+        write_json(args.json, result)
         print(f"\nwrote {args.json}")
 
     if args.check:

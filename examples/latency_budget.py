@@ -21,7 +21,7 @@ import timm
 import torch
 
 import tocom_hub
-from tocom_hub.tools.benchmark import time_forward
+from tocom_hub.tools.timing import WallTimer
 
 
 class SimulatedLoad:
@@ -82,7 +82,8 @@ def main():
 
     budget = args.budget_ms
     if budget is None:
-        plain = [time_forward(model, x) for _ in range(6)][1:]
+        with torch.inference_mode():
+            plain = [WallTimer().ms(lambda: model(x)) for _ in range(6)][1:]
         budget = 1.15 * statistics.median(plain)
 
     ctl = tocom_hub.LatencyController(

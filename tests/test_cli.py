@@ -133,16 +133,16 @@ ERRORS = [
     ),
     (["convert", "{root}/nope.pth", "-o", "{root}/out"], 1, "no such file"),
     # bad r
-    (["bench", "--model", "{m}", "--r", "0,40"], 1, "r=40 cannot be supported"),
+    (["bench", "--model", "{m}", "--r", "0,40"], 1, "r must be an int in [0, 32] (the model sees 65 tokens"),
     (
         ["visualize", "--model", "{m}", "--image", "{root}/img.png", "--r", "33", "-o", "{root}/x.png"],
         1,
-        "cannot be supported",
+        "tome removes at most 32 in one block); got 33",
     ),
     (
         ["eval", "--model", "{m}", "--data", "{root}/data", "--bank", "{root}/bank", "--target-r", "0,9"],
         1,
-        "outside the bank's range 0…8",
+        "target_rs[1] must be an int in [0, 8] (the bank's range); got 9",
     ),
     (["bench", "--model", "{m}", "--r", "-3"], 2, "r must be >= 0"),
     (["bench", "--model", "{m}", "--r", "0,4.5"], 2, "non-negative integer"),
@@ -180,7 +180,7 @@ def test_errors_are_one_clear_line(files, capsys, argv, code, message):
 
 
 def test_debug_shows_the_exception(files):
-    with pytest.raises(ValueError, match="cannot be supported"):
+    with pytest.raises(ValueError, match=r"r must be an int in \[0, 32\] .*; got 40$"):
         cli.main(["bench", "--debug", "--model", str(files / "model"), "--r", "40"])
 
 

@@ -144,7 +144,11 @@ def _bad_cases(tmp_path):
         "target_negative": (dict(target_r=-1), ValueError, r"target_r .*\[0, 6\]"),
         "target_bool": (dict(target_r=True), ValueError, "target_r"),
         "scale_nan": (dict(scale=float("nan")), ValueError, "scale"),
-        "r_beyond_token_count": (dict(bank=bank_for(good, r_max=40)[0], target_r=40), ValueError, "r=40"),
+        "r_beyond_token_count": (
+            dict(bank=bank_for(good, r_max=40)[0], target_r=40),
+            ValueError,
+            r"r must be an int in \[0, 32\].*; got 40$",
+        ),
         "truncated_file": (dict(bank=str(trunc)), ValueError, "truncated"),
         "tampered_file": (dict(bank=str(tampered / WEIGHTS_NAME)), ValueError, "checksum"),
         "missing_file": (dict(bank=str(tmp_path / "none.safetensors")), FileNotFoundError, "none"),

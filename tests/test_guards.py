@@ -17,9 +17,10 @@ import pytest
 import torch
 from training_helpers import DISTILL, FINETUNE, ROOT, load_bank_tensors, run, script_env
 
+from tocom_hub.core.jsonio import write_json
 from tocom_hub.training import distill, evaluate, finetune
 from tocom_hub.training import run as training_run
-from tocom_hub.training.checkpoints import CheckpointError, check_resume_config, write_json
+from tocom_hub.training.checkpoints import CheckpointError, check_resume_config
 from tocom_hub.training.guards import LOCK_NAME, OutputDirBusy, RunGuard
 
 FAST = ["--batch-size", "8", "--heldout-pairs", "0", "--num-workers", "0", "--no-augment", "--drop-path", "0"]

@@ -65,8 +65,19 @@ def test_backward_step_updates_only_when_gradients_are_accumulated():
 
 
 def test_after_step_checkpoints_on_schedule_and_says_when_to_stop(tmp_path, monkeypatch):
-    saved = []
-    monkeypatch.setattr(run, "save_checkpoint", lambda acc, out, step, cfg: saved.append(step) or f"{out}/{step}")
+    class Recorder:  # the accelerator seam: save_checkpoint calls only these
+        is_main_process = True
+        saved = []
+
+        def wait_for_everyone(self):
+            pass
+
+        def save_state(self, path):
+            self.saved.append(path)
+
+    acc = Recorder()
     args = argparse.Namespace(checkpoint_every=2, stop_after=3, output_dir=str(tmp_path))
-    stops = [run.after_step(args, None, step, {}, run.logging.getLogger("test")) for step in (1, 2, 3, 4)]
-    assert saved == [2, 4] and stops == [False, False, True, True]
+    stops = [run.after_step(args, acc, step, {}, run.logging.getLogger("test")) for step in (1, 2, 3, 4)]
+    assert [p.rsplit("_", 1)[-1] for p in acc.saved] == ["00000002", "00000004"]
+    assert stops == [False, False, True, True]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000002", "step_00000004"]

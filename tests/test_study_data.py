@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 from tocom_hub.demo import data as D
-from tocom_hub.demo.data import procedural
 
 STUDY = ("photo-regions", "photo-jigsaw", "shape-count", "shape-location", "textures")
 
@@ -50,12 +49,9 @@ def _discs(ds, label, seed):
     """Render with a black background and count/locate the discs with a threshold + flood fill."""
     from scipy import ndimage
 
-    orig = procedural._photo_background
-    procedural._photo_background = lambda rng, size, **kw: (rng.random(), np.zeros((size, size, 3), np.float32))[1]
-    try:
-        img = ds.render(np.random.default_rng(seed), label)
-    finally:
-        procedural._photo_background = orig
+    black = staticmethod(lambda rng, size, **kw: (rng.random(), np.zeros((size, size, 3), np.float32))[1])
+    on_black = type("OnBlack", (type(ds),), {"background": black})(ds.split, ds.img_size, ds.length, ds.seed)
+    img = on_black.render(np.random.default_rng(seed), label)
     mask = img.max(axis=2) > 60
     lab, n = ndimage.label(mask)
     centres = ndimage.center_of_mass(mask, lab, range(1, n + 1))

@@ -19,6 +19,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
+from tocom_hub.cli.options import DefaultsFormatter
 from tocom_hub.core.bank import TARGETS
 from tocom_hub.core.checks import METHODS
 from tocom_hub.demo import data as embedded_data
@@ -39,20 +40,9 @@ __all__ = [
 ]
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """The module docstring as written, and every flag's default at the end of its help line (like
-    ``argparse.ArgumentDefaultsHelpFormatter``, except where the help already states it, e.g. "default: the
-    model's", and with "off" / "none" for switches and unset values instead of ``False`` / ``None``)."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        if "default" in text.lower() or action.default is argparse.SUPPRESS or not action.option_strings:
-            return text
-        if action.nargs == 0:  # store_true / store_false switches
-            return f"{text} (default: {'on' if action.default else 'off'})"
-        if action.default is None or action.default == []:
-            return f"{text} (default: none)"
-        return f"{text} (default: %(default)s)"
+class HelpFormatter(DefaultsFormatter, argparse.RawDescriptionHelpFormatter):
+    """The module docstring as written, and every flag's default at the end of its help line
+    (:class:`tocom_hub.cli.options.DefaultsFormatter`)."""
 
 
 def script_parser(prog: str, doc: str) -> argparse.ArgumentParser:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Sequence
 
 from tocom_hub.core.checks import is_int
+from tocom_hub.core.jsonio import write_json
 from tocom_hub.tools.bank_fit import sha256_file as _sha256
 
 __all__ = [
@@ -26,7 +27,6 @@ __all__ = [
     "find_checkpoint",
     "check_resume_config",
     "sha256_file",
-    "write_json",
 ]
 
 
@@ -99,8 +99,8 @@ def save_checkpoint(accelerator, output_dir: str, step: int, run_config: Dict[st
         accelerator.save_state(str(tmp))
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            write_json(tmp / "run_config.json", run_config)
-            write_json(tmp / TRAIN_STATE_NAME, {"step": int(step)})
+            write_json(tmp / "run_config.json", run_config, sort_keys=True)
+            write_json(tmp / TRAIN_STATE_NAME, {"step": int(step)}, sort_keys=True)
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
     except Exception as e:  # OSError, torch's RuntimeError, safetensors' SafetensorError
@@ -216,15 +216,3 @@ def check_resume_config(
 def sha256_file(path: Optional[str]) -> Optional[str]:
     """Hex SHA-256 of ``path`` (``None`` for no path): the ``checkpoint_sha256`` of recipes and banks."""
     return _sha256(path) if path else None
-
-
-def write_json(path, obj: Any) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise

@@ -52,6 +52,7 @@ from torch.utils.data import DataLoader
 
 import tocom_hub
 from tocom_hub.core.bank import ToComBank
+from tocom_hub.core.jsonio import write_json
 from tocom_hub.tools.images import model_img_size
 from tocom_hub.training import run
 from tocom_hub.training.args import (
@@ -64,7 +65,7 @@ from tocom_hub.training.args import (
 )
 from tocom_hub.training.backbone import EMBEDDED_DATA, build_backbone
 from tocom_hub.training.batches import device_batch
-from tocom_hub.training.checkpoints import CheckpointError, write_json
+from tocom_hub.training.checkpoints import CheckpointError
 from tocom_hub.training.data import SeededTransform, build_datasets, build_train_loader, build_transforms
 from tocom_hub.training.distiller import Distiller, heldout_eval, kd_loss
 from tocom_hub.training.guards import RunGuard
@@ -342,7 +343,7 @@ def main(argv: Optional[Sequence[str]] = None, *, distiller_cls: Type[Distiller]
         out_bank.config.eval_results = {k: v for k, v in metrics.items() if k.startswith("heldout_")}
         try:
             out_bank.save_pretrained(args.output_dir)
-            write_json(os.path.join(args.output_dir, "metrics.json"), metrics)
+            write_json(os.path.join(args.output_dir, "metrics.json"), metrics, sort_keys=True)
         except Exception as e:  # OSError, torch's RuntimeError, safetensors' SafetensorError
             raise CheckpointError(
                 f"could not write the trained bank to {args.output_dir} ({type(e).__name__}: {e}); no partial "

@@ -35,6 +35,8 @@ from torch.utils.data import DataLoader
 import tocom_hub
 import tocom_hub.demo  # noqa: F401 -- registers the "demo" model alias
 from tocom_hub.cli.types import r_list
+from tocom_hub.core.jsonio import write_json
+from tocom_hub.core.rspec import BANK_RANGE, check_r, check_r_values
 from tocom_hub.demo.models import DEMO_WEIGHTS
 from tocom_hub.tools.bank_fit import model_lineage
 from tocom_hub.tools.evaluation import evaluate
@@ -43,14 +45,14 @@ from tocom_hub.tools.models import load_model
 from tocom_hub.tools.plots import plot_accuracy
 from tocom_hub.training.args import HelpFormatter
 from tocom_hub.training.backbone import EMBEDDED_DATA, EMBEDDED_MODEL
-from tocom_hub.training.checkpoints import write_json
 from tocom_hub.training.data import InMemory, SeededTransform, build_datasets, build_transforms, fits_in_memory
 from tocom_hub.training.threads import setup_cpu_threads
 
 logger = logging.getLogger("tocom_hub.training.evaluate")
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (every flag with its default in ``--help``)."""
     p = argparse.ArgumentParser(prog="evaluate.py", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument(
         "--finetuned",
@@ -99,6 +101,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         help="also write correct.safetensors: per image and configuration, was the top-1 prediction right",
     )
     p.add_argument("--cpu", action="store_true", help="run on CPU even if a GPU is present")
+    return p
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = build_parser()
     args = p.parse_args(argv)
 
     for d in [args.finetuned, *args.matched]:
@@ -205,11 +212,13 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
             raise SystemExit(
                 f"error: the bank was trained for {bank.method!r} but the model uses {recipe.get('method')!r}"
             )
-        if source_r > bank.r_max:
-            raise SystemExit(f"error: source r={source_r} is outside the bank's range 0…{bank.r_max}")
     targets = args.targets or list(range(0, (bank.r_max if bank else source_r) + 1))
-    if bank is not None and max(targets) > bank.r_max:
-        raise SystemExit(f"error: target r up to {max(targets)} requested; the bank covers 0…{bank.r_max}")
+    if bank is not None:
+        try:
+            check_r(source_r, "source r", r_max=bank.r_max, why=BANK_RANGE)
+            check_r_values(targets, "--targets", r_max=bank.r_max, why=BANK_RANGE)
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
     try:
         tocom_hub.set_r(model, max(targets))
     except ValueError as e:
@@ -272,7 +281,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
-        write_json(os.path.join(args.output_dir, "eval.json"), result)
+        write_json(os.path.join(args.output_dir, "eval.json"), result, sort_keys=True)
         if args.save_correct:
             from safetensors.torch import save_file
 

@@ -43,13 +43,13 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import tocom_hub
+from tocom_hub.core.jsonio import write_json
 from tocom_hub.demo import data as embedded_data
 from tocom_hub.tools.adaptformer import AdaptFormer
 from tocom_hub.tools.images import model_img_size
 from tocom_hub.training import run
 from tocom_hub.training.args import add_accelerate_args, add_data_args, check_common_args, script_parser
 from tocom_hub.training.backbone import EMBEDDED_DOWNSTREAM_DATA, EMBEDDED_MODEL_KWARGS, build_backbone
-from tocom_hub.training.checkpoints import write_json
 from tocom_hub.training.data import (
     EpochSampler,
     InMemory,
@@ -380,7 +380,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.save_dtype]
         recipe = {k: v for k, v in result.items() if k != "history"}
         save_finetuned(inner.model, args.output_dir, recipe, adapters=inner.adapters, dtype=dtype)
-        write_json(os.path.join(args.output_dir, "finetune.json"), result)
+        write_json(os.path.join(args.output_dir, "finetune.json"), result, sort_keys=True)
         logger.info("val top-1 at r=%d: %.2f; saved to %s", args.source_r, acc, args.output_dir)
     accelerator.wait_for_everyone()
     accelerator.end_training()

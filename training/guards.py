@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from tocom_hub.core.jsonio import write_json
+
 __all__ = ["LOCK_NAME", "OutputDirBusy", "RunGuard"]
 
 LOCK_NAME = ".tocom-run.lock"
@@ -71,7 +73,7 @@ class RunGuard:
         self._lock = lock
         holder = {"pid": os.getpid(), "host": socket.gethostname(), "script": self.script, "started": time.time()}
         try:
-            (self.output_dir / HOLDER_NAME).write_text(json.dumps(holder) + "\n")
+            write_json(self.output_dir / HOLDER_NAME, holder, indent=None)
         except OSError:
             pass  # the lock itself is what counts
         return None

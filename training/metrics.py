@@ -9,7 +9,9 @@ from typing import Any, Dict, Optional
 
 import torch
 
-__all__ = ["evaluate_top1", "peak_memory_mb", "synchronize", "StepTimer", "step_metrics"]
+from tocom_hub.tools.timing import Clock, synchronize
+
+__all__ = ["evaluate_top1", "peak_memory_mb", "StepTimer", "step_metrics"]
 
 
 @torch.no_grad()
@@ -43,33 +45,28 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB → MiB
 
 
-def synchronize(device: torch.device) -> None:
-    """Wait for ``device`` to finish its queued work (timing)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 class StepTimer:
     """Wall-clock time of every optimizer step; the throughput window starts after the first step (the
-    loader workers warm up during it) and the device is synchronised at both ends of the window."""
+    loader workers warm up during it) and the device is synchronised at both ends of the window.
+    ``clock`` (seconds) is injectable, like every timer of :mod:`tocom_hub.tools.timing`."""
 
-    def __init__(self, device: torch.device) -> None:
-        self.device, self.times = device, []
-        self._last, self._window_start = time.perf_counter(), 0.0
+    def __init__(self, device: torch.device, clock: Clock = time.perf_counter) -> None:
+        self.device, self.times, self.clock = device, [], clock
+        self._last, self._window_start = clock(), 0.0
 
     def tick(self) -> None:
         """Call once per optimizer step, after it."""
-        now = time.perf_counter()
+        now = self.clock()
         self.times.append(now - self._last)
         self._last = now
         if len(self.times) == 1:
             synchronize(self.device)
-            self._window_start = time.perf_counter()
+            self._window_start = self.clock()
 
     def window_seconds(self) -> float:
         """Seconds from the end of the first step to now (0.0 for fewer than two steps)."""
         synchronize(self.device)
-        return time.perf_counter() - self._window_start if len(self.times) > 1 else 0.0
+        return self.clock() - self._window_start if len(self.times) > 1 else 0.0
 
     def median(self) -> Optional[float]:
         """Median step time in seconds, the first step left out when there are others."""

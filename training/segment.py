@@ -36,6 +36,7 @@ from tocom_hub.demo.data import build_dataset
 from tocom_hub.tools.miou import confusion_matrices, miou
 from tocom_hub.tools.models import load_model
 from tocom_hub.tools.segmenter import DECODERS, Segmenter, load_segmenter, save_segmenter
+from tocom_hub.training.args import HelpFormatter
 from tocom_hub.training.backbone import EMBEDDED_CHECKPOINT, EMBEDDED_MODEL, EMBEDDED_MODEL_KWARGS
 
 logger = logging.getLogger("tocom_hub.training.segment")
@@ -48,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="finetune.py --task segmentation",
         description=__doc__,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--task", default="segmentation", choices=["segmentation"], help=argparse.SUPPRESS)
     p.add_argument("--output-dir", required=True, help="where the model and segmenter.json go")

@@ -23,6 +23,8 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+from tocom_hub.core.jsonio import write_json
+
 ROOT = Path(__file__).resolve().parents[2]
 CELLS = {"src0_tgtR": ("0", "R"), "srcR_tgt0": ("R", "0")}  # table cell -> (source r, target r), R = r_max
 
@@ -101,7 +103,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     out = intervals(Path(a.workdir), results)
     path = Path(a.results).resolve()
     out = {"results": path.relative_to(ROOT).as_posix() if path.is_relative_to(ROOT) else str(path), **out}
-    Path(a.out).write_text(json.dumps(out, indent=1) + "\n")
+    write_json(a.out, out, indent=1)
     for task, cells in out["tasks"].items():
         for cell, c in cells.items():
             print(f"{task:18s} {cell}: {c['delta']:+.2f} [{c['ci95'][0]:+.2f}, {c['ci95'][1]:+.2f}]")

@@ -229,8 +229,10 @@ def plot(result: Dict[str, Any], path: Path) -> None:
 
 
 def write_reports(result: Dict[str, Any], out_dir: Path) -> None:
+    from tocom_hub.core.jsonio import write_json
+
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "study.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_json(out_dir / "study.json", result)
     (out_dir / "study.md").write_text(markdown(result))
     plot(result, out_dir / "study.png")
     print(markdown(result))

@@ -38,6 +38,8 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import report  # noqa: E402  (benchmarks/study/report.py)
 
+from tocom_hub.core.jsonio import write_json  # noqa: E402
+
 CORPUS = os.environ.get("STUDY_CORPUS", "photo-regions")
 TASKS = ("shape-count", "textures", "photo-orientation", "photo-crops")
 KINDS = {
@@ -114,7 +116,7 @@ def run(script: str, args: List[str], log: Path, stage: Path, done: str) -> None
         raise SystemExit(f"{script} failed (exit {proc.returncode}); see {log}")
     stage.mkdir(parents=True, exist_ok=True)
     (stage / "runtime_s").write_text(f"{time.time() - t0:.1f}\n")
-    recorded.write_text(json.dumps([script, *args]) + "\n")
+    write_json(recorded, [script, *args], indent=None)
 
 
 def main(argv: Sequence[str] | None = None) -> Dict[str, Any]:
@@ -470,14 +472,14 @@ def export_demo(
         "corpus": CORPUS,
         "made_by": "python benchmarks/study/run.py",
     }
-    (out / "demo.json").write_text(json.dumps(info, indent=2) + "\n")
+    write_json(out / "demo.json", info)
     measured = wd / "demo-quickstart.json"
     cmd = [sys.executable, str(ROOT / "examples" / "quickstart.py"), "--json", str(measured)]
     with open(log, "a") as f:
         subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, check=True)
     numbers = json.loads(measured.read_text())
     info["committed"] = {k: numbers[k] for k in ("src0_tgtR", "srcR_tgt0", "src0_tgt0", "srcR_tgtR") if k in numbers}
-    (out / "demo.json").write_text(json.dumps(info, indent=2) + "\n")
+    write_json(out / "demo.json", info)
     return {"task": task, "seeds": list(seeds), **info["committed"]}
 
 

@@ -42,6 +42,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import tocom_hub
 from tocom_hub.core import compensate
 from tocom_hub.core.bank import ToComBank
+from tocom_hub.core.jsonio import write_json
 from tocom_hub.tools.miou import bootstrap_miou, paired_bootstrap_miou
 from tocom_hub.training import distill, segment
 
@@ -203,10 +204,7 @@ def main(argv=None) -> Dict[str, Any]:
         "seconds_total": time.perf_counter() - t0,
         "threads": torch.get_num_threads(),
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out + ".json", "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=2)
-        f.write("\n")
+    write_json(args.out + ".json", result)
     with open(args.out + ".md", "w", encoding="utf-8") as f:
         f.write(table(result))
     plot(result, args.out + ".png")

@@ -37,7 +37,7 @@ from .banks import (
 )
 from .evaluation import add_eval_parser, eval_command
 from .export import add_export_parser, export_command
-from .options import COMMON
+from .options import COMMON, DefaultsFormatter
 from .serve import add_serve_parser, serve_command
 from .tools import (
     add_bench_parser,
@@ -87,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tocom-hub",
         description="ToCom banks for timm Vision Transformers: get, inspect and share them; "
         "evaluate, benchmark and visualise token merging.",
+        formatter_class=DefaultsFormatter,
     )
     parser.add_argument("--version", action="version", version=f"tocom-hub {__version__}")
     parser.add_argument("--debug", action="store_true", default=False, help="show the full traceback on errors")

@@ -4,7 +4,6 @@ model options and the bank options, and the help formatter that keeps the ``exam
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from typing import Any, Dict
 
@@ -39,7 +38,24 @@ def _add_trust_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
-class _ExamplesFormatter(argparse.HelpFormatter):
+class DefaultsFormatter(argparse.HelpFormatter):
+    """Every flag's default at the end of its help line (like ``argparse.ArgumentDefaultsHelpFormatter``,
+    except where the help already states it, e.g. "default: the model's", and with "off" / "none" for
+    switches and unset values instead of ``False`` / ``None``). The formatter of every ``tocom-hub``
+    command and training script."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text.lower() or action.default is argparse.SUPPRESS or not action.option_strings:
+            return text
+        if action.nargs == 0:  # store_true / store_false switches
+            return f"{text} (default: {'on' if action.default else 'off'})"
+        if action.default is None or action.default == []:
+            return f"{text} (default: none)"
+        return f"{text} (default: %(default)s)"
+
+
+class _ExamplesFormatter(DefaultsFormatter):
     """Wraps the description like argparse does, keeps the ``examples:`` epilog as written."""
 
     def _fill_text(self, text: str, width: int, indent: str) -> str:
@@ -187,7 +203,6 @@ def _load_bank(args: argparse.Namespace):
 
 
 def _write_json(path: str, obj: Any) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, default=str)
-        f.write("\n")
+    from ..core.jsonio import write_json
+
+    write_json(path, obj)

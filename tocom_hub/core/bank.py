@@ -47,6 +47,7 @@ from .bank_file import _looks_local as _looks_local
 from .bank_file import read_bank, write_bank_file
 from .bank_repo import explain_push_error, fetch_bank_files, unreachable_error
 from .checks import is_int
+from .rspec import BANK_RANGE, check_r
 
 __all__ = ["ToComConfig", "ToComBank", "CONFIG_NAME", "WEIGHTS_NAME", "FORMAT_VERSION", "TARGETS", "MAX_SCALE"]
 
@@ -212,9 +213,8 @@ class ToComBank(nn.Module, ModelHubMixin, library_name="tocom-hub", paper_url="h
 
     # -- arithmetic -------------------------------------------------------------------------------
     def _check_step(self, m: int, n: int) -> None:
-        for name, v in (("source r", m), ("target r", n)):
-            if not is_int(v) or not 0 <= v <= self.r_max:
-                raise ValueError(f"{name} must be an int in [0, {self.r_max}] for this bank; got {v!r}")
+        check_r(m, "source r", r_max=self.r_max, why=BANK_RANGE)
+        check_r(n, "target r", r_max=self.r_max, why=BANK_RANGE)
 
     def group_slice(self, m: int, n: int) -> slice:
         """Inner-dimension slice holding the groups between degrees ``m`` and ``n`` (either order)."""

@@ -41,13 +41,14 @@ import torch
 from torch import nn
 
 from .bank import MAX_SCALE, ToComBank, _looks_local, model_dims
-from .checks import is_int, token_mode
+from .checks import token_mode
 from .compensation import Compensation
 from .families import find_family
 from .locks import switch_lock
 from .lora_hooks import HookedCompensation, check_hookable
 from .lora_merged import MergedCompensation
 from .patch import get_method, get_r, get_settings, is_patched, patch, set_r, unpatch
+from .rspec import BANK_RANGE, check_r
 
 __all__ = [
     "apply",
@@ -90,11 +91,6 @@ def _require_state(model: nn.Module) -> Compensation:
     if st is None:
         raise ValueError(f"{type(model).__name__} carries no ToCom bank; call tocom_hub.apply(model, ...) first")
     return st
-
-
-def _check_int_r(name: str, r: Any, r_max: int) -> None:
-    if not is_int(r) or not 0 <= r <= r_max:
-        raise ValueError(f"{name} must be an int in [0, {r_max}] (the bank covers r = 0 … {r_max}); got {r!r}")
 
 
 def _resolve_bank(bank: BankLike, model: nn.Module, method: Optional[str], hub_kwargs: Dict[str, Any]) -> ToComBank:
@@ -278,8 +274,8 @@ def _apply_locked(
 ) -> nn.Module:
     _check_compatible(model, bank, method, ignore_base_model)
     s = _check_scale(bank, scale)
-    _check_int_r("source_r", source_r, bank.r_max)
-    _check_int_r("target_r", target_r, bank.r_max)
+    source_r = check_r(source_r, "source_r", r_max=bank.r_max, why=BANK_RANGE)
+    target_r = check_r(target_r, "target_r", r_max=bank.r_max, why=BANK_RANGE)
     merge = bool(merge)
     if not merge:
         dev = next(iter(bank.parameters())).device
@@ -331,8 +327,8 @@ def set_pair(model: nn.Module, source_r: int, target_r: int, *, r: Optional[int]
     with switch_lock(model):
         st = _require_state(model)
         r_max = st.bank.r_max
-        _check_int_r("source_r", source_r, r_max)
-        _check_int_r("target_r", target_r, r_max)
+        source_r = check_r(source_r, "source_r", r_max=r_max, why=BANK_RANGE)
+        target_r = check_r(target_r, "target_r", r_max=r_max, why=BANK_RANGE)
         old_r = get_r(model)
         set_r(model, target_r if r is None else r)
         try:

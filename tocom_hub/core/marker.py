@@ -25,6 +25,8 @@ from typing import Any, Dict, Optional
 
 import torch
 
+from .jsonio import canonical_dumps
+
 __all__ = ["MARKER_KEY", "read_marker", "encode_marker", "decode_marker"]
 
 MARKER_KEY = "tocom_compensation"
@@ -32,7 +34,7 @@ MARKER_KEY = "tocom_compensation"
 
 def encode_marker(facts: Dict[str, Any]) -> torch.Tensor:
     """``facts`` as the ``uint8`` tensor of its sorted JSON."""
-    raw = json.dumps(facts, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    raw = canonical_dumps(facts).encode("utf-8")
     return torch.frombuffer(bytearray(raw), dtype=torch.uint8).clone()
 
 

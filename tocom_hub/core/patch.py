@@ -14,7 +14,7 @@ first. Anything outside a supported family raises ``TypeError`` with the reason.
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, Optional
 
 import torch
 from torch import nn
@@ -25,9 +25,8 @@ from .context import POSITION_RULES, TokenState
 from .families import find_family, patched_block_classes
 from .families.base import ReducedModel
 from .families.vit import ToComBlock  # noqa: F401 (re-exported: the classic family's reduced block)
-from .merge import max_merge
-from .prune import max_prune
 from .reducers import default_reducer
+from .rspec import RSpec, resolve_r
 
 __all__ = [
     "METHODS",
@@ -42,8 +41,6 @@ __all__ = [
     "get_source",
     "get_size",
 ]
-
-RSpec = Union[int, Sequence[int]]
 
 _MODEL_CLASSES = {}
 _BLOCK_CLASSES = {}
@@ -69,42 +66,6 @@ def _original_class(model: nn.Module) -> type:
 def is_patched(model: nn.Module) -> bool:
     """Whether :func:`patch` was applied to ``model`` (and not undone)."""
     return isinstance(model, ReducedModel)
-
-
-def _num_tokens(model: nn.Module) -> Optional[int]:
-    """Token count entering the first block at the model's configured image size."""
-    num_patches = getattr(getattr(model, "patch_embed", None), "num_patches", None)  # NaFlexViT: variable
-    if num_patches is None:
-        return None
-    return int(num_patches) + int(model.num_prefix_tokens)
-
-
-def _resolve_r(model: nn.Module, r: RSpec, method: str, dense_ratio: int = 1) -> List[int]:
-    """Validate ``r`` for ``model`` and expand it to one value per block (no side effects)."""
-    depth = len(model.blocks)
-    if isinstance(r, (list, tuple)):
-        values = list(r)
-        if len(values) != depth:
-            raise ValueError(f"r has {len(values)} entries but the model has {depth} blocks")
-    else:
-        values = [r] * depth
-    for v in values:
-        if not is_int(v):
-            raise ValueError(f"r must be a non-negative int or a list of {depth} ints; got {r!r}")
-        if v < 0:
-            raise ValueError(f"r must be >= 0; got {r!r}")
-    num_tokens = _num_tokens(model)
-    if num_tokens is not None:
-        prefix = int(model.num_prefix_tokens)
-        limit = max_merge(num_tokens, prefix) if method == "tome" else max_prune(num_tokens, prefix)
-        worst = max(values) * dense_ratio
-        if worst > limit:
-            k = f" (dense mode: k = {dense_ratio}·r = {worst} tokens share an MLP)" if dense_ratio != 1 else ""
-            raise ValueError(
-                f"r={max(values)} cannot be supported{k}: the model sees {num_tokens} tokens "
-                f"({prefix} prefix) and {method} can remove at most {limit} in one block"
-            )
-    return values
 
 
 def _state(model: nn.Module) -> TokenState:
@@ -245,7 +206,7 @@ def patch(
     )
     if is_patched(model):
         state = model._tocom_state
-        r = _resolve_r(model, state.r_spec, method, ratio)  # a method / mode switch may change the r limit
+        r = resolve_r(model, state.r_spec, method, ratio)  # a method / mode switch may change the r limit
         state.__dict__.update(settings)
         state._custom_reducer = reducer
         state.r = r
@@ -295,8 +256,8 @@ def set_r(model: nn.Module, r: RSpec) -> nn.Module:
         tocom_hub.set_r(model, [16] * 6 + [0] * 6)
     """
     state = _state(model)
-    values = _resolve_r(model, r, state.method, state.dense_ratio if state.dense else 1)
-    state.r, state.r_spec = values, (list(r) if isinstance(r, (list, tuple)) else r)
+    values = resolve_r(model, r, state.method, state.dense_ratio if state.dense else 1)
+    state.r, state.r_spec = values, (list(values) if isinstance(r, (list, tuple)) else int(r))
     return model
 
 

@@ -7,7 +7,7 @@ import time
 from collections import deque
 from typing import Any, Deque, Dict, Optional, Sequence
 
-from ..tools.benchmark import percentile
+from ..tools.timing import percentile
 
 __all__ = ["Metrics"]
 

@@ -16,11 +16,7 @@ flagged ``noisy`` and the table says "noisy — rerun". Example::
 
 from __future__ import annotations
 
-import math
-import random
-import statistics
-import time
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -28,37 +24,9 @@ from torch import nn
 from ..core.checks import is_int
 from ..core.patch import patch, set_r, unpatch
 from ..core.state import preserved
+from .timing import NOISY_SPREAD, WallTimer, interleaved, paired_ratios, ratio_summary, summary, synchronize
 
-__all__ = ["time_forward", "percentile", "tokens_left", "benchmark", "format_table", "NOISY_SPREAD"]
-
-NOISY_SPREAD = 0.25  # (p90 - p10) / median of a configuration's per-iteration speed-ups above this: "noisy"
-
-Clock = Callable[[], float]
-
-
-def _sync(x: torch.Tensor) -> None:
-    if x.device.type == "cuda":
-        torch.cuda.synchronize(x.device)
-
-
-@torch.inference_mode()
-def time_forward(model: nn.Module, x: torch.Tensor, clock: Clock = time.perf_counter) -> float:
-    """Wall time of one ``model(x)`` in milliseconds (CUDA is synchronised before and after)."""
-    _sync(x)
-    start = clock()
-    model(x)
-    _sync(x)
-    return (clock() - start) * 1000.0
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """Linear-interpolated ``q``-th percentile (``q`` in [0, 100]) of a non-empty sequence."""
-    data = sorted(values)
-    if not data:
-        raise ValueError("percentile of an empty sequence")
-    pos = (len(data) - 1) * q / 100.0
-    lo, hi = math.floor(pos), math.ceil(pos)
-    return data[lo] + (data[hi] - data[lo]) * (pos - lo)
+__all__ = ["tokens_left", "benchmark", "format_table"]
 
 
 @torch.inference_mode()
@@ -111,23 +79,21 @@ def benchmark(
 
     rows = []
     for cfg in configs:
-        med = statistics.median(samples[cfg])
-        ratios = [t / c for t, c in zip(samples[None], samples[cfg])]  # paired within each iteration
-        speedup = statistics.median(ratios)
-        lo, hi = percentile(ratios, 10), percentile(ratios, 90)
+        times = summary(samples[cfg])
+        speed = ratio_summary(paired_ratios(samples[None], samples[cfg]))  # paired within each iteration
         rows.append(
             {
                 "config": "timm" if cfg is None else method,
                 "r": cfg,
                 "tokens": tokens[cfg],
-                "median_ms": med,
-                "p10_ms": percentile(samples[cfg], 10),
-                "p90_ms": percentile(samples[cfg], 90),
-                "mean_ms": statistics.fmean(samples[cfg]),
-                "images_per_s": batch_size * 1000.0 / med,
-                "speedup": speedup,
-                "speedup_range": [lo, hi],
-                "noisy": cfg is not None and (hi - lo) > NOISY_SPREAD * speedup,
+                "median_ms": times["median"],
+                "p10_ms": times["p10"],
+                "p90_ms": times["p90"],
+                "mean_ms": times["mean"],
+                "images_per_s": batch_size * 1000.0 / times["median"],
+                "speedup": speed["median"],
+                "speedup_range": [speed["p10"], speed["p90"]],
+                "noisy": cfg is not None and speed["noisy"],
                 "samples": samples[cfg],
             }
         )
@@ -168,24 +134,21 @@ def _time_configs(model, r_values, method, batch_size, iters, warmup, seed, prog
             patch(model, method=method)
             set_r(model, cfg)
 
-    samples: Dict[Any, List[float]] = {cfg: [] for cfg in configs}
+    timer = WallTimer(sync=lambda: synchronize(param.device))
     tokens: Dict[Any, int] = {}
-    rng = random.Random(seed)
     model.eval()
-    for cfg in configs:
-        configure(cfg)
-        tokens[cfg] = tokens_left(model, x)
-        for _ in range(warmup):
-            time_forward(model, x)
+    with torch.inference_mode():
+        for cfg in configs:
+            configure(cfg)
+            tokens[cfg] = tokens_left(model, x)
+            for _ in range(warmup):
+                model(x)
     off = {} if progress else {"disable": True}  # an explicit disable=False would override TQDM_DISABLE=1
-    with tqdm(total=iters * len(configs), desc="bench", unit="fwd", **off) as bar:
-        for _ in range(iters):
-            order = list(configs)
-            rng.shuffle(order)
-            for cfg in order:
-                configure(cfg)
-                samples[cfg].append(time_forward(model, x))
-                bar.update(1)
+    runners = {cfg: (lambda: model(x)) for cfg in configs}  # one model object, switched in place by configure
+    with torch.inference_mode(), tqdm(total=iters * len(configs), desc="bench", unit="fwd", **off) as bar:
+        samples = interleaved(
+            runners, iters, timer=timer, seed=seed, before=configure, on_sample=lambda cfg, ms: bar.update(1)
+        )
     return samples, tokens, param, size
 
 

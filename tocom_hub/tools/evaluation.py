@@ -25,14 +25,14 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ..core.bank import ToComBank
-from ..core.checks import is_int
 from ..core.compensate import apply, disabled, get_state, set_target_r
 from ..core.patch import METHODS, get_method, get_settings, patch, set_r
+from ..core.rspec import BANK_RANGE, check_r, check_r_values
 from ..core.state import preserved
 from .bank_fit import backbone_mismatch
-from .benchmark import percentile
 from .intervals import add_intervals, paired_bootstrap
 from .plots import plot_accuracy
+from .timing import percentile
 
 __all__ = [
     "evaluate",
@@ -42,16 +42,6 @@ __all__ = [
     "plot_accuracy",
     "label_warning",
 ]
-
-
-def _check_rs(target_rs: Sequence[int]) -> List[int]:
-    rs = list(target_rs)
-    if not rs:
-        raise ValueError("target_rs must not be empty")
-    for r in rs:
-        if not is_int(r) or r < 0:
-            raise ValueError(f"target r values must be non-negative ints; got {r!r}")
-    return rs
 
 
 @torch.no_grad()
@@ -110,7 +100,7 @@ def evaluate(
         rows = evaluate(model, loader, [0, 8, 16], bank="out/bank", source_r=0, scale=0.1)
         for row in rows: print(row["target_r"], row["tocom"], row["top1"])
     """
-    rs = _check_rs(target_rs)
+    rs = check_r_values(target_rs, "target_rs")
     if not plain and bank is None:
         raise ValueError("plain=False evaluates only the +ToCom rows: pass a bank")
     if get_state(model) is not None:
@@ -132,12 +122,8 @@ def evaluate(
         mismatch = backbone_mismatch(bank, model, lineage)
         if mismatch:
             warnings.warn(mismatch, UserWarning, stacklevel=2)
-        for name, r in [("source r", source_r)] + [("target r", r) for r in rs]:
-            if not is_int(r) or not 0 <= r <= bank.r_max:
-                raise ValueError(
-                    f"{name}={r!r} is outside the bank's range 0…{bank.r_max}; pick r values "
-                    f"in 0…{bank.r_max} or a bank trained for larger r"
-                )
+        source_r = check_r(source_r, "source_r", r_max=bank.r_max, why=BANK_RANGE)
+        rs = check_r_values(rs, "target_rs", r_max=bank.r_max, why=BANK_RANGE)
     method = method or get_method(model) or "tome"
 
     with preserved(model):

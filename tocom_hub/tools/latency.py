@@ -33,12 +33,10 @@ from torch import nn
 from ..core.bank import ToComBank
 from ..core.checks import is_int
 from ..core.compensate import apply, get_state, set_target_r
-from ..core.merge import max_merge
 from ..core.patch import METHODS, get_method, patch, set_r
-from ..core.prune import max_prune
+from ..core.rspec import BANK_RANGE, check_r, check_r_values, model_r_limit
 from ..core.state import preserved
-from .benchmark import NOISY_SPREAD
-from .benchmark import percentile as _percentile
+from .timing import NOISY_SPREAD, WallTimer, interleaved, is_noisy, percentile, synchronize
 
 __all__ = ["LatencyController"]
 
@@ -130,12 +128,10 @@ class LatencyController:
             if method is not None and method != bank.method:
                 raise ValueError(f"the bank was trained for {bank.method!r} but method={method!r} was requested")
             method = bank.method
-            if not is_int(source_r) or not 0 <= source_r <= bank.r_max:
-                raise ValueError(f"source_r must be an int in [0, {bank.r_max}] (the bank's range); got {source_r!r}")
-        elif not is_int(source_r) or source_r < 0:
-            raise ValueError(f"source_r must be a non-negative int; got {source_r!r}")
+        r_max, r_why = (bank.r_max, BANK_RANGE) if bank is not None else (None, None)
+        source_r = check_r(source_r, "source_r", r_max=r_max, why=r_why)
         method = method or get_method(model) or "tome"
-        limit = self._model_limit(model, method)
+        limit, limit_why = model_r_limit(model, method)
         if r_values is None:
             if bank is not None:
                 top = bank.r_max
@@ -143,15 +139,10 @@ class LatencyController:
                 patches = int(model.patch_embed.num_patches)
                 top = math.ceil(patches / len(model.blocks))
             r_values = range(0, min(top, limit) + 1)
-        rs = sorted(set(r_values)) if r_values is not None else []
-        if not rs or not all(is_int(r) and r >= 0 for r in rs):
-            raise ValueError(f"r_values must be a non-empty sequence of non-negative ints; got {r_values!r}")
-        if rs[-1] > limit:
-            raise ValueError(
-                f"r={rs[-1]} cannot be supported: {method} can remove at most {limit} tokens per block from this model"
-            )
-        if bank is not None and rs[-1] > bank.r_max:
-            raise ValueError(f"r={rs[-1]} is outside the bank's range 0…{bank.r_max}")
+        rs = check_r_values(r_values, "r_values", r_max=limit, why=limit_why)
+        if bank is not None:
+            rs = check_r_values(rs, "r_values", r_max=bank.r_max, why=BANK_RANGE)
+        rs = sorted(set(rs))
 
         self.model, self.bank, self.source_r, self.method = model, bank, source_r, method
         self.budget_ms, self.batch_size, self.r_values = float(budget_ms), batch_size, tuple(rs)
@@ -181,12 +172,6 @@ class LatencyController:
         self.r = rs[0]
 
     # -- helpers -----------------------------------------------------------------------------------
-    @staticmethod
-    def _model_limit(model: nn.Module, method: str) -> int:
-        n = int(model.patch_embed.num_patches) + int(model.num_prefix_tokens)
-        p = int(model.num_prefix_tokens)
-        return max_merge(n, p) if method == "tome" else max_prune(n, p)
-
     def _switch(self, r: int) -> None:
         if self.bank is not None:
             set_target_r(self.model, r)
@@ -200,20 +185,13 @@ class LatencyController:
             raise ValueError(f"r must be one of the controller's r values {self.r_values}; got {r!r}")
         self._switch(r)
 
-    def _sync(self) -> None:
-        param = next(self.model.parameters())
-        if param.device.type == "cuda":
-            torch.cuda.synchronize(param.device)
+    def _timer(self) -> WallTimer:
+        """Wall-clock timer on ``clock``, the model's device synchronised at both ends."""
+        device = next(self.model.parameters()).device
+        return WallTimer(self.clock, sync=lambda: synchronize(device))
 
     # -- calibration -------------------------------------------------------------------------------
     @torch.inference_mode()
-    def _measure(self, x: torch.Tensor) -> float:
-        self._sync()
-        start = self.clock()
-        self.model(x)
-        self._sync()
-        return (self.clock() - start) * 1000.0
-
     def calibrate(
         self, x: Optional[torch.Tensor] = None, latencies: Optional[Mapping[int, float]] = None
     ) -> Dict[int, float]:
@@ -246,25 +224,26 @@ class LatencyController:
                 x = x.to(param.device, param.dtype)
             was_training = self.model.training
             self.model.eval()
-            samples: Dict[int, List[float]] = {r: [] for r in self.r_values}
-            rounds = self.warmup + self.iters
+            rounds = self.warmup + self.iters  # forwards, backwards, forwards … over r; warm-up rounds dropped
             off = {} if self.progress else {"disable": True}  # disable=False would override TQDM_DISABLE=1
             bar = tqdm(total=rounds * len(self.r_values), desc="calibrate", unit="fwd", **off)
             try:
-                for k in range(rounds):
-                    order = self.r_values if k % 2 == 0 else self.r_values[::-1]
-                    for r in order:
-                        self._switch(r)
-                        ms = self._measure(x)
-                        if k >= self.warmup:
-                            samples[r].append(ms)
-                        bar.update(1)
+                runs = {r: (lambda: self.model(x)) for r in self.r_values}  # one model, switched by _switch
+                timed = interleaved(
+                    runs,
+                    rounds,
+                    timer=self._timer(),
+                    order="alternate",
+                    before=self._switch,
+                    on_sample=lambda r, ms: bar.update(1),
+                )
+                samples = {r: v[self.warmup :] for r, v in timed.items()}
             finally:
                 bar.close()
                 self.model.train(was_training)
             curve = {r: statistics.median(v) for r, v in samples.items()}
-            self.spread = {r: (_percentile(v, 10), _percentile(v, 90)) for r, v in samples.items()}
-            self.noisy = any((hi - lo) > NOISY_SPREAD * curve[r] for r, (lo, hi) in self.spread.items())
+            self.spread = {r: (percentile(v, 10), percentile(v, 90)) for r, v in samples.items()}
+            self.noisy = any(is_noisy(v) for v in samples.values())
             if self.noisy:
                 warnings.warn(
                     f"LatencyController.calibrate: noisy — rerun: the {self.iters} rounds of some r differ "
@@ -366,11 +345,7 @@ class LatencyController:
             self.calibrate()
         ran_at = self.r
         with torch.inference_mode():
-            self._sync()
-            start = self.clock()
-            out = self.model(x)
-            self._sync()
-            ms = (self.clock() - start) * 1000.0
+            out, ms = self._timer().timed(lambda: self.model(x))
         self.step(ms, r=ran_at)
         return out
 

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.grid import track_grid, unmerge_to_grid
+from ..core.jsonio import write_json
 
 __all__ = ["DECODERS", "LinearDecoder", "MaskTransformer", "Segmenter", "patch_tokens", "save_segmenter",
            "load_segmenter", "is_segmenter_dir", "SEGMENTER_CONFIG"]  # fmt: skip
@@ -170,9 +171,7 @@ def save_segmenter(model: Segmenter, path: str, backbone_info: Dict[str, Any], e
         tensors = {k: v.detach().contiguous() for k, v in module.state_dict().items()}
         save_file(tensors, os.path.join(path, f"{name}.safetensors"))
     out = {**model.config(), "backbone": dict(backbone_info), **(extra or {})}
-    with open(os.path.join(path, SEGMENTER_CONFIG), "w", encoding="utf-8") as f:
-        json.dump(out, f, indent=2)
-        f.write("\n")
+    write_json(os.path.join(path, SEGMENTER_CONFIG), out, default=None)
     return out
 
 

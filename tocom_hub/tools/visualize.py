@@ -21,7 +21,6 @@ pixels). A side-car JSON records the counts and where each panel lies. Example::
 from __future__ import annotations
 
 import colorsys
-import json
 import math
 import os
 from typing import Any, Dict, List, Optional, Tuple, Union
@@ -30,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..core.jsonio import write_json
 from ..core.patch import get_method, get_r, get_source, patch, set_r
 from ..core.state import preserved
 
@@ -279,8 +279,6 @@ def visualize(
         **layout,
     }
     json_path = os.fspath(json_path) if json_path is not None else os.path.splitext(output)[0] + ".json"
-    with open(json_path, "w", encoding="utf-8") as f:
-        json.dump(info, f, indent=2)
-        f.write("\n")
+    write_json(json_path, info, default=None)
     info["json"] = json_path
     return info

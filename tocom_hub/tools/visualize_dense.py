@@ -17,7 +17,6 @@ class). Example::
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Dict, List, Optional, Union
 
@@ -26,6 +25,7 @@ import torch
 from torch import nn
 
 from ..core.dense import merge_positions, prune_positions
+from ..core.jsonio import write_json
 from ..core.merge import Merge
 from ..core.patch import patch, set_r
 from ..core.state import preserved
@@ -156,9 +156,7 @@ def visualize_dense(
     canvas.save(output, format="PNG")
     info.update(output=output, **layout)
     json_path = os.fspath(json_path) if json_path is not None else os.path.splitext(output)[0] + ".json"
-    with open(json_path, "w", encoding="utf-8") as f:
-        json.dump(info, f, indent=2)
-        f.write("\n")
+    write_json(json_path, info, default=None)
     info["json"] = json_path
     return info
 

@@ -54,6 +54,8 @@ class _Procedural(Dataset):
 
     name = "procedural"
     classes: List[str] = []
+    # the canvas a structured task draws on, ``(rng, size) -> [size, size, 3]`` (a subclass may replace it)
+    background = staticmethod(_photo_background)
 
     def __init__(self, split: str, img_size: int, length: int, seed: int = 0) -> None:
         self.split, self.img_size, self.length, self.seed = split, img_size, length, seed
@@ -141,7 +143,7 @@ class ShapeCount(_Procedural):
 
     def render(self, rng: np.random.Generator, label: int) -> np.ndarray:
         n = self.img_size
-        canvas = _photo_background(rng, n) * 0.6
+        canvas = self.background(rng, n) * 0.6
         radius = n / 16.0
         placed: List[Tuple[float, float]] = []
         while len(placed) < label + 1:
@@ -162,7 +164,7 @@ class ShapeLocation(_Procedural):
 
     def render(self, rng: np.random.Generator, label: int) -> np.ndarray:
         n = self.img_size
-        canvas = _photo_background(rng, n) * 0.6
+        canvas = self.background(rng, n) * 0.6
         radius = n / 16.0
         cy, cx = divmod(label, 3)
         cell = n / 3.0
