@@ -19,7 +19,7 @@ try:
 except ImportError:  # pragma: no cover
     AttentionPoolLatent = ()
 
-__all__ = ["Family", "ReducedBlock", "ReducedModel", "QVEntry", "token_info", "size_pool"]
+__all__ = ["Family", "ReducedBlock", "ReducedModel", "QVEntry", "token_info", "size_pool", "fused_qkv_rows"]
 
 # (Linear, [(target, first row, row after the last)]): where the bank's q / k / v / proj rows live
 QVEntry = Tuple[nn.Linear, List[Tuple[str, int, int]]]
@@ -32,6 +32,12 @@ def token_info(kind: str, q: torch.Tensor, k: torch.Tensor, scale: float, has_cl
         return k.sum(dim=1)
     with torch.no_grad():
         return cls_attention(q, k, scale, has_class_token)
+
+
+def fused_qkv_rows(qkv: nn.Linear, proj: nn.Linear) -> Dict[str, Tuple[nn.Linear, int, Optional[int]]]:
+    """:meth:`Family.qv` of an attention with one fused ``qkv`` Linear (rows q, k, v in thirds) and ``proj``."""
+    d = qkv.out_features // 3
+    return {"q": (qkv, 0, d), "k": (qkv, d, 2 * d), "v": (qkv, 2 * d, 3 * d), "proj": (proj, 0, None)}
 
 
 class ReducedBlock:
@@ -142,6 +148,15 @@ class Family:
     def check(self, model: nn.Module, positions: str) -> None:
         """Raise ``TypeError`` if some block or attention of ``model`` is outside this family."""
         raise NotImplementedError
+
+    def check_attentions(self, model: nn.Module, allowed: Tuple[type, ...], needs: Optional[str] = None) -> None:
+        """``TypeError`` naming the first block whose attention's class is not one of ``allowed`` (exact classes);
+        ``needs`` says what the family needs (default: the class names joined by "or")."""
+        needs = " or ".join(c.__name__ for c in allowed) if needs is None else needs
+        for i, blk in enumerate(self.model_blocks(model)):
+            if type(blk.attn) not in allowed:
+                raise TypeError(f"{type(model).__name__}: block {i} uses {type(blk.attn).__name__}; the {self.name} "
+                                f"family needs {needs}")  # fmt: skip
 
     def qv(self, block: nn.Module) -> Dict[str, Tuple[nn.Linear, int, int]]:
         """``{target: (Linear, first row, row after the last)}`` for ``q``, ``k``, ``v`` and ``proj``."""

@@ -14,7 +14,7 @@ import torch
 from timm.models.beit import Attention, Beit, Block
 
 from ..attention import key_bias_attention
-from .base import Family, ReducedBlock
+from .base import Family, ReducedBlock, fused_qkv_rows
 from .relbias import CENTROID_REFUSAL, PairBiasModel, fused_qkv, pair_bias, pair_token_info
 
 __all__ = ["BeitFamily", "ToComBeitBlock", "beit_attend"]
@@ -72,14 +72,9 @@ class BeitFamily(Family):
         self.positional = shared or own
 
     def check(self, model, positions):
-        name = type(model).__name__
-        for i, blk in enumerate(model.blocks):
-            if type(blk.attn) is not Attention:
-                raise TypeError(
-                    f"{name}: block {i} uses {type(blk.attn).__name__}; the beit family needs BEiT's Attention"
-                )
+        self.check_attentions(model, (Attention,), needs="BEiT's Attention")
         if positions == "centroid" and self.positional:
-            raise ValueError(f"{name}: {CENTROID_REFUSAL}")
+            raise ValueError(f"{type(model).__name__}: {CENTROID_REFUSAL}")
 
     def unmerged_overrides(self, block):
         attn = block.attn  # F.linear on attn.qkv.weight would bypass the bank's Linear: qkv(x) + bias instead
@@ -89,5 +84,4 @@ class BeitFamily(Family):
 
     def qv(self, block):
         attn = block.attn
-        qkv, d = attn.qkv, attn.qkv.out_features // 3
-        return {"q": (qkv, 0, d), "k": (qkv, d, 2 * d), "v": (qkv, 2 * d, 3 * d), "proj": (attn.proj, 0, None)}
+        return fused_qkv_rows(attn.qkv, attn.proj)

@@ -23,7 +23,7 @@ from timm.models.cait import Cait, ClassAttn, LayerScaleBlock, LayerScaleBlockCl
 
 from ..attention import key_bias_attention
 from ..grid import merged_intermediates
-from .base import Family, ReducedBlock, ReducedModel, token_info
+from .base import Family, ReducedBlock, ReducedModel, fused_qkv_rows, token_info
 
 __all__ = ["CaitFamily", "ToComLayerScaleBlock", "ToComCait", "talking_heads_attend"]
 
@@ -123,10 +123,7 @@ class CaitFamily(Family):
 
     def check(self, model, positions):
         name = type(model).__name__
-        for i, blk in enumerate(model.blocks):
-            if type(blk.attn) is not TalkingHeadAttn:
-                raise TypeError(f"{name}: block {i} uses {type(blk.attn).__name__}; the cait family needs "
-                                f"TalkingHeadAttn")  # fmt: skip
+        self.check_attentions(model, (TalkingHeadAttn,))
         for i, blk in enumerate(model.blocks_token_only or ()):
             if type(blk) is not LayerScaleBlockClassAttn or type(blk.attn) is not ClassAttn:
                 got = f"{type(blk).__name__} / {type(blk.attn).__name__}"
@@ -141,5 +138,4 @@ class CaitFamily(Family):
 
     def qv(self, block):
         attn = block.attn
-        qkv, d = attn.qkv, attn.qkv.out_features // 3
-        return {"q": (qkv, 0, d), "k": (qkv, d, 2 * d), "v": (qkv, 2 * d, 3 * d), "proj": (attn.proj, 0, None)}
+        return fused_qkv_rows(attn.qkv, attn.proj)

@@ -28,7 +28,7 @@ from timm.layers.pos_embed_sincos import (
 from timm.models.eva import Eva, EvaAttention, EvaBlock, EvaBlockPostNorm
 
 from ..attention import key_bias_attention
-from .base import Family, ReducedBlock, ReducedModel, size_pool, token_info
+from .base import Family, ReducedBlock, ReducedModel, fused_qkv_rows, size_pool, token_info
 
 __all__ = ["EvaFamily", "ToComEvaBlock", "ToComEvaBlockPostNorm", "ToComEva", "eva_attend"]
 
@@ -226,10 +226,7 @@ class EvaFamily(Family):
 
     def check(self, model, positions):
         name = type(model).__name__
-        for i, blk in enumerate(model.blocks):
-            if type(blk.attn) not in (EvaAttention, AttentionRope):
-                raise TypeError(f"{name}: block {i} uses {type(blk.attn).__name__}; the eva family needs "
-                                f"EvaAttention or AttentionRope")  # fmt: skip
+        self.check_attentions(model, (EvaAttention, AttentionRope))
         rope = getattr(model, "rope", None)
         if rope is not None and type(rope) not in ROPES:
             raise TypeError(f"{name}: rope {type(rope).__name__} is not supported (supported: "
@@ -254,8 +251,6 @@ class EvaFamily(Family):
     def qv(self, block):
         attn = block.attn
         if attn.qkv is not None:
-            d = attn.qkv.out_features // 3
-            qkv = attn.qkv
-            return {"q": (qkv, 0, d), "k": (qkv, d, 2 * d), "v": (qkv, 2 * d, 3 * d), "proj": (attn.proj, 0, None)}
+            return fused_qkv_rows(attn.qkv, attn.proj)
         return {"q": (attn.q_proj, 0, None), "k": (attn.k_proj, 0, None), "v": (attn.v_proj, 0, None),
                 "proj": (attn.proj, 0, None)}  # fmt: skip

@@ -26,7 +26,7 @@ from timm.models.vision_transformer_relpos import (
 )
 
 from ..attention import key_bias_attention
-from .base import Family, ReducedBlock
+from .base import Family, ReducedBlock, fused_qkv_rows
 from .relbias import CENTROID_REFUSAL, PairBiasModel, pair_bias, pair_token_info
 
 __all__ = ["RelPosFamily", "ToComRelPosBlock", "ToComResPostRelPosBlock", "relpos_attend"]
@@ -125,10 +125,7 @@ class RelPosFamily(Family):
 
     def check(self, model, positions):
         name = type(model).__name__
-        for i, blk in enumerate(model.blocks):
-            if type(blk.attn) is not RelPosAttention:
-                raise TypeError(f"{name}: block {i} uses {type(blk.attn).__name__}; the relpos family needs "
-                                f"RelPosAttention")  # fmt: skip
+        self.check_attentions(model, (RelPosAttention,))
         if positions == "centroid" and any(not isinstance(b, RelPosMlp) for b in self.biases):
             raise ValueError(f"{name}: {CENTROID_REFUSAL} (RelPosBias is a table; RelPosMlp takes the centroid)")
 
@@ -141,5 +138,4 @@ class RelPosFamily(Family):
 
     def qv(self, block):
         attn = block.attn
-        qkv, d = attn.qkv, attn.qkv.out_features // 3
-        return {"q": (qkv, 0, d), "k": (qkv, d, 2 * d), "v": (qkv, 2 * d, 3 * d), "proj": (attn.proj, 0, None)}
+        return fused_qkv_rows(attn.qkv, attn.proj)

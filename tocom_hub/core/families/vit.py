@@ -17,7 +17,7 @@ from timm.models.vision_transformer import (
     VisionTransformer,
 )
 
-from .base import Family, ReducedBlock, ReducedModel, size_pool
+from .base import Family, ReducedBlock, ReducedModel, fused_qkv_rows, size_pool
 from .diff import ToComDiffParallelScalingBlock, classic_attend
 from .parallel import ToComParallelScalingBlock, ToComParallelThingsBlock, parallel_qv, things_qv
 
@@ -106,5 +106,4 @@ class ViTFamily(Family):
             return parallel_qv(block)
         if isinstance(block, ParallelThingsBlock):
             return things_qv(block)
-        qkv, d = block.attn.qkv, block.attn.qkv.out_features // 3
-        return {"q": (qkv, 0, d), "k": (qkv, d, 2 * d), "v": (qkv, 2 * d, 3 * d), "proj": (block.attn.proj, 0, None)}
+        return fused_qkv_rows(block.attn.qkv, block.attn.proj)
