@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 from timm.models.beit import Attention, Beit, Block
 
-from ..attention import key_bias_attention
+from ..attention import attention_heads
 from .base import Family, ReducedBlock, fused_qkv_rows
 from .relbias import CENTROID_REFUSAL, PairBiasModel, fused_qkv, pair_bias, pair_token_info
 
@@ -29,10 +29,7 @@ def beit_attend(attn: Attention, x: torch.Tensor, shared: Optional[torch.Tensor]
     if shared is not None:
         bias = shared if bias is None else bias + shared
     mask = pair_bias(bias, ctx, q.dtype)
-    dropout_p = attn.attn_drop.p if attn.training else 0.0
-    # a pairwise bias cannot be folded into q and k: it always goes to SDPA as a mask
-    out = key_bias_attention(q, k, v, mask, attn.scale, dropout_p, attn.fused_attn, "mask", attn.attn_drop)
-    out = out.transpose(1, 2).reshape(B, N, -1)
+    out = attention_heads(attn, q, k, v, mask, "mask")  # a pairwise bias cannot be folded into q and k
     return attn.proj_drop(attn.proj(out)), q, k, mask
 
 

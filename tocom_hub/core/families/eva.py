@@ -27,7 +27,7 @@ from timm.layers.pos_embed_sincos import (
 )
 from timm.models.eva import Eva, EvaAttention, EvaBlock, EvaBlockPostNorm
 
-from ..attention import key_bias_attention
+from ..attention import attention_heads
 from .base import Family, ReducedBlock, ReducedModel, fused_qkv_rows, size_pool, token_info
 
 __all__ = ["EvaFamily", "ToComEvaBlock", "ToComEvaBlockPostNorm", "ToComEva", "eva_attend"]
@@ -130,9 +130,7 @@ def eva_attend(attn, x: torch.Tensor, rope: Optional[torch.Tensor], bias: Option
     groups = getattr(attn, "num_kv_groups", 1)
     if groups > 1:
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    dropout_p = attn.attn_drop.p if attn.training else 0.0
-    out = key_bias_attention(q, k, v, bias, attn.scale, dropout_p, attn.fused_attn, form, attn.attn_drop)
-    out = attn.norm(out.transpose(1, 2).reshape(B, N, attn.num_heads * attn.head_dim))  # explicit: B may be 0
+    out = attn.norm(attention_heads(attn, q, k, v, bias, form))
     if gate is not None:
         out = out * gate
     return attn.proj_drop(attn.proj(out)), q, k

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 from timm.models.vision_transformer import ParallelScalingBlock, ParallelThingsBlock
 
-from ..attention import key_bias_attention
+from ..attention import attention_heads
 from .base import ReducedBlock, token_info
 from .diff import classic_attend
 
@@ -34,7 +34,7 @@ class ToComParallelScalingBlock(ReducedBlock, ParallelScalingBlock):
 
     def _tocom_attention(self, x, ctx, need_info):  # the whole block: attention ∥ MLP
         state = self._tocom_state
-        B, N, C = x.shape
+        B, N, _ = x.shape
         y = self.in_proj(self.in_norm(x))
         x_mlp, q, k, v = torch.split(y, self.in_split, dim=-1)
         if self.mlp_bias is not None:
@@ -42,10 +42,7 @@ class ToComParallelScalingBlock(ReducedBlock, ParallelScalingBlock):
         q = self.q_norm(q.view(B, N, self.num_heads, self.head_dim)).transpose(1, 2)
         k = self.k_norm(k.view(B, N, self.num_heads, self.head_dim)).transpose(1, 2)
         v = v.view(B, N, self.num_heads, self.head_dim).transpose(1, 2)
-        dropout_p = self.attn_drop.p if self.training else 0.0
-        x_attn = key_bias_attention(q, k, v, ctx.attn_bias, self.scale, dropout_p, self.fused_attn, state.attention,
-                                    self.attn_drop)  # fmt: skip
-        x_attn = x_attn.transpose(1, 2).reshape(B, N, C)
+        x_attn = attention_heads(self, q, k, v, ctx.attn_bias, state.attention)
         x_mlp = self.mlp_drop(self.mlp_act(x_mlp))
         if self.out_proj is not None:
             y = self.out_proj(torch.cat((x_attn, x_mlp), dim=-1))

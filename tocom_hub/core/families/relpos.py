@@ -25,7 +25,7 @@ from timm.models.vision_transformer_relpos import (
     VisionTransformerRelPos,
 )
 
-from ..attention import key_bias_attention
+from ..attention import attention_heads
 from .base import Family, ReducedBlock, fused_qkv_rows
 from .relbias import CENTROID_REFUSAL, PairBiasModel, pair_bias, pair_token_info
 
@@ -54,7 +54,7 @@ def relpos_attend(attn: RelPosAttention, x: torch.Tensor, shared: Optional[torch
     """``RelPosAttention.forward`` on the current tokens with their gathered bias (the block's own, else the
     shared one, as timm chooses; recomputed at the centroids under ``positions="centroid"``) and ToMe's
     per-key ``log(size)``; returns ``(out, q, k, mask)``."""
-    B, N, C = x.shape
+    B, N, _ = x.shape
     qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
@@ -63,10 +63,7 @@ def relpos_attend(attn: RelPosAttention, x: torch.Tensor, shared: Optional[torch
     else:
         bias = attn.rel_pos.get_bias() if attn.rel_pos is not None else shared
     mask = pair_bias(bias, ctx, q.dtype)
-    dropout_p = attn.attn_drop.p if attn.training else 0.0
-    # a pairwise bias cannot be folded into q and k: it always goes to SDPA as a mask
-    out = key_bias_attention(q, k, v, mask, attn.scale, dropout_p, attn.fused_attn, "mask", attn.attn_drop)
-    out = out.transpose(1, 2).reshape(B, N, C)
+    out = attention_heads(attn, q, k, v, mask, "mask")  # a pairwise bias cannot be folded into q and k
     return attn.proj_drop(attn.proj(out)), q, k, mask
 
 
