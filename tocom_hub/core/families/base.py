@@ -19,7 +19,19 @@ try:
 except ImportError:  # pragma: no cover
     AttentionPoolLatent = ()
 
-__all__ = ["Family", "ReducedBlock", "ReducedModel", "QVEntry", "token_info", "size_pool", "fused_qkv_rows"]
+__all__ = [
+    "Family",
+    "ReducedBlock",
+    "MaskableBlock",
+    "PreNormBranches",
+    "GammaPreNormBranches",
+    "PostNormBranches",
+    "ReducedModel",
+    "QVEntry",
+    "token_info",
+    "size_pool",
+    "fused_qkv_rows",
+]
 
 # (Linear, [(target, first row, row after the last)]): where the bank's q / k / v / proj rows live
 QVEntry = Tuple[nn.Linear, List[Tuple[str, int, int]]]
@@ -81,6 +93,62 @@ class ReducedBlock:
                 return dense_step(state.reducer, x, info, k, state.num_prefix, self._tocom_mlp_branch, ctx.valid)
             x = reduce_tokens(state, ctx, x, info, r)
         return self._tocom_mlp(x)
+
+
+class MaskableBlock(ReducedBlock):
+    """:class:`ReducedBlock` with the ``forward(x, attn_mask=None, is_causal=False)`` of timm's
+    ``vision_transformer`` blocks; ``_tocom_plain`` is the timm block class whose forward runs unreduced."""
+
+    _tocom_plain: type
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False):
+        masked = attn_mask is not None or is_causal
+        plain = self._tocom_plain.forward
+        return self._tocom_forward(lambda: plain(self, x, attn_mask=attn_mask, is_causal=is_causal), x, masked)
+
+
+# -- the residual arrangement of timm's blocks around a family's attention branch ----------------------
+# A family's block provides ``_tocom_branch(x, ctx, need_info, **extra) -> (out, info)``: its attention on the
+# (normed) tokens, before layer scale and drop path; one of these mixins puts the residuals around it.
+
+
+class PreNormBranches(ReducedBlock):
+    """``x + drop_path1(ls1(attn(norm1(x))))``, then ``+ drop_path2(ls2(mlp(norm2(x))))`` (timm ``Block``)."""
+
+    def _tocom_attention(self, x, ctx, need_info, **extra):
+        out, info = self._tocom_branch(self.norm1(x), ctx, need_info, **extra)
+        return x + self.drop_path1(self.ls1(out)), info
+
+    def _tocom_mlp_branch(self, x):
+        return self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+
+
+class GammaPreNormBranches(ReducedBlock):
+    """Pre-norm with an optional layer-scale parameter ``gamma_1`` / ``gamma_2`` (timm ``EvaBlock``, BEiT)."""
+
+    def _tocom_attention(self, x, ctx, need_info, **extra):
+        out, info = self._tocom_branch(self.norm1(x), ctx, need_info, **extra)
+        if self.gamma_1 is not None:
+            out = self.gamma_1 * out
+        return x + self.drop_path1(out), info
+
+    def _tocom_mlp_branch(self, x):
+        out = self.mlp(self.norm2(x))
+        if self.gamma_2 is not None:
+            out = self.gamma_2 * out
+        return self.drop_path2(out)
+
+
+class PostNormBranches(ReducedBlock):
+    """``x + drop_path1(norm1(attn(x)))``, then ``+ drop_path2(norm2(mlp(x)))`` (timm ``ResPostBlock``,
+    ``EvaBlockPostNorm``, ``ResPostRelPosBlock``: the norm after each branch)."""
+
+    def _tocom_attention(self, x, ctx, need_info, **extra):
+        out, info = self._tocom_branch(x, ctx, need_info, **extra)
+        return x + self.drop_path1(self.norm1(out)), info
+
+    def _tocom_mlp_branch(self, x):
+        return self.drop_path2(self.norm2(self.mlp(x)))
 
 
 def size_pool(model: nn.Module, x: torch.Tensor, ctx: ForwardContext, pool_type: str, start: int, prop_attn: bool):

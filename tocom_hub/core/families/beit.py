@@ -14,7 +14,7 @@ import torch
 from timm.models.beit import Attention, Beit, Block
 
 from ..attention import attention_heads
-from .base import Family, ReducedBlock, fused_qkv_rows
+from .base import Family, GammaPreNormBranches, fused_qkv_rows
 from .relbias import CENTROID_REFUSAL, PairBiasModel, fused_qkv, pair_bias, pair_token_info
 
 __all__ = ["BeitFamily", "ToComBeitBlock", "beit_attend"]
@@ -33,7 +33,7 @@ def beit_attend(attn: Attention, x: torch.Tensor, shared: Optional[torch.Tensor]
     return attn.proj_drop(attn.proj(out)), q, k, mask
 
 
-class ToComBeitBlock(ReducedBlock, Block):
+class ToComBeitBlock(GammaPreNormBranches, Block):
     """timm BEiT ``Block`` that removes ``r`` tokens between attention and MLP."""
 
     def forward(self, x: torch.Tensor, shared_rel_pos_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -42,19 +42,11 @@ class ToComBeitBlock(ReducedBlock, Block):
             lambda: Block.forward(self, x, shared_rel_pos_bias=shared), x, False, shared_rel_pos_bias=shared
         )
 
-    def _tocom_attention(self, x, ctx, need_info, shared_rel_pos_bias=None):
+    def _tocom_branch(self, x, ctx, need_info, shared_rel_pos_bias=None):
         state = self._tocom_state
-        out, q, k, mask = beit_attend(self.attn, self.norm1(x), shared_rel_pos_bias, ctx)
-        if self.gamma_1 is not None:
-            out = self.gamma_1 * out
+        out, q, k, mask = beit_attend(self.attn, x, shared_rel_pos_bias, ctx)
         info = pair_token_info(need_info, q, k, self.attn.scale, state.has_class_token, mask) if need_info else None
-        return x + self.drop_path1(out), info
-
-    def _tocom_mlp_branch(self, x):
-        out = self.mlp(self.norm2(x))
-        if self.gamma_2 is not None:
-            out = self.gamma_2 * out
-        return self.drop_path2(out)
+        return out, info
 
 
 class BeitFamily(Family):

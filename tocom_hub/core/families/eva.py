@@ -28,7 +28,16 @@ from timm.layers.pos_embed_sincos import (
 from timm.models.eva import Eva, EvaAttention, EvaBlock, EvaBlockPostNorm
 
 from ..attention import attention_heads
-from .base import Family, ReducedBlock, ReducedModel, fused_qkv_rows, size_pool, token_info
+from .base import (
+    Family,
+    GammaPreNormBranches,
+    PostNormBranches,
+    ReducedBlock,
+    ReducedModel,
+    fused_qkv_rows,
+    size_pool,
+    token_info,
+)
 
 __all__ = ["EvaFamily", "ToComEvaBlock", "ToComEvaBlockPostNorm", "ToComEva", "eva_attend"]
 
@@ -154,42 +163,23 @@ class _EvaReduced(ReducedBlock):
             return rope
         return _gather_rows(rope, ctx.index[:, state.num_prefix :] - state.num_prefix)
 
-    def _tocom_branch(self, x, ctx, need_info, rope):
+    def _tocom_branch(self, x, ctx, need_info, rope=None):
         state = self._tocom_state
         out, q, k = eva_attend(self.attn, x, self._tocom_rope(ctx, rope), ctx.attn_bias, state.attention)
         info = token_info(need_info, q, k, self.attn.scale, state.has_class_token) if need_info else None
         return out, info
 
 
-class ToComEvaBlock(_EvaReduced, EvaBlock):
+class ToComEvaBlock(GammaPreNormBranches, _EvaReduced, EvaBlock):
     """timm ``EvaBlock`` that removes ``r`` tokens between attention and MLP."""
 
     _tocom_plain = EvaBlock
 
-    def _tocom_attention(self, x, ctx, need_info, rope=None):
-        out, info = self._tocom_branch(self.norm1(x), ctx, need_info, rope)
-        if self.gamma_1 is not None:
-            out = self.gamma_1 * out
-        return x + self.drop_path1(out), info
 
-    def _tocom_mlp_branch(self, x):
-        out = self.mlp(self.norm2(x))
-        if self.gamma_2 is not None:
-            out = self.gamma_2 * out
-        return self.drop_path2(out)
-
-
-class ToComEvaBlockPostNorm(_EvaReduced, EvaBlockPostNorm):
+class ToComEvaBlockPostNorm(PostNormBranches, _EvaReduced, EvaBlockPostNorm):
     """timm ``EvaBlockPostNorm`` (norm after each branch) that removes ``r`` tokens between them."""
 
     _tocom_plain = EvaBlockPostNorm
-
-    def _tocom_attention(self, x, ctx, need_info, rope=None):
-        out, info = self._tocom_branch(x, ctx, need_info, rope)
-        return x + self.drop_path1(self.norm1(out)), info
-
-    def _tocom_mlp_branch(self, x):
-        return self.drop_path2(self.norm2(self.mlp(x)))
 
 
 class ToComEva(ReducedModel):

@@ -81,16 +81,15 @@ class ToComNaFlexBlock(ToComBlock):
         mask, masked = _mask(self, x, attn_mask, is_causal)
         return self._tocom_forward(lambda: Block.forward(self, x, attn_mask=mask, is_causal=is_causal), x, masked)
 
-    def _tocom_attention(self, x, ctx, need_info):
+    def _tocom_branch(self, x, ctx, need_info):
         state = self._tocom_state
         form, bias = state.attention, _key_bias(ctx)
         if hasattr(form, "attend"):  # an object that replaces the whole attention (benchmarks' variants)
-            out, q, k = form.attend(self.attn, self.norm1(x), bias)
+            out, q, k = form.attend(self.attn, x, bias)
         else:
-            out, q, k = attend(self.attn, self.norm1(x), bias, form)
-        x = x + self.drop_path1(self.ls1(out))
+            out, q, k = attend(self.attn, x, bias, form)
         info = _info(need_info, q, k, self.attn.scale, state.has_class_token, ctx) if need_info else None
-        return x, info
+        return out, info
 
 
 class ToComNaFlexEvaBlock(ToComEvaBlock):

@@ -9,28 +9,21 @@ side; EViT: the mean of their class-token attentions), and the MLPs run on the r
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from timm.models.vision_transformer import ParallelScalingBlock, ParallelThingsBlock
 
 from ..attention import attention_heads
-from .base import ReducedBlock, token_info
+from .base import MaskableBlock, token_info
 from .diff import classic_attend
 
 __all__ = ["ToComParallelScalingBlock", "ToComParallelThingsBlock", "parallel_qv", "things_qv"]
 
 
-class ToComParallelScalingBlock(ReducedBlock, ParallelScalingBlock):
+class ToComParallelScalingBlock(MaskableBlock, ParallelScalingBlock):
     """timm ``ParallelScalingBlock`` that removes ``r`` tokens after the block (see the module docstring)."""
 
     _tocom_no_dense = "its MLP runs beside the attention, so no MLP follows the attention to run on merged tokens"
-
-    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False):
-        masked = attn_mask is not None or is_causal
-        return self._tocom_forward(
-            lambda: ParallelScalingBlock.forward(self, x, attn_mask=attn_mask, is_causal=is_causal), x, masked
-        )
+    _tocom_plain = ParallelScalingBlock
 
     def _tocom_attention(self, x, ctx, need_info):  # the whole block: attention ∥ MLP
         state = self._tocom_state
@@ -56,14 +49,10 @@ class ToComParallelScalingBlock(ReducedBlock, ParallelScalingBlock):
         return x
 
 
-class ToComParallelThingsBlock(ReducedBlock, ParallelThingsBlock):
+class ToComParallelThingsBlock(MaskableBlock, ParallelThingsBlock):
     """timm ``ParallelThingsBlock`` that removes ``r`` tokens between its summed attentions and summed MLPs."""
 
-    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False):
-        masked = attn_mask is not None or is_causal
-        return self._tocom_forward(
-            lambda: ParallelThingsBlock.forward(self, x, attn_mask=attn_mask, is_causal=is_causal), x, masked
-        )
+    _tocom_plain = ParallelThingsBlock
 
     def _tocom_attention(self, x, ctx, need_info):
         state = self._tocom_state

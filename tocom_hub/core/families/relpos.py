@@ -26,7 +26,7 @@ from timm.models.vision_transformer_relpos import (
 )
 
 from ..attention import attention_heads
-from .base import Family, ReducedBlock, fused_qkv_rows
+from .base import Family, PostNormBranches, PreNormBranches, ReducedBlock, fused_qkv_rows
 from .relbias import CENTROID_REFUSAL, PairBiasModel, pair_bias, pair_token_info
 
 __all__ = ["RelPosFamily", "ToComRelPosBlock", "ToComResPostRelPosBlock", "relpos_attend"]
@@ -74,37 +74,23 @@ class _RelPosReduced(ReducedBlock):
             lambda: plain(self, x, shared_rel_pos=shared_rel_pos), x, False, shared_rel_pos=shared_rel_pos
         )
 
-    def _tocom_branch(self, x, ctx, need_info, shared):
+    def _tocom_branch(self, x, ctx, need_info, shared_rel_pos=None):
         state = self._tocom_state
-        out, q, k, mask = relpos_attend(self.attn, x, shared, ctx, state.family.shared)
+        out, q, k, mask = relpos_attend(self.attn, x, shared_rel_pos, ctx, state.family.shared)
         info = pair_token_info(need_info, q, k, self.attn.scale, state.has_class_token, mask) if need_info else None
         return out, info
 
 
-class ToComRelPosBlock(_RelPosReduced, RelPosBlock):
+class ToComRelPosBlock(PreNormBranches, _RelPosReduced, RelPosBlock):
     """timm ``RelPosBlock`` that removes ``r`` tokens between attention and MLP."""
 
     _tocom_plain = RelPosBlock
 
-    def _tocom_attention(self, x, ctx, need_info, shared_rel_pos=None):
-        out, info = self._tocom_branch(self.norm1(x), ctx, need_info, shared_rel_pos)
-        return x + self.drop_path1(self.ls1(out)), info
 
-    def _tocom_mlp_branch(self, x):
-        return self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
-
-
-class ToComResPostRelPosBlock(_RelPosReduced, ResPostRelPosBlock):
+class ToComResPostRelPosBlock(PostNormBranches, _RelPosReduced, ResPostRelPosBlock):
     """timm ``ResPostRelPosBlock`` (norm after each branch) that removes ``r`` tokens between them."""
 
     _tocom_plain = ResPostRelPosBlock
-
-    def _tocom_attention(self, x, ctx, need_info, shared_rel_pos=None):
-        out, info = self._tocom_branch(x, ctx, need_info, shared_rel_pos)
-        return x + self.drop_path1(self.norm1(out)), info
-
-    def _tocom_mlp_branch(self, x):
-        return self.drop_path2(self.norm2(self.mlp(x)))
 
 
 class RelPosFamily(Family):

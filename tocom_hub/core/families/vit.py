@@ -17,7 +17,7 @@ from timm.models.vision_transformer import (
     VisionTransformer,
 )
 
-from .base import Family, ReducedBlock, ReducedModel, fused_qkv_rows, size_pool
+from .base import Family, MaskableBlock, PostNormBranches, PreNormBranches, ReducedModel, fused_qkv_rows, size_pool
 from .diff import ToComDiffParallelScalingBlock, classic_attend
 from .parallel import ToComParallelScalingBlock, ToComParallelThingsBlock, parallel_qv, things_qv
 
@@ -26,39 +26,22 @@ _ATTENTIONS = (Attention, DiffAttention)
 __all__ = ["ViTFamily", "ToComBlock", "ToComViT"]
 
 
-class ToComBlock(ReducedBlock, Block):
+class _ClassicReduced(MaskableBlock):
+    def _tocom_branch(self, x, ctx, need_info):
+        state = self._tocom_state
+        return classic_attend(self.attn, x, ctx.attn_bias, state.attention, need_info, state.has_class_token)
+
+
+class ToComBlock(PreNormBranches, _ClassicReduced, Block):
     """timm ``Block`` that removes ``r`` tokens between attention and MLP (see :func:`tocom_hub.patch`)."""
 
-    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False):
-        masked = attn_mask is not None or is_causal
-        return self._tocom_forward(lambda: Block.forward(self, x, attn_mask=attn_mask, is_causal=is_causal), x, masked)
-
-    def _tocom_attention(self, x, ctx, need_info):
-        state = self._tocom_state
-        out, info = classic_attend(self.attn, self.norm1(x), ctx.attn_bias, state.attention, need_info,
-                                   state.has_class_token)  # fmt: skip
-        return x + self.drop_path1(self.ls1(out)), info
-
-    def _tocom_mlp_branch(self, x):
-        return self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+    _tocom_plain = Block
 
 
-class ToComResPostBlock(ReducedBlock, ResPostBlock):
+class ToComResPostBlock(PostNormBranches, _ClassicReduced, ResPostBlock):
     """timm ``ResPostBlock`` (norm after each branch) that removes ``r`` tokens between attention and MLP."""
 
-    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False):
-        masked = attn_mask is not None or is_causal
-        return self._tocom_forward(
-            lambda: ResPostBlock.forward(self, x, attn_mask=attn_mask, is_causal=is_causal), x, masked
-        )
-
-    def _tocom_attention(self, x, ctx, need_info):
-        state = self._tocom_state
-        out, info = classic_attend(self.attn, x, ctx.attn_bias, state.attention, need_info, state.has_class_token)
-        return x + self.drop_path1(self.norm1(out)), info
-
-    def _tocom_mlp_branch(self, x):
-        return self.drop_path2(self.norm2(self.mlp(x)))
+    _tocom_plain = ResPostBlock
 
 
 class ToComViT(ReducedModel):
