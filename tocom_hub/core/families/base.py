@@ -27,6 +27,7 @@ __all__ = [
     "GammaPreNormBranches",
     "PostNormBranches",
     "ReducedModel",
+    "SizePoolModel",
     "QVEntry",
     "token_info",
     "size_pool",
@@ -192,6 +193,24 @@ class ReducedModel:
             ctx.track = True
             return merged_intermediates(self, super().forward_intermediates, *args, **kwargs)
         return super().forward_intermediates(*args, **kwargs)
+
+
+class SizePoolModel(ReducedModel):
+    """:class:`ReducedModel` whose timm ``pool(x, pool_type)`` is size-weighted after merging (:func:`size_pool`);
+    ``_tocom_pool_start()`` says where the pooled tokens begin."""
+
+    def _tocom_pool_start(self) -> int:
+        raise NotImplementedError
+
+    def pool(self, x: torch.Tensor, pool_type: Optional[str] = None) -> torch.Tensor:
+        state = self._tocom_state
+        ctx = state.last()
+        if ctx is not None:
+            pool_type = self.global_pool if pool_type is None else pool_type
+            pooled = size_pool(self, x, ctx, pool_type, self._tocom_pool_start(), state.prop_attn)
+            if pooled is not None:
+                return pooled
+        return super().pool(x, pool_type)
 
 
 class Family:

@@ -33,9 +33,8 @@ from .base import (
     GammaPreNormBranches,
     PostNormBranches,
     ReducedBlock,
-    ReducedModel,
+    SizePoolModel,
     fused_qkv_rows,
-    size_pool,
     token_info,
 )
 
@@ -182,7 +181,7 @@ class ToComEvaBlockPostNorm(PostNormBranches, _EvaReduced, EvaBlockPostNorm):
     _tocom_plain = EvaBlockPostNorm
 
 
-class ToComEva(ReducedModel):
+class ToComEva(SizePoolModel):
     """Model mixin of the eva family: records the patch grid of the forward, size-aware pooling."""
 
     def _pos_embed(self, x):
@@ -190,16 +189,8 @@ class ToComEva(ReducedModel):
         ctx.grid = (x.shape[1], x.shape[2]) if self.dynamic_img_size else tuple(self.patch_embed.grid_size)
         return super()._pos_embed(x)
 
-    def pool(self, x: torch.Tensor, pool_type: Optional[str] = None) -> torch.Tensor:
-        state = self._tocom_state
-        ctx = state.last()
-        if ctx is not None:
-            pool_type = self.global_pool if pool_type is None else pool_type
-            start = 0 if self.attn_pool is not None else self.num_prefix_tokens
-            pooled = size_pool(self, x, ctx, pool_type, start, state.prop_attn)
-            if pooled is not None:
-                return pooled
-        return super().pool(x, pool_type)
+    def _tocom_pool_start(self):
+        return 0 if self.attn_pool is not None else self.num_prefix_tokens
 
 
 class EvaFamily(Family):

@@ -4,9 +4,6 @@ or ``DiffAttention`` (differential attention, :mod:`.diff`), and the parallel bl
 
 from __future__ import annotations
 
-from typing import Optional
-
-import torch
 from timm.layers import Attention, DiffAttention
 from timm.models.vision_transformer import (
     Block,
@@ -17,7 +14,7 @@ from timm.models.vision_transformer import (
     VisionTransformer,
 )
 
-from .base import Family, MaskableBlock, PostNormBranches, PreNormBranches, ReducedModel, fused_qkv_rows, size_pool
+from .base import Family, MaskableBlock, PostNormBranches, PreNormBranches, SizePoolModel, fused_qkv_rows
 from .diff import ToComDiffParallelScalingBlock, classic_attend
 from .parallel import ToComParallelScalingBlock, ToComParallelThingsBlock, parallel_qv, things_qv
 
@@ -44,19 +41,11 @@ class ToComResPostBlock(PostNormBranches, _ClassicReduced, ResPostBlock):
     _tocom_plain = ResPostBlock
 
 
-class ToComViT(ReducedModel):
+class ToComViT(SizePoolModel):
     """Model mixin of the classic family: size-weighted average pooling, log-size bias in a MAP head."""
 
-    def pool(self, x: torch.Tensor, pool_type: Optional[str] = None) -> torch.Tensor:
-        state = self._tocom_state
-        ctx = state.last()
-        if ctx is not None:
-            start = 0 if self.pool_include_prefix else self.num_prefix_tokens
-            pool_type = self.global_pool if pool_type is None else pool_type
-            pooled = size_pool(self, x, ctx, pool_type, start, state.prop_attn)
-            if pooled is not None:
-                return pooled
-        return super().pool(x, pool_type)
+    def _tocom_pool_start(self):
+        return 0 if self.pool_include_prefix else self.num_prefix_tokens
 
 
 class ViTFamily(Family):
