@@ -193,23 +193,30 @@ class ToComEva(SizePoolModel):
         return 0 if self.attn_pool is not None else self.num_prefix_tokens
 
 
-class EvaFamily(Family):
-    name = "eva"
-    model_classes = (Eva,)
-    model_mixin = ToComEva
-    blocks = {EvaBlock: ToComEvaBlock, EvaBlockPostNorm: ToComEvaBlockPostNorm}
+class RopeFamily(Family):
+    """A family whose model may carry one timm rope module (``model.rope``, a class of :data:`ROPES`)."""
 
     def __init__(self, model=None) -> None:
         self.rope = getattr(model, "rope", None)
         self.positional = self.rope is not None
 
-    def check(self, model, positions):
-        name = type(model).__name__
-        self.check_attentions(model, (EvaAttention, AttentionRope))
+    def check_rope(self, model) -> None:
+        """``TypeError`` if the model's rope is not one of :data:`ROPES`."""
         rope = getattr(model, "rope", None)
         if rope is not None and type(rope) not in ROPES:
-            raise TypeError(f"{name}: rope {type(rope).__name__} is not supported (supported: "
+            raise TypeError(f"{type(model).__name__}: rope {type(rope).__name__} is not supported (supported: "
                             f"{', '.join(c.__name__ for c in ROPES)})")  # fmt: skip
+
+
+class EvaFamily(RopeFamily):
+    name = "eva"
+    model_classes = (Eva,)
+    model_mixin = ToComEva
+    blocks = {EvaBlock: ToComEvaBlock, EvaBlockPostNorm: ToComEvaBlockPostNorm}
+
+    def check(self, model, positions):
+        self.check_attentions(model, (EvaAttention, AttentionRope))
+        self.check_rope(model)
 
     def initial_coords(self, ctx, x):
         grid_fn = ROPES[type(self.rope)][0]

@@ -23,8 +23,8 @@ from timm.models.naflexvit import NaFlexVit
 from timm.models.vision_transformer import Block
 
 from ..attention import attend
-from .base import Family, ReducedModel, token_info
-from .eva import ROPES, EvaFamily, ToComEvaBlock, eva_attend
+from .base import ReducedModel, token_info
+from .eva import EvaFamily, RopeFamily, ToComEvaBlock, eva_attend
 from .vit import ToComBlock, ViTFamily
 
 __all__ = ["NaFlexFamily", "ToComNaFlexBlock", "ToComNaFlexEvaBlock", "ToComNaFlexVit", "padding_bias", "PAD_BIAS"]
@@ -166,15 +166,11 @@ class ToComNaFlexVit(ReducedModel):
         return 0.5 * (top.amax(dim=1) + avg)
 
 
-class NaFlexFamily(Family):
+class NaFlexFamily(RopeFamily):
     name = "naflexvit"
     model_classes = (NaFlexVit,)
     model_mixin = ToComNaFlexVit
     blocks = {Block: ToComNaFlexBlock, EvaBlock: ToComNaFlexEvaBlock}
-
-    def __init__(self, model=None) -> None:
-        self.rope = getattr(model, "rope", None)
-        self.positional = self.rope is not None
 
     def check(self, model, positions):
         name = type(model).__name__
@@ -183,10 +179,8 @@ class NaFlexFamily(Family):
             if attn not in need:
                 raise TypeError(f"{name}: block {i} ({type(blk).__name__}) uses {attn.__name__}; the naflexvit "
                                 f"family needs {' or '.join(c.__name__ for c in need)}")  # fmt: skip
+        self.check_rope(model)
         if self.rope is not None:
-            if type(self.rope) not in ROPES:
-                raise TypeError(f"{name}: rope {type(self.rope).__name__} is not supported (supported: "
-                                f"{', '.join(c.__name__ for c in ROPES)})")  # fmt: skip
             if positions != "keep":
                 raise TypeError(f"{name}: positions={positions!r} is not supported for NaFlexViT rope (each image "
                                 f"of a patch-dict batch has its own grid); use positions='keep'")  # fmt: skip
