@@ -90,6 +90,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def evaluate(finetuned: Path, out: Path, options: List[str], log: Path, after: Sequence[str] = ()) -> None:
+    """The stage ``training/evaluate.py --finetuned <finetuned> <options> --output-dir <out> --num-workers 0
+    <after>`` (:func:`run`; done when ``out/eval.json`` exists)."""
+    args = ["--finetuned", str(finetuned), *options, "--output-dir", str(out), "--num-workers", "0", *after]
+    run("evaluate.py", args, log, out, done="eval.json")
+
+
 def run(script: str, args: List[str], log: Path, stage: Path, done: str) -> None:
     """Run ``training/<script>`` in a subprocess (as a user would), appending its output to ``log``, unless
     ``stage/done`` exists from an earlier invocation with the same arguments (resuming a study).
@@ -172,26 +179,7 @@ def main(argv: Sequence[str] | None = None) -> Dict[str, Any]:
     )
     ckpt = str(pre / "model.safetensors")
     stages += [pre, pre / "eval"]
-    run(
-        "evaluate.py",
-        [
-            "--finetuned",
-            str(pre),
-            "--split",
-            "test",
-            "--targets",
-            f"0-{R}",
-            "--source-r",
-            "0",
-            "--output-dir",
-            str(pre / "eval"),
-            "--num-workers",
-            "0",
-        ],
-        log,
-        pre / "eval",
-        done="eval.json",
-    )
+    evaluate(pre, pre / "eval", ["--split", "test", "--targets", f"0-{R}", "--source-r", "0"], log)
     pre_eval = json.loads((pre / "eval" / "eval.json").read_text())
 
     # 2. downstream off-the-shelf models (they never see the bank, so they come first)
@@ -273,29 +261,11 @@ def main(argv: Sequence[str] | None = None) -> Dict[str, Any]:
     val_targets = ",".join(str(t) for t in sorted({*range(0, R + 1, max(R // 4, 1)), R}))
     out = pre / f"calib-{a.kd}"
     stages.append(out)
-    run(
-        "evaluate.py",
-        [
-            "--finetuned",
-            str(pre),
-            "--source-r",
-            "0",
-            "--bank",
-            str(bank),
-            "--split",
-            "val",
-            "--scales",
-            a.scales,
-            "--targets",
-            val_targets,
-            "--output-dir",
-            str(out),
-            "--num-workers",
-            "0",
-        ],
-        log,
+    evaluate(
+        pre,
         out,
-        done="eval.json",
+        ["--source-r", "0", "--bank", str(bank), "--split", "val", "--scales", a.scales, "--targets", val_targets],
+        log,
     )
     corpus_eval = json.loads((out / "eval.json").read_text())
 
@@ -309,27 +279,8 @@ def main(argv: Sequence[str] | None = None) -> Dict[str, Any]:
             ft = wd / "downstream" / task / f"src{src}-seed{seeds[0]}"
             out = ft / f"select-s-{a.kd}"
             stages.append(out)
-            run(
-                "evaluate.py",
-                [
-                    "--finetuned",
-                    str(ft),
-                    "--bank",
-                    str(bank),
-                    "--scales",
-                    a.scales,
-                    "--split",
-                    "val",
-                    "--targets",
-                    val_targets,
-                    "--output-dir",
-                    str(out),
-                    "--num-workers",
-                    "0",
-                ],
-                log,
-                out,
-                done="eval.json",
+            evaluate(
+                ft, out, ["--bank", str(bank), "--scales", a.scales, "--split", "val", "--targets", val_targets], log
             )
             gains = json.loads((out / "eval.json").read_text())["mean_gain_by_scale"]
             scales[task][str(src)] = max(gains, key=lambda k: (gains[k], -float(k)))
@@ -340,29 +291,13 @@ def main(argv: Sequence[str] | None = None) -> Dict[str, Any]:
                 s_ = scales[task][str(src)]
                 ev = ft / f"eval-{a.kd}-s{s_}"
                 stages.append(ev)
-                run(
-                    "evaluate.py",
-                    [
-                        "--finetuned",
-                        str(ft),
-                        "--bank",
-                        str(bank),
-                        "--scales",
-                        s_,
-                        "--split",
-                        "test",
-                        "--targets",
-                        f"0-{R}",
-                        "--output-dir",
-                        str(ev),
-                        "--num-workers",
-                        "0",
-                        "--save-correct",  # per-image hits: benchmarks/study/intervals.py bootstraps them
-                    ],
-                    log,
+                evaluate(
+                    ft,
                     ev,
-                    done="eval.json",
-                )
+                    ["--bank", str(bank), "--scales", s_, "--split", "test", "--targets", f"0-{R}"],
+                    log,
+                    after=["--save-correct"],
+                )  # per-image hits: benchmarks/study/intervals.py bootstraps them
                 runs[str(src)].append(json.loads((ev / "eval.json").read_text()))
         per_task[task] = summarise(runs, R, scales[task])
         per_task[task]["scale"] = {k: float(v) for k, v in scales[task].items()}

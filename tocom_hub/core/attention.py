@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from timm.layers import Attention
 
-__all__ = ["ATTENTION_FORMS", "FOLD_BIAS_DEVICES", "sdpa_key_bias", "key_bias_attention", "attend"]
+__all__ = ["ATTENTION_FORMS", "FOLD_BIAS_DEVICES", "sdpa_key_bias", "key_bias_attention", "attention_heads", "attend"]
 
 # Device types on which the "auto" form folds log(size) into q and k instead of passing an additive mask to
 # SDPA. On CUDA a mask forces SDPA off the flash kernel (measured ~3x slower on an H200 at N = 197, while one
@@ -77,6 +77,15 @@ def key_bias_attention(
     return sdpa_key_bias(q, k, v, bias, scale, dropout_p=dropout_p, fold=fold)
 
 
+def attention_heads(attn: torch.nn.Module, q, k, v, bias: Optional[torch.Tensor], form: Any = "auto") -> torch.Tensor:
+    """:func:`key_bias_attention` with a timm attention module's ``scale``, ``fused_attn`` and ``attn_drop``
+    (dropout only in training), the heads joined: ``[B, H, N, D]`` → ``[B, N, H·D]`` (before ``proj``)."""
+    dropout_p = attn.attn_drop.p if attn.training else 0.0
+    out = key_bias_attention(q, k, v, bias, attn.scale, dropout_p, attn.fused_attn, form, attn.attn_drop)
+    B, H, N, D = out.shape
+    return out.transpose(1, 2).reshape(B, N, H * D)  # explicit: B may be 0
+
+
 def attend(attn: Attention, x: torch.Tensor, bias: Optional[torch.Tensor], form: Any = "auto"):
     """timm ``Attention.forward`` with a per-key bias (``[B, 1, 1, N]``, log token size, or ``None``).
 
@@ -88,9 +97,7 @@ def attend(attn: Attention, x: torch.Tensor, bias: Optional[torch.Tensor], form:
     qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
-    dropout_p = attn.attn_drop.p if attn.training else 0.0
-    out = key_bias_attention(q, k, v, bias, attn.scale, dropout_p, attn.fused_attn, form, attn.attn_drop)
-    out = attn.norm(out.transpose(1, 2).reshape(B, N, attn.num_heads * attn.head_dim))  # explicit: B may be 0
+    out = attn.norm(attention_heads(attn, q, k, v, bias, form))
     if gate is not None:
         out = out * gate
     return attn.proj_drop(attn.proj(out)), q, k

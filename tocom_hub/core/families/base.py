@@ -19,7 +19,20 @@ try:
 except ImportError:  # pragma: no cover
     AttentionPoolLatent = ()
 
-__all__ = ["Family", "ReducedBlock", "ReducedModel", "QVEntry", "token_info", "size_pool"]
+__all__ = [
+    "Family",
+    "ReducedBlock",
+    "MaskableBlock",
+    "PreNormBranches",
+    "GammaPreNormBranches",
+    "PostNormBranches",
+    "ReducedModel",
+    "SizePoolModel",
+    "QVEntry",
+    "token_info",
+    "size_pool",
+    "fused_qkv_rows",
+]
 
 # (Linear, [(target, first row, row after the last)]): where the bank's q / k / v / proj rows live
 QVEntry = Tuple[nn.Linear, List[Tuple[str, int, int]]]
@@ -32,6 +45,12 @@ def token_info(kind: str, q: torch.Tensor, k: torch.Tensor, scale: float, has_cl
         return k.sum(dim=1)
     with torch.no_grad():
         return cls_attention(q, k, scale, has_class_token)
+
+
+def fused_qkv_rows(qkv: nn.Linear, proj: nn.Linear) -> Dict[str, Tuple[nn.Linear, int, Optional[int]]]:
+    """:meth:`Family.qv` of an attention with one fused ``qkv`` Linear (rows q, k, v in thirds) and ``proj``."""
+    d = qkv.out_features // 3
+    return {"q": (qkv, 0, d), "k": (qkv, d, 2 * d), "v": (qkv, 2 * d, 3 * d), "proj": (proj, 0, None)}
 
 
 class ReducedBlock:
@@ -77,6 +96,62 @@ class ReducedBlock:
         return self._tocom_mlp(x)
 
 
+class MaskableBlock(ReducedBlock):
+    """:class:`ReducedBlock` with the ``forward(x, attn_mask=None, is_causal=False)`` of timm's
+    ``vision_transformer`` blocks; ``_tocom_plain`` is the timm block class whose forward runs unreduced."""
+
+    _tocom_plain: type
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False):
+        masked = attn_mask is not None or is_causal
+        plain = self._tocom_plain.forward
+        return self._tocom_forward(lambda: plain(self, x, attn_mask=attn_mask, is_causal=is_causal), x, masked)
+
+
+# -- the residual arrangement of timm's blocks around a family's attention branch ----------------------
+# A family's block provides ``_tocom_branch(x, ctx, need_info, **extra) -> (out, info)``: its attention on the
+# (normed) tokens, before layer scale and drop path; one of these mixins puts the residuals around it.
+
+
+class PreNormBranches(ReducedBlock):
+    """``x + drop_path1(ls1(attn(norm1(x))))``, then ``+ drop_path2(ls2(mlp(norm2(x))))`` (timm ``Block``)."""
+
+    def _tocom_attention(self, x, ctx, need_info, **extra):
+        out, info = self._tocom_branch(self.norm1(x), ctx, need_info, **extra)
+        return x + self.drop_path1(self.ls1(out)), info
+
+    def _tocom_mlp_branch(self, x):
+        return self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+
+
+class GammaPreNormBranches(ReducedBlock):
+    """Pre-norm with an optional layer-scale parameter ``gamma_1`` / ``gamma_2`` (timm ``EvaBlock``, BEiT)."""
+
+    def _tocom_attention(self, x, ctx, need_info, **extra):
+        out, info = self._tocom_branch(self.norm1(x), ctx, need_info, **extra)
+        if self.gamma_1 is not None:
+            out = self.gamma_1 * out
+        return x + self.drop_path1(out), info
+
+    def _tocom_mlp_branch(self, x):
+        out = self.mlp(self.norm2(x))
+        if self.gamma_2 is not None:
+            out = self.gamma_2 * out
+        return self.drop_path2(out)
+
+
+class PostNormBranches(ReducedBlock):
+    """``x + drop_path1(norm1(attn(x)))``, then ``+ drop_path2(norm2(mlp(x)))`` (timm ``ResPostBlock``,
+    ``EvaBlockPostNorm``, ``ResPostRelPosBlock``: the norm after each branch)."""
+
+    def _tocom_attention(self, x, ctx, need_info, **extra):
+        out, info = self._tocom_branch(x, ctx, need_info, **extra)
+        return x + self.drop_path1(self.norm1(out)), info
+
+    def _tocom_mlp_branch(self, x):
+        return self.drop_path2(self.norm2(self.mlp(x)))
+
+
 def size_pool(model: nn.Module, x: torch.Tensor, ctx: ForwardContext, pool_type: str, start: int, prop_attn: bool):
     """Size-weighted pooling of merged tokens; ``None`` when the model's own pooling is right as it is."""
     size = ctx.size
@@ -120,6 +195,24 @@ class ReducedModel:
         return super().forward_intermediates(*args, **kwargs)
 
 
+class SizePoolModel(ReducedModel):
+    """:class:`ReducedModel` whose timm ``pool(x, pool_type)`` is size-weighted after merging (:func:`size_pool`);
+    ``_tocom_pool_start()`` says where the pooled tokens begin."""
+
+    def _tocom_pool_start(self) -> int:
+        raise NotImplementedError
+
+    def pool(self, x: torch.Tensor, pool_type: Optional[str] = None) -> torch.Tensor:
+        state = self._tocom_state
+        ctx = state.last()
+        if ctx is not None:
+            pool_type = self.global_pool if pool_type is None else pool_type
+            pooled = size_pool(self, x, ctx, pool_type, self._tocom_pool_start(), state.prop_attn)
+            if pooled is not None:
+                return pooled
+        return super().pool(x, pool_type)
+
+
 class Family:
     """One timm family: which model and block classes it covers and how their blocks are reduced.
 
@@ -142,6 +235,15 @@ class Family:
     def check(self, model: nn.Module, positions: str) -> None:
         """Raise ``TypeError`` if some block or attention of ``model`` is outside this family."""
         raise NotImplementedError
+
+    def check_attentions(self, model: nn.Module, allowed: Tuple[type, ...], needs: Optional[str] = None) -> None:
+        """``TypeError`` naming the first block whose attention's class is not one of ``allowed`` (exact classes);
+        ``needs`` says what the family needs (default: the class names joined by "or")."""
+        needs = " or ".join(c.__name__ for c in allowed) if needs is None else needs
+        for i, blk in enumerate(self.model_blocks(model)):
+            if type(blk.attn) not in allowed:
+                raise TypeError(f"{type(model).__name__}: block {i} uses {type(blk.attn).__name__}; the {self.name} "
+                                f"family needs {needs}")  # fmt: skip
 
     def qv(self, block: nn.Module) -> Dict[str, Tuple[nn.Linear, int, int]]:
         """``{target: (Linear, first row, row after the last)}`` for ``q``, ``k``, ``v`` and ``proj``."""

@@ -13,8 +13,8 @@ from typing import Optional
 import torch
 from timm.models.beit import Attention, Beit, Block
 
-from ..attention import key_bias_attention
-from .base import Family, ReducedBlock
+from ..attention import attention_heads
+from .base import Family, GammaPreNormBranches, fused_qkv_rows
 from .relbias import CENTROID_REFUSAL, PairBiasModel, fused_qkv, pair_bias, pair_token_info
 
 __all__ = ["BeitFamily", "ToComBeitBlock", "beit_attend"]
@@ -29,14 +29,11 @@ def beit_attend(attn: Attention, x: torch.Tensor, shared: Optional[torch.Tensor]
     if shared is not None:
         bias = shared if bias is None else bias + shared
     mask = pair_bias(bias, ctx, q.dtype)
-    dropout_p = attn.attn_drop.p if attn.training else 0.0
-    # a pairwise bias cannot be folded into q and k: it always goes to SDPA as a mask
-    out = key_bias_attention(q, k, v, mask, attn.scale, dropout_p, attn.fused_attn, "mask", attn.attn_drop)
-    out = out.transpose(1, 2).reshape(B, N, -1)
+    out = attention_heads(attn, q, k, v, mask, "mask")  # a pairwise bias cannot be folded into q and k
     return attn.proj_drop(attn.proj(out)), q, k, mask
 
 
-class ToComBeitBlock(ReducedBlock, Block):
+class ToComBeitBlock(GammaPreNormBranches, Block):
     """timm BEiT ``Block`` that removes ``r`` tokens between attention and MLP."""
 
     def forward(self, x: torch.Tensor, shared_rel_pos_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -45,19 +42,11 @@ class ToComBeitBlock(ReducedBlock, Block):
             lambda: Block.forward(self, x, shared_rel_pos_bias=shared), x, False, shared_rel_pos_bias=shared
         )
 
-    def _tocom_attention(self, x, ctx, need_info, shared_rel_pos_bias=None):
+    def _tocom_branch(self, x, ctx, need_info, shared_rel_pos_bias=None):
         state = self._tocom_state
-        out, q, k, mask = beit_attend(self.attn, self.norm1(x), shared_rel_pos_bias, ctx)
-        if self.gamma_1 is not None:
-            out = self.gamma_1 * out
+        out, q, k, mask = beit_attend(self.attn, x, shared_rel_pos_bias, ctx)
         info = pair_token_info(need_info, q, k, self.attn.scale, state.has_class_token, mask) if need_info else None
-        return x + self.drop_path1(out), info
-
-    def _tocom_mlp_branch(self, x):
-        out = self.mlp(self.norm2(x))
-        if self.gamma_2 is not None:
-            out = self.gamma_2 * out
-        return self.drop_path2(out)
+        return out, info
 
 
 class BeitFamily(Family):
@@ -72,14 +61,9 @@ class BeitFamily(Family):
         self.positional = shared or own
 
     def check(self, model, positions):
-        name = type(model).__name__
-        for i, blk in enumerate(model.blocks):
-            if type(blk.attn) is not Attention:
-                raise TypeError(
-                    f"{name}: block {i} uses {type(blk.attn).__name__}; the beit family needs BEiT's Attention"
-                )
+        self.check_attentions(model, (Attention,), needs="BEiT's Attention")
         if positions == "centroid" and self.positional:
-            raise ValueError(f"{name}: {CENTROID_REFUSAL}")
+            raise ValueError(f"{type(model).__name__}: {CENTROID_REFUSAL}")
 
     def unmerged_overrides(self, block):
         attn = block.attn  # F.linear on attn.qkv.weight would bypass the bank's Linear: qkv(x) + bias instead
@@ -89,5 +73,4 @@ class BeitFamily(Family):
 
     def qv(self, block):
         attn = block.attn
-        qkv, d = attn.qkv, attn.qkv.out_features // 3
-        return {"q": (qkv, 0, d), "k": (qkv, d, 2 * d), "v": (qkv, 2 * d, 3 * d), "proj": (attn.proj, 0, None)}
+        return fused_qkv_rows(attn.qkv, attn.proj)

@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from timm.models.cait import Cait, ClassAttn, LayerScaleBlock, LayerScaleBlockClassAttn, TalkingHeadAttn
 
-from ..attention import key_bias_attention
+from ..attention import attention_heads
 from ..grid import merged_intermediates
-from .base import Family, ReducedBlock, ReducedModel, token_info
+from .base import Family, ReducedBlock, ReducedModel, fused_qkv_rows, token_info
 
 __all__ = ["CaitFamily", "ToComLayerScaleBlock", "ToComCait", "talking_heads_attend"]
 
@@ -71,9 +71,7 @@ def _class_attention(blk: LayerScaleBlockClassAttn, x, x_cls, bias, form):
     q = attn.q(u[:, :1]).reshape(B, 1, H, C // H).transpose(1, 2)
     k = attn.k(u).reshape(B, N, H, C // H).transpose(1, 2)
     v = attn.v(u).reshape(B, N, H, C // H).transpose(1, 2)
-    dropout_p = attn.attn_drop.p if attn.training else 0.0
-    out = key_bias_attention(q, k, v, bias, attn.scale, dropout_p, attn.fused_attn, form, attn.attn_drop)
-    out = attn.proj_drop(attn.proj(out.transpose(1, 2).reshape(B, 1, C)))
+    out = attn.proj_drop(attn.proj(attention_heads(attn, q, k, v, bias, form)))
     x_cls = x_cls + blk.drop_path(blk.gamma_1 * out)
     return x_cls + blk.drop_path(blk.gamma_2 * blk.mlp(blk.norm2(x_cls)))
 
@@ -123,10 +121,7 @@ class CaitFamily(Family):
 
     def check(self, model, positions):
         name = type(model).__name__
-        for i, blk in enumerate(model.blocks):
-            if type(blk.attn) is not TalkingHeadAttn:
-                raise TypeError(f"{name}: block {i} uses {type(blk.attn).__name__}; the cait family needs "
-                                f"TalkingHeadAttn")  # fmt: skip
+        self.check_attentions(model, (TalkingHeadAttn,))
         for i, blk in enumerate(model.blocks_token_only or ()):
             if type(blk) is not LayerScaleBlockClassAttn or type(blk.attn) is not ClassAttn:
                 got = f"{type(blk).__name__} / {type(blk.attn).__name__}"
@@ -141,5 +136,4 @@ class CaitFamily(Family):
 
     def qv(self, block):
         attn = block.attn
-        qkv, d = attn.qkv, attn.qkv.out_features // 3
-        return {"q": (qkv, 0, d), "k": (qkv, d, 2 * d), "v": (qkv, 2 * d, 3 * d), "proj": (attn.proj, 0, None)}
+        return fused_qkv_rows(attn.qkv, attn.proj)

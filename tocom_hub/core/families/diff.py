@@ -17,7 +17,7 @@ from timm.models.vision_transformer import DiffParallelScalingBlock
 
 from ..attention import attend, key_bias_attention
 from ..prune import cls_attention
-from .base import ReducedBlock, token_info
+from .base import MaskableBlock, token_info
 
 __all__ = ["diff_attention", "diff_info", "diff_attend", "classic_attend", "ToComDiffParallelScalingBlock"]
 
@@ -78,17 +78,12 @@ def classic_attend(attn, x, bias, form, need_info, has_class_token):
     return out, (token_info(need_info, q, k, attn.scale, has_class_token) if need_info else None)
 
 
-class ToComDiffParallelScalingBlock(ReducedBlock, DiffParallelScalingBlock):
+class ToComDiffParallelScalingBlock(MaskableBlock, DiffParallelScalingBlock):
     """timm ``DiffParallelScalingBlock`` that removes ``r`` tokens after the block (its MLP runs beside the
     attention, as in :class:`~.parallel.ToComParallelScalingBlock`)."""
 
     _tocom_no_dense = "its MLP runs beside the attention, so no MLP follows the attention to run on merged tokens"
-
-    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False):
-        masked = attn_mask is not None or is_causal
-        return self._tocom_forward(
-            lambda: DiffParallelScalingBlock.forward(self, x, attn_mask=attn_mask, is_causal=is_causal), x, masked
-        )
+    _tocom_plain = DiffParallelScalingBlock
 
     def _tocom_attention(self, x, ctx, need_info):  # the whole block: differential attention ∥ MLP
         state = self._tocom_state

@@ -27,8 +27,16 @@ from timm.layers.pos_embed_sincos import (
 )
 from timm.models.eva import Eva, EvaAttention, EvaBlock, EvaBlockPostNorm
 
-from ..attention import key_bias_attention
-from .base import Family, ReducedBlock, ReducedModel, size_pool, token_info
+from ..attention import attention_heads
+from .base import (
+    Family,
+    GammaPreNormBranches,
+    PostNormBranches,
+    ReducedBlock,
+    SizePoolModel,
+    fused_qkv_rows,
+    token_info,
+)
 
 __all__ = ["EvaFamily", "ToComEvaBlock", "ToComEvaBlockPostNorm", "ToComEva", "eva_attend"]
 
@@ -130,9 +138,7 @@ def eva_attend(attn, x: torch.Tensor, rope: Optional[torch.Tensor], bias: Option
     groups = getattr(attn, "num_kv_groups", 1)
     if groups > 1:
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    dropout_p = attn.attn_drop.p if attn.training else 0.0
-    out = key_bias_attention(q, k, v, bias, attn.scale, dropout_p, attn.fused_attn, form, attn.attn_drop)
-    out = attn.norm(out.transpose(1, 2).reshape(B, N, attn.num_heads * attn.head_dim))  # explicit: B may be 0
+    out = attn.norm(attention_heads(attn, q, k, v, bias, form))
     if gate is not None:
         out = out * gate
     return attn.proj_drop(attn.proj(out)), q, k
@@ -156,45 +162,26 @@ class _EvaReduced(ReducedBlock):
             return rope
         return _gather_rows(rope, ctx.index[:, state.num_prefix :] - state.num_prefix)
 
-    def _tocom_branch(self, x, ctx, need_info, rope):
+    def _tocom_branch(self, x, ctx, need_info, rope=None):
         state = self._tocom_state
         out, q, k = eva_attend(self.attn, x, self._tocom_rope(ctx, rope), ctx.attn_bias, state.attention)
         info = token_info(need_info, q, k, self.attn.scale, state.has_class_token) if need_info else None
         return out, info
 
 
-class ToComEvaBlock(_EvaReduced, EvaBlock):
+class ToComEvaBlock(GammaPreNormBranches, _EvaReduced, EvaBlock):
     """timm ``EvaBlock`` that removes ``r`` tokens between attention and MLP."""
 
     _tocom_plain = EvaBlock
 
-    def _tocom_attention(self, x, ctx, need_info, rope=None):
-        out, info = self._tocom_branch(self.norm1(x), ctx, need_info, rope)
-        if self.gamma_1 is not None:
-            out = self.gamma_1 * out
-        return x + self.drop_path1(out), info
 
-    def _tocom_mlp_branch(self, x):
-        out = self.mlp(self.norm2(x))
-        if self.gamma_2 is not None:
-            out = self.gamma_2 * out
-        return self.drop_path2(out)
-
-
-class ToComEvaBlockPostNorm(_EvaReduced, EvaBlockPostNorm):
+class ToComEvaBlockPostNorm(PostNormBranches, _EvaReduced, EvaBlockPostNorm):
     """timm ``EvaBlockPostNorm`` (norm after each branch) that removes ``r`` tokens between them."""
 
     _tocom_plain = EvaBlockPostNorm
 
-    def _tocom_attention(self, x, ctx, need_info, rope=None):
-        out, info = self._tocom_branch(x, ctx, need_info, rope)
-        return x + self.drop_path1(self.norm1(out)), info
 
-    def _tocom_mlp_branch(self, x):
-        return self.drop_path2(self.norm2(self.mlp(x)))
-
-
-class ToComEva(ReducedModel):
+class ToComEva(SizePoolModel):
     """Model mixin of the eva family: records the patch grid of the forward, size-aware pooling."""
 
     def _pos_embed(self, x):
@@ -202,38 +189,34 @@ class ToComEva(ReducedModel):
         ctx.grid = (x.shape[1], x.shape[2]) if self.dynamic_img_size else tuple(self.patch_embed.grid_size)
         return super()._pos_embed(x)
 
-    def pool(self, x: torch.Tensor, pool_type: Optional[str] = None) -> torch.Tensor:
-        state = self._tocom_state
-        ctx = state.last()
-        if ctx is not None:
-            pool_type = self.global_pool if pool_type is None else pool_type
-            start = 0 if self.attn_pool is not None else self.num_prefix_tokens
-            pooled = size_pool(self, x, ctx, pool_type, start, state.prop_attn)
-            if pooled is not None:
-                return pooled
-        return super().pool(x, pool_type)
+    def _tocom_pool_start(self):
+        return 0 if self.attn_pool is not None else self.num_prefix_tokens
 
 
-class EvaFamily(Family):
-    name = "eva"
-    model_classes = (Eva,)
-    model_mixin = ToComEva
-    blocks = {EvaBlock: ToComEvaBlock, EvaBlockPostNorm: ToComEvaBlockPostNorm}
+class RopeFamily(Family):
+    """A family whose model may carry one timm rope module (``model.rope``, a class of :data:`ROPES`)."""
 
     def __init__(self, model=None) -> None:
         self.rope = getattr(model, "rope", None)
         self.positional = self.rope is not None
 
-    def check(self, model, positions):
-        name = type(model).__name__
-        for i, blk in enumerate(model.blocks):
-            if type(blk.attn) not in (EvaAttention, AttentionRope):
-                raise TypeError(f"{name}: block {i} uses {type(blk.attn).__name__}; the eva family needs "
-                                f"EvaAttention or AttentionRope")  # fmt: skip
+    def check_rope(self, model) -> None:
+        """``TypeError`` if the model's rope is not one of :data:`ROPES`."""
         rope = getattr(model, "rope", None)
         if rope is not None and type(rope) not in ROPES:
-            raise TypeError(f"{name}: rope {type(rope).__name__} is not supported (supported: "
+            raise TypeError(f"{type(model).__name__}: rope {type(rope).__name__} is not supported (supported: "
                             f"{', '.join(c.__name__ for c in ROPES)})")  # fmt: skip
+
+
+class EvaFamily(RopeFamily):
+    name = "eva"
+    model_classes = (Eva,)
+    model_mixin = ToComEva
+    blocks = {EvaBlock: ToComEvaBlock, EvaBlockPostNorm: ToComEvaBlockPostNorm}
+
+    def check(self, model, positions):
+        self.check_attentions(model, (EvaAttention, AttentionRope))
+        self.check_rope(model)
 
     def initial_coords(self, ctx, x):
         grid_fn = ROPES[type(self.rope)][0]
@@ -254,8 +237,6 @@ class EvaFamily(Family):
     def qv(self, block):
         attn = block.attn
         if attn.qkv is not None:
-            d = attn.qkv.out_features // 3
-            qkv = attn.qkv
-            return {"q": (qkv, 0, d), "k": (qkv, d, 2 * d), "v": (qkv, 2 * d, 3 * d), "proj": (attn.proj, 0, None)}
+            return fused_qkv_rows(attn.qkv, attn.proj)
         return {"q": (attn.q_proj, 0, None), "k": (attn.k_proj, 0, None), "v": (attn.v_proj, 0, None),
                 "proj": (attn.proj, 0, None)}  # fmt: skip

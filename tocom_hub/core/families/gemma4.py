@@ -202,10 +202,7 @@ class Gemma4Family(Family):
         return _encoder(model).blocks
 
     def check(self, model, positions):
-        for i, blk in enumerate(_encoder(model).blocks):
-            if type(blk.attn) is not Gemma4Attention:
-                raise TypeError(f"{type(model).__name__}: block {i} uses {type(blk.attn).__name__}; the gemma4_vit "
-                                f"family needs Gemma4Attention")  # fmt: skip
+        self.check_attentions(model, (Gemma4Attention,))
 
     def num_prefix(self, model) -> int:
         return 0

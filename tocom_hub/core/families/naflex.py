@@ -23,8 +23,8 @@ from timm.models.naflexvit import NaFlexVit
 from timm.models.vision_transformer import Block
 
 from ..attention import attend
-from .base import Family, ReducedModel, token_info
-from .eva import ROPES, EvaFamily, ToComEvaBlock, eva_attend
+from .base import ReducedModel, token_info
+from .eva import EvaFamily, RopeFamily, ToComEvaBlock, eva_attend
 from .vit import ToComBlock, ViTFamily
 
 __all__ = ["NaFlexFamily", "ToComNaFlexBlock", "ToComNaFlexEvaBlock", "ToComNaFlexVit", "padding_bias", "PAD_BIAS"]
@@ -81,16 +81,15 @@ class ToComNaFlexBlock(ToComBlock):
         mask, masked = _mask(self, x, attn_mask, is_causal)
         return self._tocom_forward(lambda: Block.forward(self, x, attn_mask=mask, is_causal=is_causal), x, masked)
 
-    def _tocom_attention(self, x, ctx, need_info):
+    def _tocom_branch(self, x, ctx, need_info):
         state = self._tocom_state
         form, bias = state.attention, _key_bias(ctx)
         if hasattr(form, "attend"):  # an object that replaces the whole attention (benchmarks' variants)
-            out, q, k = form.attend(self.attn, self.norm1(x), bias)
+            out, q, k = form.attend(self.attn, x, bias)
         else:
-            out, q, k = attend(self.attn, self.norm1(x), bias, form)
-        x = x + self.drop_path1(self.ls1(out))
+            out, q, k = attend(self.attn, x, bias, form)
         info = _info(need_info, q, k, self.attn.scale, state.has_class_token, ctx) if need_info else None
-        return x, info
+        return out, info
 
 
 class ToComNaFlexEvaBlock(ToComEvaBlock):
@@ -167,15 +166,11 @@ class ToComNaFlexVit(ReducedModel):
         return 0.5 * (top.amax(dim=1) + avg)
 
 
-class NaFlexFamily(Family):
+class NaFlexFamily(RopeFamily):
     name = "naflexvit"
     model_classes = (NaFlexVit,)
     model_mixin = ToComNaFlexVit
     blocks = {Block: ToComNaFlexBlock, EvaBlock: ToComNaFlexEvaBlock}
-
-    def __init__(self, model=None) -> None:
-        self.rope = getattr(model, "rope", None)
-        self.positional = self.rope is not None
 
     def check(self, model, positions):
         name = type(model).__name__
@@ -184,10 +179,8 @@ class NaFlexFamily(Family):
             if attn not in need:
                 raise TypeError(f"{name}: block {i} ({type(blk).__name__}) uses {attn.__name__}; the naflexvit "
                                 f"family needs {' or '.join(c.__name__ for c in need)}")  # fmt: skip
+        self.check_rope(model)
         if self.rope is not None:
-            if type(self.rope) not in ROPES:
-                raise TypeError(f"{name}: rope {type(self.rope).__name__} is not supported (supported: "
-                                f"{', '.join(c.__name__ for c in ROPES)})")  # fmt: skip
             if positions != "keep":
                 raise TypeError(f"{name}: positions={positions!r} is not supported for NaFlexViT rope (each image "
                                 f"of a patch-dict batch has its own grid); use positions='keep'")  # fmt: skip

@@ -9,32 +9,25 @@ side; EViT: the mean of their class-token attentions), and the MLPs run on the r
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from timm.models.vision_transformer import ParallelScalingBlock, ParallelThingsBlock
 
-from ..attention import key_bias_attention
-from .base import ReducedBlock, token_info
+from ..attention import attention_heads
+from .base import MaskableBlock, token_info
 from .diff import classic_attend
 
 __all__ = ["ToComParallelScalingBlock", "ToComParallelThingsBlock", "parallel_qv", "things_qv"]
 
 
-class ToComParallelScalingBlock(ReducedBlock, ParallelScalingBlock):
+class ToComParallelScalingBlock(MaskableBlock, ParallelScalingBlock):
     """timm ``ParallelScalingBlock`` that removes ``r`` tokens after the block (see the module docstring)."""
 
     _tocom_no_dense = "its MLP runs beside the attention, so no MLP follows the attention to run on merged tokens"
-
-    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False):
-        masked = attn_mask is not None or is_causal
-        return self._tocom_forward(
-            lambda: ParallelScalingBlock.forward(self, x, attn_mask=attn_mask, is_causal=is_causal), x, masked
-        )
+    _tocom_plain = ParallelScalingBlock
 
     def _tocom_attention(self, x, ctx, need_info):  # the whole block: attention ∥ MLP
         state = self._tocom_state
-        B, N, C = x.shape
+        B, N, _ = x.shape
         y = self.in_proj(self.in_norm(x))
         x_mlp, q, k, v = torch.split(y, self.in_split, dim=-1)
         if self.mlp_bias is not None:
@@ -42,10 +35,7 @@ class ToComParallelScalingBlock(ReducedBlock, ParallelScalingBlock):
         q = self.q_norm(q.view(B, N, self.num_heads, self.head_dim)).transpose(1, 2)
         k = self.k_norm(k.view(B, N, self.num_heads, self.head_dim)).transpose(1, 2)
         v = v.view(B, N, self.num_heads, self.head_dim).transpose(1, 2)
-        dropout_p = self.attn_drop.p if self.training else 0.0
-        x_attn = key_bias_attention(q, k, v, ctx.attn_bias, self.scale, dropout_p, self.fused_attn, state.attention,
-                                    self.attn_drop)  # fmt: skip
-        x_attn = x_attn.transpose(1, 2).reshape(B, N, C)
+        x_attn = attention_heads(self, q, k, v, ctx.attn_bias, state.attention)
         x_mlp = self.mlp_drop(self.mlp_act(x_mlp))
         if self.out_proj is not None:
             y = self.out_proj(torch.cat((x_attn, x_mlp), dim=-1))
@@ -59,14 +49,10 @@ class ToComParallelScalingBlock(ReducedBlock, ParallelScalingBlock):
         return x
 
 
-class ToComParallelThingsBlock(ReducedBlock, ParallelThingsBlock):
+class ToComParallelThingsBlock(MaskableBlock, ParallelThingsBlock):
     """timm ``ParallelThingsBlock`` that removes ``r`` tokens between its summed attentions and summed MLPs."""
 
-    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False):
-        masked = attn_mask is not None or is_causal
-        return self._tocom_forward(
-            lambda: ParallelThingsBlock.forward(self, x, attn_mask=attn_mask, is_causal=is_causal), x, masked
-        )
+    _tocom_plain = ParallelThingsBlock
 
     def _tocom_attention(self, x, ctx, need_info):
         state = self._tocom_state

@@ -25,8 +25,8 @@ from timm.models.vision_transformer_relpos import (
     VisionTransformerRelPos,
 )
 
-from ..attention import key_bias_attention
-from .base import Family, ReducedBlock
+from ..attention import attention_heads
+from .base import Family, PostNormBranches, PreNormBranches, ReducedBlock, fused_qkv_rows
 from .relbias import CENTROID_REFUSAL, PairBiasModel, pair_bias, pair_token_info
 
 __all__ = ["RelPosFamily", "ToComRelPosBlock", "ToComResPostRelPosBlock", "relpos_attend"]
@@ -54,7 +54,7 @@ def relpos_attend(attn: RelPosAttention, x: torch.Tensor, shared: Optional[torch
     """``RelPosAttention.forward`` on the current tokens with their gathered bias (the block's own, else the
     shared one, as timm chooses; recomputed at the centroids under ``positions="centroid"``) and ToMe's
     per-key ``log(size)``; returns ``(out, q, k, mask)``."""
-    B, N, C = x.shape
+    B, N, _ = x.shape
     qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
@@ -63,10 +63,7 @@ def relpos_attend(attn: RelPosAttention, x: torch.Tensor, shared: Optional[torch
     else:
         bias = attn.rel_pos.get_bias() if attn.rel_pos is not None else shared
     mask = pair_bias(bias, ctx, q.dtype)
-    dropout_p = attn.attn_drop.p if attn.training else 0.0
-    # a pairwise bias cannot be folded into q and k: it always goes to SDPA as a mask
-    out = key_bias_attention(q, k, v, mask, attn.scale, dropout_p, attn.fused_attn, "mask", attn.attn_drop)
-    out = out.transpose(1, 2).reshape(B, N, C)
+    out = attention_heads(attn, q, k, v, mask, "mask")  # a pairwise bias cannot be folded into q and k
     return attn.proj_drop(attn.proj(out)), q, k, mask
 
 
@@ -77,37 +74,23 @@ class _RelPosReduced(ReducedBlock):
             lambda: plain(self, x, shared_rel_pos=shared_rel_pos), x, False, shared_rel_pos=shared_rel_pos
         )
 
-    def _tocom_branch(self, x, ctx, need_info, shared):
+    def _tocom_branch(self, x, ctx, need_info, shared_rel_pos=None):
         state = self._tocom_state
-        out, q, k, mask = relpos_attend(self.attn, x, shared, ctx, state.family.shared)
+        out, q, k, mask = relpos_attend(self.attn, x, shared_rel_pos, ctx, state.family.shared)
         info = pair_token_info(need_info, q, k, self.attn.scale, state.has_class_token, mask) if need_info else None
         return out, info
 
 
-class ToComRelPosBlock(_RelPosReduced, RelPosBlock):
+class ToComRelPosBlock(PreNormBranches, _RelPosReduced, RelPosBlock):
     """timm ``RelPosBlock`` that removes ``r`` tokens between attention and MLP."""
 
     _tocom_plain = RelPosBlock
 
-    def _tocom_attention(self, x, ctx, need_info, shared_rel_pos=None):
-        out, info = self._tocom_branch(self.norm1(x), ctx, need_info, shared_rel_pos)
-        return x + self.drop_path1(self.ls1(out)), info
 
-    def _tocom_mlp_branch(self, x):
-        return self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
-
-
-class ToComResPostRelPosBlock(_RelPosReduced, ResPostRelPosBlock):
+class ToComResPostRelPosBlock(PostNormBranches, _RelPosReduced, ResPostRelPosBlock):
     """timm ``ResPostRelPosBlock`` (norm after each branch) that removes ``r`` tokens between them."""
 
     _tocom_plain = ResPostRelPosBlock
-
-    def _tocom_attention(self, x, ctx, need_info, shared_rel_pos=None):
-        out, info = self._tocom_branch(x, ctx, need_info, shared_rel_pos)
-        return x + self.drop_path1(self.norm1(out)), info
-
-    def _tocom_mlp_branch(self, x):
-        return self.drop_path2(self.norm2(self.mlp(x)))
 
 
 class RelPosFamily(Family):
@@ -125,10 +108,7 @@ class RelPosFamily(Family):
 
     def check(self, model, positions):
         name = type(model).__name__
-        for i, blk in enumerate(model.blocks):
-            if type(blk.attn) is not RelPosAttention:
-                raise TypeError(f"{name}: block {i} uses {type(blk.attn).__name__}; the relpos family needs "
-                                f"RelPosAttention")  # fmt: skip
+        self.check_attentions(model, (RelPosAttention,))
         if positions == "centroid" and any(not isinstance(b, RelPosMlp) for b in self.biases):
             raise ValueError(f"{name}: {CENTROID_REFUSAL} (RelPosBias is a table; RelPosMlp takes the centroid)")
 
@@ -141,5 +121,4 @@ class RelPosFamily(Family):
 
     def qv(self, block):
         attn = block.attn
-        qkv, d = attn.qkv, attn.qkv.out_features // 3
-        return {"q": (qkv, 0, d), "k": (qkv, d, 2 * d), "v": (qkv, 2 * d, 3 * d), "proj": (attn.proj, 0, None)}
+        return fused_qkv_rows(attn.qkv, attn.proj)

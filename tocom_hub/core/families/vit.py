@@ -4,9 +4,6 @@ or ``DiffAttention`` (differential attention, :mod:`.diff`), and the parallel bl
 
 from __future__ import annotations
 
-from typing import Optional
-
-import torch
 from timm.layers import Attention, DiffAttention
 from timm.models.vision_transformer import (
     Block,
@@ -17,7 +14,7 @@ from timm.models.vision_transformer import (
     VisionTransformer,
 )
 
-from .base import Family, ReducedBlock, ReducedModel, size_pool
+from .base import Family, MaskableBlock, PostNormBranches, PreNormBranches, SizePoolModel, fused_qkv_rows
 from .diff import ToComDiffParallelScalingBlock, classic_attend
 from .parallel import ToComParallelScalingBlock, ToComParallelThingsBlock, parallel_qv, things_qv
 
@@ -26,54 +23,29 @@ _ATTENTIONS = (Attention, DiffAttention)
 __all__ = ["ViTFamily", "ToComBlock", "ToComViT"]
 
 
-class ToComBlock(ReducedBlock, Block):
+class _ClassicReduced(MaskableBlock):
+    def _tocom_branch(self, x, ctx, need_info):
+        state = self._tocom_state
+        return classic_attend(self.attn, x, ctx.attn_bias, state.attention, need_info, state.has_class_token)
+
+
+class ToComBlock(PreNormBranches, _ClassicReduced, Block):
     """timm ``Block`` that removes ``r`` tokens between attention and MLP (see :func:`tocom_hub.patch`)."""
 
-    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False):
-        masked = attn_mask is not None or is_causal
-        return self._tocom_forward(lambda: Block.forward(self, x, attn_mask=attn_mask, is_causal=is_causal), x, masked)
-
-    def _tocom_attention(self, x, ctx, need_info):
-        state = self._tocom_state
-        out, info = classic_attend(self.attn, self.norm1(x), ctx.attn_bias, state.attention, need_info,
-                                   state.has_class_token)  # fmt: skip
-        return x + self.drop_path1(self.ls1(out)), info
-
-    def _tocom_mlp_branch(self, x):
-        return self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+    _tocom_plain = Block
 
 
-class ToComResPostBlock(ReducedBlock, ResPostBlock):
+class ToComResPostBlock(PostNormBranches, _ClassicReduced, ResPostBlock):
     """timm ``ResPostBlock`` (norm after each branch) that removes ``r`` tokens between attention and MLP."""
 
-    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False):
-        masked = attn_mask is not None or is_causal
-        return self._tocom_forward(
-            lambda: ResPostBlock.forward(self, x, attn_mask=attn_mask, is_causal=is_causal), x, masked
-        )
-
-    def _tocom_attention(self, x, ctx, need_info):
-        state = self._tocom_state
-        out, info = classic_attend(self.attn, x, ctx.attn_bias, state.attention, need_info, state.has_class_token)
-        return x + self.drop_path1(self.norm1(out)), info
-
-    def _tocom_mlp_branch(self, x):
-        return self.drop_path2(self.norm2(self.mlp(x)))
+    _tocom_plain = ResPostBlock
 
 
-class ToComViT(ReducedModel):
+class ToComViT(SizePoolModel):
     """Model mixin of the classic family: size-weighted average pooling, log-size bias in a MAP head."""
 
-    def pool(self, x: torch.Tensor, pool_type: Optional[str] = None) -> torch.Tensor:
-        state = self._tocom_state
-        ctx = state.last()
-        if ctx is not None:
-            start = 0 if self.pool_include_prefix else self.num_prefix_tokens
-            pool_type = self.global_pool if pool_type is None else pool_type
-            pooled = size_pool(self, x, ctx, pool_type, start, state.prop_attn)
-            if pooled is not None:
-                return pooled
-        return super().pool(x, pool_type)
+    def _tocom_pool_start(self):
+        return 0 if self.pool_include_prefix else self.num_prefix_tokens
 
 
 class ViTFamily(Family):
@@ -106,5 +78,4 @@ class ViTFamily(Family):
             return parallel_qv(block)
         if isinstance(block, ParallelThingsBlock):
             return things_qv(block)
-        qkv, d = block.attn.qkv, block.attn.qkv.out_features // 3
-        return {"q": (qkv, 0, d), "k": (qkv, d, 2 * d), "v": (qkv, 2 * d, 3 * d), "proj": (block.attn.proj, 0, None)}
+        return fused_qkv_rows(block.attn.qkv, block.attn.proj)
