@@ -28,6 +28,8 @@ import time
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
 
+from tocom_hub.core.jsonio import write_json
+
 Key = Tuple[int, str, int]  # (batch, method, r)
 
 
@@ -95,8 +97,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         print(f"| {r['batch_size']} | {r['method']} | {r['r']} | {r['old_speedup']:.3f}× | {r['new_speedup']:.3f}× | "
               f"{r['new_over_old']:.3f} ({r['new_over_old_min']:.3f}–{r['new_over_old_max']:.3f}) |")  # fmt: skip
     if a.json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps(result, indent=2) + "\n")
+        write_json(a.json, result)
         print(f"wrote {a.json}")
     return result
 

@@ -14,6 +14,7 @@ marker                              source                                      
 ``<!-- speed-table -->``             ``benchmarks/results/throughput*.json``        :func:`speed_table`
 ``<!-- throughput-table -->``        ``benchmarks/results/throughput.json``         :func:`throughput_table`
 ``<!-- throughput-compiled-table -->`` ``benchmarks/results/throughput_compiled.json`` :func:`throughput_table`
+``<!-- versions-table -->``          ``benchmarks/results/throughput_versions.json`` :func:`versions_table`
 ``<!-- study-table -->``             ``benchmarks/results/study.json``              ``benchmarks/study/report.py``
 ``<!-- study-rerun-table -->``       ``benchmarks/results/study_rerun.json``        ``benchmarks/study/report.py``
 ``<!-- supported-models-table -->``  ``docs/supported-models.md`` (written by        :func:`supported_models_table`
@@ -94,6 +95,17 @@ def throughput_table(result: Dict[str, Any]) -> str:
                 line += f" {tome['of_ceiling']:.3f} |" if "of_ceiling" in tome else " |"
             lines.append(line)
     return "\n".join(line.replace("|  |", "| |").replace("|  |", "| |") for line in lines)
+
+
+def versions_table(result: Dict[str, Any]) -> str:
+    """``benchmarks/code_versions.py``: two code versions' speed-ups over plain timm and their ratio."""
+    lines = ["| batch | method | r | speed-up, old code | speed-up, new code | new ÷ old (range over rounds) |",
+             "|---:|---|---:|---:|---:|---|"]  # fmt: skip
+    for r in result["rows"]:
+        lines.append(f"| {r['batch_size']} | {r['method']} | {r['r']} | {r['old_speedup']:.2f}× | "
+                     f"{r['new_speedup']:.2f}× | {r['new_over_old']:.3f} ({r['new_over_old_min']:.2f}–"
+                     f"{r['new_over_old_max']:.2f}) |")  # fmt: skip
+    return "\n".join(lines)
 
 
 def speed_table(eager: Dict[str, Any], compiled: Dict[str, Any]) -> str:
@@ -180,6 +192,7 @@ TABLES: Dict[str, Callable[[], str]] = {
     "positions-table": lambda: positions_table(full=False),
     "positions-full-table": lambda: positions_table(full=True),
     "supported-models-table": lambda: supported_models_table((ROOT / "docs" / "supported-models.md").read_text()),
+    "versions-table": lambda: versions_table(_load("benchmarks/results/throughput_versions.json")),
     "throughput-table": lambda: throughput_table(_load("benchmarks/results/throughput.json")),
     "throughput-compiled-table": lambda: throughput_table(_load("benchmarks/results/throughput_compiled.json")),
     "study-table": lambda: report.table(_with_intervals("benchmarks/results/study.json")),
@@ -214,7 +227,7 @@ HOMES: Dict[Path, List[str]] = {
         "study-rerun-table",
         "positions-table",
     ],
-    ROOT / "docs" / "performance.md": ["throughput-table", "throughput-compiled-table"],
+    ROOT / "docs" / "performance.md": ["throughput-table", "throughput-compiled-table", "versions-table"],
     ROOT / "docs" / "dense.md": ["dense-flops-table", "segmentation-table"],
     ROOT / "docs" / "positions.md": ["positions-full-table", "positions-table"],
     ROOT / "benchmarks" / "study" / "README.md": ["study-table", "study-rerun-table"],

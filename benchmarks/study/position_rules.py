@@ -40,6 +40,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from tocom_hub import patch, set_r  # noqa: E402
+from tocom_hub.core.jsonio import write_json  # noqa: E402
 from tocom_hub.demo.data import build_dataset  # noqa: E402
 from tocom_hub.tools.intervals import paired_bootstrap  # noqa: E402
 
@@ -201,7 +202,7 @@ def main(argv: Sequence[str] | None = None) -> Dict[str, Any]:
                 got = curves(model, arch, xte, yte, a.rs)
                 if cached is not None:
                     hits_json = {n: {str(r): h.tolist() for r, h in by_r.items()} for n, by_r in got.items()}
-                    cached.write_text(json.dumps({"pretrain_s": train_s[arch][-1], "hits": hits_json}))
+                    write_json(cached, {"pretrain_s": train_s[arch][-1], "hits": hits_json}, indent=None)
             for name, by_r in got.items():
                 for r, h in by_r.items():
                     per[arch].setdefault(name, {}).setdefault(r, []).append(h)
@@ -239,7 +240,7 @@ def main(argv: Sequence[str] | None = None) -> Dict[str, Any]:
     out["runtime_s"] = round(time.time() - t0, 1)
     res = Path(a.results_dir)
     res.mkdir(parents=True, exist_ok=True)
-    (res / "position_rules.json").write_text(json.dumps(out, indent=1) + "\n")
+    write_json(res / "position_rules.json", out, indent=1)
     (res / "position_rules.md").write_text(markdown(out))
     plot(out, a.rs, res / "position_rules.png")
     log(json.dumps({"averaged": out["centroid_minus_keep_averaged"], "better_rule": out["better_rule"]}))
