@@ -16,8 +16,8 @@ from tiny_models import _init_nontrivial
 
 import tocom_hub
 from tocom_hub import ToComBank
+from tocom_hub.core.compensation.marker import MARKER_KEY
 from tocom_hub.core.families.eva import ROPES
-from tocom_hub.core.marker import MARKER_KEY
 from tocom_hub.core.patch import get_settings
 
 X = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(4))

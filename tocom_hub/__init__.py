@@ -19,8 +19,8 @@ __version__ = "0.1.0"
 # The package in layers, each importing only from those before it (docs/ARCHITECTURE.md; checked by
 # tests/test_architecture.py):
 #   core/   token maths (merge, prune), timm surgery (attention, patch), the bank (bank, bank_config,
-#           bank_file, bank_repo, bank_card, registry) and its application to a model (compensate, lora_merged,
-#           lora_hooks)
+#           bank_file, bank_repo, bank_card, registry) and its application to a model (compensation/: api,
+#           merged, hooked, locks, marker; preserve: remember and restore both states)
 #   hub/    the Hugging Face Hub layer on top of the bank: download_bank / load_bank / push_bank
 #   tools/  evaluation, benchmark, timing, latency controller, visualisation, scale tuning, checkpoint
 #           conversion, the model loader, saving and restoring a model's token-reduction state
@@ -49,7 +49,7 @@ _LAZY = {
     **dict.fromkeys(["unmerge_to_grid", "track_grid"], "core.grid"),
     # ToCom bank and its weight arithmetic
     **dict.fromkeys(["ToComBank", "ToComConfig"], "core.bank"),
-    **dict.fromkeys(["apply", "remove", "set_target_r", "set_pair"], "core.compensate"),
+    **dict.fromkeys(["apply", "remove", "set_target_r", "set_pair"], "core.compensation.api"),
     "convert_official": "tools.convert",
     "tune_scale": "tools.tune",
     # Hugging Face Hub: download / push banks, bank=None resolution through the registry
@@ -57,7 +57,7 @@ _LAZY = {
     # Tools: hold a latency budget by switching r with the server's load
     "LatencyController": "tools.latency",
 }
-_SUBMODULES = {"compensate": "core.compensate", "hub": "hub"}
+_SUBMODULES = {"compensate": "core.compensation.api", "hub": "hub"}
 
 __all__ = ["__version__", *_LAZY, *_SUBMODULES]
 

@@ -177,7 +177,7 @@ def resolve_bank(model: Any, method: Optional[str] = None) -> BankEntry:
 
     Raises :class:`NoBankForModelError` listing the known banks and showing how to pass ``bank=``.
     """
-    from ..core.patch import get_method, is_patched
+    from .patch import get_method, is_patched
 
     if method is None and is_patched(model):
         method = get_method(model)
