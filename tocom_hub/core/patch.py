@@ -97,9 +97,6 @@ def _check_options(method: str, positions: str, attention: Any, reducer: Any, de
 def _check_family(model: nn.Module, positions: str, dense: bool) -> Any:
     """The family adapter :func:`patch` would use, or the ``TypeError`` it would raise (nothing is changed)."""
     family = find_family(model, positions)
-    refusal = None if dense else family.regular_refusal(model)
-    if refusal:
-        raise TypeError(f"{type(model).__name__}: {refusal}")
     if dense:
         for i, blk in enumerate(family.model_blocks(model)):
             why = getattr(family.blocks.get(type(blk), type(blk)), "_tocom_no_dense", None)
