@@ -17,7 +17,7 @@ from test_families_vit_blocks import assert_threads_get_serial_outputs
 import tocom_hub
 import tocom_hub.core.families.qwen3 as qwen3
 from tocom_hub import ToComBank
-from tocom_hub.core.marker import MARKER_KEY
+from tocom_hub.core.compensation.marker import MARKER_KEY
 from tocom_hub.core.patch import get_settings
 
 MERGE = ("qwen3_vit_88m_merge", "qwen3_vit_88m_enc")  # classifier (encoder_pool 'merge'), encoder ('merge' pool)
