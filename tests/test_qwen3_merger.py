@@ -15,7 +15,6 @@ from test_families_qwen3 import X, make_qwen
 from test_families_vit_blocks import assert_threads_get_serial_outputs
 
 import tocom_hub
-import tocom_hub.core.families.qwen3 as qwen3
 from tocom_hub import ToComBank
 from tocom_hub.core.compensation.marker import MARKER_KEY
 from tocom_hub.core.patch import get_settings
@@ -92,22 +91,27 @@ def test_merger_sees_every_patch_as_the_token_holding_it(name, option):
     assert (held == 1).all() if option != "evit" else ((held == 0).any() and (held == 1).any())
 
 
-def test_a_merger_fed_zeros_for_merged_patches_fails_the_reference(monkeypatch):
-    """Deliberately wrong: each token only at its own patch, the patches merged into it zero."""
+def test_a_merger_fed_zeros_for_merged_patches_fails_the_reference():
+    """Deliberately wrong: each token only at one patch of its group, the other patches merged into it zero.
+    Fed to the plain merger, it misses the reference the patched model meets."""
     name = "qwen3_vit_88m_enc"
     model = make_qwen(name, depth=3)
     plain = copy.deepcopy(model)
     tocom_hub.patch(model, trace_source=True)
     tocom_hub.set_r(model, 6)
-
-    def own_patch_only(m, tokens, output_fmt="NLC"):
-        ctx = m._tocom_state.last()
-        grid = tokens.new_zeros(tokens.shape[0], ctx.grid[0] * ctx.grid[1], tokens.shape[-1])
-        return grid.scatter(1, ctx.index[..., None].expand_as(tokens), tokens)
-
-    monkeypatch.setattr(qwen3, "unmerge_to_grid", own_patch_only)
-    out, ref, _ = _by_hand(model, plain, name)
-    assert (out - ref).abs().max() > 1e-3
+    seen = {}
+    hook = model.blocks[-1].register_forward_hook(lambda m, i, o: seen.__setitem__("x", o))
+    try:
+        out, ref, src = _by_hand(model, plain, name)
+    finally:
+        hook.remove()
+    assert (out - ref).abs().max() <= 1e-5
+    one = torch.zeros_like(src)
+    one.scatter_(2, src.argmax(dim=2, keepdim=True), 1.0)  # each token at its group's first patch only
+    assert (one.sum(dim=2) == 1).all() and (src.sum(dim=2) > 1).any()  # some groups really merged
+    with torch.no_grad():
+        wrong = plain.merger((one.transpose(1, 2) @ seen["x"]).reshape(2, 8, 8, -1))
+    assert (wrong - ref).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("method", ["tome", "evit"])
