@@ -4,10 +4,8 @@ when the backbone is that Hub model, current file names, a "Use it" snippet that
 
 from __future__ import annotations
 
-import re
-
 import torch
-from hub_helpers import ROOT
+from hub_helpers import ROOT, card_snippet, run_card_snippet
 
 import tocom_hub
 from tocom_hub import ToComBank, ToComConfig
@@ -17,22 +15,6 @@ from tocom_hub.hub import create_model_card
 
 VIT_TINY = dict(embed_dim=192, depth=12, num_heads=3)  # timm's vit_tiny_patch16_224
 TAG = "augreg_in21k_ft_in1k"
-
-
-def _snippet(card_text: str) -> str:
-    """The code block of the card's "Use it" section."""
-    section = card_text.split("## Use it", 1)[1]
-    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
-
-
-def _run_snippet(card_text: str, repo_id: str, bank_dir: str) -> torch.nn.Module:
-    """Exec the snippet with the bank from ``bank_dir`` instead of the Hub and no weights download."""
-    code = _snippet(card_text)
-    assert f'bank="{repo_id}"' in code
-    code = code.replace(f'bank="{repo_id}"', f"bank={bank_dir!r}").replace("pretrained=True", "pretrained=False")
-    ns: dict = {}
-    exec(compile(code, "<card snippet>", "exec"), ns)
-    return ns["model"]
 
 
 def test_model_card_without_optional_facts():
@@ -87,7 +69,7 @@ def test_the_card_of_the_trainers_default_bank_runs_its_snippet(tmp_path):
     for name in ("`tocom.safetensors`", "`tocom_config.json`", "`README.md`", "`lora_A.q`", "`lora_B.v`"):
         assert name in files, name
     assert "`A.<target>`" not in files and "`B.<target>`" not in files  # format-1 names are gone
-    model = _run_snippet(text, "org/demo-bank", demo_bank_path())
+    model = run_card_snippet(text, "org/demo-bank", demo_bank_path())
     assert tocom_hub.get_r(model) == bank.r_max and tocom_hub.compensate.get_state(model) is not None
     with torch.inference_mode():
         assert model(torch.randn(1, 3, 32, 32)).shape[0] == 1
@@ -98,8 +80,8 @@ def test_a_verified_card_snippet_runs_on_the_model_it_names(tmp_path):
     bank = ToComBank(cfg)
     bank.save_pretrained(tmp_path / "bank")
     text = render_model_card(bank, repo_id="org/tiny")
-    assert f'timm.create_model("vit_tiny_patch16_224.{TAG}", pretrained=True)' in _snippet(text)
-    applied = _run_snippet(text, "org/tiny", str(tmp_path / "bank"))
+    assert f'timm.create_model("vit_tiny_patch16_224.{TAG}", pretrained=True)' in card_snippet(text)
+    applied = run_card_snippet(text, "org/tiny", str(tmp_path / "bank"))
     assert tocom_hub.get_r(applied) == 2
 
 
@@ -111,7 +93,7 @@ def test_save_pretrained_writes_the_card_beside_the_files(tmp_path):
     text = (out / "README.md").read_text()
     assert text.startswith("---\nlibrary_name: tocom-hub\n") and f'bank="{out}"' in text
     assert f"({(out / 'tocom.safetensors').stat().st_size:,} bytes" in text
-    model = _run_snippet(text, str(out), str(out))  # the saved folder's card runs as it is
+    model = run_card_snippet(text, str(out), str(out))  # the saved folder's card runs as it is
     assert tocom_hub.get_r(model) == bank.r_max
 
 

@@ -14,10 +14,10 @@ Ways in::
     tocom_hub.hub.push_bank(bank, "my-org/tocom-deit-base")
 
 Modules: :mod:`.load` (:func:`load_bank`, the one path-or-repo rule :func:`is_local_bank`, :func:`apply`:
-``tocom_hub.apply``), :mod:`.fetch` (:func:`download_bank`: bounded, verified downloads into the huggingface_hub
-cache), :mod:`.push` (:func:`push_bank`), :mod:`.card` (the card as a ``huggingface_hub.ModelCard``),
-:mod:`.errors` (one-line errors). The registry (``bank=None``) and the card's text are network-free and live in
-the core (``core/registry.py``, ``core/bank_card.py``).
+``tocom_hub.apply``), :mod:`.fetch` (:func:`download_bank`: bounded downloads into the huggingface_hub cache),
+:mod:`.verify` (hashes, the bank's own checks, eviction), :mod:`.push` (:func:`push_bank`), :mod:`.card` (the
+card as a ``huggingface_hub.ModelCard``), :mod:`.errors` (one-line errors). The registry (``bank=None``) and the
+card's text are network-free and live in the core (``core/registry.py``, ``core/bank_card.py``).
 """
 
 from __future__ import annotations

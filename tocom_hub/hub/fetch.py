@@ -13,8 +13,9 @@ size, location) and downloads it (``http_get``) into the cache's own layout (``b
   nor a SHA-256 is refused before anything is written, so no answer of the Hub can name a path (``../``);
 - **content that matches its name**: the body is hashed before it is moved into ``blobs/`` (a truncated or
   altered body never enters the cache); a cached file is hashed again on every use and evicted when it
-  differs (:func:`verify_cached_file`); finally the bank's own checks run (``read_bank``: the ``tocom_sha256``
-  checksum, the config, the shapes) and a bank that fails them is evicted, so the next call downloads again.
+  differs (:func:`~.verify.verify_cached_file`); finally the bank's own checks run (:func:`~.verify.verify_bank`:
+  the ``tocom_sha256`` checksum, the config, the shapes) and a bank that fails them is evicted, so the next call
+  downloads again.
 
 Offline (``local_files_only=True`` / ``HF_HUB_OFFLINE=1``) or when the Hub cannot be reached, files come from
 the cache (``hf_hub_download(local_files_only=True)``, which makes no request).
@@ -22,10 +23,8 @@ the cache (``hf_hub_download(local_files_only=True)``, which makes no request).
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
-import re
 import shutil
 import threading
 import uuid
@@ -34,7 +33,6 @@ from typing import Any, Callable, List, Optional, Set, Union
 from urllib.parse import urlsplit
 
 from ..core.bank_config import CONFIG_NAME, LIBRARY_NAME, WEIGHTS_NAME, PathLike
-from ..core.bank_file import read_bank
 from .errors import (
     BankHubError,
     BankNotFoundError,
@@ -42,15 +40,13 @@ from .errors import (
     HubUnreachableError,
     _rev,
     explain_download_error,
-    one_line,
     unreachable_error,
 )
+from .verify import COMMIT, content_hash, inside, is_hash, unlink_quiet, verify_bank, verify_cached_file
 
-__all__ = ["download_bank", "verify_cached_file", "evict_snapshot", "abandoned_downloads", "DEFAULT_TIMEOUT"]
+__all__ = ["download_bank", "abandoned_downloads", "check_timeout", "DEFAULT_TIMEOUT"]
 
 DEFAULT_TIMEOUT = 120.0  # seconds per file, metadata request included (a bank is a few MB)
-_COMMIT = re.compile(r"[0-9a-f]{40}")
-_SHA256 = re.compile(r"[0-9a-f]{64}")
 _ABANDONED: List[threading.Thread] = []  # workers left behind at a deadline (see abandoned_downloads)
 
 
@@ -80,7 +76,7 @@ class _Job:
         with self.lock:
             self.cancelled = True
             for path in list(self.partial):
-                _unlink_quiet(path)
+                unlink_quiet(path)
 
 
 class _Cancelled(Exception):
@@ -100,21 +96,6 @@ class _Sink:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._f, name)
-
-
-def _unlink_quiet(path: str) -> bool:
-    try:
-        os.remove(path)
-    except FileNotFoundError:
-        return True
-    except OSError:
-        return False
-    return True
-
-
-def _inside(path: str, root: str) -> bool:
-    real, base = os.path.realpath(path), os.path.realpath(root)
-    return os.path.commonpath([real, base]) == base
 
 
 def _bounded(work: Callable[[_Job], Any], *, timeout: float, expired: Callable[[], BaseException]) -> Any:
@@ -140,21 +121,9 @@ def _bounded(work: Callable[[_Job], Any], *, timeout: float, expired: Callable[[
     return box["value"]
 
 
-def _content_hash(path: str, name: str) -> tuple:
-    """``(hex digest, algorithm)`` of the file at ``path`` in the algorithm a blob called ``name`` uses."""
-    if _SHA256.fullmatch(name):
-        h, algo = hashlib.sha256(), "SHA-256"
-    else:
-        h, algo = hashlib.sha1(b"blob %d\0" % os.path.getsize(path)), "git blob sha1"
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest(), algo
-
-
 def _link(blob: str, pointer: str) -> None:
     os.makedirs(os.path.dirname(pointer), exist_ok=True)
-    _unlink_quiet(pointer)
+    unlink_quiet(pointer)
     try:
         os.symlink(os.path.relpath(blob, os.path.dirname(pointer)), pointer)
     except OSError:  # no symlinks here (e.g. Windows without developer mode): a copy, as huggingface_hub does
@@ -166,7 +135,7 @@ def _write_ref(storage: str, revision: Optional[str], commit: str) -> None:
     if revision == commit:
         return
     ref = os.path.join(storage, "refs", revision)
-    if not _inside(ref, storage):
+    if not inside(ref, storage):
         return
     os.makedirs(os.path.dirname(ref), exist_ok=True)
     if not os.path.isfile(ref) or Path(ref).read_text() != commit:
@@ -220,13 +189,13 @@ def _download_file(
             raise
         raise unreachable_error(repo_id, filename, revision, cache, e) from None
     commit, etag = meta.commit_hash, meta.etag
-    if not isinstance(commit, str) or not _COMMIT.fullmatch(commit):
+    if not isinstance(commit, str) or not COMMIT.fullmatch(commit):
         raise BankHubError(
             f"the Hub answered for {what} with commit {commit!r}, which is not a commit sha: nothing was written "
             f"(is HF_ENDPOINT={constants.ENDPOINT} a Hugging Face Hub?)",
             **where,
         )
-    if not isinstance(etag, str) or not (_COMMIT.fullmatch(etag) or _SHA256.fullmatch(etag)):
+    if not is_hash(etag):
         raise BankHubError(
             f"the Hub announced ETag {etag!r:.80} for {what}, which is neither a git nor a SHA-256 hash: refusing "
             f"to write it into the cache (is HF_ENDPOINT={constants.ENDPOINT} a Hugging Face Hub?)",
@@ -257,7 +226,7 @@ def _download_file(
         with f:
             sink = _Sink(f, job)
             http_get(meta.location, sink, headers=headers, expected_size=meta.size, displayed_filename=filename)
-        actual, algo = _content_hash(partial, etag)
+        actual, algo = content_hash(partial, etag)
         if actual != etag:
             raise BankHubError(
                 f"the download of {what} is incomplete or corrupted: its {algo} is {actual}, the Hub announced {etag}; "
@@ -271,57 +240,9 @@ def _download_file(
             _link(blob, pointer)
             _write_ref(storage, revision, commit)
     finally:
-        _unlink_quiet(partial)
+        unlink_quiet(partial)
         job.partial.discard(partial)
     return pointer
-
-
-def verify_cached_file(path: str, *, repo_id: str, filename: str, revision: str, cache_dir: Optional[PathLike]) -> None:
-    """Check a cached file against the hash it is stored under (``blobs/<etag>``: git blob sha1 or SHA-256), and
-    evict it when it differs, when its name is not a hash, or when it lies outside the cache. Reads local files."""
-    from huggingface_hub import constants
-
-    blob = os.path.realpath(path)
-    if blob == os.path.abspath(path):
-        return  # no symlinks (e.g. Windows without developer mode): nothing to compare with
-    cache = os.fspath(cache_dir or constants.HF_HUB_CACHE)
-    name = os.path.basename(blob)
-    where = dict(repo_id=repo_id, revision=revision, filename=filename)
-    what = f"{filename} of ToCom bank {repo_id!r} (revision {revision!r})"
-    if not _inside(blob, cache):
-        _unlink_quiet(path)
-        raise BankHubError(f"{what} points outside the cache ({blob}); the link was removed: run again", **where)
-    if _COMMIT.fullmatch(name) or _SHA256.fullmatch(name):
-        actual, algo = _content_hash(blob, name)
-        if actual == name:
-            return
-        why = f"is corrupted: its {algo} is {actual}, the Hub announced {name}"
-    else:
-        why = f"is cached under {name!r}, which is not a hash, so it cannot be verified"
-    removed = all(_unlink_quiet(p) for p in (path, blob))
-    todo = (
-        "the copy was removed from the cache: run again to download it afresh"
-        if removed
-        else f"delete {path} and {blob} (or pass force_download=True) and run again"
-    )
-    raise BankHubError(f"{what} {why}; {todo}", **where)
-
-
-def evict_snapshot(folder: PathLike, cache_dir: Optional[PathLike] = None) -> bool:
-    """Remove a bank's files from a cache snapshot folder (the links and the blobs inside the cache they point
-    to); ``True`` when everything went."""
-    from huggingface_hub import constants
-
-    cache = os.fspath(cache_dir or constants.HF_HUB_CACHE)
-    ok = True
-    for name in (WEIGHTS_NAME, CONFIG_NAME):
-        pointer = os.path.join(folder, name)
-        blob = os.path.realpath(pointer)
-        if os.path.lexists(pointer):
-            ok &= _unlink_quiet(pointer)
-        if blob != os.path.abspath(pointer) and os.path.exists(blob) and _inside(blob, cache):
-            ok &= _unlink_quiet(blob)
-    return ok
 
 
 def _available_refs(repo_id: str, token: Union[str, bool, None]) -> str:
@@ -401,29 +322,10 @@ def download_bank(
     folder = os.path.dirname(fetch(WEIGHTS_NAME, revision))
     commit = os.path.basename(folder)  # the cache layout is .../snapshots/<commit sha>/<file>
     try:
-        fetch(CONFIG_NAME, commit if _COMMIT.fullmatch(commit) else revision)
+        fetch(CONFIG_NAME, commit if COMMIT.fullmatch(commit) else revision)
     except BankNotFoundError as e:
         if not isinstance(e, HubUnreachableError) and not isinstance(e.__cause__, EntryNotFoundError):
             raise
         # no tocom_config.json in the repo (or not cached, and no Hub to ask): the weights carry the config
-    _verify_bank(folder, repo_id, revision, cache)
+    verify_bank(folder, repo_id, revision, cache)
     return folder
-
-
-def _verify_bank(folder: str, repo_id: str, revision: Optional[str], cache: str) -> None:
-    """The bank's own checks on a downloaded folder (checksum, config, shapes); evict it when they fail."""
-    try:
-        read_bank(Path(folder), trust_unverified=True)  # whether to trust a file without checksum: load_bank's call
-    except (ValueError, OSError) as e:
-        removed = evict_snapshot(folder, cache)
-        todo = (
-            "the copy was removed from the cache: run again to download it afresh"
-            if removed
-            else f"delete {folder} and run again"
-        )
-        raise BankHubError(
-            f"ToCom bank {repo_id!r} (revision {_rev(revision)!r}, commit {os.path.basename(folder)[:12]}) failed "
-            f"its own checks after download ({one_line(e, 240)}); {todo}",
-            repo_id=repo_id,
-            revision=_rev(revision),
-        ) from None

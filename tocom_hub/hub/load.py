@@ -80,6 +80,11 @@ def load_bank(
     hub = dict(revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only)
     hub.update(force_download=force_download)
     given = sorted(k for k, v in dict(hub, timeout=timeout != DEFAULT_TIMEOUT).items() if v not in (None, False))
+    if bank is not None and not isinstance(bank, (ToComBank, str, os.PathLike)):
+        raise TypeError(
+            f"bank must be a ToComBank, a local directory / .safetensors file, a Hub repo id or None; "
+            f"got {type(bank).__name__}"
+        )
     if isinstance(bank, ToComBank) or (bank is not None and is_local_bank(bank)):
         if given:
             raise TypeError(f"{given} only apply when the bank is a Hub repo id (or None: the registry)")
