@@ -23,6 +23,7 @@ the cache (``hf_hub_download(local_files_only=True)``, which makes no request).
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import shutil
@@ -64,6 +65,24 @@ def check_timeout(timeout: Any) -> float:
     return float(timeout)
 
 
+_WORKER = "tocom-hub-download"  # the name of every download worker thread
+
+
+class _QuietWorkers(logging.Filter):
+    """Drops huggingface_hub's retry chatter ("Trying to resume download...", "Retrying in 1s") logged from our
+    workers: a download that fails says so in one line, at its deadline (other threads' records pass)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.threadName != _WORKER
+
+
+def _quiet_hf_retries() -> None:
+    for name in ("huggingface_hub.file_download", "huggingface_hub.utils._http"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _QuietWorkers) for f in logger.filters):
+            logger.addFilter(_QuietWorkers())
+
+
 class _Job:
     """What a download's worker and the thread waiting for it share: the cancel flag and the partial files."""
 
@@ -101,6 +120,7 @@ class _Sink:
 def _bounded(work: Callable[[_Job], Any], *, timeout: float, expired: Callable[[], BaseException]) -> Any:
     """``work(job)`` in a worker thread; at ``timeout`` the job is cancelled, its partial files removed and
     ``expired()`` raised (the thread is left to end by itself, see :func:`abandoned_downloads`)."""
+    _quiet_hf_retries()
     job, box = _Job(), {}
 
     def run() -> None:
@@ -109,7 +129,7 @@ def _bounded(work: Callable[[_Job], Any], *, timeout: float, expired: Callable[[
         except BaseException as e:  # handed to the waiting thread
             box["error"] = e
 
-    thread = threading.Thread(target=run, name="tocom-hub-download", daemon=True)
+    thread = threading.Thread(target=run, name=_WORKER, daemon=True)
     thread.start()
     thread.join(timeout)
     if thread.is_alive():
