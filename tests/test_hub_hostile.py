@@ -77,6 +77,7 @@ def test_a_stalled_or_trickling_download_ends_at_its_deadline(hostile, tmp_path,
     _good_call_works(server, bank, cache)
 
 
+@pytest.mark.slow  # a fresh interpreter (~10 s) and a 4 s deadline
 def test_the_cli_reports_a_stall_in_one_line_without_retry_chatter(hostile, hub_client):
     """``tocom-hub download`` as users run it, with huggingface_hub's read timeout at 1 s so that its resume
     retries ("Trying to resume download...") happen before the 4 s deadline: stderr is still the one line."""
