@@ -27,6 +27,12 @@ def test_from_pretrained_is_local_and_names_load_bank(hub_server, bank_repo):
             ToComBank.from_pretrained(spec)
     with pytest.raises(TypeError):
         ToComBank.from_pretrained("org/bank", revision="main")  # no Hub options in the core
+    model = tiny_vit()  # the core's apply: local banks only; tocom_hub.apply resolves the rest
+    with pytest.raises(FileNotFoundError, match="load_bank"):
+        tocom_hub.compensate.apply(model, 0, R_MAX, "org/bank")
+    with pytest.raises(TypeError, match="tocom_hub.apply"):
+        tocom_hub.compensate.apply(model, 0, R_MAX, None)
+    assert not tocom_hub.is_patched(model)
     assert hub_server.requests == []
 
 

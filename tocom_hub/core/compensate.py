@@ -107,8 +107,8 @@ def _resolve_bank(bank: BankLike, trust_unverified: bool) -> ToComBank:
         )
     if not isinstance(bank, (str, os.PathLike)):
         raise TypeError(
-            f"bank must be a ToComBank, a local directory / .safetensors file, a Hub repo id or None; "
-            f"got {type(bank).__name__}"
+            f"bank must be a ToComBank or a local directory / .safetensors file (tocom_hub.apply also takes a "
+            f"Hub repo id or None); got {type(bank).__name__}"
         )
     return ToComBank.from_pretrained(bank, trust_unverified=trust_unverified)
 
