@@ -157,6 +157,14 @@ def _kwargs_source(kwargs: Mapping[str, Any]) -> str:
     return "".join(f", {k}={v!r}" for k, v in kwargs.items())
 
 
+def _variant(config: Any) -> str:
+    """The recipe's ``model_kwargs`` as ``"depth=6, embed_dim=96"`` (``""`` without them): how the backbone differs
+    from the architecture's defaults."""
+    recipe = config.training_recipe if isinstance(config.training_recipe, dict) else {}
+    kwargs = recipe.get("model_kwargs")
+    return ", ".join(f"{k}={v!r}" for k, v in kwargs.items()) if isinstance(kwargs, dict) else ""
+
+
 def use_snippet_model(config: Any, hub_id: Optional[str]) -> Tuple[str, str]:
     """``(timm.create_model arguments, comment)`` for the card's "Use it" snippet: the model the bank was
     trained for (the verified Hub model with its weights; else the architecture with the recipe's
@@ -166,14 +174,17 @@ def use_snippet_model(config: Any, hub_id: Optional[str]) -> Tuple[str, str]:
     kwargs = recipe.get("model_kwargs") if isinstance(recipe.get("model_kwargs"), dict) else None
     if hub_id:
         extra = _kwargs_source({k: v for k, v in (kwargs or {}).items() if k in _RESOLUTION_KWARGS})
-        return f'"{config.base_model_id}", pretrained=True{extra}', "or your model fine-tuned from it"
+        return (
+            f'"{config.base_model_id}", pretrained=True{extra}',
+            "the Hub model this bank was trained for, or your fine-tune of it",
+        )
     if not arch:
-        return '"your_timm_vit"', "the backbone this bank was trained for (not recorded in the bank)"
+        return '"your_timm_vit"', "the backbone this bank was trained for (the bank does not record its name)"
     if kwargs is None:
         kwargs = dict(embed_dim=config.embed_dim, depth=config.depth, num_heads=config.num_heads)
     weights = recipe.get("weights")
     where = f" ({weights})" if isinstance(weights, str) and weights else ""
-    note = f"then load the weights of the backbone this bank was trained for{where}, or of your fine-tune of it"
+    note = f"the backbone this bank was trained for: load its weights{where}, or your fine-tune's, into it"
     return f'"{arch}", pretrained=False{_kwargs_source(kwargs)}', note
 
 
@@ -224,6 +235,7 @@ def render_model_card(
         repo_id=repo_id or "org/name",
         base_model_name=base_name,
         base_model_hub_id=base_hub_id,
+        base_model_variant="" if base_hub_id else _variant(cfg),
         create_model_args=create_args,
         create_model_note=create_note,
         method=method,
