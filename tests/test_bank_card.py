@@ -70,7 +70,7 @@ def test_the_card_of_the_trainers_default_bank_runs_its_snippet(tmp_path):
         assert name in files, name
     assert "`A.<target>`" not in files and "`B.<target>`" not in files  # format-1 names are gone
     model = run_card_snippet(text, "org/demo-bank", demo_bank_path())
-    assert tocom_hub.get_r(model) == bank.r_max and tocom_hub.compensate.get_state(model) is not None
+    assert tocom_hub.get_r(model) == bank.r_max and tocom_hub.compensate.get_compensation(model) is not None
     with torch.inference_mode():
         assert model(torch.randn(1, 3, 32, 32)).shape[0] == 1
 

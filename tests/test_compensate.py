@@ -86,7 +86,7 @@ def test_apply_then_remove_is_bit_exact(merge):
     after = model.state_dict()
     assert after.keys() == original.keys()
     assert all(torch.equal(after[k], v) for k, v in original.items())
-    assert not tocom_hub.is_patched(model) and compensate.get_state(model) is None
+    assert not tocom_hub.is_patched(model) and compensate.get_compensation(model) is None
     for blk in model.blocks:
         assert not blk.attn.qkv._forward_hooks and not blk.attn.proj._forward_hooks
         assert type(blk.attn.qkv) is torch.nn.Linear and type(blk.attn.proj) is torch.nn.Linear
@@ -111,7 +111,9 @@ def test_state_dict_and_parameters_never_contain_the_bank():
     bank, _ = bank_for(model)
     for merge in (True, False):
         tocom_hub.apply(model, 0, 3, bank=bank, merge=merge)
-        marker = {"tocom_compensation"} if merge else set()  # merged: what the weights hold (core/marker.py)
+        marker = (
+            {"tocom_compensation"} if merge else set()
+        )  # merged: what the weights hold (core/compensation/marker.py)
         assert set(model.state_dict()) == keys | marker and len(list(model.parameters())) == n_params
 
 
@@ -166,17 +168,17 @@ def test_errors_leave_model_unchanged(tmp_path):
         with pytest.raises(exc, match=match):
             tocom_hub.apply(model, **kwargs)
         assert state_hash(model) == h, name
-        assert not tocom_hub.is_patched(model) and compensate.get_state(model) is None, name
+        assert not tocom_hub.is_patched(model) and compensate.get_compensation(model) is None, name
 
     # a model that already carries a bank keeps it, merged weights and r included
     model = fresh()
     tocom_hub.apply(model, 1, 4, bank=ok_bank)
-    h, state = state_hash(model), compensate.get_state(model)
+    h, state = state_hash(model), compensate.get_compensation(model)
     for name, (kwargs, exc, match) in cases.items():
         kwargs = dict(dict(source_r=0, target_r=3, bank=ok_bank), **kwargs)
         with pytest.raises(exc, match=match):
             tocom_hub.apply(model, **kwargs)
-        assert state_hash(model) == h and compensate.get_state(model) is state, name
+        assert state_hash(model) == h and compensate.get_compensation(model) is state, name
         assert tocom_hub.get_r(model) == 4 and (state.source_r, state.target_r) == (1, 4), name
     for bad in (R + 1, -1, 2.0):
         with pytest.raises(ValueError, match="target_r"):
@@ -280,12 +282,12 @@ def test_disabled_nests_and_survives_a_bank_replaced_inside(merge):
             torch.testing.assert_close(model(X), plain(X), rtol=0, atol=1e-6)  # still off after the inner block
             tocom_hub.set_target_r(model, 2)  # a switch while off: remembered, applied on exit
         tocom_hub.set_r(plain, 2)
-        assert (model(X) - plain(X)).abs().max() > 1e-3 and compensate.get_state(model).target_r == 2
+        assert (model(X) - plain(X)).abs().max() > 1e-3 and compensate.get_compensation(model).target_r == 2
         tocom_hub.set_target_r(model, 5)
         torch.testing.assert_close(model(X), compensated, rtol=0, atol=1e-6)
         with compensate.disabled(model):
             tocom_hub.apply(model, 1, 3, bank=b2, merge=True)
-        st = compensate.get_state(model)
+        st = compensate.get_compensation(model)
         assert st.bank is b2 and st.enabled and (st.source_r, st.target_r) == (1, 3)
         assert_closed_form(model, original, g2, b2, 1, 3)
     tocom_hub.remove(model)
@@ -306,7 +308,7 @@ def test_apply_refuses_an_in_memory_bank_with_non_finite_values(bad, merge):
     with pytest.raises(ValueError, match=r"lora_A\.v contains NaN or inf"):  # the down factor (bank.lora_A)
         tocom_hub.apply(model, 0, 4, bank=bank, merge=merge)
     assert state_hash(model) == before and not tocom_hub.is_patched(model)
-    assert compensate.get_state(model) is None
+    assert compensate.get_compensation(model) is None
 
 
 @pytest.mark.parametrize("scale", [1e30, 101.0, -0.1])
@@ -390,7 +392,7 @@ def test_apply_refuses_a_model_on_the_meta_device(merge):
     bank, _ = bank_for(fresh())
     with pytest.raises(ValueError, match=r"meta device.*to_empty"):
         tocom_hub.apply(model, 0, 4, bank=bank, merge=merge)
-    assert not tocom_hub.is_patched(model) and compensate.get_state(model) is None
+    assert not tocom_hub.is_patched(model) and compensate.get_compensation(model) is None
     model.to_empty(device="cpu")
     model.load_state_dict(fresh().state_dict())
     original = clone_state(model)

@@ -1,4 +1,4 @@
-"""The Compensation base (core/compensation.py): where the bank's targets live in a timm ViT."""
+"""The Compensation base (core/compensation/base.py): where the bank's targets live in a timm ViT."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from compensate_helpers import bank_for, fresh
 
 import tocom_hub
 from tocom_hub import compensate
-from tocom_hub.core.compensation import Compensation, bank_layout
-from tocom_hub.core.lora_hooks import HookedCompensation
-from tocom_hub.core.lora_merged import MergedCompensation
+from tocom_hub.core.compensation.base import Compensation, bank_layout
+from tocom_hub.core.compensation.hooked import HookedCompensation
+from tocom_hub.core.compensation.merged import MergedCompensation
 
 
 @pytest.mark.parametrize("targets", [("q", "v"), ("v",), ("k", "proj"), ("q", "k", "v", "proj")])
@@ -38,7 +38,7 @@ def test_get_state_is_a_compensation_of_the_mode(merge, cls):
     model = fresh()
     bank, _ = bank_for(model)
     tocom_hub.apply(model, 1, 4, bank=bank, merge=merge, scale=0.05)
-    st = compensate.get_state(model)
+    st = compensate.get_compensation(model)
     assert isinstance(st, Compensation) and type(st) is cls
     assert (st.bank, st.source_r, st.target_r, st.scale, st.merge, st.enabled) == (bank, 1, 4, 0.05, merge, True)
     assert repr(st) == f"Compensation(source_r=1, target_r=4, scale=0.05, merge={merge}, targets=('q', 'v'))"

@@ -1,4 +1,4 @@
-"""torch.compile with the bank's unmerged mode (``apply(..., merge=False)``, core/lora_hooks.py): the compiled
+"""torch.compile with the bank's unmerged mode (``apply(..., merge=False)``, core/compensation/hooked.py): the compiled
 forward equals the eager one with the bank applied before or after compiling, on a second instance, after a
 pair switch, under ``disabled`` and after ``remove``; gradients reach the bank through the compiled graph; a
 user's forward hooks on the adapted Linears survive. (A forward hook would be invisible to a compiled graph:

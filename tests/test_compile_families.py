@@ -36,7 +36,8 @@ FAMILIES = {
     "vit_diff_parallel": lambda: make_vit("cls_token", block_fn=DiffParallelScalingBlock, init_values=0.3, **TINY),
     "vit_diff_attention": lambda: make_vit("cls_token", attn_layer="diff", init_values=0.3, **TINY),
     "qwen3_classifier": lambda: make_qwen(**TINY),
-    "qwen3_merge": lambda: make_qwen("qwen3_vit_88m_merge", **TINY),
+    "qwen3_merge": lambda: make_qwen("qwen3_vit_88m_merge", **TINY),  # 2×2 patch merger on the unmerged grid
+    "qwen3_enc_merge": lambda: make_qwen("qwen3_vit_88m_enc", **TINY),
     "gemma4_classifier": lambda: make_gemma("classifier"),  # 48 px: 36 patches
     "gemma4_enc_soft": lambda: make_gemma("enc_soft"),
     "eva_rope_cat": lambda: make_eva("rope_cat_cls", **TINY),
@@ -58,9 +59,8 @@ NO_DENSE = {"vit_parallel_scaling", "vit_diff_parallel"}  # dense mode refuses i
 EVIT = {"vit_block", "vit_parallel_scaling", "eva_rope_dinov3_registers", "eva_separate_qkv", "beit_rel_bias"}
 EVIT |= {"relpos_mlp_cls", "cait_talking_heads", "naflex_rope_axial"}
 EVIT |= {"vit_parallel_things", "vit_diff_parallel", "vit_diff_attention"}
-DENSE_ONLY = {"qwen3_merge"}  # its 2×2 patch merger needs the full grid: the regular mode is refused
-EVIT |= {"qwen3_classifier", "gemma4_enc_soft"}
-CASES = [(f, "tome", False) for f in FAMILIES if f not in DENSE_ONLY] + [(f, "evit", False) for f in sorted(EVIT)]
+EVIT |= {"qwen3_classifier", "qwen3_merge", "gemma4_enc_soft"}
+CASES = [(f, "tome", False) for f in FAMILIES] + [(f, "evit", False) for f in sorted(EVIT)]
 CASES += [(f, "tome", True) for f in FAMILIES if f not in NO_DENSE] + [("eva_rope_cat", "evit", True)]
 CASES += [("beit_rel_bias", "evit", True)]
 

@@ -9,7 +9,7 @@ from torch._dynamo.testing import CompileCounter
 
 import tocom_hub
 from tocom_hub import ToComBank, ToComConfig
-from tocom_hub.core import compensate
+from tocom_hub.core.compensation import api as compensate
 from tocom_hub.core.patch import get_settings
 
 X = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(9))
@@ -43,7 +43,7 @@ def test_bank_of_the_other_mode_is_refused_and_nothing_changes():
         tocom_hub.apply(model, 0, 2, bank=_bank(model))
     with pytest.raises(ValueError, match=r"dense \(k = 4·r\) mode"):
         tocom_hub.apply(model, 0, 2, bank=_bank(model, dense=True, dense_ratio=4))  # another ratio is another r
-    assert compensate.get_state(model) is None
+    assert compensate.get_compensation(model) is None
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     regular = make_vit("cls_token")
     tocom_hub.patch(regular)

@@ -94,7 +94,7 @@ def test_one_file_per_r_and_the_model_left_patched_as_it_was(tmp_path):
     written = export_model(model, tmp_path / "m.pt2", 0, [0, 4, 8], bank=bank, format="torch", verify=False)
     assert [w.path.name for w in written] == ["m-r0.pt2", "m-r4.pt2", "m-r8.pt2"]
     assert [w.target_r for w in written] == [0, 4, 8] and all(w.max_abs_diff is None for w in written)
-    assert tocom_hub.get_r(model) == 3 and tocom_hub.compensate.get_state(model) is None
+    assert tocom_hub.get_r(model) == 3 and tocom_hub.compensate.get_compensation(model) is None
     assert export_paths(tmp_path / "x-{r}.onnx", [1, 2], "onnx")[1].name == "x-2.onnx"
     assert export_paths(tmp_path / "x", [5], "onnx")[0].name == "x.onnx"
 

@@ -14,8 +14,8 @@ from tiny_models import EVA_VARIANTS, make_eva, make_vit
 
 import tocom_hub
 from tocom_hub import ToComBank
+from tocom_hub.core.compensation.marker import MARKER_KEY, read_marker
 from tocom_hub.core.families.eva import ROPES
-from tocom_hub.core.marker import MARKER_KEY, read_marker
 
 X = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
 CLASS_TOKEN = ["rope_cat_cls", "rope_cat_separate_qkv", "rope_dinov3_registers", "rope_cat_gqa", "norope_token"]

@@ -17,7 +17,7 @@ from tiny_models import _init_nontrivial
 
 import tocom_hub
 from tocom_hub import ToComBank
-from tocom_hub.core.marker import MARKER_KEY
+from tocom_hub.core.compensation.marker import MARKER_KEY
 
 X = torch.rand(2, 3, 48, 48, generator=torch.Generator().manual_seed(6))  # patch 8: a 6×6 grid, 36 patches
 VARIANTS = {

@@ -1,6 +1,7 @@
 """The qwen3_vit family (timm ``Qwen3VitClassifier`` / ``Qwen3VitEncoder``: EvaBlock + AttentionRope with a 2-D
 ``RotaryEmbeddingCat``, no prefix tokens) against plain timm, EViT as key masking on the plain model, the bank's
-closed form; the ``merge`` heads (2×2 patch merger) run in dense mode and refuse the regular mode."""
+closed form; the ``merge`` heads (2×2 patch merger) in dense mode, and switching between the modes
+(their regular mode: tests/test_qwen3_merger.py)."""
 
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ from tiny_models import _init_nontrivial
 
 import tocom_hub
 from tocom_hub import ToComBank
+from tocom_hub.core.compensation.marker import MARKER_KEY
 from tocom_hub.core.families.eva import ROPES
-from tocom_hub.core.marker import MARKER_KEY
 from tocom_hub.core.patch import get_settings
 
 X = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(4))
@@ -124,23 +125,21 @@ def test_centroid_rope_at_the_grid_is_the_models_rope_and_centroid_runs():
 
 
 @pytest.mark.parametrize("name", ["qwen3_vit_88m_merge", "qwen3_vit_88m_enc"])
-def test_merge_heads_refuse_the_regular_mode_and_run_dense(name):
+def test_merge_heads_run_dense_and_switch_to_the_regular_mode(name):
     model = make_qwen(name)
     plain = copy.deepcopy(model)
-    for method in ("tome", "evit"):
-        with pytest.raises(TypeError, match=r"2×2 patch merger .* needs the full patch grid.*dense=True"):
-            tocom_hub.patch(model, method=method)
-        assert not tocom_hub.is_patched(model)
     tocom_hub.patch(model, dense=True, dense_ratio=4)
     with torch.no_grad():
         ref = plain(X)
         assert torch.equal(model(X), ref)
         tocom_hub.set_r(model, 4)
-        out = model(X)
-        assert out.shape == ref.shape and (out - ref).abs().max() > 1e-4
-        with pytest.raises(TypeError, match="patch merger"):
-            tocom_hub.patch(model)  # switching to the regular mode is refused, the dense patch stays
-        assert get_settings(model)["dense"] is True
+        dense = model(X)
+        assert dense.shape == ref.shape and (dense - ref).abs().max() > 1e-4
+        tocom_hub.patch(model)  # the regular mode: the merger runs on the tokens put back on the grid
+        assert get_settings(model)["dense"] is False
+        tocom_hub.set_r(model, 4)
+        regular = model(X)
+        assert regular.shape == ref.shape and (regular - dense).abs().max() > 1e-4
 
 
 @pytest.mark.parametrize("method", ["tome", "evit"])
@@ -171,8 +170,7 @@ def test_regular_mode_intermediates_come_back_on_the_grid():
 def test_bank_apply_changes_only_q_and_v_by_the_delta_and_remove_is_exact(name):
     model = make_qwen(name)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    dense = dict(dense=True, dense_ratio=2) if name.endswith("_enc") else {}  # (its merger head: dense only)
-    bank = ToComBank.for_model(model, r_max=4, rank=2, targets=("q", "v"), **dense)
+    bank = ToComBank.for_model(model, r_max=4, rank=2, targets=("q", "v"))
     groups = random_groups(bank, seed=2)
     tocom_hub.apply(model, 1, 3, bank=bank)
     after = model.state_dict()

@@ -16,9 +16,9 @@ from tiny_relfam import CLASS_TOKEN, REL_VARIANTS, make_rel
 
 import tocom_hub
 from tocom_hub import ToComBank
+from tocom_hub.core.compensation.marker import MARKER_KEY
 from tocom_hub.core.families.relbias import gather_pair_bias
 from tocom_hub.core.families.relpos import mlp_bias_at
-from tocom_hub.core.marker import MARKER_KEY
 
 X = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
 

@@ -18,8 +18,8 @@ from tiny_models import make_vit
 import tocom_hub
 from tocom_hub import ToComBank
 from tocom_hub.core.bank_config import model_dims
+from tocom_hub.core.compensation.marker import MARKER_KEY
 from tocom_hub.core.families.diff import diff_attend
-from tocom_hub.core.marker import MARKER_KEY
 
 X = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
 BLOCKS = {

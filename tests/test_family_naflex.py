@@ -14,7 +14,7 @@ from naflex_helpers import NAFLEX_VARIANTS, image_patches, make_naflex, patch_ba
 
 import tocom_hub
 from tocom_hub import ToComBank
-from tocom_hub.core.marker import MARKER_KEY
+from tocom_hub.core.compensation.marker import MARKER_KEY
 from tocom_hub.core.merge import bipartite_soft_matching
 from tocom_hub.core.prune import select_attentive
 from tocom_hub.core.reducers import EViT, ToMe

@@ -12,7 +12,7 @@ from tool_helpers import DEPTH, PATCHES, tiny_model
 
 import tocom_hub
 from tocom_hub import ToComBank
-from tocom_hub.core.compensate import get_state
+from tocom_hub.core.compensation.api import get_compensation
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")  # conftest.py: one torch thread for the module
 
@@ -66,7 +66,7 @@ def test_latency_controller_follows_load_fake_clock():
     for i in range(60):
         clock.load = 2.0 if 20 <= i < 40 else 1.0
         ctl(x)
-        assert tocom_hub.get_r(model) == ctl.r == get_state(model).target_r  # switched through set_target_r
+        assert tocom_hub.get_r(model) == ctl.r == get_compensation(model).target_r  # switched through set_target_r
     rs_seen = [h["r"] for h in ctl.history]
     # up within 3 requests of the slowdown, to the smallest r predicted to fit: r=20 (62 → 6.2 ms · 2 ≤ 0.9 · budget)
     want_up = min(r for r in rs if 2 * closed_form_ms(r) <= 0.9 * budget)
@@ -78,7 +78,7 @@ def test_latency_controller_follows_load_fake_clock():
     assert switches == 2, rs_seen
     assert all(h["ms"] <= budget for h in ctl.history[23:40])
     ctl.remove()
-    assert not tocom_hub.is_patched(model) and get_state(model) is None
+    assert not tocom_hub.is_patched(model) and get_compensation(model) is None
 
 
 def test_latency_calibration_reports_spread_and_warns_when_rounds_disagree():

@@ -1,4 +1,5 @@
-"""The switch lock (core/locks.py): switches, applies and removes from several threads leave the model exact."""
+"""The switch lock (core/compensation/locks.py): switches, applies and removes from several threads leave the
+model exact."""
 
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ def test_concurrent_switches_keep_the_closed_form(monkeypatch):
             with ThreadPoolExecutor(max_workers=4) as pool:
                 for future in [pool.submit(hammer, 10 * trial + k) for k in range(4)]:
                     future.result()  # re-raises what a thread raised
-            st = compensate.get_state(model)
+            st = compensate.get_compensation(model)
             assert tocom_hub.get_r(model) == st.target_r
             assert_closed_form(model, original, groups, bank, source, st.target_r, tol=1e-4)
     finally:
@@ -66,9 +67,9 @@ def test_switch_lock_serialises_a_forward_with_a_switch():
         th = threading.Thread(target=lambda: (tocom_hub.set_target_r(model, 5), done.set()))
         th.start()
         assert not done.wait(0.2)  # blocked while we hold the lock
-        assert compensate.get_state(model).target_r == 2
+        assert compensate.get_compensation(model).target_r == 2
     th.join()
-    assert done.is_set() and compensate.get_state(model).target_r == 5
+    assert done.is_set() and compensate.get_compensation(model).target_r == 5
     clone = copy.deepcopy(model)  # the lock is not shared with (nor copied into) a deepcopy
     assert compensate.switch_lock(clone) is not lock
 
@@ -107,7 +108,7 @@ def test_concurrent_apply_switch_and_remove_keep_the_model_consistent():
                 future.result()
     finally:
         sys.setswitchinterval(old_interval)
-    st = compensate.get_state(model)
+    st = compensate.get_compensation(model)
     if st is not None:
         bank, groups = next(bg for bg in banks if bg[0] is st.bank)
         assert tocom_hub.get_r(model) == st.target_r

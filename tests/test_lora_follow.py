@@ -1,4 +1,4 @@
-"""The merged bank follows the weights (core/lora_merged.py): after training steps, ``load_state_dict`` or an
+"""The merged bank follows the weights (core/compensation/merged.py): after training steps, ``load_state_dict`` or an
 edit through ``.data``, ``remove()`` and every switch change the adapted rows by exactly the bank's signed
 delta relative to the *current* weights — checked against the closed form in float64 — and what cannot be
 followed is refused without changing anything."""
@@ -11,7 +11,7 @@ from bank_helpers import clone_state, naive_delta, rel_err, weight_rows
 from compensate_helpers import X, bank_for, fresh
 
 import tocom_hub
-from tocom_hub.core.compensate import RESYNC_EVERY
+from tocom_hub.core.compensation.api import RESYNC_EVERY
 
 SRC, TGT = 0, 6
 
@@ -132,4 +132,4 @@ def test_what_cannot_be_followed_is_refused():
         tocom_hub.set_target_r(model, 2)
     with pytest.raises(RuntimeError, match="meta"):
         tocom_hub.remove(model)
-    assert tocom_hub.compensate.get_state(model).target_r == TGT and tocom_hub.get_r(model) == TGT
+    assert tocom_hub.compensate.get_compensation(model).target_r == TGT and tocom_hub.get_r(model) == TGT

@@ -1,4 +1,4 @@
-"""Unmerged mode (core/lora_hooks.py): the LoRA path in the adapted Linears' forward (a swapped class), its
+"""Unmerged mode (core/compensation/hooked.py): the LoRA path in the adapted Linears' forward (a swapped class), its
 gradients, O(1) pair switches, and a remove() that leaves the hooks of others where they were."""
 
 from __future__ import annotations
@@ -57,14 +57,14 @@ def test_deepcopy_of_a_compensated_model_is_independent():
     tocom_hub.apply(model, 0, 4, bank=bank, merge=False)
     twin = copy.deepcopy(model)
     tocom_hub.remove(twin)
-    assert compensate.get_state(model) is not None and len(_hooks_of_ours(model)) == len(model.blocks)
+    assert compensate.get_compensation(model) is not None and len(_hooks_of_ours(model)) == len(model.blocks)
     with torch.no_grad():
         torch.testing.assert_close(twin(X), fresh()(X), rtol=0, atol=0)
 
 
 def _hooks_of_ours(model):
     """Every Linear of ``model`` that still runs the unmerged mode's update (its class or its state)."""
-    from tocom_hub.core.lora_hooks import _ToComLinear
+    from tocom_hub.core.compensation.hooked import _ToComLinear
 
     return [
         (name, type(module).__name__)
@@ -119,7 +119,7 @@ def test_remove_keeps_the_hooks_of_others_and_leaves_none_of_ours(targets):
         model(X)
     assert ("late", "1.qkv") in calls and ("always", "0.proj") in calls
     tocom_hub.remove(model)
-    assert _hooks_of_ours(model) == [] and compensate.get_state(model) is None
+    assert _hooks_of_ours(model) == [] and compensate.get_compensation(model) is None
     late.remove()
     assert _hook_counts(model) == before  # every hook of the user's is still registered
     calls.clear()

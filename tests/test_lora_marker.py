@@ -1,5 +1,5 @@
-"""A compensated state is recognisable (core/marker.py): the state_dict of a model with a merged bank says what
-its weights hold; loading it where that would count the update twice is refused, and where the same bank is
+"""A compensated state is recognisable (core/compensation/marker.py): the state_dict of a model with a merged bank says
+what its weights hold; loading it where that would count the update twice is refused, and where the same bank is
 merged the result is the closed form."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 import tocom_hub
 from tocom_hub.core.bank import WEIGHTS_NAME
-from tocom_hub.core.marker import MARKER_KEY, read_marker
+from tocom_hub.core.compensation.marker import MARKER_KEY, read_marker
 
 
 def test_state_dict_of_a_merged_model_says_what_it_holds(tmp_path):

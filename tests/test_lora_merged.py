@@ -1,4 +1,4 @@
-"""Merged mode (core/lora_merged.py): switches never drift from the closed form, fp16/bf16 accumulate in fp32,
+"""Merged mode (core/compensation/merged.py): switches never drift from the closed form, fp16/bf16 accumulate in fp32,
 the bank follows a model converted after apply, and remove() restores the weights bit-exact."""
 
 from __future__ import annotations

@@ -108,22 +108,9 @@ def _scan() -> List[str]:
     return out
 
 
-# Known, to be removed with the bank-file rewrite (core/bank_file.py offers no writer seam yet): the
-# disk-full test replaces bank_file.save_safetensors. Listed exactly, so a new one fails and a fixed one
-# must be taken off the list.
-KNOWN = {"tests/test_bank_file.py: setattr() on tocom_hub.core.bank_file"}
-
-
 def test_no_assignment_to_tocom_hub_module_attributes():
     found = _scan()
-    unknown = [f for f in found if _without_line(f) not in KNOWN]
-    assert not unknown, "assignments to tocom_hub module attributes:\n" + "\n".join(unknown)
-    assert {_without_line(f) for f in found} == KNOWN, "fixed: take it off KNOWN"
-
-
-def _without_line(found: str) -> str:
-    where, what = found.split(": ", 1)
-    return f"{where.rsplit(':', 1)[0]}: {what}"
+    assert not found, "assignments to tocom_hub module attributes:\n" + "\n".join(found)
 
 
 def test_the_scan_sees_every_form(tmp_path):

@@ -263,13 +263,13 @@ def test_set_r_on_unpatched_model_raises():
 
 
 def _unsupported_models():
-    from timm.models.qwen3_vit import Qwen3VitClassifier
+    from timm.models.vision_transformer_sam import VisionTransformerSAM
     from timm.models.xcit import Xcit
 
     small = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=5)
     return {
         "Xcit": lambda: Xcit(**small),
-        "Qwen3VitClassifier": lambda: Qwen3VitClassifier(encoder_pool="merge", out_features=8, **small),
+        "VisionTransformerSAM": lambda: VisionTransformerSAM(window_size=2, **small),  # windowed attention
         "Sequential": lambda: torch.nn.Sequential(torch.nn.Linear(3, 3)),
     }
 

@@ -99,10 +99,10 @@ def test_bank_and_compensation_share_the_rule():
     with pytest.raises(ValueError, match=r"^target r must be an int in \[0, 5\] \(the bank's range\); got 6$"):
         bank.delta(0, "q", 0, 6)
     tocom_hub.apply(model, 0, 3, bank=bank)
-    h, state = state_hash(model), compensate.get_state(model)
+    h, state = state_hash(model), compensate.get_compensation(model)
     for bad in (6, -1, 2.0, True):
         with pytest.raises(ValueError, match=r"^target_r must be an int in \[0, 5\] \(the bank's range\)"):
             tocom_hub.set_target_r(model, bad)
-        assert state_hash(model) == h and compensate.get_state(model) is state and tocom_hub.get_r(model) == 3
+        assert state_hash(model) == h and compensate.get_compensation(model) is state and tocom_hub.get_r(model) == 3
     tocom_hub.set_target_r(model, np.int64(4))
     assert tocom_hub.get_r(model) == 4 and state.target_r == 4 and type(state.target_r) is int

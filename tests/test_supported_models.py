@@ -44,7 +44,7 @@ def _try(fn) -> str:
 
 def walk():
     rows = collections.OrderedDict()
-    reasons = collections.Counter()
+    reasons, bank_reasons = collections.Counter(), collections.Counter()
     for module in MODULES:
         for name in timm.list_models(module=module):
             with torch.device("meta"):
@@ -59,10 +59,16 @@ def walk():
             row["bank"] += not why["tome"] and not bank
             if why["tome"]:
                 reasons[why["tome"].split(": ", 1)[-1]] += 1
-    return rows, reasons
+            elif bank:
+                bank_reasons[bank.split(": ", 1)[-1]] += 1
+    return rows, reasons, bank_reasons
 
 
-def render(rows, reasons) -> str:
+def _reason_lines(reasons) -> list:
+    return [f"- {count} × {why}" for why, count in sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))]
+
+
+def render(rows, reasons, bank_reasons) -> str:
     total = collections.Counter()
     lines = [
         "# Supported models",
@@ -79,21 +85,27 @@ def render(rows, reasons) -> str:
         total.update(row)
         lines.append(f"| `{module}` | {row['models']} | {row['tome']} | {row['evit']} | {row['bank']} |")
     lines.append(f"| **all** | {total['models']} | {total['tome']} | {total['evit']} | {total['bank']} |")
-    lines += ["", "Why the others are refused (the `TypeError` each raises):", ""]
-    lines += [f"- {count} × {why}" for why, count in sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))]
+    if reasons:
+        lines += ["", "Why the others are refused (the `TypeError` each raises):", ""] + _reason_lines(reasons)
+    else:
+        lines += ["", "Every model above patches with ToMe and with EViT."]
+    if bank_reasons:
+        lines += ["", "Why a patched model takes no bank (the `TypeError` of `model_dims`):", ""]
+        lines += _reason_lines(bank_reasons)
     return "\n".join(lines) + "\n"
 
 
 @pytest.mark.slow
 def test_supported_models_table_is_current():
-    rows, reasons = walk()
-    text = render(rows, reasons)
+    rows, reasons, bank_reasons = walk()
+    text = render(rows, reasons, bank_reasons)
     if os.environ.get("TOCOM_HUB_WRITE_SUPPORTED"):
         DOC.write_text(text)
         subprocess.run([sys.executable, str(DOC.parents[1] / "benchmarks" / "render_readme.py")], check=True)
     assert DOC.read_text() == text
     assert sum(r["models"] for r in rows.values()) >= 329
     assert rows["eva"]["tome"] == rows["eva"]["evit"] == rows["eva"]["models"]  # every Eva patches
+    assert rows["qwen3_vit"]["tome"] == rows["qwen3_vit"]["evit"] == rows["qwen3_vit"]["bank"] == 9  # merge heads too
     for module in ("beit", "vision_transformer_relpos", "cait"):  # every one patches and takes a bank
         assert rows[module]["tome"] == rows[module]["evit"] == rows[module]["bank"] == rows[module]["models"], module
     assert rows["naflexvit"]["tome"] == rows["naflexvit"]["evit"] == rows["naflexvit"]["bank"] == 14  # every NaFlexViT

@@ -37,7 +37,7 @@ def test_picks_the_best_and_leaves_it_applied():
     for s in CANDIDATES:
         assert scores[s] == pytest.approx(refs[s], rel=1e-5)
     assert best == min(refs, key=refs.get)
-    st = compensate.get_state(model)
+    st = compensate.get_compensation(model)
     assert st.scale == best and (st.source_r, st.target_r, st.merge) == (0, 4, True)
     assert model.training  # mode restored
     expected = tocom_hub.apply(make_vit("cls_token"), 0, 4, bank=bank, scale=best)

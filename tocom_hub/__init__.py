@@ -20,7 +20,7 @@ __version__ = "0.1.0"
 # tests/test_architecture.py):
 #   core/   token maths (merge, prune), timm surgery (attention, patch), the bank (bank, bank_config,
 #           bank_file, bank_card, registry; local files only, no network) and its application to a model
-#           (compensate, lora_merged, lora_hooks)
+#           (compensation/: api, merged, hooked, locks, marker; preserve: remember and restore both states)
 #   hub/    every network request: load_bank (path or repo id or registry), apply (tocom_hub.apply),
 #           download_bank (bounded, verified), push_bank
 #   tools/  evaluation, benchmark, timing, latency controller, visualisation, scale tuning, checkpoint
@@ -50,7 +50,7 @@ _LAZY = {
     **dict.fromkeys(["unmerge_to_grid", "track_grid"], "core.grid"),
     # ToCom bank and its weight arithmetic
     **dict.fromkeys(["ToComBank", "ToComConfig"], "core.bank"),
-    **dict.fromkeys(["remove", "set_target_r", "set_pair"], "core.compensate"),
+    **dict.fromkeys(["remove", "set_target_r", "set_pair"], "core.compensation.api"),
     # a bank from a path, a Hub repo id or the registry (the core's apply takes local banks only)
     **dict.fromkeys(["apply", "load_bank"], "hub.load"),
     "convert_official": "tools.convert",
@@ -60,7 +60,7 @@ _LAZY = {
     # Tools: hold a latency budget by switching r with the server's load
     "LatencyController": "tools.latency",
 }
-_SUBMODULES = {"compensate": "core.compensate", "hub": "hub"}
+_SUBMODULES = {"compensate": "core.compensation.api", "hub": "hub"}
 
 __all__ = ["__version__", *_LAZY, *_SUBMODULES]
 

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import tocom_hub
-from tocom_hub.core import compensate
 from tocom_hub.core.bank import ToComBank
+from tocom_hub.core.compensation import api as compensate
 
 __all__ = ["Distiller", "kd_loss", "heldout_eval"]
 

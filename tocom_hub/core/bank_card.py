@@ -268,8 +268,8 @@ def render_model_card(
 def write_model_card(bank: nn.Module, folder: PathLike, **card: Any) -> str:
     """Write :func:`render_model_card` (``card``: its keyword arguments) as ``README.md`` into ``folder``, whose
     bank files give the size on disk; returns the path."""
-    from .bank_config import _atomic_write_bytes
+    from .jsonio import atomic_write_bytes
 
     out = Path(folder) / CARD_NAME
-    _atomic_write_bytes(out, render_model_card(bank, path=folder, **card).encode("utf-8"))
+    atomic_write_bytes(out, render_model_card(bank, path=folder, **card).encode("utf-8"))
     return str(out)

@@ -13,7 +13,6 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any, Dict, Optional, Tuple, Union
 from torch import nn
 
 from .checks import METHODS, is_int
+from .jsonio import write_json
 
 __all__ = [
     "ToComConfig",
@@ -171,9 +171,6 @@ class ToComConfig:
         d["targets"] = list(self.targets)
         return d
 
-    def to_json_string(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
-
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "ToComConfig":
         if not isinstance(d, dict):
@@ -193,8 +190,7 @@ class ToComConfig:
 
     def save_pretrained(self, save_directory: PathLike) -> None:
         """Write ``tocom_config.json`` into ``save_directory`` (atomically)."""
-        os.makedirs(save_directory, exist_ok=True)
-        _atomic_write_bytes(Path(save_directory) / CONFIG_NAME, self.to_json_string().encode("utf-8"))
+        write_json(Path(save_directory) / CONFIG_NAME, self.to_dict(), sort_keys=True, default=None)
 
     @classmethod
     def from_json_file(cls, path: PathLike) -> "ToComConfig":
@@ -304,38 +300,3 @@ def _read_json_file(path: PathLike, *, what: str, max_bytes: int = 16 << 20) -> 
     if len(raw) > max_bytes:
         raise ValueError(f"{path}: the {what} is larger than {max_bytes >> 20} MB; not a valid {what}")
     return _parse_json_text(raw, str(path), what)
-
-
-def _fsync_path(path: PathLike) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without O_RDONLY on files
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
-def _unlink_quiet(path: PathLike) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same directory and ``os.replace``."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        _unlink_quiet(tmp)
-        raise

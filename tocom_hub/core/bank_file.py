@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
@@ -29,11 +27,10 @@ from .bank_config import (
     LIBRARY_NAME,
     WEIGHTS_NAME,
     ToComConfig,
-    _fsync_path,
     _parse_json_text,
-    _unlink_quiet,
     check_format_version,
 )
+from .jsonio import atomic_write_bytes
 
 __all__ = [
     "factor_names",
@@ -175,7 +172,7 @@ def read_bank(path: Path, *, trust_unverified: bool = False) -> Tuple[Dict[str, 
 _SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 
 
-def save_safetensors(tensors: Dict[str, torch.Tensor], path: str, metadata: Dict[str, str]) -> None:
+def safetensors_bytes(tensors: Dict[str, torch.Tensor], metadata: Dict[str, str]) -> bytes:
     """A safetensors file whose bytes depend only on ``tensors`` and ``metadata``: the header is JSON with sorted
     keys (the safetensors writer keeps the metadata in a hash map, so its key order, and the file's hash, change
     from one process to the next), the tensors follow in name order, the header is padded to 8 bytes."""
@@ -195,16 +192,12 @@ def save_safetensors(tensors: Dict[str, torch.Tensor], path: str, metadata: Dict
         blobs.append(blob)
     raw = json.dumps(header, sort_keys=True, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)
-    with open(path, "wb") as f:
-        f.write(len(raw).to_bytes(8, "little"))
-        f.write(raw)
-        for blob in blobs:
-            f.write(blob)
+    return b"".join([len(raw).to_bytes(8, "little"), raw, *blobs])
 
 
 def write_bank_file(path: Path, tensors: Dict[str, torch.Tensor], config: ToComConfig) -> None:
     """Write ``tensors`` (current names) and ``config`` to ``path`` atomically (temporary file + ``os.replace``);
-    the same tensors and config always give the same bytes (:func:`save_safetensors`)."""
+    the same tensors and config always give the same bytes (:func:`safetensors_bytes`)."""
     from .. import __version__
 
     config_json = json.dumps(config.to_dict(), sort_keys=True)
@@ -216,13 +209,4 @@ def write_bank_file(path: Path, tensors: Dict[str, torch.Tensor], config: ToComC
         "tocom_config": config_json,
         "tocom_sha256": tensors_sha256(tensors, config_json),
     }
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_safetensors(tensors, tmp, metadata)
-        os.chmod(tmp, 0o644)
-        _fsync_path(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        _unlink_quiet(tmp)
-        raise
+    atomic_write_bytes(path, safetensors_bytes(tensors, metadata))

@@ -23,7 +23,7 @@ from .dense import tokens_to_grid
 __all__ = ["track_grid", "unmerge_to_grid", "merged_intermediates"]
 
 
-def _state(model: nn.Module):
+def _token_state(model: nn.Module):
     state = model.__dict__.get("_tocom_state")
     if state is None:
         raise ValueError(f"{type(model).__name__} is not patched; call tocom_hub.patch(model) first")
@@ -38,7 +38,7 @@ def track_grid(model: nn.Module) -> Iterator[None]:
         tokens = model.forward_features(x)
     grid = tocom_hub.unmerge_to_grid(model, tokens, output_fmt="NCHW")
     """
-    state = _state(model)
+    state = _token_state(model)
     old = state.set_tracking(True)  # this thread's forwards only
     try:
         yield
@@ -69,7 +69,7 @@ def unmerge_to_grid(
     unless nothing was reduced (dense mode, ``r = 0``). ``grid_size``: ``(H, W)`` patches for NCHW
     (default ``model.patch_embed.grid_size``).
     """
-    state = _state(model)
+    state = _token_state(model)
     if output_fmt not in ("NCHW", "NLC"):
         raise ValueError(f"output_fmt must be 'NCHW' or 'NLC'; got {output_fmt!r}")
     ctx = state.last()
@@ -119,7 +119,7 @@ def merged_intermediates(
 
     if output_fmt not in ("NCHW", "NLC"):
         raise ValueError(f"output_fmt must be 'NCHW' or 'NLC'; got {output_fmt!r}")
-    state = _state(model)
+    state = _token_state(model)
     take, _ = feature_take_indices(len(model.blocks), indices)
     trail: List[Optional[torch.Tensor]] = []
     hooks = [blk.register_forward_hook(lambda *_: trail.append(state.context().grid_index)) for blk in model.blocks]

@@ -1,8 +1,9 @@
-"""The one JSON writer of the project (results, recipes, run records, tool side-files).
+"""The one file writer of the project: :func:`atomic_write_bytes` (bank files, bank configs) and, on it,
+:func:`write_json` (results, recipes, run records, tool side-files).
 
-:func:`write_json` creates the parent directory, writes UTF-8 to a temporary file beside the target and
-moves it into place with :func:`os.replace`, so a reader never sees half a file and a failed write
-leaves the old file as it was. :func:`canonical_dumps` is the compact, key-sorted form used where JSON
+Both write to a temporary file beside the target, flush it to disk and move it into place with
+:func:`os.replace`, so a reader never sees half a file and a failed write leaves the old file as it was.
+:func:`canonical_dumps` is the compact, key-sorted form used where JSON
 is hashed or embedded (markers, fingerprints, safetensors metadata).
 """
 
@@ -10,10 +11,11 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
-__all__ = ["write_json", "canonical_dumps"]
+__all__ = ["atomic_write_bytes", "write_json", "canonical_dumps"]
 
 
 def write_json(
@@ -32,16 +34,29 @@ def write_json(
 
         write_json("runs/a/result.json", {"r": 16, "img_per_s": 1234.5})
     """
-    path = Path(path)
     text = json.dumps(obj, indent=indent, sort_keys=sort_keys, default=default) + "\n"  # fails before any file
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_bytes(path: Union[str, os.PathLike], data: bytes, *, mode: int = 0o644) -> Path:
+    """Write ``data`` to ``path`` atomically: a temporary file in the same directory, flushed and fsync'ed,
+    given ``mode`` and moved over ``path`` with :func:`os.replace`. The parent directory is created; on any
+    failure the temporary file is removed and ``path`` keeps its old content. Returns the path."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
         raise
     return path
 

@@ -68,7 +68,7 @@ def is_patched(model: nn.Module) -> bool:
     return isinstance(model, ReducedModel)
 
 
-def _state(model: nn.Module) -> TokenState:
+def _token_state(model: nn.Module) -> TokenState:
     if not is_patched(model):
         raise ValueError(f"{type(model).__name__} is not patched; call tocom_hub.patch(model) first")
     return model._tocom_state
@@ -97,9 +97,6 @@ def _check_options(method: str, positions: str, attention: Any, reducer: Any, de
 def _check_family(model: nn.Module, positions: str, dense: bool) -> Any:
     """The family adapter :func:`patch` would use, or the ``TypeError`` it would raise (nothing is changed)."""
     family = find_family(model, positions)
-    refusal = None if dense else family.regular_refusal(model)
-    if refusal:
-        raise TypeError(f"{type(model).__name__}: {refusal}")
     if dense:
         for i, blk in enumerate(family.model_blocks(model)):
             why = getattr(family.blocks.get(type(blk), type(blk)), "_tocom_no_dense", None)
@@ -179,7 +176,7 @@ def patch(
     """
     _check_options(method, positions, attention, reducer, dense, dense_ratio)
     family = _check_family(model, positions, dense)
-    comp = model.__dict__.get("_tocom_compensation")  # set by tocom_hub.apply (compensate.py)
+    comp = model.__dict__.get("_tocom_compensation")  # set by tocom_hub.apply (core/compensation/api.py)
     if comp is not None and comp.bank.method != method:
         raise ValueError(
             f"model carries a ToCom bank trained for {comp.bank.method!r}; switching the patch to {method!r} "
@@ -255,7 +252,7 @@ def set_r(model: nn.Module, r: RSpec) -> nn.Module:
         tocom_hub.set_r(model, 8)          # 8 per block
         tocom_hub.set_r(model, [16] * 6 + [0] * 6)
     """
-    state = _state(model)
+    state = _token_state(model)
     values = resolve_r(model, r, state.method, state.dense_ratio if state.dense else 1)
     state.r, state.r_spec = values, (list(values) if isinstance(r, (list, tuple)) else int(r))
     return model
@@ -263,7 +260,7 @@ def set_r(model: nn.Module, r: RSpec) -> nn.Module:
 
 def get_r(model: nn.Module) -> RSpec:
     """The ``r`` given to :func:`set_r` (an int, or a per-block list); 0 right after :func:`patch`."""
-    spec = _state(model).r_spec
+    spec = _token_state(model).r_spec
     return list(spec) if isinstance(spec, list) else spec
 
 
@@ -302,12 +299,12 @@ def get_source(model: nn.Module) -> Optional[torch.Tensor]:
     ``None`` when nothing was merged or pruned. Row ``j`` marks the input tokens (prefix tokens
     included, in input order) that output token ``j`` holds.
     """
-    ctx = _state(model).last()
+    ctx = _token_state(model).last()
     return None if ctx is None else ctx.source
 
 
 def get_size(model: nn.Module) -> Optional[torch.Tensor]:
     """Token sizes of the calling thread's last ToMe forward (``[B, N_out, 1]`` float32); ``None`` when nothing
     was merged."""
-    ctx = _state(model).last()
+    ctx = _token_state(model).last()
     return None if ctx is None else ctx.size

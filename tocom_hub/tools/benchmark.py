@@ -23,7 +23,7 @@ from torch import nn
 
 from ..core.checks import is_int
 from ..core.patch import patch, set_r, unpatch
-from ..core.state import preserved
+from ..core.preserve import preserved
 from .timing import NOISY_SPREAD, WallTimer, interleaved, paired_ratios, ratio_summary, summary, synchronize
 
 __all__ = ["tokens_left", "benchmark", "format_table"]
@@ -114,7 +114,7 @@ def benchmark(
 
 def _time_configs(model, r_values, method, batch_size, iters, warmup, seed, progress, input_size):
     """Per-iteration forward times of plain timm (``None``) and of each ``r``, interleaved in a random order.
-    Changes the model's patch state and mode: the caller holds :func:`~tocom_hub.core.state.preserved`."""
+    Changes the model's patch state and mode: the caller holds :func:`~tocom_hub.core.preserve.preserved`."""
     from tqdm.auto import tqdm
 
     from .images import model_img_size

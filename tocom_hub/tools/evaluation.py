@@ -25,10 +25,10 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ..core.bank import ToComBank
-from ..core.compensate import apply, disabled, get_state, set_target_r
+from ..core.compensation.api import apply, disabled, get_compensation, set_target_r
 from ..core.patch import METHODS, get_method, get_settings, patch, set_r
+from ..core.preserve import preserved
 from ..core.rspec import BANK_RANGE, check_r, check_r_values
-from ..core.state import preserved
 from .bank_fit import backbone_mismatch
 from .intervals import add_intervals, paired_bootstrap
 from .plots import plot_accuracy
@@ -103,7 +103,7 @@ def evaluate(
     rs = check_r_values(target_rs, "target_rs")
     if not plain and bank is None:
         raise ValueError("plain=False evaluates only the +ToCom rows: pass a bank")
-    if get_state(model) is not None:
+    if get_compensation(model) is not None:
         raise ValueError(
             "the model already carries a ToCom bank; call tocom_hub.remove(model) first and pass "
             "the bank to evaluate(bank=...)"

@@ -30,9 +30,9 @@ from torch import nn
 
 from ..core.bank import ToComBank
 from ..core.checks import METHODS, is_int
-from ..core.compensate import apply, get_state
+from ..core.compensation.api import apply, get_compensation
 from ..core.patch import get_method, patch, set_r
-from ..core.state import preserved
+from ..core.preserve import preserved
 from .images import model_img_size
 
 __all__ = ["FORMATS", "ExportedModel", "export_model", "export_paths", "run_exported", "read_recipe"]
@@ -72,7 +72,7 @@ def _check_args(model, targets, source_r, format, batch_size, bank, method) -> L
         raise ValueError(f"format must be one of {sorted(FORMATS)}; got {format!r}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch nn.Module; got {type(model).__name__}")
-    if get_state(model) is not None:
+    if get_compensation(model) is not None:
         raise ValueError("the model already carries a ToCom bank; call tocom_hub.remove(model) and pass bank=")
     rs = [targets] if is_int(targets) else list(targets) if isinstance(targets, (list, tuple, range)) else None
     if not rs or not all(is_int(r) and r >= 0 for r in rs):
@@ -103,7 +103,7 @@ def _configure(model: nn.Module, bank: Optional[ToComBank], source_r: int, r: in
 
 
 def _recipe(model: nn.Module, bank: Optional[ToComBank], source_r: int, r: int, x: torch.Tensor) -> str:
-    st = get_state(model)
+    st = get_compensation(model)
     return json.dumps(
         {
             "method": get_method(model),

@@ -32,10 +32,10 @@ from torch import nn
 
 from ..core.bank import ToComBank
 from ..core.checks import is_int
-from ..core.compensate import apply, get_state, set_target_r
+from ..core.compensation.api import apply, get_compensation, set_target_r
 from ..core.patch import METHODS, get_method, patch, set_r
+from ..core.preserve import preserved
 from ..core.rspec import BANK_RANGE, check_r, check_r_values, model_r_limit
-from ..core.state import preserved
 from .timing import NOISY_SPREAD, WallTimer, interleaved, is_noisy, percentile, synchronize
 
 __all__ = ["LatencyController"]
@@ -115,7 +115,7 @@ class LatencyController:
         ):
             if not is_int(v) or v < low:
                 raise ValueError(f"{name} must be an int >= {low}; got {v!r}")
-        if get_state(model) is not None:
+        if get_compensation(model) is not None:
             raise ValueError(
                 "the model already carries a ToCom bank; call tocom_hub.remove(model) and pass the "
                 "bank to LatencyController"

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.bank import ToComBank
-from ..core.compensate import apply
+from ..core.compensation.api import apply
 
 __all__ = ["tune_scale", "PAPER_SCALES"]
 

@@ -31,7 +31,7 @@ from torch import nn
 
 from ..core.jsonio import write_json
 from ..core.patch import get_method, get_r, get_source, patch, set_r
-from ..core.state import preserved
+from ..core.preserve import preserved
 
 __all__ = ["token_groups", "distinct_colors", "render", "visualize", "PRUNED_COLOR"]
 
@@ -219,7 +219,7 @@ def visualize(
     """
     from PIL import Image
 
-    from ..core.compensate import apply
+    from ..core.compensation.api import apply
     from .images import eval_transform
 
     pil = image if isinstance(image, Image.Image) else _load_image(image)

@@ -28,7 +28,7 @@ from ..core.dense import merge_positions, prune_positions
 from ..core.jsonio import write_json
 from ..core.merge import Merge
 from ..core.patch import patch, set_r
-from ..core.state import preserved
+from ..core.preserve import preserved
 from .visualize import _font, _load_image, distinct_colors, render
 
 __all__ = ["dense_groups", "mask_colors", "visualize_dense"]

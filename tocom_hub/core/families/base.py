@@ -264,11 +264,6 @@ class Family:
         """The model's transformer blocks (``model.blocks``; a wrapper family says where they are)."""
         return getattr(model, "blocks", None)
 
-    def regular_refusal(self, model: nn.Module) -> Optional[str]:
-        """Why the regular (shrinking) mode cannot run ``model`` (its head needs the full grid), or ``None``;
-        ``patch(dense=True)`` keeps the grid full and is not refused."""
-        return None
-
     def num_prefix(self, model: nn.Module) -> int:
         return int(model.num_prefix_tokens)
 

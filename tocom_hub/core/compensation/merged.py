@@ -25,10 +25,10 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from .bank import ToComBank, signed_group_slice
-from .bank_config import FORMAT_VERSION
-from .bank_file import tensors_sha256
-from .compensation import Compensation
+from ..bank import ToComBank, signed_group_slice
+from ..bank_config import FORMAT_VERSION
+from ..bank_file import tensors_sha256
+from .base import Compensation
 from .locks import switch_lock
 from .marker import MarkerHooks, describe
 
@@ -100,7 +100,7 @@ class MergedCompensation(Compensation):
     """The bank's update lives in the model's weights; the original rows are kept to restore them.
 
     ``resync_every``: at most this many in-place difference updates between two exact re-derivations
-    (see :data:`tocom_hub.core.compensate.RESYNC_EVERY`).
+    (see :data:`tocom_hub.core.compensation.api.RESYNC_EVERY`).
     """
 
     merge = True
@@ -143,7 +143,7 @@ class MergedCompensation(Compensation):
         self._slots, self._written = [], None
         self._hooks.remove()
 
-    # -- the state_dict marker (core/marker.py) ------------------------------------------------------
+    # -- the state_dict marker (core/compensation/marker.py) ------------------------------------------------------
     def _facts(self, m: int, n: int) -> Dict[str, Any]:
         cfg = self.bank.config
         return dict(
@@ -177,7 +177,8 @@ class MergedCompensation(Compensation):
             raise ValueError(
                 f"refusing to load: the state_dict's weights hold {describe(facts)}, this model carries "
                 f"{describe(ours)}; applying one on top of the other would be wrong. Load it into a model with "
-                f"that bank applied, or read it with tocom_hub.core.marker.read_marker (nothing was loaded)"
+                f"that bank applied, or read it with tocom_hub.core.compensation.marker.read_marker "
+                f"(nothing was loaded)"
             )
         self._written, self._reload = (m, n), True
 
@@ -192,9 +193,9 @@ class MergedCompensation(Compensation):
             else:
                 self._write_exact(0, 0)
 
-    def _switch(self, m: int, n: int) -> None:
+    def _switch(self, m: int, n: int, exact: bool = False) -> None:
         if self.enabled:
-            self._write(m, n)
+            (self._write_exact if exact else self._write)(m, n)
         self.source_r, self.target_r = m, n
 
     def _set_enabled(self, enabled: bool) -> None:

@@ -3,7 +3,7 @@
 The tools (evaluation, benchmark, latency controller, visualisation) patch a model, switch ``r`` and
 apply a bank while they work, and must leave the model as they found it, also when they fail. This
 module owns that "remember, then restore" step, built only on the public functions of
-:mod:`~tocom_hub.core.patch` and :mod:`~tocom_hub.core.compensate`.
+:mod:`~tocom_hub.core.patch` and :mod:`~tocom_hub.core.compensation.api`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any, Dict, Iterator, Optional
 
 from torch import nn
 
-from .compensate import apply, get_state, remove, set_pair
+from .compensation.api import apply, get_compensation, remove, set_pair
 from .patch import get_r, get_settings, patch, set_r, unpatch
 
 __all__ = ["preserved", "snapshot", "restore"]
@@ -23,7 +23,7 @@ def snapshot(model: nn.Module) -> Dict[str, Any]:
     """What :func:`restore` needs: the patch settings and ``r``, the bank and its ``source → target``
     pair, and every module's train/eval mode. Holds references only (no tensor copies)."""
     settings = get_settings(model)
-    comp = get_state(model)
+    comp = get_compensation(model)
     bank: Optional[Dict[str, Any]] = None
     if comp is not None:
         bank = dict(
@@ -46,14 +46,16 @@ def snapshot(model: nn.Module) -> Dict[str, Any]:
 def restore(model: nn.Module, snap: Dict[str, Any]) -> nn.Module:
     """Put ``model`` back into the state :func:`snapshot` recorded.
 
-    An unmerged bank that is still attached is switched back to its pair; a merged bank (whose weights
-    a switch may have moved by difference updates) and a bank that was removed or replaced are applied
-    again: merged weights are re-derived exactly from the original rows, so a model whose weights held
-    the closed form before (any :func:`~tocom_hub.apply`) holds the same bits after."""
+    When the recorded compensation is still attached and enabled under the same patch settings, it is
+    moved back in place: :func:`~tocom_hub.core.compensation.api.set_pair` to the recorded pair and ``r``,
+    merged weights re-derived exactly from its pristine rows (``exact=True``), so a model whose weights
+    held the closed form before holds the same bits after, and nothing is rebuilt. Otherwise (the bank was
+    removed, replaced or disabled, or the patch changed) the bank goes, the patch is put back and the
+    recorded bank is applied again."""
     settings, bank = snap["settings"], snap["bank"]
-    current = get_state(model)
-    if bank is not None and current is bank["state"] and not bank["merge"]:
-        set_pair(model, bank["source_r"], bank["target_r"])  # unmerged: only the pair moves, weights untouched
+    current = get_compensation(model)
+    if bank is not None and current is bank["state"] and current.enabled and get_settings(model) == settings:
+        set_pair(model, bank["source_r"], bank["target_r"], r=snap["r"], exact=True)
     else:
         remove(model)
         if bank is not None:
@@ -70,11 +72,11 @@ def restore(model: nn.Module, snap: Dict[str, Any]) -> nn.Module:
                 merge=bank["merge"],
                 ignore_base_model=True,  # it was attached to this very model before
             )
-    if settings is None:
-        unpatch(model)
-    else:
-        patch(model, **settings)
-        set_r(model, snap["r"])
+        if settings is None:
+            unpatch(model)
+        else:
+            patch(model, **settings)
+            set_r(model, snap["r"])
     for module, training in snap["training"]:
         module.training = training
     return model

@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .bank import ToComBank, signed_group_slice
-from .compensation import Compensation
-from .families import find_family
+from ..bank import ToComBank, signed_group_slice
+from ..families import find_family
+from .base import Compensation
 
 __all__ = ["HookedCompensation", "check_hookable", "lora_linear_class"]
 
@@ -166,7 +166,7 @@ class HookedCompensation(Compensation):
         self._swapped, self._saved = [], []
         self._coef_table = self.coef = None
 
-    def _switch(self, m: int, n: int) -> None:
+    def _switch(self, m: int, n: int, exact: bool = False) -> None:
         self.coef = self._coef_table[m, n]
         self.source_r, self.target_r = m, n
 

@@ -2,10 +2,11 @@
 
 A compensation holds the bank, the pair ``source_r → target_r`` and the scale, and knows which weight rows
 of which Linear layers the bank adapts (its *layout*). How the update reaches the forward is the job of a
-subclass: :class:`~tocom_hub.core.lora_merged.MergedCompensation` writes it into the weights,
-:class:`~tocom_hub.core.lora_hooks.HookedCompensation` adds it in the forward of the adapted Linears. The functions of
-:mod:`tocom_hub.core.compensate` validate every input, take the model's switch lock and then call the
-``_attach`` / ``_detach`` / ``_switch`` / ``_set_enabled`` methods defined here; nothing else should.
+subclass: :class:`~tocom_hub.core.compensation.merged.MergedCompensation` writes it into the weights,
+:class:`~tocom_hub.core.compensation.hooked.HookedCompensation` adds it in the forward of the adapted
+Linears. The functions of :mod:`tocom_hub.core.compensation.api` validate every input, take the model's
+switch lock and then call the ``_attach`` / ``_detach`` / ``_switch`` / ``_set_enabled`` methods defined
+here; nothing else should.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ from typing import List, Tuple
 
 from torch import nn
 
-from .bank import ToComBank
-from .families import find_family
+from ..bank import ToComBank
+from ..families import find_family
 
 __all__ = ["Compensation"]
 
@@ -42,7 +43,7 @@ def bank_layout(model: nn.Module, bank: ToComBank) -> Layout:
 
 
 class Compensation:
-    """What :func:`apply` attached to a model; read it with :func:`get_state`.
+    """What :func:`apply` attached to a model; read it with :func:`get_compensation`.
 
     Attributes: ``bank``, ``source_r``, ``target_r``, ``scale``, ``merge`` (``True``: weights merged;
     ``False``: LoRA path in the forward), ``enabled``.
@@ -75,8 +76,8 @@ class Compensation:
         """Take the update out: the model is exactly as it was before :meth:`_attach`."""
         raise NotImplementedError
 
-    def _switch(self, m: int, n: int) -> None:
-        """Move to the pair ``m → n``."""
+    def _switch(self, m: int, n: int, exact: bool = False) -> None:
+        """Move to the pair ``m → n`` (``exact``: the merged weights re-derived from the pristine rows)."""
         raise NotImplementedError
 
     def _set_enabled(self, enabled: bool) -> None:

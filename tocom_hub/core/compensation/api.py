@@ -3,14 +3,14 @@
 A model fine-tuned at *source* ``r = m`` runs at *target* ``r = n`` with the bank's ``m → n`` update
 on its attention weights (paper Eq. 6/7). Two modes share the same maths and the same bank:
 
-* **merged** (``merge=True``, inference; :mod:`~tocom_hub.core.lora_merged`): the update is written into
+* **merged** (``merge=True``, inference; :mod:`~tocom_hub.core.compensation.merged`): the update is written into
   the fused ``attn.qkv`` (and/or ``attn.proj``) weight rows in place, so the forward is the plain
   ToMe/EViT forward; a switch adds only the change of the update, the weights are re-derived exactly
   from a copy of the original rows at least every ``RESYNC_EVERY`` switches (no drift), and
   :func:`remove` restores them bit-exact. The copy follows the weights: rows changed in between (training
   steps, ``load_state_dict``) are re-based, so a switch or :func:`remove` changes the current weights by exactly
   the bank's signed delta (docs/compensation.md: training under a merged bank).
-* **unmerged** (``merge=False``, training; :mod:`~tocom_hub.core.lora_hooks`): the adapted Linears
+* **unmerged** (``merge=False``, training; :mod:`~tocom_hub.core.compensation.hooked`): the adapted Linears
   (``attn.qkv`` / ``attn.proj``, their class swapped) add the masked LoRA path in their forward (it compiles,
   docs/compile.md); every bank parameter takes part in every forward, the backbone weights are never
   touched, and :func:`set_pair` switches in O(1).
@@ -37,25 +37,23 @@ import math
 import os
 from typing import Iterator, Optional, Union
 
-import torch
 from torch import nn
 
-from .bank import MAX_SCALE, ToComBank, model_dims
-from .checks import token_mode
-from .compensation import Compensation
-from .families import find_family
+from ..bank import MAX_SCALE, ToComBank
+from ..patch import get_r, is_patched, patch, set_r, unpatch
+from ..rspec import BANK_RANGE, check_r
+from .base import Compensation
+from .compatible import check_compatible, proj_weight
+from .hooked import HookedCompensation, check_hookable
 from .locks import switch_lock
-from .lora_hooks import HookedCompensation, check_hookable
-from .lora_merged import MergedCompensation
-from .patch import get_method, get_r, get_settings, is_patched, patch, set_r, unpatch
-from .rspec import BANK_RANGE, check_r
+from .merged import MergedCompensation
 
 __all__ = [
     "apply",
     "set_target_r",
     "set_pair",
     "remove",
-    "get_state",
+    "get_compensation",
     "disabled",
     "switch_lock",
     "Compensation",
@@ -76,18 +74,18 @@ BankLike = Union[ToComBank, str, os.PathLike, None]
 # public API
 
 
-def get_state(model: nn.Module) -> Optional[Compensation]:
+def get_compensation(model: nn.Module) -> Optional[Compensation]:
     """The :class:`Compensation` :func:`apply` attached to ``model``, or ``None``. Example::
 
     tocom_hub.apply(model, 0, 8, bank=bank)
-    st = tocom_hub.compensate.get_state(model)
+    st = tocom_hub.compensate.get_compensation(model)
     print(st.source_r, st.target_r, st.scale, st.merge)
     """
     return model.__dict__.get(_ATTR)
 
 
 def _require_state(model: nn.Module) -> Compensation:
-    st = get_state(model)
+    st = get_compensation(model)
     if st is None:
         raise ValueError(f"{type(model).__name__} carries no ToCom bank; call tocom_hub.apply(model, ...) first")
     return st
@@ -111,96 +109,6 @@ def _resolve_bank(bank: BankLike, trust_unverified: bool) -> ToComBank:
             f"Hub repo id or None); got {type(bank).__name__}"
         )
     return ToComBank.from_pretrained(bank, trust_unverified=trust_unverified)
-
-
-def _model_architecture(model: nn.Module) -> Optional[str]:
-    """timm's architecture name of ``model`` (``model.pretrained_cfg["architecture"]``), if it has one."""
-    cfg = getattr(model, "pretrained_cfg", None)
-    arch = cfg.get("architecture") if isinstance(cfg, dict) else getattr(cfg, "architecture", None)
-    return arch if isinstance(arch, str) and arch else None
-
-
-def _proj_weight(model: nn.Module) -> torch.Tensor:
-    """The first block's attention ``proj`` weight, where the model's family says it is."""
-    family = find_family(model)
-    return family.qv(family.model_blocks(model)[0])["proj"][0].weight
-
-
-def _check_compatible(model: nn.Module, bank: ToComBank, method: Optional[str], ignore_base_model: bool) -> None:
-    """Raise if ``bank`` cannot serve ``model`` (no side effects)."""
-    dims = model_dims(model)
-    cfg = bank.config
-    trained_for = f" ({cfg.base_model_id})" if cfg.base_model_id else ""
-    arch = _model_architecture(model)
-    model_name = arch or type(model).__name__
-    for key, want, have in (
-        ("embed_dim", cfg.embed_dim, dims["embed_dim"]),
-        ("depth", cfg.depth, dims["depth"]),
-        ("num_heads", cfg.num_heads, dims["num_heads"]),
-        ("attention width", cfg.qkv_dim, dims["attn_dim"]),
-    ):
-        if want != have:
-            raise ValueError(
-                f"bank was trained for {key} {want}{trained_for}, model {model_name} has {have}: "
-                f"pick a bank for this backbone or train one (ToComBank.for_model(model))"
-            )
-    if method is not None and method != cfg.method:
-        raise ValueError(
-            f"bank was trained for method {cfg.method!r}{trained_for}, but method={method!r} was requested: "
-            f"pick a bank trained for {method!r}, or leave method=None to use the bank's"
-        )
-    patched_method = get_method(model)
-    if patched_method is not None and patched_method != cfg.method:
-        raise ValueError(
-            f"model is patched for {patched_method!r} but the bank was trained for {cfg.method!r}: call "
-            f"tocom_hub.patch(model, method={cfg.method!r}) first or pick a bank for {patched_method!r}"
-        )
-    settings = get_settings(model)
-    if settings is not None and token_mode(settings["dense"], settings["dense_ratio"]) != bank_mode(bank):
-        raise ValueError(
-            f"model is patched in {token_mode(settings['dense'], settings['dense_ratio'])} mode but the bank was "
-            f"trained in {bank_mode(bank)} mode: a bank fits only the token reduction it was trained with; call "
-            f"tocom_hub.patch(model, method={cfg.method!r}, dense={cfg.dense}"
-            + (f", dense_ratio={cfg.dense_ratio}" if cfg.dense else "")
-            + ") first or pick a bank trained in this mode"
-        )
-    for t in cfg.targets:
-        if tuple(bank.lora_B[t].shape) != (cfg.depth, cfg.target_shape(t)[0], cfg.r_max * cfg.rank) or tuple(
-            bank.lora_A[t].shape
-        ) != (cfg.depth, cfg.r_max * cfg.rank, cfg.target_shape(t)[1]):
-            raise ValueError(f"bank tensors for target {t!r} do not match its config; rebuild the bank")
-    weight = _proj_weight(model)
-    if not weight.dtype.is_floating_point:
-        raise TypeError(f"model weights are {weight.dtype}; ToCom needs floating point weights")
-    meta = [n for n, p in model.named_parameters() if p.device.type == "meta"]
-    if meta:
-        raise ValueError(
-            f"model {model_name} has parameters on the meta device ({meta[0]}, {len(meta)} in all): they hold no "
-            f"values to compensate. Materialise and load the weights first (model.to_empty(device=...) + "
-            f"load_state_dict), then apply the bank"
-        )
-    for name, p in bank.named_parameters():
-        if not p.dtype.is_floating_point:
-            raise TypeError(f"bank tensor {name} is {p.dtype}; a ToCom bank holds floating point factors")
-        if p.device.type == "meta":
-            raise ValueError(f"bank tensor {name} is on the meta device (no values); load the bank's weights first")
-        if not bool(torch.isfinite(p.detach()).all()):
-            raise ValueError(
-                f"bank tensor {name} contains NaN or inf: merging it would make the model's outputs "
-                f"non-finite. Check how the bank was trained or edited (nothing was changed)"
-            )
-    bank_arch = cfg.base_model.split(".", 1)[0] if cfg.base_model else None  # "arch" of an "arch.tag" name
-    if not ignore_base_model and arch is not None and bank_arch is not None and arch.split(".", 1)[0] != bank_arch:
-        raise ValueError(
-            f"bank was trained for {cfg.base_model_id}, but the model is {arch} (model.pretrained_cfg); "
-            f"a bank fits only the backbone it was trained on, even when the shapes agree: pick a bank "
-            f"for {arch}, or pass ignore_base_model=True if this model really is a {cfg.base_model}"
-        )
-
-
-def bank_mode(bank: ToComBank) -> str:
-    """The token mode ``bank`` was trained in (``"regular"`` / ``"dense (k = 32·r)"``)."""
-    return token_mode(bank.dense, bank.dense_ratio)
 
 
 def _check_scale(bank: ToComBank, scale: Optional[float]) -> float:
@@ -267,14 +175,14 @@ def _apply_locked(
     merge: bool,
     ignore_base_model: bool,
 ) -> nn.Module:
-    _check_compatible(model, bank, method, ignore_base_model)
+    check_compatible(model, bank, method, ignore_base_model)
     s = _check_scale(bank, scale)
     source_r = check_r(source_r, "source_r", r_max=bank.r_max, why=BANK_RANGE)
     target_r = check_r(target_r, "target_r", r_max=bank.r_max, why=BANK_RANGE)
     merge = bool(merge)
     if not merge:
         dev = next(iter(bank.parameters())).device
-        wdev = _proj_weight(model).device
+        wdev = proj_weight(model).device
         if dev != wdev:
             raise ValueError(
                 f"unmerged mode computes with the bank's own parameters: bank is on {dev}, model on "
@@ -283,7 +191,7 @@ def _apply_locked(
 
     if not merge:
         check_hookable(model, bank.targets)  # before anything changes
-    old = get_state(model)
+    old = get_compensation(model)
     was_patched = is_patched(model)
     if not was_patched:
         patch(model, method=bank.method, **(dict(dense=True, dense_ratio=bank.dense_ratio) if bank.dense else {}))
@@ -307,13 +215,16 @@ def _apply_locked(
     return model
 
 
-def set_pair(model: nn.Module, source_r: int, target_r: int, *, r: Optional[int] = None) -> nn.Module:
+def set_pair(
+    model: nn.Module, source_r: int, target_r: int, *, r: Optional[int] = None, exact: bool = False
+) -> nn.Module:
     """Switch the bank to the pair ``source_r → target_r`` and the patcher to ``r`` (default ``target_r``).
 
     Unmerged mode: O(1) — picks a precomputed ``±1/0`` inner-dim mask, no tensor copies, so the trainer
     can call it every step (pass ``r=`` to run the student at another degree than ``target_r``).
-    Merged mode: moves the weights to ``W₀ + Δ(source_r → target_r)`` like :func:`set_target_r`.
-    Returns ``model``. Example::
+    Merged mode: moves the weights to ``W₀ + Δ(source_r → target_r)`` like :func:`set_target_r`;
+    ``exact=True`` derives them from the pristine rows (the closed form, bit for bit, as right after
+    :func:`apply`) instead of adding the change. Returns ``model``. Example::
 
         tocom_hub.apply(model, 0, 0, bank=bank, merge=False)
         tocom_hub.compensate.set_pair(model, 3, 11)   # bank 3 → 11, model runs at r = 11
@@ -327,7 +238,7 @@ def set_pair(model: nn.Module, source_r: int, target_r: int, *, r: Optional[int]
         old_r = get_r(model)
         set_r(model, target_r if r is None else r)
         try:
-            st._switch(source_r, target_r)
+            st._switch(source_r, target_r, exact)
         except BaseException:  # e.g. weights the merged bank cannot follow: the patcher's r goes back too
             set_r(model, old_r)
             raise
@@ -367,10 +278,10 @@ def remove(model: nn.Module) -> nn.Module:
 
         tocom_hub.apply(model, 0, 16, bank=bank)
         tocom_hub.remove(model)
-        assert not tocom_hub.compensate.get_state(model)
+        assert not tocom_hub.compensate.get_compensation(model)
     """
     with switch_lock(model):
-        st = get_state(model)
+        st = get_compensation(model)
         if st is None:
             return model
         st._detach()
@@ -403,7 +314,7 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
         yield model
     finally:
         with switch_lock(model):
-            if get_state(model) is st:
+            if get_compensation(model) is st:
                 st._set_enabled(True)
             else:  # applied again or removed inside the block: nothing of ours left to write
                 st.enabled = True

@@ -1,6 +1,6 @@
 """The switch lock: one re-entrant lock per model that serialises everything that changes its bank.
 
-:func:`tocom_hub.apply`, :func:`~tocom_hub.core.compensate.set_target_r`, ``set_pair``, ``remove`` and
+:func:`tocom_hub.apply`, :func:`~tocom_hub.core.compensation.api.set_target_r`, ``set_pair``, ``remove`` and
 ``disabled`` hold it while they change the weights (or hooks) and the patcher's ``r``. It lives in the
 model's ``__dict__``, so it goes wherever the model goes; copies and pickles of the model get a fresh one.
 """

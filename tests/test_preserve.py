@@ -9,9 +9,10 @@ from tiny_models import make_vit
 
 import tocom_hub
 from tocom_hub import ToComBank
-from tocom_hub.core.compensate import get_state
+from tocom_hub.core.compensation import api as compensate
+from tocom_hub.core.compensation.api import get_compensation
 from tocom_hub.core.patch import get_settings
-from tocom_hub.core.state import preserved
+from tocom_hub.core.preserve import preserved
 
 X = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
 
@@ -24,7 +25,7 @@ def make_bank(model, method="tome"):
 
 def observe(model):
     """Everything preserved() promises, read through public functions and plain timm attributes."""
-    comp = get_state(model)
+    comp = get_compensation(model)
     return {
         "patched": tocom_hub.is_patched(model),
         "settings": get_settings(model),
@@ -128,6 +129,36 @@ def test_preserved_when_only_r_moves(start):
             tocom_hub.patch(model)
             tocom_hub.set_r(model, 4)
     assert_same(model, before, weights, logits)
+
+
+def _switch_around(model):
+    for target in (6, 4, 1, 3, 2):  # same source: in-place difference updates, each rounding once
+        tocom_hub.set_target_r(model, target)
+
+
+def test_preserved_restores_the_attached_bank_in_place():
+    """The compensation still attached after the block is moved back, not rebuilt: the same object, and the
+    merged weights bit-identical to before although the block made inexact difference updates."""
+    model, _ = bank_applied_by_apply()
+    comp = get_compensation(model)
+    before, weights, logits = reference(model)
+    with preserved(model):
+        _switch_around(model)
+    assert get_compensation(model) is comp
+    assert_same(model, before, weights, logits)
+
+
+def test_moving_back_by_difference_updates_would_be_caught():
+    """The deliberately wrong restore (back to the pair by difference updates, exact=False) leaves rounding
+    in the weights, which the bit-identity check of the test above sees."""
+    model, _ = bank_applied_by_apply()
+    _, weights, _ = reference(model)
+    _switch_around(model)
+    compensate.set_pair(model, 0, 5, exact=False)
+    after = model.state_dict()
+    assert any(not torch.equal(after[k], v) for k, v in weights.items())
+    compensate.set_pair(model, 0, 5, exact=True)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in weights.items())
 
 
 def test_remove_after_preserved_keeps_who_patched():

@@ -25,7 +25,7 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from .jsonio import canonical_dumps
+from ..jsonio import canonical_dumps
 
 __all__ = ["MARKER_KEY", "read_marker", "encode_marker", "decode_marker"]
 
@@ -61,7 +61,7 @@ def read_marker(state_dict: Dict[str, Any], prefix: str = "") -> Optional[Dict[s
     plain weights. Example::
 
         sd = torch.load("model.pth")
-        facts = tocom_hub.core.marker.read_marker(sd)
+        facts = tocom_hub.core.compensation.marker.read_marker(sd)
         if facts: print("compensated by", facts["bank_sha256"][:12], facts["source_r"], "->", facts["target_r"])
     """
     key = prefix + MARKER_KEY
