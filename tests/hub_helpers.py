@@ -9,6 +9,7 @@ files we committed, a naive per-group loop for the merged weights, the closed-fo
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 
 import timm
@@ -85,3 +86,19 @@ def commit_bank_repo(hub_server, tmp_path):
     files = bank_files(bank, tmp_path)
     sha = hub_server.commit("org/bank", files)
     return bank, files, sha
+
+
+def card_snippet(card_text: str) -> str:
+    """The code block of the card's "Use it" section."""
+    section = card_text.split("## Use it", 1)[1]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+def run_card_snippet(card_text: str, repo_id: str, bank_dir: str) -> torch.nn.Module:
+    """Exec the snippet with the bank from ``bank_dir`` instead of the Hub and no weights download."""
+    code = card_snippet(card_text)
+    assert f'bank="{repo_id}"' in code
+    code = code.replace(f'bank="{repo_id}"', f"bank={bank_dir!r}").replace("pretrained=True", "pretrained=False")
+    ns: dict = {}
+    exec(compile(code, "<card snippet>", "exec"), ns)
+    return ns["model"]

@@ -16,6 +16,11 @@ client is patched. Written against huggingface_hub 2.4.0. Supported endpoints:
   ``POST .../commit/{rev}`` applies the NDJSON payload (base64 files, file/folder deletions).
 * ``POST /api/validate-yaml`` (README.md uploads via ``create_commit``) and ``GET /api/whoami-v2``.
 
+A broken or hostile Hub, per file name (:meth:`HubServer.hostile`): a GET that stalls after its headers, a body
+that trickles one byte every ``trickle_interval`` s, a body cut in half and sent without any size, an ETag that
+is not a hash (``"not-a-hash"``) or names a path (``"../../escape"``); :meth:`HubServer.release` (and ``reset``)
+frees the handlers that stall or trickle. ``reject_tokens = True`` answers 401 to any token but the server's.
+
 Errors carry the ``X-Error-Code`` headers ``huggingface_hub.utils.hf_raise_for_status`` maps to
 ``RepositoryNotFoundError`` / ``RevisionNotFoundError`` / ``RemoteEntryNotFoundError``.
 The server speaks HTTP/1.0 (one request per connection), so :meth:`HubServer.stop` really cuts off
@@ -190,6 +195,11 @@ class HubServer:
             self._log: list[LoggedRequest] = []
             self._corrupt: dict[tuple[str, str, str], bytes] = {}
             self.failure_status: int | None = None
+            self.reject_tokens = False
+            self.release()
+            self._hostile: dict[str, tuple[str | None, str | None]] = {}
+            self.trickle_interval = 2.0
+            self._released = threading.Event()
 
     # ------------------------------------------------------------------ test helpers
     def add_repo(self, repo_id: str, *, repo_type: str = "model", private: bool = False, exist_ok: bool = False) -> str:
@@ -271,6 +281,31 @@ class HubServer:
         """
         with self._lock:
             self._corrupt[(repo_type, repo_id, filename)] = bytes(data)
+
+    def hostile(self, filename: str, *, body: str | None = None, etag: str | None = None) -> None:
+        """Serve ``filename`` (any repo, any revision) like a broken or hostile Hub.
+
+        ``body``: ``"stall"`` (status and headers, then nothing until :meth:`release`), ``"trickle"`` (one byte
+        every ``trickle_interval`` s), ``"truncate"`` (half the body, no ``Content-Length`` in HEAD or GET, no
+        ``X-Linked-Size``). ``etag``: the ETag (and ``X-Linked-Etag``) announced instead of the content's hash.
+        """
+        if body not in (None, "stall", "trickle", "truncate"):
+            raise ValueError(f"unknown hostile body mode {body!r}")
+        with self._lock:
+            self._hostile[filename] = (body, etag)
+
+    def clear_hostile(self) -> None:
+        """Serve every file normally again and free the handlers still stalling or trickling."""
+        with self._lock:
+            self._hostile.clear()
+            self.release()
+            self._released = threading.Event()
+
+    def release(self) -> None:
+        """Let every stalled or trickling handler finish now (they close their connection)."""
+        released = getattr(self, "_released", None)
+        if released is not None:
+            released.set()
 
     def clear_corruption(self) -> None:
         with self._lock:
@@ -383,6 +418,8 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             if self.hub.failure_status is not None:
                 raise HubError(self.hub.failure_status, "Simulated Hub failure")
+            if self.hub.reject_tokens and auth is not None and auth != f"Bearer {self.hub.token}":
+                raise HubError(401, "Invalid credentials in Authorization header")
             self._route()
         except HubError as e:
             headers = {"X-Error-Message": e.message.encode("ascii", "backslashreplace").decode()}
@@ -443,6 +480,9 @@ class _Handler(BaseHTTPRequestHandler):
             with hub._lock:
                 data = hub._commit_by_sha(hub._repo(repo_id, repo_type), sha).files[filename]
                 data = hub._corrupt.get((repo_type, repo_id, filename), data)
+                body, _ = hub._hostile.get(filename, (None, None))
+            if body is not None:
+                return self._send_hostile(data, {}, body)
             return self._send_file(data, {})
         if path == "/api/whoami-v2":
             return self._send_json(
@@ -656,9 +696,13 @@ class _Handler(BaseHTTPRequestHandler):
                 raise HubError(404, "Entry not found", "EntryNotFound", commit=commit.sha)
             data = commit.files[filename]
             served = self.hub._corrupt.get((repo_type, repo_part, filename), data)
+            body, bad_etag = self.hub._hostile.get(filename, (None, None))
         headers = {"X-Repo-Commit": commit.sha, "Accept-Ranges": "bytes"}
         if not self.hub._is_lfs(filename):
-            return self._send_file(served, {**headers, "ETag": f'"{git_blob_sha1(data)}"'}, announced=len(data))
+            headers["ETag"] = f'"{bad_etag or git_blob_sha1(data)}"'
+            if body is not None:
+                return self._send_hostile(served, headers, body)
+            return self._send_file(served, headers, announced=len(data))
         # LFS file: redirect to a "CDN" on another host name so the client treats it as off-Hub.
         host = urlsplit(self._base_url()).hostname
         cdn_host = "127.0.0.1" if host == "localhost" else "localhost"
@@ -666,17 +710,39 @@ class _Handler(BaseHTTPRequestHandler):
             f"http://{cdn_host}:{self.hub.port}{_CDN_PREFIX}{repo_type}/{quote(repo_part, safe='')}/"
             f"{commit.sha}/{quote(filename, safe='')}"
         )
-        self._send(
-            302,
-            b"",
-            {
-                **headers,
-                "Location": location,
-                "ETag": f'"{git_blob_sha1(lfs_pointer(data))}"',
-                "X-Linked-Etag": f'"{hashlib.sha256(data).hexdigest()}"',
-                "X-Linked-Size": str(len(data)),
-            },
-        )
+        linked = {
+            "ETag": f'"{bad_etag or git_blob_sha1(lfs_pointer(data))}"',
+            "X-Linked-Etag": f'"{bad_etag or hashlib.sha256(data).hexdigest()}"',
+        }
+        if body != "truncate":
+            linked["X-Linked-Size"] = str(len(data))
+        self._send(302, b"", {**headers, "Location": location, **linked})
+
+    def _send_hostile(self, data: bytes, headers: dict[str, str], body: str) -> None:
+        """Answer like a broken Hub (see :meth:`HubServer.hostile`); HEAD gets the headers only."""
+        released, interval = self.hub._released, self.hub.trickle_interval
+        self.send_response(200)
+        for key, value in headers.items():
+            self.send_header(key, value)
+        if body != "truncate":
+            self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.flush()
+        if self.command == "HEAD":
+            return
+        try:
+            if body == "truncate":
+                self.wfile.write(data[: len(data) // 2])
+            elif body == "stall":
+                released.wait(60)
+            else:
+                for i in range(len(data)):
+                    self.wfile.write(data[i : i + 1])
+                    self.wfile.flush()
+                    if released.wait(interval):
+                        return
+        except OSError:  # the client gave up
+            return
 
     def _send_file(self, data: bytes, headers: dict[str, str], announced: int | None = None) -> None:
         """Send ``data`` honouring a ``Range: bytes=a-[b]`` header. HEAD announces ``announced`` bytes."""

@@ -111,7 +111,7 @@ def test_delta_rejects_bad_arguments(bank):
 def test_save_load_round_trip(bank, tmp_path):
     bank.config.training_recipe = {"epochs": 10}
     bank.save_pretrained(tmp_path / "b")
-    assert sorted(os.listdir(tmp_path / "b")) == [WEIGHTS_NAME, CONFIG_NAME]  # no temp files left behind
+    assert sorted(os.listdir(tmp_path / "b")) == ["README.md", WEIGHTS_NAME, CONFIG_NAME]  # no temp files left behind
     loaded = ToComBank.from_pretrained(tmp_path / "b")
     assert loaded.config == bank.config
     for k, v in bank.state_dict().items():

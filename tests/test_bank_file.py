@@ -46,7 +46,7 @@ def test_failed_save_keeps_previous_file(bank, tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         bank.save_pretrained(tmp_path)
     assert (tmp_path / WEIGHTS_NAME).read_bytes() == before
-    assert sorted(os.listdir(tmp_path)) == [WEIGHTS_NAME, CONFIG_NAME]
+    assert sorted(os.listdir(tmp_path)) == ["README.md", WEIGHTS_NAME, CONFIG_NAME]
 
 
 @pytest.fixture

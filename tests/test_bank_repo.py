@@ -1,9 +1,6 @@
-"""A bank from the Hub through ``ToComBank.from_pretrained("org/name")``: huggingface_hub's ``hf_hub_download``
-called by core/bank.py, with core/bank_repo.py's file order, cached-file check and error messages (no network
-code of ours). ``tocom_hub.apply(model, bank="org/name")`` and ``bank=None`` come this way (core/registry.py).
-
-The expected messages are those of ``tocom_hub.hub.download_bank`` (test_hub_download.py), which makes extra
-requests for its diagnostics: the class path must say the same, minus what only those requests can tell.
+"""A bank from the Hub through ``tocom_hub.load_bank("org/name")`` (hub/load.py over hub/fetch.py), the way
+``tocom_hub.apply(model, bank="org/name")`` and ``bank=None`` get theirs; ``ToComBank.from_pretrained`` (the
+core) reads local paths only and says where a repo id goes, without a request.
 """
 
 from __future__ import annotations
@@ -23,6 +20,22 @@ def bank_repo(hub_server, tmp_path):
     return commit_bank_repo(hub_server, tmp_path)
 
 
+def test_from_pretrained_is_local_and_names_load_bank(hub_server, bank_repo):
+    hub_server.clear_requests()
+    for spec in ("org/bank", "missing/dir/bank"):
+        with pytest.raises(FileNotFoundError, match=r"does not exist.*tocom_hub\.load_bank"):
+            ToComBank.from_pretrained(spec)
+    with pytest.raises(TypeError):
+        ToComBank.from_pretrained("org/bank", revision="main")  # no Hub options in the core
+    model = tiny_vit()  # the core's apply: local banks only; tocom_hub.apply resolves the rest
+    with pytest.raises(FileNotFoundError, match="load_bank"):
+        tocom_hub.compensate.apply(model, 0, R_MAX, "org/bank")
+    with pytest.raises(TypeError, match="tocom_hub.apply"):
+        tocom_hub.compensate.apply(model, 0, R_MAX, None)
+    assert not tocom_hub.is_patched(model)
+    assert hub_server.requests == []
+
+
 def test_from_hub_then_from_cache_with_server_down_and_no_extra_requests(hub_server, bank_repo, tmp_path):
     bank, files, sha = bank_repo
     model = tiny_vit()
@@ -31,9 +44,9 @@ def test_from_hub_then_from_cache_with_server_down_and_no_extra_requests(hub_ser
     sha2 = hub_server.commit("org/bank", bank_files(bank2, tmp_path, "b2"))
     cache = tmp_path / "cache"
     hub_server.clear_requests()
-    assert_same_bank(ToComBank.from_pretrained("org/bank", cache_dir=cache), bank2)
+    assert_same_bank(tocom_hub.load_bank("org/bank", cache_dir=cache), bank2)
     for rev in ("v1", sha):
-        assert_same_bank(ToComBank.from_pretrained("org/bank", revision=rev, cache_dir=cache), bank)
+        assert_same_bank(tocom_hub.load_bank("org/bank", revision=rev, cache_dir=cache), bank)
     # the files' own requests only: no API call (listing refs belongs to tocom_hub.hub)
     assert hub_server.requests and not [p for _, p in hub_server.requests if p.startswith("/api/")]
     snapshots = sorted(p.name for p in (cache / "models--org--bank" / "snapshots").iterdir())
@@ -41,14 +54,14 @@ def test_from_hub_then_from_cache_with_server_down_and_no_extra_requests(hub_ser
     assert sorted(os.listdir(cache / "models--org--bank" / "snapshots" / sha)) == sorted(files)
 
     hub_server.stop()
-    assert_same_bank(ToComBank.from_pretrained("org/bank", cache_dir=cache), bank2)
-    assert_same_bank(ToComBank.from_pretrained("org/bank", revision=sha, cache_dir=cache), bank)
+    assert_same_bank(tocom_hub.load_bank("org/bank", cache_dir=cache), bank2)
+    assert_same_bank(tocom_hub.load_bank("org/bank", revision=sha, cache_dir=cache), bank)
 
 
 def test_config_file_is_optional(hub_server, tmp_path):
     bank = make_bank(tiny_vit())
     hub_server.commit("org/weights-only", {"tocom.safetensors": bank_files(bank, tmp_path)["tocom.safetensors"]})
-    assert_same_bank(ToComBank.from_pretrained("org/weights-only", cache_dir=tmp_path / "cache"), bank)
+    assert_same_bank(tocom_hub.load_bank("org/weights-only", cache_dir=tmp_path / "cache"), bank)
 
 
 def test_offline_mode_subprocess(hub_server, hub_client, bank_repo):
@@ -58,11 +71,11 @@ def test_offline_mode_subprocess(hub_server, hub_client, bank_repo):
     code = f"""
 import tocom_hub
 from tocom_hub.hub import BankNotFoundError
-bank = tocom_hub.ToComBank.from_pretrained("org/bank")
-pinned = tocom_hub.ToComBank.from_pretrained("org/bank", revision="{sha}")
+bank = tocom_hub.load_bank("org/bank")
+pinned = tocom_hub.load_bank("org/bank", revision="{sha}")
 result = {{"sums": [float(sum(p.double().sum() for p in b.parameters())) for b in (bank, pinned)]}}
 try:
-    tocom_hub.ToComBank.from_pretrained("org/never-downloaded")
+    tocom_hub.load_bank("org/never-downloaded")
 except BankNotFoundError as e:
     result["error"], result["cause"] = str(e), type(e.__cause__).__name__
 """
@@ -79,9 +92,11 @@ def test_invalid_bank_file_on_hub_names_the_repo(hub_server, tmp_path):
     hub_server.commit("org/garbage", {"tocom.safetensors": os.urandom(256)})  # intact download, not a bank
     model = tiny_vit()
     before = state_hash(model)
-    with pytest.raises(ValueError, match="'org/garbage'.*not a readable safetensors file"):
-        tocom_hub.apply(model, source_r=0, target_r=R_MAX, bank="org/garbage", cache_dir=tmp_path / "cache")
+    cache = tmp_path / "cache"
+    with pytest.raises(BankHubError, match="'org/garbage'.*failed its own checks.*not a readable safetensors file"):
+        tocom_hub.apply(model, source_r=0, target_r=R_MAX, bank="org/garbage", cache_dir=cache)
     assert state_hash(model) == before and not tocom_hub.is_patched(model)
+    assert not list((cache / "models--org--garbage" / "blobs").iterdir())  # evicted: the next call downloads again
 
 
 @pytest.mark.parametrize("kind", ["truncated", "tampered"])
@@ -93,7 +108,7 @@ def test_corrupt_download_is_a_clear_error_and_model_untouched(hub_server, bank_
     else:  # same length, flipped bytes in the tensor data: only a content hash can tell
         bad = bytearray(weights)
         bad[-8:] = bytes(b ^ 0xFF for b in bad[-8:])
-        served, expected = bytes(bad), "is corrupted: its SHA-256"
+        served, expected = bytes(bad), "incomplete or corrupted: its SHA-256"
     hub_server.corrupt("org/bank", "tocom.safetensors", served)
     cache = tmp_path / "cache"
     with pytest.raises(BankHubError, match=expected) as info:
@@ -107,40 +122,15 @@ def test_corrupt_download_is_a_clear_error_and_model_untouched(hub_server, bank_
     assert state_hash(model) == before and not tocom_hub.is_patched(model)
 
     hub_server.clear_corruption()  # nothing bad stayed in the cache: the next call gets the real file
-    assert_same_bank(ToComBank.from_pretrained("org/bank", cache_dir=cache), bank)
+    assert_same_bank(tocom_hub.load_bank("org/bank", cache_dir=cache), bank)
 
 
-def test_errors_are_those_of_download_bank_without_the_refs(hub_server, bank_repo, tmp_path):
-    """Missing repo / file / revision, not cached with local_files_only: the same message and cause as
-    download_bank's, except that only download_bank lists the branches and tags (an extra request)."""
+def test_apply_with_a_bad_revision_leaves_the_model_untouched(hub_server, bank_repo, tmp_path):
     hub_server.tag("org/bank", "v1")
-    hub_server.commit("org/not-a-bank", {"README.md": "hello"})
-    cache = tmp_path / "cache"
-    cases = [
-        dict(repo_id="org/missing"),
-        dict(repo_id="org/not-a-bank"),
-        dict(repo_id="org/bank", revision="v9"),
-        dict(repo_id="org/bank", local_files_only=True),
-    ]
-    for kwargs in cases:
-        with pytest.raises(BankNotFoundError) as rich:
-            download_bank(cache_dir=cache, **kwargs)
-        kw = dict(kwargs)
-        with pytest.raises(BankNotFoundError) as plain:
-            ToComBank.from_pretrained(kw.pop("repo_id"), cache_dir=cache, **kw)
-        assert type(plain.value.__cause__) is type(rich.value.__cause__), kwargs
-        assert str(plain.value) == str(rich.value).replace(" (branches: main; tags: v1)", ""), kwargs
-        assert (plain.value.repo_id, plain.value.revision) == (rich.value.repo_id, rich.value.revision)
-    with pytest.raises(BankNotFoundError) as info:
-        ToComBank.from_pretrained("org/bank", revision="v9", cache_dir=cache)
-    assert str(info.value) == (
-        "revision 'v9' does not exist in ToCom bank repo 'org/bank': pass an existing branch, tag or commit sha"
-    )
-    # tocom_hub.apply comes this way too, and leaves the model untouched
     model = tiny_vit()
     before = state_hash(model)
-    with pytest.raises(BankNotFoundError, match="'v9'"):
-        tocom_hub.apply(model, source_r=0, target_r=R_MAX, bank="org/bank", revision="v9", cache_dir=cache)
+    with pytest.raises(BankNotFoundError, match="'v9'.*branches: main; tags: v1"):
+        tocom_hub.apply(model, source_r=0, target_r=R_MAX, bank="org/bank", revision="v9", cache_dir=tmp_path / "c")
     assert state_hash(model) == before and not tocom_hub.is_patched(model)
 
 
@@ -152,7 +142,8 @@ def test_unreachable_hub_is_one_clear_error(hub_server, tmp_path):
     with pytest.raises(BankNotFoundError) as rich:
         download_bank("org/never-cached", cache_dir=cache)
     with pytest.raises(BankNotFoundError) as plain:
-        ToComBank.from_pretrained("org/never-cached", cache_dir=cache)
+        tocom_hub.load_bank("org/never-cached", cache_dir=cache)
+    assert "\n" not in str(plain.value)
     assert str(plain.value) == str(rich.value)
     assert "could not be reached" in str(plain.value) and "HF_HUB_OFFLINE=1" in str(plain.value)
     assert plain.value.__cause__ is None and rich.value.__cause__ is None

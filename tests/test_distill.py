@@ -44,6 +44,14 @@ def test_default_distill_run_writes_metrics_and_bank(tmp_path):
     assert bank.config.eval_results["heldout_kl_with_bank"] == metrics["heldout_kl_with_bank"]
     assert any(a.abs().max() > 0 for a in bank.lora_B.values())  # it trained
 
+    # the card save_pretrained wrote beside it: no Hub base_model (the embedded 96-dim backbone is none), and its
+    # snippet builds the embedded backbone and applies the bank
+    from hub_helpers import run_card_snippet
+
+    card = (out / "README.md").read_text()
+    assert "base_model" not in card.split("---")[1] and "timm/vit_tiny" not in card
+    assert tocom_hub.get_r(run_card_snippet(card, str(out), str(out))) == bank.r_max
+
 
 # ---------------------------------------------------------------------------------------------------
 # (b) two processes == one process with the doubled batch

@@ -27,10 +27,10 @@ from hub_helpers import (
     state_hash,
     tiny_vit,
 )
-from import_graph import GRAPH, MODULES, circles, reachable
+from import_graph import GRAPH, MODULES, circles
 
 import tocom_hub
-from tocom_hub import ToComBank, cli
+from tocom_hub import cli
 from tocom_hub.hub import BankNotFoundError
 
 # ---------------------------------------------------------------------------------------------------
@@ -102,13 +102,21 @@ def test_cli_in_process(hub_server, bank_repo, tmp_path, capsys):
     assert facts["r_max"] == R_MAX and facts["rank"] == RANK and facts["targets"] == ["q", "v"]
     assert facts["num_parameters"] == n_params() and facts["size_bytes"] == len(files["tocom.safetensors"])
 
+    hub_server.clear_requests()  # --dry-run: the card and the files, no request
+    assert cli.main(["push", folder, "org/cli-dry", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert hub_server.requests == [] and not hub_server.has_repo("org/cli-dry")
+    assert "would upload to org/cli-dry" in out and "--- README.md ---" in out and 'bank="org/cli-dry"' in out
+    for name in ("tocom.safetensors", "tocom_config.json", "README.md"):
+        assert f"  {name}  " in out
+
     assert (
         cli.main(["push", folder, "org/cli-pushed", "--commit-message", "from the CLI", "--token", hub_server.token])
         == 0
     )
     assert "org/cli-pushed" in capsys.readouterr().out
     assert set(hub_server.files("org/cli-pushed")) == {"tocom.safetensors", "tocom_config.json", "README.md"}
-    assert_same_bank(ToComBank.from_pretrained("org/cli-pushed", cache_dir=cache), bank)
+    assert_same_bank(tocom_hub.load_bank("org/cli-pushed", cache_dir=cache), bank)
 
     # errors: one line on stderr, exit status 1, no traceback unless --debug
     for argv in (["info", "org/missing", "--cache-dir", cache], ["push", str(tmp_path / "nope"), "org/x"]):
@@ -152,6 +160,7 @@ _NETWORK_CALLS = {
     "snapshot_download",
     "HfApi",
     "get_hf_file_metadata",
+    "http_get",
     "list_repo_refs",
     "create_repo",
     "create_branch",
@@ -159,6 +168,8 @@ _NETWORK_CALLS = {
     "create_commit",
     "model_info",
     "repo_info",
+    "ModelHubMixin",
+    "ModelCard",
 }
 
 
@@ -168,38 +179,54 @@ def test_the_core_imports_nothing_from_the_hub_namespace():
     for name in core:
         bad = {n for n in GRAPH[name] if n == "tocom_hub.hub" or n.startswith("tocom_hub.hub.")}
         assert not bad, (name, bad)
-    assert "tocom_hub.hub.download" in GRAPH["tocom_hub.cli.options"]  # the scan sees relative imports
+    assert "tocom_hub.hub.load" in GRAPH["tocom_hub.cli.options"]  # the scan sees relative imports
     assert "tocom_hub.core.registry" in GRAPH["tocom_hub.hub"]
 
 
-def test_bank_imports_no_network_code_of_ours():
-    """bank.py may call huggingface_hub itself (the ModelHubMixin side); every module of ours it imports,
-    directly, lazily or transitively, makes no request: the hub layer (probe, refs listing) is not among them."""
-    seen = reachable("tocom_hub.core.bank")
-    assert {"tocom_hub.core.bank_card", "tocom_hub.core.bank_file", "tocom_hub.core.checks"} <= seen  # followed
-    assert not [n for n in seen if n == "tocom_hub.hub" or n.startswith("tocom_hub.hub.")], seen
-    for name in seen - {"tocom_hub.core.bank"}:
+def test_no_core_module_calls_the_network():
+    """No module of the core names a huggingface_hub call that makes a request, nor imports huggingface_hub at all
+    (tests/test_hub_imports.py checks the same at run time); the hub layer is where they are."""
+    import ast
+
+    for name in [n for n in MODULES if n == "tocom_hub.core" or n.startswith("tocom_hub.core.")]:
         found = _identifiers(MODULES[name]) & _NETWORK_CALLS
         assert not found, (name, found)
-    bank = MODULES["tocom_hub.core.bank"]
-    assert {"hf_hub_download", "HfApi", "get_hf_file_metadata"} <= _identifiers(bank)  # the scan sees them
-    assert "list_repo_refs" in _identifiers(MODULES["tocom_hub.hub.download"])
+        for node in ast.walk(ast.parse(MODULES[name].read_text())):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                mods = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+                assert not [m for m in mods if m.split(".")[0] == "huggingface_hub"], (name, mods)
+    assert {"get_hf_file_metadata", "http_get"} <= _identifiers(MODULES["tocom_hub.hub.fetch"])  # the scan sees them
+    assert "HfApi" in _identifiers(MODULES["tocom_hub.hub.push"])
+
+
+def test_one_path_or_repo_rule():
+    """``is_local_bank`` is the only place that tells a path from a repo id."""
+    import re
+
+    rule = re.compile(r"count\(\"/\"\) > 1")
+    owners = [n for n, p in MODULES.items() if rule.search(p.read_text())]
+    assert owners == ["tocom_hub.hub.load"], owners
+    from tocom_hub.hub import is_local_bank
+
+    for local in ("./bank", "/abs/bank", "~/bank", "a/b/c", "bank.safetensors", "C:\\banks\\b"):
+        assert is_local_bank(local), local
+    assert is_local_bank(Path("org/name"))  # a Path is always a path
+    for repo in ("org/name", "name"):
+        assert not is_local_bank(repo), repo
 
 
 def test_no_import_circle_in_core_and_hub():
     names = [n for n in GRAPH if n.startswith(("tocom_hub.core.", "tocom_hub.hub"))]
-    assert GRAPH["tocom_hub.hub.download"] & set(names)  # the scan sees the edges
+    assert GRAPH["tocom_hub.hub.load"] & set(names)  # the scan sees the edges
     assert circles(names) == []
 
 
-def test_bank_is_a_model_hub_mixin_and_the_hub_names_are_the_same_objects():
-    from huggingface_hub import ModelHubMixin
+def test_the_hub_names_are_the_same_objects():
+    from tocom_hub.core import bank_card, registry
+    from tocom_hub.hub import errors, fetch, load, push
 
-    from tocom_hub.core import bank_card, bank_repo, registry
-    from tocom_hub.hub import download, push
-
-    assert issubclass(ToComBank, ModelHubMixin)
-    assert tocom_hub.hub.download_bank is download.download_bank and tocom_hub.hub.load_bank is download.load_bank
+    assert tocom_hub.hub.download_bank is fetch.download_bank and tocom_hub.hub.load_bank is load.load_bank
+    assert tocom_hub.load_bank is load.load_bank and tocom_hub.apply is load.apply is tocom_hub.hub.apply
     assert tocom_hub.hub.push_bank is push.push_bank and tocom_hub.hub.bank_facts is bank_card.bank_facts
-    assert tocom_hub.hub.BankNotFoundError is bank_repo.BankNotFoundError
+    assert tocom_hub.hub.BankNotFoundError is errors.BankNotFoundError
     assert tocom_hub.register_bank is registry.register_bank is tocom_hub.hub.register_bank

@@ -1,8 +1,6 @@
-"""Fetching a bank from the Hub with full diagnostics (hub/download.py: download_bank, load_bank): cache,
-revisions, missing and corrupt files, the branches and tags of a repo for a bad revision.
-
-The same fetch without the extra requests (``ToComBank.from_pretrained("org/name")``, core/bank.py +
-core/bank_repo.py) is tested in test_bank_repo.py. Calls run in-process with a per-test ``cache_dir``.
+"""Fetching a bank from the Hub with full diagnostics (hub/fetch.py: download_bank; hub/load.py: load_bank): cache,
+revisions, missing and corrupt files, the branches and tags of a repo for a bad revision. A hostile Hub (stalls,
+trickles, bad ETags) is test_hub_hostile.py's. Calls run in-process with a per-test ``cache_dir``.
 """
 
 from __future__ import annotations
@@ -42,7 +40,7 @@ def test_first_download_then_cache_with_server_stopped(hub_server, bank_repo, tm
 
     hub_server.stop()
     assert download_bank("org/bank", cache_dir=cache) == folder
-    assert_same_bank(ToComBank.from_pretrained("org/bank", cache_dir=cache), bank)
+    assert_same_bank(load_bank("org/bank", cache_dir=cache), bank)
 
 
 def test_revision_pinning_and_etag_refresh(hub_server, tmp_path):
@@ -60,7 +58,7 @@ def test_revision_pinning_and_etag_refresh(hub_server, tmp_path):
     for rev in ("v1", sha1):
         pinned = download_bank("org/bank", revision=rev, cache_dir=cache)
         assert Path(pinned).name == sha1
-        assert_same_bank(ToComBank.from_pretrained("org/bank", revision=rev, cache_dir=cache), bank1)
+        assert_same_bank(load_bank("org/bank", revision=rev, cache_dir=cache), bank1)
 
 
 def test_config_file_is_optional(hub_server, tmp_path):
@@ -81,7 +79,7 @@ def test_missing_repo_file_revision_and_empty_cache(hub_server, bank_repo, tmp_p
         (
             dict(repo_id="org/not-a-bank"),
             RemoteEntryNotFoundError,
-            ["'org/not-a-bank'", "no tocom.safetensors", "'main'", "push_to_hub"],
+            ["'org/not-a-bank'", "no tocom.safetensors", "'main'", "push_bank"],
         ),
         (
             dict(repo_id="org/bank", revision="v9"),

@@ -362,7 +362,9 @@ def main(argv: Optional[Sequence[str]] = None, *, distiller_cls: Type[Distiller]
             )
         logger.info("bank saved to %s", args.output_dir)
         if args.push_to_hub:
-            out_bank.push_to_hub(args.push_to_hub)
+            from tocom_hub.hub import push_bank
+
+            push_bank(out_bank, args.push_to_hub)
             logger.info("pushed to https://huggingface.co/%s", args.push_to_hub)
     accelerator.wait_for_everyone()
     accelerator.end_training()

@@ -207,7 +207,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     tocom_hub.patch(model, method=recipe.get("method", "tome"), prop_attn=recipe.get("prop_attn", True))
     bank = None
     if args.bank is not None:
-        bank = tocom_hub.ToComBank.from_pretrained(args.bank, device=accelerator.device)
+        bank = tocom_hub.load_bank(args.bank, device=accelerator.device)
         if bank.method != recipe.get("method", "tome"):
             raise SystemExit(
                 f"error: the bank was trained for {bank.method!r} but the model uses {recipe.get('method')!r}"

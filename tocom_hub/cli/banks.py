@@ -9,6 +9,8 @@ from typing import Any, Dict, List
 
 from .options import _add_hub_options, _add_trust_option, command_parser
 
+CARD_FILE = "README.md"
+
 # ---------------------------------------------------------------------------------------------------
 # download
 
@@ -23,6 +25,7 @@ def download_command(args: argparse.Namespace) -> int:
         token=args.token,
         local_files_only=args.local_files_only,
         force_download=args.force_download,
+        timeout=args.timeout,
     )
     print(path)
     return 0
@@ -34,7 +37,8 @@ def add_download_parser(subparsers: Any) -> None:
         "download",
         help="download a bank into the Hugging Face cache",
         description="Download a ToCom bank (tocom.safetensors + tocom_config.json) into the "
-        "Hugging Face cache and print its local directory.",
+        "Hugging Face cache and print its local directory. Each file must arrive within --timeout seconds; "
+        "what arrives is checked against its hash and the bank's own checksum, and evicted when it fails.",
     )
     p.add_argument("repo_id", help="Hub repo id, e.g. org/tocom-deit-base")
     _add_hub_options(p)
@@ -48,10 +52,10 @@ def add_download_parser(subparsers: Any) -> None:
 
 def _describe(args: argparse.Namespace) -> Dict[str, Any]:
     from ..core.bank import ToComBank
-    from ..hub import bank_facts, download_bank
+    from ..hub import bank_facts, download_bank, is_local_bank
 
     target = args.repo_id_or_path
-    if os.path.exists(target):
+    if is_local_bank(target):
         path, source = target, {"path": os.path.abspath(target)}
     else:
         path = download_bank(
@@ -60,6 +64,7 @@ def _describe(args: argparse.Namespace) -> Dict[str, Any]:
             cache_dir=args.cache_dir,
             token=args.token,
             local_files_only=args.local_files_only,
+            timeout=args.timeout,
         )
         source = {
             "repo_id": target,
@@ -173,7 +178,15 @@ def push_command(args: argparse.Namespace) -> int:
         commit_message=args.commit_message,
         create_pr=args.create_pr,
         license=args.license,
+        dry_run=args.dry_run,
     )
+    if args.dry_run:
+        print(f"dry run: would upload to {info['repo_id']} (revision {info['revision']}): {info['commit_message']}")
+        for name, size in info["files"].items():
+            print(f"  {name}  {size:,} bytes")
+        print(f"--- {CARD_FILE} ---")
+        print(info["card"].rstrip("\n"))
+        return 0
     print(getattr(info, "pr_url", None) or getattr(info, "commit_url", None) or info)
     return 0
 
@@ -184,7 +197,8 @@ def add_push_parser(subparsers: Any) -> None:
         "push",
         help="upload a bank directory with a model card",
         description="Upload tocom.safetensors, tocom_config.json and a generated README.md "
-        "model card to a Hub repo (created if needed); prints the commit URL.",
+        "model card to a Hub repo (created if needed); prints the commit URL. --dry-run prints the file "
+        "list and the card instead, without any request.",
     )
     p.add_argument("dir", help="bank directory written by ToComBank.save_pretrained")
     p.add_argument("repo_id", help="Hub repo id, e.g. my-org/tocom-deit-base")
@@ -193,6 +207,9 @@ def add_push_parser(subparsers: Any) -> None:
     p.add_argument("--private", action="store_true", help="create the repo as private (if it does not exist)")
     p.add_argument("--commit-message", default=None, help="commit message (default: a summary of the bank)")
     p.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
+    p.add_argument(
+        "--dry-run", action="store_true", help="print the files and the model card that would be uploaded; no network"
+    )
     p.add_argument(
         "--license",
         default=None,

@@ -8,7 +8,10 @@ import os
 from typing import Any, Dict
 
 from ..core.checks import METHODS
-from .types import finite_float, json_object, positive_int, r_value
+from .types import finite_float, json_object, positive_int, positive_seconds, r_value
+
+# tocom_hub.hub.DEFAULT_TIMEOUT, stated here so that building the parser imports no torch (test_cli checks they agree)
+HUB_TIMEOUT = 120.0
 
 # options every sub-command accepts (SUPPRESS: a sub-command must not reset what the top level parsed)
 COMMON = argparse.ArgumentParser(add_help=False)
@@ -27,6 +30,15 @@ def _add_hub_options(parser: argparse.ArgumentParser, *, download: bool = True) 
             help="use the local cache only, never the network (like HF_HUB_OFFLINE=1)",
         )
     parser.add_argument("--token", default=None, help="Hugging Face token (default: $HF_TOKEN or the stored login)")
+    if download:
+        parser.add_argument(
+            "--timeout",
+            type=positive_seconds,
+            default=HUB_TIMEOUT,
+            metavar="SECONDS",
+            help="deadline for each bank file to arrive, metadata request included; a stalled or trickling "
+            "download is abandoned and nothing is kept",
+        )
 
 
 def _add_trust_option(parser: argparse.ArgumentParser) -> None:
@@ -194,12 +206,12 @@ def _add_bank_options(parser: argparse.ArgumentParser) -> None:
 def _load_bank(args: argparse.Namespace):
     if args.bank is None:
         return None
-    from ..core.bank import ToComBank
-    from ..hub.download import bank_path
+    from ..hub.load import is_local_bank, load_bank
 
-    hub = dict(revision=args.revision, cache_dir=args.cache_dir, token=args.token)
-    path = bank_path(args.bank, local_files_only=args.local_files_only, **hub)
-    return ToComBank.from_pretrained(path, trust_unverified=args.trust_unverified)
+    if is_local_bank(args.bank):  # the Hub options do not apply to a path
+        return load_bank(args.bank, trust_unverified=args.trust_unverified)
+    hub = dict(revision=args.revision, cache_dir=args.cache_dir, token=args.token, timeout=args.timeout)
+    return load_bank(args.bank, local_files_only=args.local_files_only, trust_unverified=args.trust_unverified, **hub)
 
 
 def _write_json(path: str, obj: Any) -> None:

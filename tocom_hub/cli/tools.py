@@ -251,7 +251,7 @@ def add_convert_parser(subparsers: Any) -> None:
         help="convert an official ToCom checkpoint into a bank",
         description="Read a checkpoint in the official ToCom layout (blocks.{i}.attn.{q,v}_tocom.adapter_{down,up}."
         "weight; loaded with torch.load(weights_only=True), no code runs) and save it as a tocom-hub bank "
-        "directory (tocom.safetensors + tocom_config.json).",
+        "directory (tocom.safetensors + tocom_config.json + the README.md model card).",
         epilog="examples:\n"
         "  tocom-hub convert tocom_deit_base.pth -o tocom-deit-base --base-model deit_base_patch16_224 --num-heads 12\n"
         "  tocom-hub convert tocom_evit.pth -o tocom-evit --method evit --dtype fp16\n"

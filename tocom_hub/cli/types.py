@@ -81,6 +81,13 @@ def finite_float(text: str) -> float:
     return value
 
 
+def positive_seconds(text: str) -> float:
+    value = finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0; got {text!r}")
+    return value
+
+
 def fraction(text: str) -> float:
     value = finite_float(text)
     if not 0.0 <= value <= 1.0:

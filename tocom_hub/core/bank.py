@@ -14,28 +14,26 @@ single product ``lora_B[t][b][:, m·h:n·h] @ lora_A[t][b][m·h:n·h]``, and an 
 turns the bank into one adapter of inner dim ``R·h`` (the official formulation, used by the training path).
 
 Files: :mod:`.bank_config` (``tocom_config.json``), :mod:`.bank_file` (``tocom.safetensors``, its format versions
-and checks). The class is a ``huggingface_hub.ModelHubMixin``: ``from_pretrained`` also takes a Hub repo id
-(``hf_hub_download``) and ``push_to_hub`` uploads (``HfApi``); the library owns the network, :mod:`.bank_repo`
-(no network) says what its errors mean. ``tocom_hub.hub`` builds on this class; nothing here imports it.
+and checks), :mod:`.bank_card` (``README.md``, the model card). Everything here is local: ``from_pretrained``
+reads a directory or file, ``save_pretrained`` writes one. The Hub (``tocom_hub.load_bank`` for repo ids,
+``tocom_hub.hub.push_bank``) builds on this class in ``tocom_hub.hub``; nothing in the core imports it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import tempfile
+import os
 from pathlib import Path
 from typing import Any, Optional, Sequence, Tuple, Union
 
 import torch
-from huggingface_hub import ModelHubMixin
 from torch import nn
 
-from .bank_card import CARD_NAME, create_model_card, write_upload_folder
+from .bank_card import write_model_card
 from .bank_config import (
     CONFIG_NAME,
     FORMAT_VERSION,
-    LIBRARY_NAME,
     MAX_SCALE,
     TARGETS,
     WEIGHTS_NAME,
@@ -43,9 +41,7 @@ from .bank_config import (
     ToComConfig,
 )
 from .bank_config import model_dims as model_dims
-from .bank_file import _looks_local as _looks_local
 from .bank_file import read_bank, write_bank_file
-from .bank_repo import explain_push_error, fetch_bank_files, unreachable_error
 from .checks import is_int
 from .rspec import BANK_RANGE, check_r
 
@@ -63,28 +59,7 @@ def signed_group_slice(m: int, n: int, rank: int) -> Tuple[slice, float]:
     return slice(lo * rank, hi * rank), (1.0 if n >= m else -1.0)
 
 
-def hub_download(repo_id: str, filename: str, **kwargs: Any) -> str:
-    """``hf_hub_download``, after one HEAD request without retries (``get_hf_file_metadata``) made sure the Hub
-    answers: for a file the cache does not hold, huggingface_hub would otherwise retry a dead connection for
-    ~25 s ("Retrying in …") before it gives up. Cached files, ``local_files_only`` and ``HF_HUB_OFFLINE`` skip it."""
-    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_download, hf_hub_url, try_to_load_from_cache
-    from huggingface_hub.errors import HfHubHTTPError, HFValidationError
-
-    revision, cache_dir = kwargs.get("revision"), kwargs.get("cache_dir")
-    if not (kwargs.get("local_files_only") or constants.HF_HUB_OFFLINE):
-        try:
-            cached = try_to_load_from_cache(repo_id, filename, cache_dir=cache_dir, revision=revision)
-            if not isinstance(cached, str) or kwargs.get("force_download"):
-                url = hf_hub_url(repo_id, filename, revision=revision)
-                get_hf_file_metadata(url, token=kwargs.get("token"), timeout=constants.HF_HUB_ETAG_TIMEOUT)
-        except (HfHubHTTPError, HFValidationError, ValueError):
-            pass  # the Hub answered (404, 401, …) or a bad id: hf_hub_download raises the precise error
-        except Exception as e:  # no answer at all: DNS, refused connection, timeout
-            raise unreachable_error(repo_id, filename, revision, cache_dir, e) from None
-    return hf_hub_download(repo_id, filename, **kwargs)
-
-
-class ToComBank(nn.Module, ModelHubMixin, library_name="tocom-hub", paper_url="https://arxiv.org/abs/2408.06798"):
+class ToComBank(nn.Module):
     """A bank of ``R`` LoRA groups (one per step ``r → r+1``) for the q/v (or other) weights of a ViT.
 
     Build a fresh one with :meth:`for_model`, load one with :meth:`from_pretrained`, plug it into a
@@ -242,15 +217,22 @@ class ToComBank(nn.Module, ModelHubMixin, library_name="tocom-hub", paper_url="h
         down = self.lora_A[target][block, sl, :].detach().float()
         return (up @ down).mul_(sign * s)
 
-    # -- files (ModelHubMixin: save_pretrained / from_pretrained / push_to_hub) ---------------------
-    # The mixin's own versions are overridden: from_pretrained fetches config.json first (a bank repo has
-    # none; offline or with a local .safetensors path it fails before our code), save_pretrained adds
-    # README.md + config.json to every local save, push_to_hub cannot push to a new branch.
-    def save_pretrained(self, save_directory: PathLike, *, dtype: Optional[torch.dtype] = None) -> None:
-        """Write ``tocom.safetensors`` + ``tocom_config.json`` into ``save_directory``.
+    # -- files: save_pretrained / from_pretrained (local; the Hub: tocom_hub.load_bank, tocom_hub.hub.push_bank) ---
+    def save_pretrained(
+        self,
+        save_directory: PathLike,
+        *,
+        dtype: Optional[torch.dtype] = None,
+        repo_id: Optional[str] = None,
+        license: Optional[str] = None,
+    ) -> None:
+        """Write ``tocom.safetensors``, ``tocom_config.json`` and the model card ``README.md`` into ``save_directory``.
 
-        Tensors are stored in the bank's dtype unless ``dtype`` is given; both files are written
-        atomically (temporary file + ``os.replace``), in bank format :data:`FORMAT_VERSION`. Example::
+        Tensors are stored in the bank's dtype unless ``dtype`` is given; the two bank files are written
+        atomically (temporary file + ``os.replace``), in bank format :data:`FORMAT_VERSION`, and the same tensors
+        always give the same bytes. The card (:func:`~.bank_card.render_model_card`) describes the files as
+        written; its "Use it" snippet loads the bank from ``repo_id`` (what ``push_bank`` passes), else from
+        ``save_directory``; ``license`` goes into its front matter. Example::
 
             bank.half().save_pretrained("out/bank")           # fp16 on disk
             bank.save_pretrained("out/bank32", dtype=torch.float32)
@@ -260,136 +242,49 @@ class ToComBank(nn.Module, ModelHubMixin, library_name="tocom-hub", paper_url="h
             raise ValueError(f"dtype must be a floating point dtype; got {dtype}")
         save_directory = Path(save_directory)
         save_directory.mkdir(parents=True, exist_ok=True)
-        self._save_pretrained(save_directory, dtype=dtype)
-
-    def _save_pretrained(self, save_directory: Path, dtype: Optional[torch.dtype] = None) -> None:
         tensors = {
             k: v.detach().to(device="cpu", dtype=dtype or v.dtype).contiguous() for k, v in self.state_dict().items()
         }
         config = dataclasses.replace(self.config, format_version=FORMAT_VERSION)
         write_bank_file(save_directory / WEIGHTS_NAME, tensors, config)
         config.save_pretrained(save_directory)
+        saved = type(self).from_pretrained(save_directory)  # the card tells what the files hold
+        write_model_card(saved, save_directory, repo_id=repo_id or os.fspath(save_directory), license=license)
 
     @classmethod
     def from_pretrained(
         cls,
         pretrained: PathLike,
         *,
-        revision: Optional[str] = None,
-        cache_dir: Optional[PathLike] = None,
-        token: Union[str, bool, None] = None,
-        local_files_only: bool = False,
-        force_download: bool = False,
         dtype: Optional[torch.dtype] = None,
         device: Union[str, torch.device, None] = None,
         trust_unverified: bool = False,
     ) -> "ToComBank":
-        """Load a bank from a directory, a ``.safetensors`` file, or a Hub repo id.
+        """Load a bank from a local directory (``save_pretrained``'s layout) or a ``tocom.safetensors`` file.
 
-        Local paths are read directly; any other string is fetched with huggingface_hub's ``hf_hub_download``
-        (``revision``, ``cache_dir``, ``token``, ``local_files_only``, ``force_download`` apply there; its failures
-        become ``BankNotFoundError`` / ``BankHubError`` that say what to do, see :mod:`.bank_repo`). Tensors keep the
-        file's dtype unless ``dtype`` is given. A truncated or modified file, missing tensors, shapes that disagree
-        with the config, a config field of the wrong type or out of range (``scale`` in ``[0, MAX_SCALE]``), or a
-        ``tocom_config.json`` that disagrees with the config embedded in ``tocom.safetensors`` raise ``ValueError``
-        naming the file. A file without the ``tocom_sha256`` checksum (not written by ``save_pretrained``) is
-        refused unless ``trust_unverified=True``: its tensors and config cannot be checked. Example::
+        Tensors keep the file's dtype unless ``dtype`` is given. A truncated or modified file, missing tensors,
+        shapes that disagree with the config, a config field of the wrong type or out of range (``scale`` in
+        ``[0, MAX_SCALE]``), or a ``tocom_config.json`` that disagrees with the config embedded in
+        ``tocom.safetensors`` raise ``ValueError`` naming the file. A file without the ``tocom_sha256`` checksum
+        (not written by ``save_pretrained``) is refused unless ``trust_unverified=True``: its tensors and config
+        cannot be checked. A Hub repo id is loaded by ``tocom_hub.load_bank`` (which downloads, then calls this).
+        Example::
 
             bank = ToComBank.from_pretrained("out/bank")
             bank = ToComBank.from_pretrained("out/bank/tocom.safetensors", dtype=torch.float32)
             tocom_hub.apply(model, 0, 16, bank=bank)
         """
-        if not Path(pretrained).exists() and _looks_local(str(pretrained)):
-            raise FileNotFoundError(f"no ToCom bank at {pretrained!s}: the path does not exist")
-        return cls._from_pretrained(
-            model_id=str(pretrained),
-            revision=revision,
-            cache_dir=cache_dir,
-            force_download=force_download,
-            local_files_only=local_files_only,
-            token=token,
-            dtype=dtype,
-            device=device,
-            trust_unverified=trust_unverified,
-        )
-
-    @classmethod
-    def _from_pretrained(
-        cls,
-        *,
-        model_id: str,
-        revision: Optional[str],
-        cache_dir: Optional[PathLike],
-        force_download: bool,
-        local_files_only: bool,
-        token: Union[str, bool, None],
-        dtype: Optional[torch.dtype] = None,
-        device: Union[str, torch.device, None] = None,
-        trust_unverified: bool = False,
-    ) -> "ToComBank":
-        path = Path(model_id)
+        if not isinstance(pretrained, (str, os.PathLike)):
+            raise TypeError(f"from_pretrained needs a local path; got {type(pretrained).__name__}")
+        path = Path(pretrained).expanduser()
         if not path.exists():
-            hub = dict(revision=revision, cache_dir=cache_dir, token=token, force_download=force_download)
-            path = Path(fetch_bank_files(hub_download, model_id, local_files_only=local_files_only, **hub))
+            raise FileNotFoundError(
+                f"no ToCom bank at {os.fspath(pretrained)!r}: the path does not exist (ToComBank.from_pretrained "
+                f"reads local files; a Hub repo id is loaded with tocom_hub.load_bank({os.fspath(pretrained)!r}))"
+            )
         tensors, config = read_bank(path, trust_unverified=trust_unverified)
         bank = cls(config, device="meta")
         bank.load_state_dict(tensors, assign=True)
         if dtype is not None or device is not None:
             bank.to(device=device, dtype=dtype)
         return bank
-
-    def push_to_hub(
-        self,
-        repo_id: str,
-        *,
-        revision: Optional[str] = None,
-        private: Optional[bool] = None,
-        token: Union[str, bool, None] = None,
-        commit_message: Optional[str] = None,
-        commit_description: Optional[str] = None,
-        create_pr: bool = False,
-        license: Optional[str] = None,
-        dtype: Optional[torch.dtype] = None,
-    ) -> Any:
-        """Upload ``tocom.safetensors``, ``tocom_config.json`` and a ``README.md`` model card to ``repo_id``.
-
-        ``HfApi.create_repo(exist_ok=True)`` (``private`` only applies to a new repo), then one
-        ``upload_folder`` commit; a ``revision`` branch that does not exist yet is created from ``main``.
-        The model card is regenerated on every push (:meth:`generate_model_card`; ``license=`` sets its
-        license). Returns huggingface_hub's ``CommitInfo``. Example::
-
-            bank = ToComBank.from_pretrained("out/bank")
-            bank.half().push_to_hub("my-org/tocom-deit-base", private=True)
-            bank = ToComBank.from_pretrained("my-org/tocom-deit-base")
-        """
-        from huggingface_hub import HfApi
-        from huggingface_hub.errors import HfHubHTTPError
-
-        from .. import __version__
-
-        api = HfApi(token=token, library_name=LIBRARY_NAME, library_version=__version__)
-        cfg = self.config
-        message = commit_message or (
-            f"Upload ToCom bank ({cfg.method}, r 0-{cfg.r_max}, rank {cfg.rank}, {'+'.join(cfg.targets)})"
-        )
-        try:
-            api.create_repo(repo_id, private=private, exist_ok=True)
-            if revision is not None:
-                api.create_branch(repo_id, branch=revision, exist_ok=True)
-            with tempfile.TemporaryDirectory(prefix="tocom-push-") as tmp:
-                write_upload_folder(self, tmp, repo_id=repo_id, dtype=dtype, license=license)
-                return api.upload_folder(
-                    repo_id=repo_id,
-                    folder_path=tmp,
-                    revision=revision,
-                    commit_message=message,
-                    commit_description=commit_description,
-                    create_pr=create_pr,
-                    allow_patterns=[WEIGHTS_NAME, CONFIG_NAME, CARD_NAME],
-                )
-        except HfHubHTTPError as e:
-            raise explain_push_error(e, repo_id, revision) from e
-
-    def generate_model_card(self, *args: Any, **kwargs: Any) -> Any:
-        """The model card :meth:`push_to_hub` uploads (``tocom_hub.hub.create_model_card``)."""
-        return create_model_card(self, **kwargs)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
@@ -168,15 +167,6 @@ def read_bank(path: Path, *, trust_unverified: bool = False) -> Tuple[Dict[str, 
             )
     check_tensors(weights, tensors, config, version)
     return dict(tensors), config
-
-
-def _looks_local(s: str) -> bool:
-    """Whether a missing path was clearly meant as a local file rather than a Hub repo id."""
-    if s.startswith((".", "/", "~")) or os.path.isabs(s) or "\\" in s:
-        return True
-    if s.endswith((".safetensors", ".json", ".pth", ".pt", ".bin")):
-        return True
-    return s.count("/") > 1
 
 
 _SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}

@@ -1,7 +1,6 @@
-"""Which bank for which model: the registry ``tocom_hub.apply(model, source_r, target_r)`` consults when it
-gets ``bank=None``, and :func:`load_bank` (a bank object, a local path, a Hub repo id, or the registry entry;
-a repo id is fetched by ``ToComBank.from_pretrained``, i.e. huggingface_hub, or by the ``download`` function
-given: ``tocom_hub.hub.load_bank`` passes ``tocom_hub.hub.download_bank``).
+"""Which bank for which model: the registry ``tocom_hub.apply(model, source_r, target_r)`` and
+``tocom_hub.load_bank(None, model=model)`` consult when they get ``bank=None`` (:func:`resolve_bank` gives the
+entry; fetching it is ``tocom_hub.hub``'s job).
 
 ``bank=None`` looks the model's timm pretrained name (``model.pretrained_cfg``: architecture + tag,
 e.g. ``deit_base_patch16_224.fb_in1k``) up in layers, highest priority first: entries added in this process
@@ -14,19 +13,15 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional
 
-from .bank import ToComBank
 from .bank_config import METHODS, PathLike, _read_json_file
-from .bank_file import _looks_local
-from .bank_repo import _rev
 
 __all__ = [
     "register_bank",
     "unregister_bank",
     "registered_banks",
     "resolve_bank",
-    "load_bank",
     "BankEntry",
     "NoBankForModelError",
     "REGISTRY_ENV",
@@ -204,53 +199,3 @@ def resolve_bank(model: Any, method: Optional[str] = None) -> BankEntry:
         f'bank="org/name") (a Hub repo id, a local directory or a ToComBank), or register it with '
         f'tocom_hub.register_bank({example_name!r}, "org/name")'
     )
-
-
-def load_bank(
-    bank: Union[ToComBank, PathLike, None] = None,
-    model: Any = None,
-    *,
-    revision: Optional[str] = None,
-    cache_dir: Optional[PathLike] = None,
-    token: Union[str, bool, None] = None,
-    local_files_only: bool = False,
-    force_download: bool = False,
-    method: Optional[str] = None,
-    trust_unverified: bool = False,
-    download: Optional[Callable[..., str]] = None,
-) -> ToComBank:
-    """A :class:`ToComBank` from a Hub repo id, a local path, or (``bank=None``) the registry entry for ``model``.
-
-    This is what :func:`tocom_hub.apply` calls when it gets a repo id or ``bank=None``. ``revision``
-    overrides the revision a registry entry pins; ``trust_unverified=True`` accepts a bank file
-    without checksum (see :meth:`ToComBank.from_pretrained`). A repo id is fetched by
-    ``ToComBank.from_pretrained`` (huggingface_hub's ``hf_hub_download``), or by ``download`` when it is
-    given (``download_bank``'s signature, returning the local folder). Example::
-
-        bank = tocom_hub.hub.load_bank("org/tocom-deit-base", revision="v1.0")
-        bank = tocom_hub.hub.load_bank(None, model=model)      # via tocom_hub.register_bank / registry.json
-    """
-    from huggingface_hub.errors import HFValidationError
-
-    if isinstance(bank, ToComBank):
-        return bank
-    if bank is None:
-        if model is None:
-            raise TypeError("load_bank(None) needs model= to look a bank up in the registry")
-        entry = resolve_bank(model, method=method)
-        repo_id, revision = entry.repo_id, revision if revision is not None else entry.revision
-    else:
-        repo_id = os.fspath(bank)
-        if os.path.exists(repo_id) or _looks_local(repo_id):
-            return ToComBank.from_pretrained(repo_id, trust_unverified=trust_unverified)
-    hub = dict(revision=revision, cache_dir=cache_dir, token=token, force_download=force_download)
-    if download is not None:
-        source, hub = download(repo_id, local_files_only=local_files_only, **hub), {}
-    else:
-        source, hub = repo_id, dict(hub, local_files_only=local_files_only)
-    try:
-        return ToComBank.from_pretrained(source, trust_unverified=trust_unverified, **hub)
-    except ValueError as e:
-        if isinstance(e.__cause__, HFValidationError):  # not a repo id: nothing was loaded
-            raise
-        raise ValueError(f"ToCom bank {repo_id!r} (revision {_rev(revision)!r}) cannot be loaded: {e}") from e

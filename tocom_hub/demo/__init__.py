@@ -16,7 +16,7 @@ effect offline::
 before, and so do ``.model`` / ``.info``.
 
 ``bank=demo_bank_path()`` is a local bank folder in the layout ``ToComBank.save_pretrained`` writes and the
-Hub serves; ``bank="org/name"`` goes through the same :meth:`ToComBank.from_pretrained`.
+Hub serves; ``bank="org/name"`` is downloaded into such a folder (``tocom_hub.load_bank``) and read the same way.
 
 Files (``assets/study/``): ``demo.json`` (what is where, the recipe and the study's numbers for these
 exact files), ``backbone.safetensors`` (the pre-trained backbone, classifier of the pre-training corpus

@@ -1,34 +1,31 @@
-"""Share ToCom banks through the Hugging Face Hub, the way peft shares adapters.
+"""The Hugging Face Hub layer: every request tocom-hub makes lives here (the core makes none).
 
-Everything here is the real ``huggingface_hub`` client: ``hf_hub_download`` (etag cache, revisions,
-``HF_HUB_OFFLINE`` / ``local_files_only``), ``HfApi.create_repo`` / ``upload_folder`` and
-``ModelCard``. A bank repo holds three files::
+A bank repo holds three files, the folder ``ToComBank.save_pretrained`` writes::
 
-    tocom.safetensors     the LoRA groups (+ the config and a tensor checksum in its metadata)
+    tocom.safetensors     the LoRA groups (+ the config and a checksum in its metadata)
     tocom_config.json     ToComConfig, human readable
-    README.md             model card rendered from tocom_hub/MODEL_CARD.md
+    README.md             the model card, rendered from tocom_hub/MODEL_CARD.md
 
-Three ways in::
+Ways in::
 
-    bank = tocom_hub.ToComBank.from_pretrained("org/tocom-deit-base", revision="v1.0")
+    bank = tocom_hub.load_bank("org/tocom-deit-base", revision="v1.0")      # or a local path, or None + model=
     tocom_hub.apply(model, source_r=0, target_r=16, bank="org/tocom-deit-base")
     tocom_hub.apply(model, source_r=0, target_r=16)   # bank found through the registry
+    tocom_hub.hub.push_bank(bank, "my-org/tocom-deit-base")
 
-The layer sits on top of the core. ``ToComBank`` is a ``huggingface_hub.ModelHubMixin`` whose
-``from_pretrained`` / ``push_to_hub`` call the library directly (``core/bank.py``; what its errors mean:
-``core/bank_repo.py``; the model card: ``core/bank_card.py``; the ``bank=None`` registry: ``core/registry.py``).
-This package adds the network code of ours: :func:`download_bank` / :func:`load_bank` with their extra
-diagnostics (``hub/download.py``) and :func:`push_bank` (``hub/push.py``). Nothing in ``tocom_hub.core``
-imports it.
+Modules: :mod:`.load` (:func:`load_bank`, the one path-or-repo rule :func:`is_local_bank`, :func:`apply`:
+``tocom_hub.apply``), :mod:`.fetch` (:func:`download_bank`: bounded downloads into the huggingface_hub cache),
+:mod:`.verify` (hashes, the bank's own checks, eviction), :mod:`.push` (:func:`push_bank`), :mod:`.card` (the
+card as a ``huggingface_hub.ModelCard``), :mod:`.errors` (one-line errors). The registry (``bank=None``) and the
+card's text are network-free and live in the core (``core/registry.py``, ``core/bank_card.py``).
 """
 
 from __future__ import annotations
 
 from ..core.bank_card import CARD_NAME as CARD_NAME
-from ..core.bank_card import MODEL_CARD_TEMPLATE, bank_facts, create_model_card
+from ..core.bank_card import MODEL_CARD_TEMPLATE, bank_facts, render_model_card
 from ..core.bank_config import LIBRARY_NAME as LIBRARY_NAME
 from ..core.bank_config import PathLike as PathLike
-from ..core.bank_repo import BankHubError, BankNotFoundError
 from ..core.registry import PACKAGE_REGISTRY as PACKAGE_REGISTRY
 from ..core.registry import (
     REGISTRY_ENV,
@@ -39,14 +36,20 @@ from ..core.registry import (
     resolve_bank,
     unregister_bank,
 )
-from .download import download_bank, load_bank
+from .card import create_model_card
+from .errors import BankHubError, BankNotFoundError, DownloadTimeoutError, HubUnreachableError
+from .fetch import DEFAULT_TIMEOUT, download_bank
+from .load import apply, is_local_bank, load_bank
 from .push import push_bank
 
 __all__ = [
-    "download_bank",
+    "apply",
     "load_bank",
+    "is_local_bank",
+    "download_bank",
     "push_bank",
     "create_model_card",
+    "render_model_card",
     "bank_facts",
     "register_bank",
     "unregister_bank",
@@ -55,7 +58,10 @@ __all__ = [
     "BankEntry",
     "BankHubError",
     "BankNotFoundError",
+    "DownloadTimeoutError",
+    "HubUnreachableError",
     "NoBankForModelError",
     "REGISTRY_ENV",
     "MODEL_CARD_TEMPLATE",
+    "DEFAULT_TIMEOUT",
 ]

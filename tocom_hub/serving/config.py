@@ -4,7 +4,6 @@ replica) and :func:`load_served_model` (the model, its bank and the image transf
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, Optional, Sequence, Union
 
@@ -149,13 +148,9 @@ class ServedModel:
 
 
 def _bank(spec: Optional[str]):
-    from ..core.bank import ToComBank
-    from ..hub.download import bank_path
+    from ..hub.load import load_bank
 
-    if spec is None:
-        return None
-    path = spec if os.path.exists(spec) else bank_path(spec)
-    return ToComBank.from_pretrained(path)
+    return None if spec is None else load_bank(spec)
 
 
 def load_served_model(cfg: ServeConfig) -> ServedModel:

@@ -109,7 +109,9 @@ def evaluate(
             "the bank to evaluate(bank=...)"
         )
     if bank is not None and not isinstance(bank, ToComBank):
-        bank = ToComBank.from_pretrained(bank, **hub_kwargs)
+        from ..hub.load import load_bank
+
+        bank = load_bank(bank, **hub_kwargs)
     if method is not None and method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}; got {method!r}")
     if bank is not None:

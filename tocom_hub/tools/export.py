@@ -182,7 +182,9 @@ def export_model(
         verify: run the written file on a random example batch and record the largest difference to eager.
     """
     if bank is not None and not isinstance(bank, ToComBank):
-        bank = ToComBank.from_pretrained(bank)
+        from ..hub.load import load_bank
+
+        bank = load_bank(bank)
     rs = _check_args(model, target_r, source_r, format, batch_size, bank, method)
     paths = export_paths(path, rs, format)
     for p in paths:

@@ -121,7 +121,9 @@ class LatencyController:
                 "bank to LatencyController"
             )
         if bank is not None and not isinstance(bank, ToComBank):
-            bank = ToComBank.from_pretrained(bank)
+            from ..hub.load import load_bank
+
+            bank = load_bank(bank)
         if method is not None and method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}; got {method!r}")
         if bank is not None:

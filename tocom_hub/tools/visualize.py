@@ -224,9 +224,9 @@ def visualize(
 
     pil = image if isinstance(image, Image.Image) else _load_image(image)
     if bank is not None:
-        from ..core.bank import ToComBank
+        from ..hub.load import load_bank
 
-        bank = bank if isinstance(bank, ToComBank) else ToComBank.from_pretrained(bank)
+        bank = load_bank(bank)
         if method is not None and method != bank.method:
             raise ValueError(f"the bank was trained for {bank.method!r} but method={method!r} was requested")
         method = bank.method

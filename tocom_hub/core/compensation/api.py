@@ -35,11 +35,11 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from typing import Any, Dict, Iterator, Optional, Union
+from typing import Iterator, Optional, Union
 
 from torch import nn
 
-from ..bank import MAX_SCALE, ToComBank, _looks_local
+from ..bank import MAX_SCALE, ToComBank
 from ..patch import get_r, is_patched, patch, set_r, unpatch
 from ..rspec import BANK_RANGE, check_r
 from .base import Compensation
@@ -91,29 +91,24 @@ def _require_state(model: nn.Module) -> Compensation:
     return st
 
 
-def _resolve_bank(bank: BankLike, model: nn.Module, method: Optional[str], hub_kwargs: Dict[str, Any]) -> ToComBank:
-    trust = hub_kwargs.pop("trust_unverified", False)
+def _resolve_bank(bank: BankLike, trust_unverified: bool) -> ToComBank:
+    """A bank object, or the local bank at a path (the core reads local files only; a Hub repo id or
+    ``bank=None`` are resolved by ``tocom_hub.apply`` / ``tocom_hub.load_bank``)."""
     if isinstance(bank, ToComBank):
-        if hub_kwargs:
-            raise TypeError(f"{sorted(hub_kwargs)} only apply when `bank` is a Hub repo id")
+        if trust_unverified:
+            raise TypeError("trust_unverified only applies when `bank` is a path to load")
         return bank
-    if bank is not None and not isinstance(bank, (str, os.PathLike)):
+    if bank is None:
         raise TypeError(
-            f"bank must be a ToComBank, a local directory / .safetensors file, a Hub repo id or None; "
-            f"got {type(bank).__name__}"
+            "tocom_hub.compensate.apply needs a bank (a ToComBank or a local path); tocom_hub.apply(model, "
+            "source_r, target_r) looks one up in the registry and fetches Hub repo ids"
         )
-    if bank is not None and (os.path.exists(bank) or _looks_local(os.fspath(bank))):
-        if hub_kwargs:
-            raise TypeError(f"{sorted(hub_kwargs)} only apply when `bank` is a Hub repo id")
-        return ToComBank.from_pretrained(bank, trust_unverified=trust)
-    from ..registry import load_bank  # the registry lookup, then huggingface_hub's download
-
-    if bank is None and method is not None:
-        hub_kwargs = dict(hub_kwargs, method=method)
-    loaded = load_bank(bank, model=model, trust_unverified=trust, **hub_kwargs)
-    if not isinstance(loaded, ToComBank):
-        raise TypeError(f"load_bank returned {type(loaded).__name__}, expected a ToComBank")
-    return loaded
+    if not isinstance(bank, (str, os.PathLike)):
+        raise TypeError(
+            f"bank must be a ToComBank or a local directory / .safetensors file (tocom_hub.apply also takes a "
+            f"Hub repo id or None); got {type(bank).__name__}"
+        )
+    return ToComBank.from_pretrained(bank, trust_unverified=trust_unverified)
 
 
 def _check_scale(bank: ToComBank, scale: Optional[float]) -> float:
@@ -133,7 +128,7 @@ def apply(
     method: Optional[str] = None,
     merge: bool = True,
     ignore_base_model: bool = False,
-    **hub_kwargs: Any,
+    trust_unverified: bool = False,
 ) -> nn.Module:
     """Run a model fine-tuned at ``r = source_r`` at ``r = target_r``, compensated by a ToCom bank.
 
@@ -146,16 +141,16 @@ def apply(
     Args:
         model: a timm ViT (patched or not).
         source_r / target_r: degrees the model was fine-tuned at / will run at, in ``[0, R]``.
-        bank: a :class:`ToComBank`, a local directory or ``.safetensors`` file, a Hub repo id, or
-            ``None`` (resolve a bank for the model through the registry, ``tocom_hub.core.registry.load_bank``).
+        bank: a :class:`ToComBank` or a local directory / ``.safetensors`` file (``tocom_hub.apply``, the
+            top-level function, also takes a Hub repo id or ``None``: the registry; it loads the bank with
+            ``tocom_hub.load_bank`` and calls this function).
         scale: ``s``; ``None`` uses ``bank.config.scale``.
         method: ``"tome"`` / ``"evit"`` to insist on; ``None`` uses the bank's.
         merge: merged (inference) or unmerged (training) mode.
         ignore_base_model: apply even when the bank's config names another timm architecture than
             ``model.pretrained_cfg`` (by default that is refused; when either name is unknown, only
             the shapes are checked).
-        **hub_kwargs: ``revision``, ``cache_dir``, ``token``, ``local_files_only`` for Hub ids;
-            ``trust_unverified=True`` accepts a bank file without checksum (local path or Hub).
+        trust_unverified: accept a bank file without checksum (when ``bank`` is a path).
 
     A model carries one bank: applying again replaces the current one (same result as applying to
     the untouched model). Merged mode keeps a copy of the original adapted rows (see
@@ -165,7 +160,7 @@ def apply(
         tocom_hub.apply(model, source_r=0, target_r=16, bank="out/bank")
         tocom_hub.set_target_r(model, 8)
     """
-    bank = _resolve_bank(bank, model, method, hub_kwargs)
+    bank = _resolve_bank(bank, trust_unverified)
     with switch_lock(model):
         return _apply_locked(model, source_r, target_r, bank, scale, method, merge, ignore_base_model)
 
