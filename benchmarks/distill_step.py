@@ -59,7 +59,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import tocom_hub  # noqa: E402
-from tocom_hub.core.bank import ToComBank  # noqa: E402
+from tocom_hub.core.bank.module import ToComBank  # noqa: E402
 from tocom_hub.core.jsonio import write_json  # noqa: E402
 from tocom_hub.tools.timing import Stopwatch, WallTimer, interleaved, paired_ratios, synchronize  # noqa: E402
 from tocom_hub.training.distiller import Distiller, kd_loss  # noqa: E402

@@ -151,7 +151,7 @@ def _bank_dir(model_name: str, r_max: int, root: str) -> str:
     import timm
     import torch
 
-    from tocom_hub.core.bank import ToComBank
+    from tocom_hub.core.bank.module import ToComBank
 
     model = timm.create_model(model_name, pretrained=False)
     bank = ToComBank.for_model(model, r_max=r_max, rank=2)

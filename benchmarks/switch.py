@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import tocom_hub  # noqa: E402
-from tocom_hub.core.bank import CONFIG_NAME, WEIGHTS_NAME, ToComBank  # noqa: E402
+from tocom_hub.core.bank.module import CONFIG_NAME, WEIGHTS_NAME, ToComBank  # noqa: E402
 from tocom_hub.core.jsonio import write_json  # noqa: E402
 from tocom_hub.tools.timing import WallTimer, interleaved  # noqa: E402
 

@@ -8,7 +8,7 @@ from typing import Dict, List, Tuple
 
 import torch
 
-from tocom_hub.core.bank import ToComBank
+from tocom_hub.core.bank.module import ToComBank
 
 QKV_ROW = {"q": 0, "k": 1, "v": 2}
 

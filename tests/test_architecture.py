@@ -31,7 +31,7 @@ def _layer(name: str) -> int:
 
 
 def test_the_source_tree_was_found():
-    assert {"tocom_hub.core.merge", "tocom_hub.core.bank", "tocom_hub.hub", "tocom_hub.training.distill"} <= set(
+    assert {"tocom_hub.core.merge", "tocom_hub.core.bank.module", "tocom_hub.hub", "tocom_hub.training.distill"} <= set(
         MODULES
     )
 

@@ -1,4 +1,5 @@
-"""ToComBank (core/bank.py): construction, peft's factor names, the delta arithmetic vs a naive loop, save/load."""
+"""ToComBank (core/bank/module.py): construction, peft's factor names, the delta arithmetic vs a naive loop,
+save/load."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from safetensors.torch import load_file
 from tiny_models import make_timm, make_vit
 
 from tocom_hub import ToComBank, ToComConfig
-from tocom_hub.core.bank import CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME
+from tocom_hub.core.bank.module import CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""The model card (core/bank_card.py): rendered from MODEL_CARD.md, optional facts left out, ``base_model`` only
+"""The model card (core/bank/card.py): rendered from MODEL_CARD.md, optional facts left out, ``base_model`` only
 when the backbone is that Hub model, current file names, a "Use it" snippet that runs, README.md written by
 ``save_pretrained``."""
 
@@ -9,7 +9,7 @@ from hub_helpers import ROOT, card_snippet, run_card_snippet
 
 import tocom_hub
 from tocom_hub import ToComBank, ToComConfig
-from tocom_hub.core.bank_card import render_model_card, verified_base_model
+from tocom_hub.core.bank.card import render_model_card, verified_base_model
 from tocom_hub.demo import demo_bank_path
 from tocom_hub.hub import create_model_card
 

@@ -1,4 +1,4 @@
-"""ToComConfig (core/bank_config.py): field validation, the JSON file, the format versions it reads."""
+"""ToComConfig (core/bank/config.py): field validation, the JSON file, the format versions it reads."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from tiny_models import make_timm
 
 from tocom_hub import ToComConfig
-from tocom_hub.core.bank_config import CONFIG_NAME, FORMAT_VERSION, FORMAT_VERSIONS, model_dims
+from tocom_hub.core.bank.config import CONFIG_NAME, FORMAT_VERSION, FORMAT_VERSIONS, model_dims
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""The bank's weights file (core/bank_file.py): every check on read, atomic writes, checksums, and files of
+"""The bank's weights file (core/bank/file.py): every check on read, atomic writes, checksums, and files of
 format 1 (``A`` = up, ``B`` = down), which load under peft's names with the very same deltas."""
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from tiny_models import make_vit
 
 import tocom_hub
 from tocom_hub import ToComBank, ToComConfig
-from tocom_hub.core.bank import CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME
-from tocom_hub.core.bank_file import tensors_sha256
+from tocom_hub.core.bank.file import tensors_sha256
+from tocom_hub.core.bank.module import CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME
 
 SHIPPED_BANK = Path(tocom_hub.__file__).parent / "demo" / "assets" / "study" / "bank"
 

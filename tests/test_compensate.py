@@ -11,7 +11,7 @@ from torch import nn
 
 import tocom_hub
 from tocom_hub import compensate
-from tocom_hub.core.bank import WEIGHTS_NAME
+from tocom_hub.core.bank.module import WEIGHTS_NAME
 
 # -- the closed form and its invariants -----------------------------------------------------------
 

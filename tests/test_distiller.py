@@ -16,7 +16,7 @@ def _model(img_size=48):
 
 def test_distill_step_keeps_no_teacher_activations_and_no_backbone_gradients():
     import tocom_hub
-    from tocom_hub.core.bank import ToComBank
+    from tocom_hub.core.bank.module import ToComBank
     from tocom_hub.training.distiller import Distiller, kd_loss
 
     torch.manual_seed(0)

@@ -17,7 +17,7 @@ from tiny_models import make_vit
 
 import tocom_hub
 from tocom_hub import ToComBank
-from tocom_hub.core.bank_config import model_dims
+from tocom_hub.core.bank.config import model_dims
 from tocom_hub.core.compensation.marker import MARKER_KEY
 from tocom_hub.core.families.diff import diff_attend
 

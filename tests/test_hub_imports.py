@@ -74,7 +74,7 @@ print("@@" + json.dumps({"errors": errors, "loaded": sorted(n for n in sys.modul
 
 _USE = r"""
 import os, tempfile, timm, torch
-from tocom_hub.core.bank import ToComBank
+from tocom_hub.core.bank.module import ToComBank
 from tocom_hub.core.compensation import api as compensate
 torch.manual_seed(0)
 model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2,
@@ -115,7 +115,7 @@ def _probe(core, use=""):
 @pytest.mark.slow  # ~10 s: a fresh interpreter imports torch, timm and the whole core
 def test_the_core_imports_and_runs_without_any_network_module():
     core = _core_modules()
-    assert len(core) > 20 and "tocom_hub.core.bank" in core and "tocom_hub.core.compensation.api" in core
+    assert len(core) > 20 and "tocom_hub.core.bank.module" in core and "tocom_hub.core.compensation.api" in core
     out = _probe(core, _USE)
     assert out["errors"] == {}, out["errors"]
     assert out["loaded"] == [], out["loaded"]
@@ -125,6 +125,6 @@ def test_the_core_imports_and_runs_without_any_network_module():
 
 def test_a_core_module_importing_download_code_is_caught(tmp_path):
     """The probe is not vacuous: code that imports huggingface_hub.file_download fails it."""
-    bad = "import tocom_hub.core.bank\nimport huggingface_hub.file_download\n"
-    out = _probe(["tocom_hub.core.bank"], bad)
+    bad = "import tocom_hub.core.bank.module\nimport huggingface_hub.file_download\n"
+    out = _probe(["tocom_hub.core.bank.module"], bad)
     assert "<use>" in out["errors"] and "refused" in out["errors"]["<use>"]

@@ -12,7 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import tocom_hub
-from tocom_hub.core.bank import WEIGHTS_NAME
+from tocom_hub.core.bank.module import WEIGHTS_NAME
 from tocom_hub.core.compensation.marker import MARKER_KEY, read_marker
 
 

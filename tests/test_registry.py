@@ -1,4 +1,4 @@
-"""The bank registry (core/registry.py): bank=None through register_bank / $TOCOM_HUB_REGISTRY, malformed files."""
+"""The bank registry (core/bank/registry.py): bank=None through register_bank / $TOCOM_HUB_REGISTRY, malformed files."""
 
 from __future__ import annotations
 

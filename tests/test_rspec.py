@@ -9,7 +9,7 @@ from tiny_models import make_vit
 
 import tocom_hub
 from tocom_hub import compensate
-from tocom_hub.core.bank import ToComBank
+from tocom_hub.core.bank.module import ToComBank
 from tocom_hub.core.merge import max_merge
 from tocom_hub.core.prune import max_prune
 from tocom_hub.core.rspec import BANK_RANGE, check_r, check_r_values, is_r, model_r_limit, resolve_r

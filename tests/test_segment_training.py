@@ -60,7 +60,7 @@ def test_finetune_refuses_a_segmentation_dataset_for_classification(capsys):
 
 
 def test_tokens_distillation_compares_every_token():
-    from tocom_hub.core.bank import ToComBank
+    from tocom_hub.core.bank.module import ToComBank
     from tocom_hub.training.distiller import Distiller, kd_loss
 
     torch.manual_seed(0)

@@ -174,7 +174,7 @@ def test_a_timm_name_with_a_bank_folder_is_served(tmp_path):
     fresh model with the same weights and apply(0 -> r)."""
     import timm
 
-    from tocom_hub.core.bank import ToComBank
+    from tocom_hub.core.bank.module import ToComBank
 
     kwargs = dict(img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2, num_classes=7)
     cfg = ServeConfig(model="vit_tiny_patch16_224", model_kwargs=kwargs, bank=str(tmp_path / "bank"), fixed_r=3)

@@ -16,7 +16,7 @@ import timm
 import torch
 
 import tocom_hub
-from tocom_hub.core.bank_config import model_dims
+from tocom_hub.core.bank.config import model_dims
 
 MODULES = (
     "vision_transformer",

@@ -18,8 +18,8 @@ __version__ = "0.1.0"
 
 # The package in layers, each importing only from those before it (docs/ARCHITECTURE.md; checked by
 # tests/test_architecture.py):
-#   core/   token maths (merge, prune), timm surgery (attention, patch), the bank (bank, bank_config,
-#           bank_file, bank_card, registry; local files only, no network) and its application to a model
+#   core/   token maths (merge, prune), timm surgery (attention, patch), the bank (bank/: module, config,
+#           file, card, registry; local files only, no network) and its application to a model
 #           (compensation/: api, merged, hooked, locks, marker; preserve: remember and restore both states)
 #   hub/    every network request: load_bank (path or repo id or registry), apply (tocom_hub.apply),
 #           download_bank (bounded, verified), push_bank
@@ -49,14 +49,14 @@ _LAZY = {
     # the tokens of a merged model back on the patch grid (dense prediction)
     **dict.fromkeys(["unmerge_to_grid", "track_grid"], "core.grid"),
     # ToCom bank and its weight arithmetic
-    **dict.fromkeys(["ToComBank", "ToComConfig"], "core.bank"),
+    **dict.fromkeys(["ToComBank", "ToComConfig"], "core.bank.module"),
     **dict.fromkeys(["remove", "set_target_r", "set_pair"], "core.compensation.api"),
     # a bank from a path, a Hub repo id or the registry (the core's apply takes local banks only)
     **dict.fromkeys(["apply", "load_bank"], "hub.load"),
     "convert_official": "tools.convert",
     "tune_scale": "tools.tune",
     # which bank for which model (bank=None), no network
-    **dict.fromkeys(["register_bank", "unregister_bank", "registered_banks"], "core.registry"),
+    **dict.fromkeys(["register_bank", "unregister_bank", "registered_banks"], "core.bank.registry"),
     # Tools: hold a latency budget by switching r with the server's load
     "LatencyController": "tools.latency",
 }

@@ -20,7 +20,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from tocom_hub.cli.options import DefaultsFormatter
-from tocom_hub.core.bank import TARGETS
+from tocom_hub.core.bank.module import TARGETS
 from tocom_hub.core.checks import METHODS
 from tocom_hub.demo import data as embedded_data
 from tocom_hub.training.backbone import EMBEDDED_MODEL, EMBEDDED_MODEL_KWARGS, EMBEDDED_R_MAX

@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 import tocom_hub
-from tocom_hub.core.bank import ToComBank
+from tocom_hub.core.bank.module import ToComBank
 from tocom_hub.core.jsonio import write_json
 from tocom_hub.tools.images import model_img_size
 from tocom_hub.training import run

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import tocom_hub
-from tocom_hub.core.bank import ToComBank
+from tocom_hub.core.bank.module import ToComBank
 from tocom_hub.core.compensation import api as compensate
 
 __all__ = ["Distiller", "kd_loss", "heldout_eval"]

@@ -40,7 +40,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import tocom_hub
-from tocom_hub.core.bank import ToComBank
+from tocom_hub.core.bank.module import ToComBank
 from tocom_hub.core.compensation import api as compensate
 from tocom_hub.core.jsonio import write_json
 from tocom_hub.tools.miou import bootstrap_miou, paired_bootstrap_miou

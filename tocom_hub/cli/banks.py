@@ -51,7 +51,7 @@ def add_download_parser(subparsers: Any) -> None:
 
 
 def _describe(args: argparse.Namespace) -> Dict[str, Any]:
-    from ..core.bank import ToComBank
+    from ..core.bank.module import ToComBank
     from ..hub import bank_facts, download_bank, is_local_bank
 
     target = args.repo_id_or_path
@@ -163,7 +163,7 @@ def add_info_parser(subparsers: Any) -> None:
 
 
 def push_command(args: argparse.Namespace) -> int:
-    from ..core.bank import ToComBank
+    from ..core.bank.module import ToComBank
     from ..hub import push_bank
 
     if not os.path.exists(args.dir):

@@ -209,7 +209,7 @@ def convert_command(args: argparse.Namespace) -> int:
 
     import torch
 
-    from ..core.bank import WEIGHTS_NAME
+    from ..core.bank.module import WEIGHTS_NAME
     from ..tools.convert import convert_official
 
     if not os.path.isfile(args.checkpoint):

@@ -17,17 +17,17 @@ Modules: :mod:`.load` (:func:`load_bank`, the one path-or-repo rule :func:`is_lo
 ``tocom_hub.apply``), :mod:`.fetch` (:func:`download_bank`: bounded downloads into the huggingface_hub cache),
 :mod:`.verify` (hashes, the bank's own checks, eviction), :mod:`.push` (:func:`push_bank`), :mod:`.card` (the
 card as a ``huggingface_hub.ModelCard``), :mod:`.errors` (one-line errors). The registry (``bank=None``) and the
-card's text are network-free and live in the core (``core/registry.py``, ``core/bank_card.py``).
+card's text are network-free and live in the core (``core/bank/registry.py``, ``core/bank/card.py``).
 """
 
 from __future__ import annotations
 
-from ..core.bank_card import CARD_NAME as CARD_NAME
-from ..core.bank_card import MODEL_CARD_TEMPLATE, bank_facts, render_model_card
-from ..core.bank_config import LIBRARY_NAME as LIBRARY_NAME
-from ..core.bank_config import PathLike as PathLike
-from ..core.registry import PACKAGE_REGISTRY as PACKAGE_REGISTRY
-from ..core.registry import (
+from ..core.bank.card import CARD_NAME as CARD_NAME
+from ..core.bank.card import MODEL_CARD_TEMPLATE, bank_facts, render_model_card
+from ..core.bank.config import LIBRARY_NAME as LIBRARY_NAME
+from ..core.bank.config import PathLike as PathLike
+from ..core.bank.registry import PACKAGE_REGISTRY as PACKAGE_REGISTRY
+from ..core.bank.registry import (
     REGISTRY_ENV,
     BankEntry,
     NoBankForModelError,

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from ..core.bank_config import CONFIG_NAME, WEIGHTS_NAME, PathLike
+from ..core.bank.config import CONFIG_NAME, WEIGHTS_NAME, PathLike
 
 __all__ = [
     "BankHubError",

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Callable, List, Optional, Set, Union
 from urllib.parse import urlsplit
 
-from ..core.bank_config import CONFIG_NAME, LIBRARY_NAME, WEIGHTS_NAME, PathLike
+from ..core.bank.config import CONFIG_NAME, LIBRARY_NAME, WEIGHTS_NAME, PathLike
 from .errors import (
     BankHubError,
     BankNotFoundError,

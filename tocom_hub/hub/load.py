@@ -13,10 +13,10 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from ..core.bank import ToComBank
-from ..core.bank_config import PathLike
+from ..core.bank.config import PathLike
+from ..core.bank.module import ToComBank
+from ..core.bank.registry import resolve_bank
 from ..core.compensation import api as compensate
-from ..core.registry import resolve_bank
 from .errors import _rev, one_line
 from .fetch import DEFAULT_TIMEOUT, download_bank
 

@@ -14,9 +14,9 @@ import os
 import tempfile
 from typing import Any, Dict, Optional, Union
 
-from ..core.bank import ToComBank
-from ..core.bank_card import CARD_NAME
-from ..core.bank_config import CONFIG_NAME, LIBRARY_NAME, WEIGHTS_NAME, PathLike
+from ..core.bank.card import CARD_NAME
+from ..core.bank.config import CONFIG_NAME, LIBRARY_NAME, WEIGHTS_NAME, PathLike
+from ..core.bank.module import ToComBank
 from .errors import explain_push_error, one_line
 
 __all__ = ["push_bank", "write_upload_folder", "UPLOAD_FILES"]

@@ -11,8 +11,8 @@ import re
 from pathlib import Path
 from typing import Optional
 
-from ..core.bank_config import CONFIG_NAME, WEIGHTS_NAME, PathLike
-from ..core.bank_file import read_bank
+from ..core.bank.config import CONFIG_NAME, WEIGHTS_NAME, PathLike
+from ..core.bank.file import read_bank
 from .errors import BankHubError, _rev, one_line
 
 __all__ = ["is_hash", "content_hash", "verify_cached_file", "verify_bank", "evict_snapshot", "COMMIT"]

@@ -23,7 +23,7 @@ from typing import Any, Dict, Optional, Union
 
 import torch
 
-from ..core.bank import ToComBank, ToComConfig
+from ..core.bank.module import ToComBank, ToComConfig
 
 __all__ = ["convert_official", "official_group_slice"]
 

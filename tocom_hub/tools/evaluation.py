@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from ..core.bank import ToComBank
+from ..core.bank.module import ToComBank
 from ..core.compensation.api import apply, disabled, get_compensation, set_target_r
 from ..core.patch import METHODS, get_method, get_settings, patch, set_r
 from ..core.preserve import preserved

@@ -28,7 +28,7 @@ from typing import Any, List, NamedTuple, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from ..core.bank import ToComBank
+from ..core.bank.module import ToComBank
 from ..core.checks import METHODS, is_int
 from ..core.compensation.api import apply, get_compensation
 from ..core.patch import get_method, patch, set_r

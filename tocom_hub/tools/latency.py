@@ -30,7 +30,7 @@ from typing import Any, Callable, Deque, Dict, List, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
-from ..core.bank import ToComBank
+from ..core.bank.module import ToComBank
 from ..core.checks import is_int
 from ..core.compensation.api import apply, get_compensation, set_target_r
 from ..core.patch import METHODS, get_method, patch, set_r

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.bank import ToComBank
+from ..core.bank.module import ToComBank
 from ..core.compensation.api import apply
 
 __all__ = ["tune_scale", "PAPER_SCALES"]

@@ -39,7 +39,7 @@ from typing import Iterator, Optional, Union
 
 from torch import nn
 
-from ..bank import MAX_SCALE, ToComBank
+from ..bank.module import MAX_SCALE, ToComBank
 from ..patch import get_r, is_patched, patch, set_r, unpatch
 from ..rspec import BANK_RANGE, check_r
 from .base import Compensation

@@ -15,7 +15,7 @@ from typing import List, Tuple
 
 from torch import nn
 
-from ..bank import ToComBank
+from ..bank.module import ToComBank
 from ..families import find_family
 
 __all__ = ["Compensation"]

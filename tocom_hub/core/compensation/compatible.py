@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..bank import ToComBank, model_dims
+from ..bank.module import ToComBank, model_dims
 from ..checks import token_mode
 from ..families import find_family
 from ..patch import get_method, get_settings

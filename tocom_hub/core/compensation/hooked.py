@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..bank import ToComBank, signed_group_slice
+from ..bank.module import ToComBank, signed_group_slice
 from ..families import find_family
 from .base import Compensation
 

@@ -25,9 +25,9 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from ..bank import ToComBank, signed_group_slice
-from ..bank_config import FORMAT_VERSION
-from ..bank_file import tensors_sha256
+from ..bank.config import FORMAT_VERSION
+from ..bank.file import tensors_sha256
+from ..bank.module import ToComBank, signed_group_slice
 from .base import Compensation
 from .locks import switch_lock
 from .marker import MarkerHooks, describe

@@ -18,8 +18,8 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 import torch
 from torch import nn
 
-from .bank_config import CONFIG_NAME, LIBRARY_NAME, WEIGHTS_NAME, PathLike, model_dims
-from .bank_file import factor_names
+from .config import CONFIG_NAME, LIBRARY_NAME, WEIGHTS_NAME, PathLike, model_dims
+from .file import factor_names
 
 __all__ = [
     "bank_facts",
@@ -31,7 +31,7 @@ __all__ = [
 ]
 
 CARD_NAME = "README.md"
-MODEL_CARD_TEMPLATE = Path(__file__).resolve().parent.parent / "MODEL_CARD.md"
+MODEL_CARD_TEMPLATE = Path(__file__).resolve().parents[2] / "MODEL_CARD.md"
 _METHOD_NAMES = {"tome": "ToMe token merging", "evit": "EViT token pruning"}
 
 
@@ -210,7 +210,7 @@ def render_model_card(
     import jinja2
     import yaml
 
-    from .. import __version__
+    from ... import __version__
 
     cfg = bank.config
     facts = bank_facts(bank, path)
@@ -268,7 +268,7 @@ def render_model_card(
 def write_model_card(bank: nn.Module, folder: PathLike, **card: Any) -> str:
     """Write :func:`render_model_card` (``card``: its keyword arguments) as ``README.md`` into ``folder``, whose
     bank files give the size on disk; returns the path."""
-    from .jsonio import atomic_write_bytes
+    from ..jsonio import atomic_write_bytes
 
     out = Path(folder) / CARD_NAME
     atomic_write_bytes(out, render_model_card(bank, path=folder, **card).encode("utf-8"))

@@ -21,7 +21,8 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 
-from .bank_config import (
+from ..jsonio import atomic_write_bytes
+from .config import (
     CONFIG_NAME,
     FORMAT_VERSION,
     LIBRARY_NAME,
@@ -30,7 +31,6 @@ from .bank_config import (
     _parse_json_text,
     check_format_version,
 )
-from .jsonio import atomic_write_bytes
 
 __all__ = [
     "factor_names",
@@ -198,7 +198,7 @@ def safetensors_bytes(tensors: Dict[str, torch.Tensor], metadata: Dict[str, str]
 def write_bank_file(path: Path, tensors: Dict[str, torch.Tensor], config: ToComConfig) -> None:
     """Write ``tensors`` (current names) and ``config`` to ``path`` atomically (temporary file + ``os.replace``);
     the same tensors and config always give the same bytes (:func:`safetensors_bytes`)."""
-    from .. import __version__
+    from ... import __version__
 
     config_json = json.dumps(config.to_dict(), sort_keys=True)
     metadata = {

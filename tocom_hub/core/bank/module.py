@@ -30,8 +30,10 @@ from typing import Any, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from .bank_card import write_model_card
-from .bank_config import (
+from ..checks import is_int
+from ..rspec import BANK_RANGE, check_r
+from .card import write_model_card
+from .config import (
     CONFIG_NAME,
     FORMAT_VERSION,
     MAX_SCALE,
@@ -40,10 +42,8 @@ from .bank_config import (
     PathLike,
     ToComConfig,
 )
-from .bank_config import model_dims as model_dims
-from .bank_file import read_bank, write_bank_file
-from .checks import is_int
-from .rspec import BANK_RANGE, check_r
+from .config import model_dims as model_dims
+from .file import read_bank, write_bank_file
 
 __all__ = ["ToComConfig", "ToComBank", "CONFIG_NAME", "WEIGHTS_NAME", "FORMAT_VERSION", "TARGETS", "MAX_SCALE"]
 

@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from .bank_config import METHODS, PathLike, _read_json_file
+from .config import METHODS, PathLike, _read_json_file
 
 __all__ = [
     "register_bank",
@@ -172,7 +172,7 @@ def resolve_bank(model: Any, method: Optional[str] = None) -> BankEntry:
 
     Raises :class:`NoBankForModelError` listing the known banks and showing how to pass ``bank=``.
     """
-    from .patch import get_method, is_patched
+    from ..patch import get_method, is_patched
 
     if method is None and is_patched(model):
         method = get_method(model)

@@ -20,8 +20,8 @@ from typing import Any, Dict, Optional, Tuple, Union
 
 from torch import nn
 
-from .checks import METHODS, is_int
-from .jsonio import write_json
+from ..checks import METHODS, is_int
+from ..jsonio import write_json
 
 __all__ = [
     "ToComConfig",
@@ -220,7 +220,7 @@ def model_dims(model: nn.Module) -> Dict[str, int]:
     ``v_proj``). Raises ``TypeError`` naming the model class when the shapes differ between blocks, when
     v is narrower than q (grouped k/v heads: a bank's v factors are q-sized) or the family is unsupported.
     """
-    from .families import find_family  # the families import timm's model modules: only when needed
+    from ..families import find_family  # the families import timm's model modules: only when needed
 
     name = type(model).__name__
     family = find_family(model)
