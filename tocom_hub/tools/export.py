@@ -153,7 +153,7 @@ class _DictInput(nn.Module):
 def _export_onnx(model: nn.Module, x: Example, path: Path, opset: Optional[int], recipe: str) -> None:
     """The dynamo exporter's graph, checked by ``onnx.checker``. Its graph optimizer can write an invalid
     graph (Gemma-4's clippable q/k/v linears: a fused Clip's bound is missing, "input … is not output of any
-    previous nodes"); such a graph is exported again unoptimized (onnxruntime optimizes at load time)."""
+    previous nodes"); the graph before the optimizer is written then (onnxruntime optimizes at load time)."""
     try:
         import onnx
         import onnxscript  # noqa: F401  (the dynamo exporter's dependency; fail early with a clear hint)
@@ -162,7 +162,8 @@ def _export_onnx(model: nn.Module, x: Example, path: Path, opset: Optional[int],
     kwargs = {} if opset is None else {"opset_version": opset}
     names, args = (list(x), tuple(x.values())) if isinstance(x, dict) else (["images"], (x,))
     traced = _DictInput(model, names) if isinstance(x, dict) else model
-    for optimize in (True, False):
+
+    def unoptimized():
         program = torch.onnx.export(
             traced,
             args,
@@ -170,16 +171,26 @@ def _export_onnx(model: nn.Module, x: Example, path: Path, opset: Optional[int],
             input_names=names,
             output_names=["logits"],
             verbose=False,
-            optimize=optimize,
+            optimize=False,
             **kwargs,
         )
         program.model.metadata_props[METADATA_KEY] = recipe
+        return program
+
+    program = unoptimized()
+    raw = program.model.clone() if hasattr(program.model, "clone") else None  # shares the tensors (onnx_ir)
+    program.optimize()  # what torch.onnx.export(optimize=True) runs
+    for _attempt in ("optimized", "unoptimized"):
         program.save(str(path))
         try:
             onnx.checker.check_model(str(path))
             return
         except onnx.checker.ValidationError as e:
             error = str(e).strip().splitlines()[0]
+        if raw is not None:
+            program.model = raw
+        else:
+            program = unoptimized()
     path.unlink()
     raise RuntimeError(f"the ONNX exporter wrote an invalid graph for {type(model).__name__}: {error}")
 
