@@ -161,7 +161,7 @@ def _export_onnx(model: nn.Module, x: Example, path: Path, opset: Optional[int],
         raise ImportError('ONNX export needs onnx and onnxscript: pip install "tocom-hub[export]"') from None
     kwargs = {} if opset is None else {"opset_version": opset}
     names, args = (list(x), tuple(x.values())) if isinstance(x, dict) else (["images"], (x,))
-    traced = _DictInput(model, names) if isinstance(x, dict) else model
+    traced = _DictInput(model, names).eval() if isinstance(x, dict) else model  # (the model is in eval mode)
 
     def unoptimized():
         program = torch.onnx.export(
