@@ -84,7 +84,11 @@ def max_merge(num_tokens: int, num_prefix: int = 0) -> int:
 def padded_merge_limit(valid: torch.Tensor, num_prefix: int = 0) -> int:
     """Most tokens one merge step can remove from every image of a padded batch (``valid``: ``[B, N]``,
     padding behind the real tokens) with no real token merged into padding or padding into a real token:
-    per image, its A tokens with a partner of their own kind. A host sync (padded batches only)."""
+    per image, its A tokens with a partner of their own kind. A host sync (padded batches only).
+
+    It is never below ``max_merge(N, num_prefix) - 1``: with padding behind the real tokens, an image lacks a
+    partner of its own kind only for a lone real A token (one real token) or a lone padding A token (one
+    padding token), and not both once it has 3 free tokens; so an ``r`` below :func:`max_merge` needs no sync."""
     first_a, first_b = 2 * ((num_prefix + 1) // 2), 2 * (num_prefix // 2) + 1
     va, vb = valid[:, first_a::2], valid[:, first_b::2]
     real = va.sum(dim=1) * vb.any(dim=1)

@@ -16,7 +16,14 @@ import torch
 
 from .context import ForwardContext, TokenState
 from .dense import compose_index, plan_positions, prune_positions
-from .merge import bipartite_soft_matching, merge_index, merge_source, merge_wavg, padded_merge_limit
+from .merge import (
+    bipartite_soft_matching,
+    max_merge,
+    merge_index,
+    merge_source,
+    merge_wavg,
+    padded_merge_limit,
+)
 from .prune import Prune, prune_source, prune_tokens, select_attentive
 
 __all__ = ["ToMe", "EViT", "default_reducer", "reduce_tokens"]
@@ -31,7 +38,9 @@ class ToMe:
         """A plan removing up to ``r`` tokens, or ``None`` when nothing is removed. ``valid`` (``[B, N]``
         bool, padded batches only): a padding token never merges with a real one; an image merges the real
         pairs it would merge alone, then padding pairs (``r`` clamped by :func:`~.merge.padded_merge_limit`)."""
-        if valid is not None:
+        if valid is not None and int(r) >= max_merge(info.shape[1], num_prefix):
+            # Below max_merge the limit cannot bind (it is at least max_merge - 1 for any padding layout):
+            # no host sync, so the step stays one static graph (torch.export / ONNX of a padded batch).
             r = min(int(r), padded_merge_limit(valid, num_prefix))
         return bipartite_soft_matching(info, r, num_prefix, valid=valid)
 
@@ -112,8 +121,10 @@ def _padding_last(ctx: ForwardContext, index: torch.Tensor, x: torch.Tensor) -> 
     """Padded batches: the validity after a plan (``index``: its output tokens' input places; a fused token,
     ``-1``, holds real tokens only), then a stable reorder that puts padding behind the real tokens, so every
     image's real tokens are laid out (and split into ToMe's A/B sets) exactly as if it ran alone."""
-    valid = torch.where(index >= 0, ctx.valid.gather(1, index.clamp_min(0)), True)
-    order = torch.sort((~valid).to(torch.uint8), dim=1, stable=True).indices
+    valid = ctx.valid.gather(1, index.clamp_min(0)) | (index < 0)  # (no bool torch.where: onnxruntime lacks it)
+    # the stable sort of "is padding" as a sort of distinct keys (ONNX has no stable sort)
+    places = torch.arange(valid.shape[1], device=valid.device)
+    order = ((~valid).long() * valid.shape[1] + places).argsort(dim=1)
     step = Prune(num_tokens=x.shape[1], keep=order)
     ctx.valid = valid.gather(1, order)
     if ctx.size is not None:

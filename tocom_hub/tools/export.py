@@ -14,16 +14,18 @@ nothing to that graph: :func:`tocom_hub.apply` writes ``W₀ + s·Δ(source_r �
 ONNX goes through the dynamo exporter (``torch.onnx.export(..., dynamo=True)``; needs ``onnx`` and
 ``onnxscript``: ``pip install "tocom-hub[export]"``), ``format="torch"`` through ``torch.export.export``
 and ``torch.export.save`` (load with ``torch.export.load(path).module()``). The input shape is static
-(``batch_size`` × 3 × the model's image size): export one file per batch size you serve. The model you
-pass is left exactly as it was (patch state, ``r``, bank, train/eval mode).
+(``batch_size`` × 3 × the model's image size, or the shapes of an ``example`` input such as a NaFlex patch
+dict): export one file per batch size you serve. The model you pass is left exactly as it was (patch state,
+``r``, bank, train/eval mode).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
-from typing import Any, List, NamedTuple, Optional, Sequence, Union
+from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -38,6 +40,7 @@ from .images import model_img_size
 __all__ = ["FORMATS", "ExportedModel", "export_model", "export_paths", "run_exported", "read_recipe"]
 
 FORMATS = {"onnx": ".onnx", "torch": ".pt2"}
+Example = Union[torch.Tensor, Dict[str, torch.Tensor]]  # images, or a dict of tensors (a NaFlex patch dict)
 METADATA_KEY = "tocom_hub"  # ONNX metadata_props key / torch.export extra file holding the recipe (JSON)
 
 
@@ -102,7 +105,11 @@ def _configure(model: nn.Module, bank: Optional[ToComBank], source_r: int, r: in
         set_r(model, r)
 
 
-def _recipe(model: nn.Module, bank: Optional[ToComBank], source_r: int, r: int, x: torch.Tensor) -> str:
+def _shapes(x: Example) -> Any:
+    return {k: list(v.shape) for k, v in x.items()} if isinstance(x, dict) else list(x.shape)
+
+
+def _recipe(model: nn.Module, bank: Optional[ToComBank], source_r: int, r: int, x: Example) -> str:
     st = get_compensation(model)
     return json.dumps(
         {
@@ -111,32 +118,92 @@ def _recipe(model: nn.Module, bank: Optional[ToComBank], source_r: int, r: int, 
             "target_r": r,
             "scale": st.scale if st is not None else None,
             "bank": bank.config.base_model_id if bank is not None else None,
-            "input_shape": list(x.shape),
+            "input_shape": _shapes(x),
         }
     )
 
 
-def _export_onnx(model: nn.Module, x: torch.Tensor, path: Path, opset: Optional[int], recipe: str) -> None:
+@contextlib.contextmanager
+def _inference_params(model: nn.Module) -> Iterator[None]:
+    """Parameters with ``requires_grad=False`` while tracing (restored after). An SDPA mask built from
+    parameters that require grad (BEiT's and relpos's relative-position bias) breaks the ONNX decomposition:
+    it views the attention output with strides the decomposed kernel does not give (``Cannot view a tensor``)."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
     try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+class _DictInput(nn.Module):
+    """``model(dict(zip(keys, tensors)))``: the ONNX exporter takes a trailing dict argument for keyword
+    arguments, so a dict input (a NaFlex patch dict) goes in as one named graph input per key."""
+
+    def __init__(self, model: nn.Module, keys: List[str]) -> None:
+        super().__init__()
+        self.model, self.keys = model, keys
+
+    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
+        return self.model(dict(zip(self.keys, tensors)))
+
+
+def _export_onnx(model: nn.Module, x: Example, path: Path, opset: Optional[int], recipe: str) -> None:
+    """The dynamo exporter's graph, checked by ``onnx.checker``. Its graph optimizer can write an invalid
+    graph (Gemma-4's clippable q/k/v linears: a fused Clip's bound is missing, "input … is not output of any
+    previous nodes"); the graph before the optimizer is written then (onnxruntime optimizes at load time)."""
+    try:
+        import onnx
         import onnxscript  # noqa: F401  (the dynamo exporter's dependency; fail early with a clear hint)
     except ImportError:
         raise ImportError('ONNX export needs onnx and onnxscript: pip install "tocom-hub[export]"') from None
     kwargs = {} if opset is None else {"opset_version": opset}
-    program = torch.onnx.export(
-        model, (x,), dynamo=True, input_names=["images"], output_names=["logits"], verbose=False, **kwargs
-    )
-    program.model.metadata_props[METADATA_KEY] = recipe
-    program.save(str(path))
+    names, args = (list(x), tuple(x.values())) if isinstance(x, dict) else (["images"], (x,))
+    traced = _DictInput(model, names).eval() if isinstance(x, dict) else model  # (the model is in eval mode)
+
+    def unoptimized():
+        program = torch.onnx.export(
+            traced,
+            args,
+            dynamo=True,
+            input_names=names,
+            output_names=["logits"],
+            verbose=False,
+            optimize=False,
+            **kwargs,
+        )
+        program.model.metadata_props[METADATA_KEY] = recipe
+        return program
+
+    program = unoptimized()
+    raw = program.model.clone() if hasattr(program.model, "clone") else None  # shares the tensors (onnx_ir)
+    program.optimize()  # what torch.onnx.export(optimize=True) runs
+    for _attempt in ("optimized", "unoptimized"):
+        program.save(str(path))
+        try:
+            onnx.checker.check_model(str(path))
+            return
+        except onnx.checker.ValidationError as e:
+            error = str(e).strip().splitlines()[0]
+        if raw is not None:
+            program.model = raw
+        else:
+            program = unoptimized()
+    path.unlink()
+    raise RuntimeError(f"the ONNX exporter wrote an invalid graph for {type(model).__name__}: {error}")
 
 
-def _export_torch(model: nn.Module, x: torch.Tensor, path: Path, recipe: str) -> None:
+def _export_torch(model: nn.Module, x: Example, path: Path, recipe: str) -> None:
     program = torch.export.export(model, (x,))
     torch.export.save(program, str(path), extra_files={METADATA_KEY: recipe})
 
 
-def run_exported(path: Union[str, os.PathLike], x: torch.Tensor) -> torch.Tensor:
-    """Run an exported file on ``x``: ``.onnx`` through onnxruntime (CPU), ``.pt2`` through
-    ``torch.export.load``. For checks; serve the files with your runtime of choice."""
+def run_exported(path: Union[str, os.PathLike], x: Example) -> torch.Tensor:
+    """Run an exported file on ``x`` (images, or the dict the file was exported with): ``.onnx`` through
+    onnxruntime (CPU), ``.pt2`` through ``torch.export.load``. For checks; serve the files with your
+    runtime of choice."""
     path = Path(path)
     if path.suffix == ".onnx":
         try:
@@ -144,10 +211,37 @@ def run_exported(path: Union[str, os.PathLike], x: torch.Tensor) -> torch.Tensor
         except ImportError:
             raise ImportError('running an ONNX file needs onnxruntime: pip install "tocom-hub[export]"') from None
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        name = session.get_inputs()[0].name
-        return torch.from_numpy(session.run(None, {name: x.detach().cpu().numpy()})[0])
+        if isinstance(x, dict):  # the graph's inputs are named by the keys (an unused one may be dropped)
+            feed = {i.name: x[i.name].detach().cpu().numpy() for i in session.get_inputs()}
+        else:
+            feed = {session.get_inputs()[0].name: x.detach().cpu().numpy()}
+        return torch.from_numpy(session.run(None, feed)[0])
     with torch.inference_mode():
         return torch.export.load(str(path)).module()(x)
+
+
+def _example(model: nn.Module, example: Optional[Example], batch_size: int, input_size) -> Example:
+    """The traced input: ``example`` (checked) or random images ``[batch_size, 3, H, W]``."""
+    if example is None:
+        param = next(model.parameters())
+        size = tuple(input_size) if input_size is not None else model_img_size(model)
+        gen = torch.Generator().manual_seed(0)
+        return torch.randn(batch_size, 3, *size, generator=gen).to(param.device, param.dtype)
+    if input_size is not None:
+        raise ValueError("pass input_size or example, not both (the example's shapes are the file's)")
+    tensors = list(example.values()) if isinstance(example, dict) else [example]
+    if not tensors or not all(isinstance(t, torch.Tensor) and t.ndim >= 1 for t in tensors):
+        raise TypeError("example must be a tensor or a non-empty dict of tensors (e.g. a NaFlex patch dict)")
+    if {t.shape[0] for t in tensors} != {batch_size}:
+        raise ValueError(f"example batch {[t.shape[0] for t in tensors]} != batch_size={batch_size}")
+    embeds = getattr(model, "embeds", None)
+    if isinstance(example, dict) and getattr(embeds, "pos_embed_type", "none") != "none":
+        if not getattr(embeds, "pos_embed_use_grid_sample", False):
+            raise ValueError(
+                f"{type(model).__name__}'s patch-dict path sizes its position embedding per image on the host "
+                "(.item()), which no static graph holds; build it with pos_embed_use_grid_sample=True to export it"
+            )
+    return example
 
 
 def export_model(
@@ -162,6 +256,7 @@ def export_model(
     method: Optional[str] = None,
     batch_size: int = 1,
     input_size: Optional[Sequence[int]] = None,
+    example: Optional[Example] = None,
     opset: Optional[int] = None,
     verify: bool = True,
     ignore_base_model: bool = False,
@@ -178,6 +273,9 @@ def export_model(
         scale / method / ignore_base_model: as in :func:`tocom_hub.apply` (method: without a bank, the model's
             patch method, else ToMe).
         batch_size / input_size: the static input shape ``[batch_size, 3, H, W]`` (default: the model's size).
+        example: the input to trace and verify with instead of random images (its shapes are the file's; its
+            batch must be ``batch_size``; no ``input_size``): a tensor, or a dict of tensors passed as the
+            model's first argument, e.g. a NaFlex patch dict (``patches``, ``patch_coord``, ``patch_valid``).
         opset: ONNX opset (default: the exporter's).
         verify: run the written file on a random example batch and record the largest difference to eager.
     """
@@ -190,10 +288,7 @@ def export_model(
     for p in paths:
         if p.is_dir():
             raise IsADirectoryError(f"{p} is a directory; pass a file name such as model{FORMATS[format]}")
-    param = next(model.parameters())
-    size = tuple(input_size) if input_size is not None else model_img_size(model)
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(batch_size, 3, *size, generator=gen).to(param.device, param.dtype)
+    x = _example(model, example, batch_size, input_size)
     for r in rs:  # every r the model (and bank) can take, before any file is written
         with preserved(model):
             _configure(model, bank, source_r, r, method, scale, ignore_base_model)
@@ -203,15 +298,16 @@ def export_model(
             _configure(model, bank, source_r, r, method, scale, ignore_base_model)
             p.parent.mkdir(parents=True, exist_ok=True)
             recipe = _recipe(model, bank, source_r, r, x)
-            if format == "onnx":
-                _export_onnx(model, x, p, opset, recipe)
-            else:
-                _export_torch(model, x, p, recipe)
+            with _inference_params(model):
+                if format == "onnx":
+                    _export_onnx(model, x, p, opset, recipe)
+                else:
+                    _export_torch(model, x, p, recipe)
             diff = None
             if verify:
                 with torch.inference_mode():
                     ref = model(x)
-                out = run_exported(p, x.cpu() if format == "onnx" else x)
+                out = run_exported(p, x)
                 diff = float((out.to(ref.device, torch.float32) - ref.float()).abs().max())
         written.append(ExportedModel(p, format, source_r if bank is not None else 0, r, diff))
     return written

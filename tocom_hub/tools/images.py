@@ -8,8 +8,12 @@ from torch import nn
 
 
 def model_img_size(model: nn.Module) -> Tuple[int, int]:
-    """``(H, W)`` the model's patch embedding was built for."""
-    size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    """``(H, W)`` the model's patch embedding was built for (the model's own, or its ``encoder``'s: the
+    Qwen3 / Gemma-4 classifiers hold the tower there); else the pretrained config's input size."""
+    embed = getattr(model, "patch_embed", None)
+    if embed is None:
+        embed = getattr(getattr(model, "encoder", None), "patch_embed", None)
+    size = getattr(embed, "img_size", None)
     if size is None:
         cfg = getattr(model, "pretrained_cfg", None) or {}
         size = tuple(cfg.get("input_size", (3, 224, 224))[1:])
