@@ -1,17 +1,17 @@
-"""``tools.export`` on every family ``tocom_hub.patch`` supports beyond ``tests/test_export.py``'s ViT variants and
-two Eva models: BEiT, relpos (``RelPosBlock`` with a class token, ``ResPostRelPosBlock`` with average pooling),
-CaiT, NaFlexViT (images, and a padded patch dict), the Qwen3 classifier (average pool), Gemma-4, the classic
-family's other blocks (``ParallelScalingBlock``, ``ParallelThingsBlock``, ``DiffParallelScalingBlock``,
+"""``tools.export`` on every family ``tocom_hub.patch`` supports beyond ``tests/test_export.py``'s ViT variants and two
+Eva models: BEiT, relpos (``RelPosBlock`` with a class token, ``ResPostRelPosBlock`` with average pooling), CaiT,
+NaFlexViT (images, and a padded patch dict), the Qwen3 classifier (average pool; the 2×2 patch merger), Gemma-4, the
+classic family's other blocks (``ParallelScalingBlock``, ``ParallelThingsBlock``, ``DiffParallelScalingBlock``,
 ``ResPostBlock`` with ``DiffAttention``) and Eva (DINOv3 rope with registers; ``RotaryEmbeddingMixed`` in
-``EvaBlockPostNorm`` blocks, average pooling). onnxruntime and the loaded ``torch.export`` program must equal
-eager to 1e-4 (fp32) at r = 0 (bank merged 8 → 0) and r = 8 (0 → 8); ``ParallelThingsBlock`` and
-``DiffParallelScalingBlock`` refuse a bank (one q/v update per block cannot serve several attentions / a
-fused output projection), so they are exported at plain ToMe / EViT r.
+``EvaBlockPostNorm`` blocks, average pooling). onnxruntime and the loaded ``torch.export`` program must equal eager
+to 1e-4 (fp32) at r = 0 (bank merged 8 → 0) and r = 8 (0 → 8); ``ParallelThingsBlock`` and
+``DiffParallelScalingBlock`` refuse a bank (one q/v update per block cannot serve several attentions / a fused
+output projection), so they are exported at plain ToMe / EViT r.
 
-Time is bounded by exporting each family in 4 of the 8 (method, r, exporter) cases: ToMe and EViT each at
-r = 0 and r = 8, the exporter alternating between them, so every family gets both exporters, both methods and
-both r. Which (method, r) goes to ONNX alternates from family to family (``SCHEMES``), so ONNX sees ToMe's
-merge graph on half the families and EViT's pruning graph on the other half.
+Time is bounded by exporting each family in 4 of the 8 (method, r, exporter) cases: ToMe and EViT each at r = 0 and
+r = 8, the exporter alternating between them, so every family gets both exporters, both methods and both r. Which
+(method, r) goes to ONNX alternates from family to family (``SCHEMES``), so ONNX sees ToMe's merge graph on half the
+families and EViT's pruning graph on the other half.
 
 Every tiny model has at least 36 patches at depth 2, enough for r = 8 in both blocks.
 """
@@ -66,6 +66,7 @@ FAMILIES = {
         lambda: make_naflex("gap_registers", depth=2, init_values=0.3, pos_embed_use_grid_sample=True), padded=True
     ),
     "qwen3_avg": Family(lambda: make_qwen()),
+    "qwen3_merge": Family(lambda: make_qwen("qwen3_vit_88m_merge")),  # 2×2 patch merger on the full grid
     "gemma4": Family(lambda: make_gemma(), size=48),  # 6 × 6 patches
     "vit_parallel_scaling": Family(
         lambda: make_vit("cls_token", depth=2, init_values=0.3, block_fn=ParallelScalingBlock)
