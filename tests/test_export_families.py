@@ -8,10 +8,10 @@ to 1e-4 (fp32) at r = 0 (bank merged 8 → 0) and r = 8 (0 → 8); ``ParallelThi
 ``DiffParallelScalingBlock`` refuse a bank (one q/v update per block cannot serve several attentions / a fused
 output projection), so they are exported at plain ToMe / EViT r.
 
-Time is bounded by exporting each family in 4 of the 8 (method, r, exporter) cases: ToMe and EViT each at r = 0 and
-r = 8, the exporter alternating between them, so every family gets both exporters, both methods and both r. Which
-(method, r) goes to ONNX alternates from family to family (``SCHEMES``), so ONNX sees ToMe's merge graph on half the
-families and EViT's pruning graph on the other half.
+Time is bounded by exporting each family in 2 of the 8 (method, r, exporter) cases (:func:`plan`): r = 0 and r = 8,
+one with ToMe and one with EViT, one through each exporter, so every family is exported at both r, with both methods
+and through both exporters; which method and exporter goes with which r alternates over the families, so every one
+of the 8 cases is exported on some family.
 
 Every tiny model has at least 36 patches at depth 2, enough for r = 8 in both blocks.
 """
@@ -77,12 +77,16 @@ FAMILIES = {
     "eva_dinov3_registers": Family(lambda: make_eva("rope_dinov3_registers")),
     "eva_mixed_postnorm_avg": Family(lambda: make_eva("rope_mixed_avg", use_post_norm=True, init_values=None)),
 }
-# (method, r) -> exporter; family i uses SCHEMES[i % 2]
-SCHEMES = [
-    {("tome", 0): "onnx", ("tome", R_MAX): "torch", ("evit", 0): "torch", ("evit", R_MAX): "onnx"},
-    {("tome", 0): "torch", ("tome", R_MAX): "onnx", ("evit", 0): "onnx", ("evit", R_MAX): "torch"},
-]
-CASES = [(name, method) for name in sorted(FAMILIES) for method in ("tome", "evit")]
+
+
+def plan(i: int):
+    """Family ``i``'s two cases ``(method, target r, exporter)``: r = 0 and r = 8, one with each method and one
+    with each exporter; which method and which exporter goes with r = 0 alternates over the families."""
+    methods, exporters = ("tome", "evit")[:: 1 - 2 * (i % 2)], ("onnx", "torch")[:: 1 - 2 * ((i // 2) % 2)]
+    return [(methods[0], 0, exporters[0]), (methods[1], R_MAX, exporters[1])]
+
+
+CASES = [(name, *case) for i, name in enumerate(sorted(FAMILIES)) for case in plan(i)]
 
 
 def _inputs(family: Family, model):
@@ -107,10 +111,9 @@ def _eager(model, bank, source_r, target_r, method, x):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name, method", CASES)
-def test_exported_family_matches_eager(name, method, tmp_path):
+@pytest.mark.parametrize("name, method, target_r, fmt", CASES)
+def test_exported_family_matches_eager(name, method, target_r, fmt, tmp_path):
     family = FAMILIES[name]
-    scheme = SCHEMES[sorted(FAMILIES).index(name) % 2]
     model = family.make()
     if family.bank:
         bank = ToComBank.for_model(model, r_max=R_MAX, rank=2, method=method, scale=0.5)
@@ -122,38 +125,35 @@ def test_exported_family_matches_eager(name, method, tmp_path):
     before = state_hash(model)
     example, x = _inputs(family, model)
     size = None if family.size is None else (family.size,) * 2
-    for target_r in (0, R_MAX):
-        source_r = (R_MAX - target_r) if bank is not None else 0
-        fmt = scheme[(method, target_r)]
-        ref = _eager(model, bank, source_r, target_r, method, x)
-        with torch.inference_mode():
-            plain = model(x)
-        if bank is not None or target_r:
-            assert (ref - plain).abs().max() > 1e-3  # the bank and / or the reduction change the output
-        (written,) = export_model(
-            model, tmp_path / f"{fmt}-r{target_r}", source_r, target_r, bank=bank, format=fmt, method=method,
-            batch_size=2, input_size=size, example=example, verify=example is not None,
-        )  # fmt: skip
-        if example is not None:  # checked on the traced layout too
-            assert written.max_abs_diff is not None and written.max_abs_diff <= TOL
-        err = float((run_exported(written.path, x) - ref).abs().max())
-        assert err <= TOL, f"{name} {method} {fmt} r={target_r}: max |exported - eager| = {err:.2e}"
-        recipe = read_recipe(written.path)
-        assert recipe["method"] == method and recipe["target_r"] == target_r
-        assert recipe["source_r"] == (source_r if bank is not None else None)
-        shape = {k: list(v.shape) for k, v in x.items()} if family.padded else list(x.shape)
-        assert recipe["input_shape"] == shape
+    source_r = (R_MAX - target_r) if bank is not None else 0
+    ref = _eager(model, bank, source_r, target_r, method, x)
+    with torch.inference_mode():
+        plain = model(x)
+    if bank is not None or target_r:
+        assert (ref - plain).abs().max() > 1e-3  # the bank and / or the reduction change the output
+    (written,) = export_model(
+        model, tmp_path / f"{fmt}-r{target_r}", source_r, target_r, bank=bank, format=fmt, method=method,
+        batch_size=2, input_size=size, example=example, verify=example is not None,
+    )  # fmt: skip
+    if example is not None:  # checked on the traced layout too
+        assert written.max_abs_diff is not None and written.max_abs_diff <= TOL
+    err = float((run_exported(written.path, x) - ref).abs().max())
+    assert err <= TOL, f"{name} {method} {fmt} r={target_r}: max |exported - eager| = {err:.2e}"
+    recipe = read_recipe(written.path)
+    assert recipe["method"] == method and recipe["target_r"] == target_r
+    assert recipe["source_r"] == (source_r if bank is not None else None)
+    shape = {k: list(v.shape) for k, v in x.items()} if family.padded else list(x.shape)
+    assert recipe["input_shape"] == shape
     assert state_hash(model) == before and not tocom_hub.is_patched(model)
 
 
 def test_every_family_gets_both_exporters_methods_and_r():
-    for scheme in SCHEMES:
-        assert sorted(scheme) == [(m, r) for m in ("evit", "tome") for r in (0, R_MAX)]
-        for method in ("tome", "evit"):
-            assert {scheme[(method, 0)], scheme[(method, R_MAX)]} == {"onnx", "torch"}
-        for r in (0, R_MAX):
-            assert {scheme[("tome", r)], scheme[("evit", r)]} == {"onnx", "torch"}
-    assert SCHEMES[0][("tome", R_MAX)] != SCHEMES[1][("tome", R_MAX)]
+    combos = set()
+    for i in range(len(FAMILIES)):
+        (m0, r0, e0), (m8, r8, e8) = plan(i)
+        assert (r0, r8) == (0, R_MAX) and {m0, m8} == {"tome", "evit"} and {e0, e8} == {"onnx", "torch"}
+        combos |= {(m0, r0, e0), (m8, r8, e8)}
+    assert len(combos) == 8  # over the families, every (method, r, exporter) is exported
 
 
 def test_padded_merge_limit_never_binds_below_max_merge():
