@@ -166,6 +166,23 @@ def test_regular_mode_intermediates_come_back_on_the_grid():
             model.forward_intermediates(X)
 
 
+def assert_only_q_and_v_moved_by_the_delta(model, before, bank, groups, source_r, target_r, d=64):
+    """Every weight as ``before`` except the q and v rows of each fused ``attn.qkv``, which moved by the naive
+    delta of the bank's ``source_r → target_r`` update."""
+    after = model.state_dict()
+    del after[MARKER_KEY]
+    for k, v in after.items():
+        if k.endswith("attn.qkv.weight"):
+            b = int(k.split("blocks.")[1].split(".")[0])
+            for i, t in ((0, "q"), (2, "v")):
+                delta = naive_delta(groups, t, b, source_r, target_r, bank.scale)
+                want = before[k][i * d : (i + 1) * d].double() + delta
+                assert (v[i * d : (i + 1) * d].double() - want).abs().max() <= 1e-5
+            assert torch.equal(v[d : 2 * d], before[k][d : 2 * d])
+        else:
+            assert torch.equal(v, before[k]), k
+
+
 @pytest.mark.parametrize("name", ["qwen3_vit_88m", "qwen3_vit_88m_enc"])
 def test_bank_apply_changes_only_q_and_v_by_the_delta_and_remove_is_exact(name):
     model = make_qwen(name)
@@ -173,18 +190,7 @@ def test_bank_apply_changes_only_q_and_v_by_the_delta_and_remove_is_exact(name):
     bank = ToComBank.for_model(model, r_max=4, rank=2, targets=("q", "v"))
     groups = random_groups(bank, seed=2)
     tocom_hub.apply(model, 1, 3, bank=bank)
-    after = model.state_dict()
-    del after[MARKER_KEY]
-    d = 64
-    for k, v in after.items():
-        if k.endswith("attn.qkv.weight"):
-            b = int(k.split("blocks.")[1].split(".")[0])
-            for i, t in ((0, "q"), (2, "v")):
-                want = before[k][i * d : (i + 1) * d].double() + naive_delta(groups, t, b, 1, 3, bank.scale)
-                assert (v[i * d : (i + 1) * d].double() - want).abs().max() <= 1e-5
-            assert torch.equal(v[d : 2 * d], before[k][d : 2 * d])
-        else:
-            assert torch.equal(v, before[k]), k
+    assert_only_q_and_v_moved_by_the_delta(model, before, bank, groups, 1, 3)
     tocom_hub.remove(model)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 

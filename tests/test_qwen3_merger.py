@@ -10,13 +10,12 @@ import copy
 
 import pytest
 import torch
-from bank_helpers import naive_delta, random_groups
-from test_families_qwen3 import X, make_qwen
+from bank_helpers import random_groups
+from test_families_qwen3 import X, assert_only_q_and_v_moved_by_the_delta, make_qwen
 from test_families_vit_blocks import assert_threads_get_serial_outputs
 
 import tocom_hub
 from tocom_hub import ToComBank
-from tocom_hub.core.compensation.marker import MARKER_KEY
 from tocom_hub.core.patch import get_settings
 
 MERGE = ("qwen3_vit_88m_merge", "qwen3_vit_88m_enc")  # classifier (encoder_pool 'merge'), encoder ('merge' pool)
@@ -132,18 +131,7 @@ def test_bank_changes_only_q_and_v_and_runs_in_the_regular_mode(name):
     groups = random_groups(bank, seed=2)
     tocom_hub.apply(model, 1, 3, bank=bank)
     assert not get_settings(model)["dense"] and tocom_hub.get_r(model) == 3
-    after = model.state_dict()
-    del after[MARKER_KEY]
-    d = 64
-    for k, v in after.items():
-        if k.endswith("attn.qkv.weight"):
-            b = int(k.split("blocks.")[1].split(".")[0])
-            for i, t in ((0, "q"), (2, "v")):
-                want = before[k][i * d : (i + 1) * d].double() + naive_delta(groups, t, b, 1, 3, bank.scale)
-                assert (v[i * d : (i + 1) * d].double() - want).abs().max() <= 1e-5
-            assert torch.equal(v[d : 2 * d], before[k][d : 2 * d])
-        else:
-            assert torch.equal(v, before[k]), k
+    assert_only_q_and_v_moved_by_the_delta(model, before, bank, groups, 1, 3)
     with torch.no_grad():
         out = model(X)
     assert out.shape == _out_shape(name) and (out - plain_out).abs().max() > 1e-4
